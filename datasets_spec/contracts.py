@@ -1,0 +1,289 @@
+"""Data contracts, applied at every boundary where a table enters the store.
+
+A write goes through three steps:
+
+1. **conform** — required columns must be there (else :class:`ContractError`, nothing is
+   written), types are cast to the declared schema, missing optional columns become nulls.
+2. **quarantine** — every row rule of the :class:`TableSpec` is evaluated with vectorised
+   Arrow compute; a row that breaks one is moved to the ``drops`` table with the rule's named
+   reason (first broken rule wins) and its original content as JSON.
+3. **validate** — the table's great-expectations suite, built from the same rules, runs on the
+   kept rows in an ephemeral context (no files, no network). It must pass; its report goes into
+   the artifact's manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from prefloop.datasets_spec.schemas import DROPS, RowRule, TableSpec
+
+
+class ContractError(ValueError):
+    """A table cannot be accepted as a whole (e.g. a required column is missing)."""
+
+
+@dataclass
+class ContractResult:
+    kept: pa.Table
+    drops: pa.Table
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def drop_counts(self) -> dict[str, int]:
+        return dict(self.report.get("quarantined", {}))
+
+
+def empty_drops() -> pa.Table:
+    return DROPS.schema.empty_table()
+
+
+def conform(table: pa.Table, spec: TableSpec, source: str = "table") -> tuple[pa.Table, list[str]]:
+    """Select and cast ``table``'s columns to ``spec``'s schema. Returns (table, ignored columns)."""
+    present = set(table.column_names)
+    missing = [c for c in spec.required if c not in present]
+    if missing:
+        raise ContractError(
+            f"{source} has no column {', '.join(repr(c) for c in missing)} "
+            f"(schema {spec.schema_id}/{spec.version} requires {', '.join(spec.required)}; "
+            f"it has {', '.join(table.column_names) or 'no columns'}). Nothing was written. "
+            "Rename or map the column (e.g. 'prefloop import … --map chosen=response_a'), "
+            "or check that the input was made by this version of prefloop ('prefloop validate REF')."
+        )
+    columns = []
+    for spec_field in spec.fields:
+        if spec_field.name not in present:
+            columns.append(pa.nulls(table.num_rows, spec_field.type))
+            continue
+        column = table.column(spec_field.name)
+        if column.type != spec_field.type:
+            try:
+                column = column.cast(spec_field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+                raise ContractError(
+                    f"{source}: column '{spec_field.name}' has type {column.type}, which cannot be read as "
+                    f"{spec_field.type} (schema {spec.schema_id}/{spec.version}): {error}. Nothing was written."
+                ) from None
+        columns.append(column)
+    ignored = [c for c in table.column_names if c not in spec.column_names]
+    return pa.Table.from_arrays(columns, schema=spec.schema), ignored
+
+
+def _bad_mask(table: pa.Table, rule: RowRule) -> pa.Array:
+    """True where ``rule`` is broken. Nulls pass every rule but not_null."""
+    column = table.column(rule.column)
+    if rule.check == "not_null":
+        bad = pc.is_null(column, nan_is_null=pa.types.is_floating(column.type))
+    elif rule.check == "non_empty":
+        bad = pc.equal(pc.utf8_length(column), 0)
+    elif rule.check == "finite":
+        bad = pc.invert(pc.is_finite(column))
+    elif rule.check == "in_set":
+        bad = pc.invert(pc.is_in(column, value_set=pa.array(rule.values, type=column.type)))
+        bad = pc.if_else(pc.is_null(column), False, bad)
+    elif rule.check == "between":
+        bad = pc.or_(
+            pc.less(column, rule.min_value) if rule.min_value is not None else pc.is_null(column),
+            pc.greater(column, rule.max_value) if rule.max_value is not None else pc.is_null(column),
+        )
+    elif rule.check == "columns_differ":
+        bad = pc.equal(column, table.column(rule.other))
+    else:  # pragma: no cover - unique is handled apart
+        raise ValueError(f"unknown rule check {rule.check}")
+    return pc.fill_null(bad, False).combine_chunks() if isinstance(bad, pa.ChunkedArray) else pc.fill_null(bad, False)
+
+
+def _duplicates(table: pa.Table, column: str) -> np.ndarray:
+    """Boolean mask of rows whose ``column`` value appeared in an earlier row (first one kept)."""
+    indexed = pa.table({"key": table.column(column), "index": pa.array(np.arange(table.num_rows))})
+    first = indexed.group_by("key", use_threads=False).aggregate([("index", "min")]).column("index_min")
+    keep = np.zeros(table.num_rows, dtype=bool)
+    keep[first.to_numpy()] = True
+    return ~keep
+
+
+def _row_ids(table: pa.Table) -> pa.Array:
+    for candidate in ("pair_id", "sample_id", "label_id", "node_id", "prompt_id"):
+        if candidate in table.column_names:
+            return table.column(candidate).cast(pa.string())
+    return pa.nulls(table.num_rows, pa.string())
+
+
+def make_drops(table: pa.Table, indices: np.ndarray, reasons: list[str], table_name: str, detail: str = "") -> pa.Table:
+    """Build a ``drops`` table for the rows ``indices`` of ``table``, one reason each."""
+    if len(indices) == 0:
+        return empty_drops()
+    picked = table.take(pa.array(indices))
+    rows = [json.dumps(row, default=str, ensure_ascii=False) for row in picked.to_pylist()]
+    return pa.Table.from_arrays(
+        [
+            pa.array([table_name] * len(indices), pa.string()),
+            _row_ids(picked),
+            pa.array(indices, pa.int64()),
+            pa.array(reasons, pa.string()),
+            pa.array([detail] * len(indices), pa.string()),
+            pa.array(rows, pa.string()),
+        ],
+        schema=DROPS.schema,
+    )
+
+
+def quarantine(table: pa.Table, spec: TableSpec) -> tuple[pa.Table, pa.Table, dict[str, int]]:
+    """Split a conformed table into (kept rows, drops, counts by reason)."""
+    reason_of = np.full(table.num_rows, None, dtype=object)
+    for rule in spec.rules:
+        if rule.check == "unique":
+            continue
+        bad = _bad_mask(table, rule).to_numpy(zero_copy_only=False)
+        reason_of[bad & (reason_of == None)] = rule.reason  # noqa: E711 - elementwise on object array
+    # Uniqueness is judged among rows that pass everything else, so a broken row cannot make a
+    # good one look like a duplicate.
+    for rule in spec.rules:
+        if rule.check != "unique":
+            continue
+        alive = np.flatnonzero(reason_of == None)  # noqa: E711
+        if len(alive) == 0:
+            break
+        dup = _duplicates(table.take(pa.array(alive)), rule.column)
+        reason_of[alive[dup]] = rule.reason
+    dropped = np.flatnonzero(reason_of != None)  # noqa: E711
+    if len(dropped) == 0:
+        return table, empty_drops(), {}
+    kept = table.filter(pa.array(reason_of == None))  # noqa: E711
+    reasons = [str(r) for r in reason_of[dropped]]
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        counts[reason] = counts.get(reason, 0) + 1
+    drops = make_drops(table, dropped, reasons, spec.name, detail=f"data contract {spec.schema_id}/{spec.version}")
+    return kept, drops, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# great-expectations suite
+# ---------------------------------------------------------------------------------------------
+_GX_LOCK = threading.Lock()
+_GX_STATE: dict[str, Any] = {}
+FLOAT_MAX = float(np.finfo(np.float64).max)
+
+
+def _gx_context() -> Any:
+    if "context" not in _GX_STATE:
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import (
+            DataContextConfig,
+            InMemoryStoreBackendDefaults,
+            ProgressBarsConfig,
+        )
+
+        config = DataContextConfig(
+            store_backend_defaults=InMemoryStoreBackendDefaults(),
+            progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
+            analytics_enabled=False,
+        )
+        context = gx.get_context(mode="ephemeral", project_config=config)
+        source = context.data_sources.add_pandas("prefloop")
+        _GX_STATE.update(gx=gx, context=context, source=source, batches={})
+    return _GX_STATE["context"]
+
+
+def _expectations(spec: TableSpec) -> list[Any]:
+    gxe = _GX_STATE["gx"].expectations
+    suite: list[Any] = [gxe.ExpectTableColumnsToMatchOrderedList(column_list=spec.column_names)]
+    for rule in spec.rules:
+        col = rule.column
+        if rule.check == "not_null":
+            suite.append(gxe.ExpectColumnValuesToNotBeNull(column=col))
+        elif rule.check == "non_empty":
+            suite.append(gxe.ExpectColumnValueLengthsToBeBetween(column=col, min_value=1))
+        elif rule.check == "finite":
+            suite.append(gxe.ExpectColumnValuesToBeBetween(column=col, min_value=-FLOAT_MAX, max_value=FLOAT_MAX))
+        elif rule.check == "in_set":
+            suite.append(gxe.ExpectColumnValuesToBeInSet(column=col, value_set=list(rule.values)))
+        elif rule.check == "between":
+            suite.append(gxe.ExpectColumnValuesToBeBetween(column=col, min_value=rule.min_value, max_value=rule.max_value))
+        elif rule.check == "unique":
+            suite.append(gxe.ExpectColumnValuesToBeUnique(column=col))
+        # columns_differ has no built-in expectation; the quarantine step enforces it.
+    return suite
+
+
+def _suite_and_batch(spec: TableSpec) -> tuple[Any, Any]:
+    context = _gx_context()
+    batches = _GX_STATE["batches"]
+    if spec.name not in batches:
+        gx = _GX_STATE["gx"]
+        suite = gx.ExpectationSuite(name=f"{spec.schema_id}.v{spec.version}")
+        for expectation in _expectations(spec):
+            suite.add_expectation(expectation)
+        suite = context.suites.add(suite)
+        asset = _GX_STATE["source"].add_dataframe_asset(spec.name)
+        batches[spec.name] = (suite, asset.add_batch_definition_whole_dataframe(f"{spec.name}-whole"))
+    return batches[spec.name]
+
+
+def run_suite(table: pa.Table, spec: TableSpec) -> dict[str, Any]:
+    """Run the great-expectations suite of ``spec`` on ``table``; return a readable report."""
+    with _GX_LOCK:
+        suite, batch_definition = _suite_and_batch(spec)
+        frame = table.to_pandas(types_mapper=None)
+        batch = batch_definition.get_batch(batch_parameters={"dataframe": frame})
+        result = batch.validate(suite, result_format="BASIC")
+    expectations = []
+    for item in result.results:
+        config = item.expectation_config
+        expectations.append(
+            {
+                "expectation": config.type,
+                "column": config.kwargs.get("column"),
+                "success": bool(item.success),
+                "unexpected_count": (item.result or {}).get("unexpected_count"),
+            }
+        )
+    return {
+        "engine": f"great_expectations {_GX_STATE['gx'].__version__}",
+        "suite": suite.name,
+        "success": bool(result.success),
+        "evaluated": len(expectations),
+        "failed": [e for e in expectations if not e["success"]],
+    }
+
+
+def apply_contract(table: pa.Table, spec: TableSpec, source: str = "table") -> ContractResult:
+    """Conform, quarantine and validate ``table`` against ``spec``.
+
+    Raises :class:`ContractError` when the table as a whole is unacceptable; bad rows are not
+    errors, they come back in ``drops``.
+    """
+    conformed, ignored = conform(table, spec, source)
+    kept, drops, counts = quarantine(conformed, spec)
+    suite_report = run_suite(kept, spec)
+    if not suite_report["success"]:
+        failed = "; ".join(f"{e['expectation']}({e['column']}): {e['unexpected_count']} rows" for e in suite_report["failed"])
+        raise ContractError(
+            f"{source} failed its data contract {spec.schema_id}/{spec.version} after quarantine: {failed}. "
+            "Nothing was written. This is a bug in prefloop's contract rules; please report it with the input."
+        )
+    report = {
+        "schema": f"{spec.schema_id}/{spec.version}",
+        "rows_in": table.num_rows,
+        "rows_kept": kept.num_rows,
+        "quarantined": counts,
+        "ignored_columns": ignored,
+        "suite": suite_report,
+    }
+    return ContractResult(kept=kept, drops=drops, report=report)
+
+
+def check_readable(table: pa.Table, spec: TableSpec, source: str) -> pa.Table:
+    """The read boundary: a stage's input must carry the columns its schema requires."""
+    conformed, _ = conform(table, spec, source)
+    return conformed

@@ -1,0 +1,97 @@
+"""Prefect flows of the loop: one round, and the whole multi-round run.
+
+The flows only wire stages together by artifact reference; every stage's work and identity live
+in its task (``prefloop.tasks``). Rerunning a finished run is a series of store lookups.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel
+
+from prefloop.config import LoopConfig
+from prefloop.stage import StageResult
+from prefloop.storage import DEFAULT_STORE, ArtifactStore
+from prefloop.tasks import construct, evaluation, filtering, labeling, prompts, sampling
+from prefloop.tasks.training import preference, sft
+
+
+class RoundSummary(BaseModel):
+    round: int
+    policy: str
+    metrics: str
+    stages: list[StageResult]
+
+
+class LoopSummary(BaseModel):
+    name: str
+    store: str
+    rounds: list[RoundSummary]
+
+    @property
+    def stages(self) -> list[StageResult]:
+        return [s for r in self.rounds for s in r.stages]
+
+
+def _seeded(section: BaseModel, config: LoopConfig, round_index: int, **updates) -> dict:
+    """A stage config for one round: the loop seed and round folded into the stage's own seed."""
+    data = section.model_dump()
+    if "seed" in data:
+        data["seed"] = data["seed"] + config.seed + 1000 * round_index
+    if "round" in data:
+        data["round"] = round_index
+    return data | updates
+
+
+@flow(name="prefloop-round", log_prints=True)
+def round_flow(config: LoopConfig, round_index: int, policy: str, sft_policy: str, prompts_ref: str,
+               baseline: str, store: str = DEFAULT_STORE) -> RoundSummary:
+    """One round: sample → label → construct → filter → train → evaluate."""
+    prefix = f"{config.name}/round-{round_index}"
+    samples = sampling.prefect_task(
+        {"policy": policy, "prompts": prompts_ref}, _seeded(config.sampling, config, round_index), store, f"{prefix}/samples")
+    labels = labeling.prefect_task(
+        {"samples": samples.output, "prompts": prompts_ref}, config.label.model_dump(), store, f"{prefix}/labels")
+    pairs = construct.prefect_task(
+        {"samples": samples.output, "labels": labels.output}, _seeded(config.construct, config, round_index),
+        store, f"{prefix}/preferences")
+    kept = filtering.prefect_task(
+        {"preferences": pairs.output}, config.filter.model_dump(), store, f"{prefix}/preferences-filtered")
+    stages = [samples, labels, pairs, kept]
+    new_policy = policy
+    if kept.rows == 0:
+        # Every prompt was all-correct or all-wrong: nothing to prefer. The round keeps its policy
+        # (and says so) rather than failing the whole run.
+        get_run_logger().warning("round %d built no preference pairs: the policy is carried over untrained", round_index)
+    else:
+        reference = sft_policy if config.reference_policy == "fixed" else policy
+        train_config = _seeded(config.train, config, round_index, reference_policy=config.reference_policy)
+        train_config["training"] = _seeded(config.train.training, config, round_index)
+        trained = preference.prefect_task(
+            {"preferences": kept.output, "policy": policy, "reference": reference}, train_config, store, f"{prefix}/policy")
+        stages.append(trained)
+        new_policy = trained.output
+    metrics = evaluation.prefect_task(
+        {"policy": new_policy, "prompts": prompts_ref, "baseline": baseline, "preferences": kept.output},
+        _seeded(config.evaluation, config, round_index), store, f"{prefix}/metrics")
+    stages.append(metrics)
+    return RoundSummary(round=round_index, policy=new_policy, metrics=metrics.output, stages=stages)
+
+
+@flow(name="prefloop-loop", log_prints=True)
+def loop_flow(config: LoopConfig, store: str = DEFAULT_STORE) -> LoopSummary:
+    """SFT warm start and its evaluation (round 0), then ``config.rounds`` rounds."""
+    store = ArtifactStore(store).uri
+    name = config.name
+    sft_prompts = prompts.prefect_task({}, _seeded(config.sft_prompts, config, 0), store, f"{name}/sft-prompts")
+    task_prompts = prompts.prefect_task({}, _seeded(config.prompts, config, 0), store, f"{name}/prompts")
+    warm = sft.prefect_task({"prompts": sft_prompts.output}, _seeded(config.sft, config, 0), store, f"{name}/round-0/policy")
+    base = evaluation.prefect_task({"policy": warm.output, "prompts": task_prompts.output},
+                                   _seeded(config.evaluation, config, 0), store, f"{name}/round-0/metrics")
+    rounds = [RoundSummary(round=0, policy=warm.output, metrics=base.output, stages=[sft_prompts, task_prompts, warm, base])]
+    policy = warm.output
+    for round_index in range(1, config.rounds + 1):
+        summary = round_flow(config, round_index, policy, warm.output, task_prompts.output, base.output, store)
+        rounds.append(summary)
+        policy = summary.policy
+    return LoopSummary(name=name, store=store, rounds=rounds)

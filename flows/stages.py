@@ -1,0 +1,41 @@
+"""A Prefect flow per stage, so every stage is also deployable and runnable alone.
+
+Each takes input references (ref names or ``kind/id``), the stage's config mapping, the store URI
+and an optional ref name for the output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from prefloop.stage import StageResult
+from prefloop.storage import DEFAULT_STORE
+from prefloop.tasks.registry import stage_module
+
+
+def _stage_flow(stage: str):
+    module = stage_module(stage)
+
+    @flow(name=f"prefloop-stage-{stage}", description=module.SPEC.description)
+    def run_stage(inputs: dict[str, str], config: dict[str, Any] | None = None, store: str = DEFAULT_STORE,
+                  name: str | None = None) -> StageResult:
+        return module.prefect_task(inputs, config or {}, store, name)
+
+    return run_stage
+
+
+prompts_flow = _stage_flow("prompts")
+sft_flow = _stage_flow("sft")
+sample_flow = _stage_flow("sample")
+label_flow = _stage_flow("label")
+construct_flow = _stage_flow("construct")
+filter_flow = _stage_flow("filter")
+train_flow = _stage_flow("train")
+evaluate_flow = _stage_flow("evaluate")
+
+STAGE_FLOWS = {
+    "prompts": prompts_flow, "sft": sft_flow, "sample": sample_flow, "label": label_flow,
+    "construct": construct_flow, "filter": filter_flow, "train": train_flow, "evaluate": evaluate_flow,
+}

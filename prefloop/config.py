@@ -1,0 +1,70 @@
+"""The loop config: one typed, frozen model per file in ``configs/``, with a section per stage.
+
+The same model is the Prefect flow's parameter (the UI renders it as a form) and the YAML file's
+schema; unknown keys are errors, so a typo cannot silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from prefloop.tasks.construct import ConstructConfig
+from prefloop.tasks.evaluation import EvaluationConfig
+from prefloop.tasks.filtering import FilterConfig
+from prefloop.tasks.labeling import LabelingConfig
+from prefloop.tasks.prompts import PromptsConfig
+from prefloop.tasks.sampling import SamplingConfig
+from prefloop.tasks.training.preference import TrainConfig
+from prefloop.tasks.training.sft import SFTStageConfig
+
+
+class LoopConfig(BaseModel):
+    """Everything a multi-round run needs: SFT warm start, then ``rounds`` rounds of
+    sample → label → construct → filter → train → evaluate, each round's policy feeding the next."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field("demo", description="run name: refs are written under '<name>/'")
+    rounds: int = Field(3, ge=0, le=100)
+    seed: int = Field(0, description="added to every stage's seed, so one number reseeds the whole run")
+    reference_policy: Literal["fixed", "previous_round"] = Field(
+        "fixed", description="fixed: the SFT model is the DPO reference in every round; previous_round: the policy that started the round"
+    )
+    sft_prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="prompts whose gold solutions train the SFT model")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="prompts sampled in rounds and held out for evaluation")
+    sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    label: LabelingConfig = Field(default_factory=LabelingConfig)
+    construct: ConstructConfig = Field(default_factory=ConstructConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+
+class ConfigFileError(ValueError):
+    pass
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigFileError(f"config file {path} does not exist (configs shipped with prefloop are in configs/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigFileError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def load_loop_config(path: str | Path, **overrides: Any) -> LoopConfig:
+    data = read_yaml(path) | {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return LoopConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigFileError(f"{path} is not a valid loop config:\n{error}") from None

@@ -1,0 +1,251 @@
+"""The stage contract: every stage is a pure ``run(inputs, config, store) -> StageResult``.
+
+A stage declares a :class:`StageSpec` (name, version, config model, input roles, output kind
+and table) and a ``compute`` function. :func:`execute` does everything around ``compute``:
+resolves and type-checks the inputs, computes the output id *before* any work (so a finished
+stage is a store lookup), applies the output table's data contract, writes the artifact with
+its manifest, and points a human-readable ref at it. Stages never call each other; flows wire
+them by passing artifact references.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+from prefloop.datasets_spec import DROPS, ContractError, TableSpec, apply_contract, check_readable
+from prefloop.storage import ArtifactRef, ArtifactStore, StoreError, fingerprint
+
+logger = logging.getLogger("prefloop")
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: frozen, and unknown keys are an error (typos must not pass)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StageInputError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    version: str
+    config_model: type[StageConfig]
+    output_kind: str
+    inputs: Mapping[str, str]  # role -> expected artifact kind
+    output_table: TableSpec | None = None  # None for file artifacts (models)
+    optional_inputs: frozenset[str] = frozenset()
+    description: str = ""
+
+
+@dataclass
+class StageOutput:
+    """What ``compute`` hands back; :func:`execute` validates and writes it."""
+
+    table: pa.Table | None = None
+    drops: pa.Table | None = None  # rows the stage itself removed, with reasons
+    extra_tables: dict[str, tuple[pa.Table, TableSpec]] = field(default_factory=dict)
+    files_dir: Path | None = None
+    remove_files_dir: bool = True  # files_dir is a scratch directory of the stage: removed once published
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class StageResult(BaseModel):
+    """The small, serialisable answer of a stage: where its output is and what happened."""
+
+    stage: str
+    output: str  # kind/id
+    cached: bool
+    rows: int = 0
+    drops: dict[str, int] = {}
+    metrics: dict[str, Any] = {}
+    seconds: float = 0.0
+    name: str | None = None
+
+    @property
+    def ref(self) -> ArtifactRef:
+        return ArtifactRef.parse(self.output)
+
+
+ProgressFactory = Callable[[int, str], contextlib.AbstractContextManager[Callable[[int], None]]]
+
+
+@contextlib.contextmanager
+def _no_progress(total: int, description: str) -> Iterator[Callable[[int], None]]:
+    yield lambda advance=1: None
+
+
+_progress_factory: ProgressFactory = _no_progress
+
+
+def set_progress_factory(factory: ProgressFactory | None) -> None:
+    """Install how long work reports progress (the CLI draws rich bars; tests draw nothing)."""
+    global _progress_factory
+    _progress_factory = factory or _no_progress
+
+
+@dataclass
+class StageContext:
+    spec: StageSpec
+    config: Any
+    inputs: dict[str, ArtifactRef]
+    store: ArtifactStore
+    output_id: str
+
+    def read(self, role: str, table_spec: TableSpec, table: str = "data") -> pa.Table:
+        """Read an input table, checked against the schema this stage expects."""
+        ref = self.inputs[role]
+        data = self.store.read_table(ref, table)
+        return check_readable(data, table_spec, source=f"input '{role}' ({ref})")
+
+    def has(self, role: str) -> bool:
+        return role in self.inputs
+
+    def model_dir(self, role: str) -> Path:
+        return self.store.local_files(self.inputs[role])
+
+    def progress(self, total: int, description: str) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+        """A progress reporter: ``with ctx.progress(n, "steps") as advance: advance(1)``."""
+        return _progress_factory(total, f"{self.spec.name}: {description}")
+
+
+def done_total_callback(advance: Callable[[int], None]) -> Callable[[int, int], None]:
+    """Adapt an ``advance(k)`` reporter to the backends' ``progress(done, total)`` callbacks."""
+    seen = [0]
+
+    def report(done: int, total: int) -> None:
+        advance(done - seen[0])
+        seen[0] = done
+
+    return report
+
+
+def resolve_inputs(spec: StageSpec, inputs: Mapping[str, ArtifactRef | str], store: ArtifactStore) -> dict[str, ArtifactRef]:
+    unknown = sorted(set(inputs) - set(spec.inputs))
+    missing = sorted(set(spec.inputs) - set(inputs) - spec.optional_inputs)
+    roles = ", ".join(f"{r}={k}" for r, k in spec.inputs.items())
+    if unknown or missing:
+        problem = f"unknown input role(s) {unknown}" if unknown else f"missing input role(s) {missing}"
+        raise StageInputError(f"stage '{spec.name}': {problem}; it takes {roles} (optional: {sorted(spec.optional_inputs) or 'none'})")
+    resolved = {}
+    for role, value in inputs.items():
+        ref = value if isinstance(value, ArtifactRef) else store.resolve(str(value))
+        if ref.kind != spec.inputs[role]:
+            raise StageInputError(
+                f"stage '{spec.name}': input '{role}' must be a {spec.inputs[role]} artifact, "
+                f"but {value} is a {ref.kind} artifact ({ref})"
+            )
+        resolved[role] = ref
+    return resolved
+
+
+def parse_config(spec: StageSpec, config: StageConfig | Mapping[str, Any] | None) -> StageConfig:
+    if isinstance(config, spec.config_model):
+        return config
+    if isinstance(config, BaseModel):
+        config = config.model_dump()
+    return spec.config_model.model_validate(dict(config or {}))
+
+
+def output_ref(spec: StageSpec, inputs: Mapping[str, ArtifactRef], config: StageConfig) -> ArtifactRef:
+    artifact_id = fingerprint(spec.name, spec.version, config, {r: str(ref) for r, ref in inputs.items()})
+    return ArtifactRef(spec.output_kind, artifact_id)
+
+
+def execute(
+    spec: StageSpec,
+    compute: Callable[[StageContext], StageOutput],
+    inputs: Mapping[str, ArtifactRef | str],
+    config: StageConfig | Mapping[str, Any] | None,
+    store: ArtifactStore,
+    name: str | None = None,
+) -> StageResult:
+    """Run one stage, or look up its output if this exact stage already ran."""
+    started = time.perf_counter()
+    resolved = resolve_inputs(spec, inputs, store)
+    parsed = parse_config(spec, config)
+    ref = output_ref(spec, resolved, parsed)
+    if store.exists(ref):
+        manifest = store.read_manifest(ref)
+        if name:
+            store.set_ref(name, ref, note=f"{spec.name} (cached)")
+        logger.info("stage %s: cached %s", spec.name, ref)
+        return StageResult(
+            stage=spec.name, output=str(ref), cached=True, rows=manifest.rows, drops=manifest.drops,
+            metrics=manifest.metrics, seconds=time.perf_counter() - started, name=name,
+        )
+    context = StageContext(spec=spec, config=parsed, inputs=resolved, store=store, output_id=ref.id)
+    output = compute(context)
+    try:
+        manifest = _write(spec, parsed, resolved, store, ref, output)
+    finally:
+        if output.files_dir is not None and output.remove_files_dir:
+            shutil.rmtree(output.files_dir, ignore_errors=True)
+    if name:
+        store.set_ref(name, ref, note=spec.name)
+    logger.info("stage %s: wrote %s (%d rows)", spec.name, ref, manifest.rows)
+    return StageResult(
+        stage=spec.name, output=str(ref), cached=False, rows=manifest.rows, drops=manifest.drops,
+        metrics=manifest.metrics, seconds=time.perf_counter() - started, name=name,
+    )
+
+
+def _write(spec: StageSpec, config: StageConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
+           ref: ArtifactRef, output: StageOutput):
+    validation: dict[str, Any] = {}
+    drop_tables: list[pa.Table] = []
+    drop_counts: dict[str, int] = {}
+    if output.drops is not None and output.drops.num_rows:
+        drop_tables.append(output.drops.select(DROPS.column_names).cast(DROPS.schema))
+        for reason in output.drops.column("reason").to_pylist():
+            drop_counts[reason] = drop_counts.get(reason, 0) + 1
+    tables: list[tuple[str, pa.Table, TableSpec]] = []
+    if spec.output_table is not None:
+        if output.table is None:
+            raise ContractError(f"stage '{spec.name}' produced no table; nothing was written")
+        checked = apply_contract(output.table, spec.output_table, source=f"output of stage '{spec.name}'")
+        validation["data"] = checked.report
+        tables.append(("data", checked.kept, spec.output_table))
+        if checked.drops.num_rows:
+            drop_tables.append(checked.drops)
+            for reason, count in checked.drop_counts.items():
+                drop_counts[reason] = drop_counts.get(reason, 0) + count
+    for table_name, (table, table_spec) in output.extra_tables.items():
+        checked = apply_contract(table, table_spec, source=f"table '{table_name}' of stage '{spec.name}'")
+        validation[table_name] = checked.report
+        tables.append((table_name, checked.kept, table_spec))
+        if checked.drops.num_rows:
+            drop_tables.append(checked.drops)
+            for reason, count in checked.drop_counts.items():
+                drop_counts[reason] = drop_counts.get(reason, 0) + count
+    if spec.output_table is None and output.files_dir is None:
+        raise StoreError(f"stage '{spec.name}' produced neither a table nor files; nothing was written")
+    with store.writer(ref.kind, ref.id) as writer:
+        for table_name, table, table_spec in tables:
+            writer.write_table(table, table_name, table_spec.schema_id, table_spec.version)
+        if drop_tables:
+            writer.write_table(pa.concat_tables(drop_tables), "drops", DROPS.schema_id, DROPS.version)
+        if output.files_dir is not None:
+            writer.add_directory(output.files_dir)
+        return writer.commit(
+            stage=spec.name,
+            stage_version=spec.version,
+            config=config.model_dump(mode="json"),
+            seed=getattr(config, "seed", None),
+            inputs={role: str(r) for role, r in inputs.items()},
+            metrics=output.metrics,
+            validation=validation,
+            drops=drop_counts,
+        )

@@ -1,0 +1,33 @@
+"""Immutable, content-addressed artifact store (Parquet + manifest), refs and lineage."""
+
+from prefloop.storage.fingerprint import UnhashableConfigError, canonical_json, fingerprint
+from prefloop.storage.store import (
+    DEFAULT_STORE,
+    MAIN_TABLE,
+    ArtifactExistsError,
+    ArtifactNotFoundError,
+    ArtifactRef,
+    ArtifactStore,
+    ArtifactWriter,
+    Manifest,
+    StoreError,
+    TamperedArtifactError,
+    open_store,
+)
+
+__all__ = [
+    "DEFAULT_STORE",
+    "MAIN_TABLE",
+    "ArtifactExistsError",
+    "ArtifactNotFoundError",
+    "ArtifactRef",
+    "ArtifactStore",
+    "ArtifactWriter",
+    "Manifest",
+    "StoreError",
+    "TamperedArtifactError",
+    "UnhashableConfigError",
+    "canonical_json",
+    "fingerprint",
+    "open_store",
+]

@@ -1,0 +1,35 @@
+"""Every stage by name, for the CLI and the flows."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+STAGE_MODULES = {
+    "prompts": "prefloop.tasks.prompts",
+    "sft": "prefloop.tasks.training.sft",
+    "sample": "prefloop.tasks.sampling",
+    "label": "prefloop.tasks.labeling",
+    "construct": "prefloop.tasks.construct",
+    "filter": "prefloop.tasks.filtering",
+    "train": "prefloop.tasks.training.preference",
+    "evaluate": "prefloop.tasks.evaluation",
+}
+
+# The section of a loop config (configs/*.yaml) that configures each stage.
+CONFIG_SECTIONS = {
+    "prompts": "prompts",
+    "sft": "sft",
+    "sample": "sampling",
+    "label": "label",
+    "construct": "construct",
+    "filter": "filter",
+    "train": "train",
+    "evaluate": "evaluation",
+}
+
+
+def stage_module(name: str) -> ModuleType:
+    if name not in STAGE_MODULES:
+        raise KeyError(f"no stage named '{name}'; stages: {', '.join(STAGE_MODULES)}")
+    return importlib.import_module(STAGE_MODULES[name])

@@ -1,0 +1,96 @@
+"""Stage ``sample``: n completions per prompt from a policy, with token counts and log-probs.
+
+Generation is batched through the policy backend interface (HF transformers on CPU here, vLLM on
+GPU workers); every completion records its finish reason, so truncated samples are marked rather
+than silently kept. Seeds are explicit: the same policy, prompts and config give the same samples.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from pydantic import Field
+
+from prefloop.backends.base import GenerationParams
+from prefloop.backends.hf import HFBackend
+from prefloop.datasets_spec import PROMPTS, SAMPLES
+from prefloop.ids import content_id
+from prefloop.orchestration import stage_task
+from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
+from prefloop.storage import ArtifactRef, ArtifactStore
+
+
+class SamplingConfig(StageConfig):
+    split: str = Field("train", description="which prompts to sample for")
+    max_prompts: int | None = Field(512, ge=1, description="first N prompts of the split (None = all)")
+    n: int = Field(8, ge=1, description="completions per prompt")
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="sequences per forward pass (part of the result's identity)")
+    seed: int = 0
+    round: int = Field(0, ge=0, description="loop round this sampling belongs to (recorded in rows)")
+
+
+SPEC = StageSpec(
+    name="sample",
+    version="1",
+    config_model=SamplingConfig,
+    output_kind="samples",
+    inputs={"policy": "model", "prompts": "prompts"},
+    output_table=SAMPLES,
+    description="Sample n completions per prompt from the policy.",
+)
+
+
+def select_prompts(prompts: pa.Table, split: str, max_prompts: int | None) -> pa.Table:
+    chosen = prompts.filter(pa.compute.equal(prompts.column("split"), split))
+    if chosen.num_rows == 0:
+        raise ValueError(f"the prompts artifact has no rows in split '{split}' (splits: "
+                         f"{sorted(set(prompts.column('split').to_pylist()))}); set 'split' in the stage config")
+    return chosen.slice(0, max_prompts) if max_prompts else chosen
+
+
+def compute(ctx: StageContext) -> StageOutput:
+    config: SamplingConfig = ctx.config
+    prompts = select_prompts(ctx.read("prompts", PROMPTS), config.split, config.max_prompts)
+    backend = HFBackend.from_directory(ctx.model_dir("policy"), batch_size=config.batch_size)
+    params = GenerationParams(n=config.n, temperature=config.temperature, top_p=config.top_p,
+                              max_new_tokens=config.max_new_tokens, seed=config.seed)
+    texts = prompts.column("prompt").to_pylist()
+    with ctx.progress(len(texts) * config.n, "sequences") as advance:
+        completions = backend.generate(texts, params, progress=done_total_callback(advance))
+    policy_id = ctx.inputs["policy"].id
+    rows: dict[str, list] = {k: [] for k in ("sample_id", "prompt_id", "prompt", "completion", "sample_index",
+                                              "completion_tokens", "sum_logprob", "finish_reason")}
+    for prompt_id, prompt, group in zip(prompts.column("prompt_id").to_pylist(), texts, completions, strict=True):
+        for index, completion in enumerate(group):
+            rows["sample_id"].append(content_id(ctx.output_id, prompt_id, index))
+            rows["prompt_id"].append(prompt_id)
+            rows["prompt"].append(prompt)
+            rows["completion"].append(completion.text)
+            rows["sample_index"].append(index)
+            rows["completion_tokens"].append(completion.num_tokens)
+            rows["sum_logprob"].append(completion.sum_logprob)
+            rows["finish_reason"].append(completion.finish_reason)
+    n_rows = len(rows["sample_id"])
+    table = pa.table(rows)
+    for column, value, dtype in (("policy_model_id", policy_id, pa.string()), ("round", config.round, pa.int32()),
+                                 ("temperature", config.temperature, pa.float64()), ("top_p", config.top_p, pa.float64()),
+                                 ("seed", config.seed, pa.int64())):
+        table = table.append_column(column, pa.array([value] * n_rows, dtype))
+    truncated = sum(1 for r in rows["finish_reason"] if r == "length")
+    metrics = {
+        "prompts": prompts.num_rows,
+        "samples": n_rows,
+        "truncated": truncated,
+        "mean_completion_tokens": (sum(rows["completion_tokens"]) / n_rows) if n_rows else 0.0,
+    }
+    return StageOutput(table=table, metrics=metrics)
+
+
+def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
+    return execute(SPEC, compute, inputs, config, store, name)
+
+
+# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
+prefect_task = stage_task(SPEC, run, retries=1)

@@ -1,0 +1,67 @@
+"""Stage ``sft``: the supervised warm start — a tiny Llama trained on the prompts' gold solutions.
+
+The model is built from a config (no hub download), with the locally built character tokenizer,
+and trained with the shared training loop (:func:`prefloop.tasks.training.loop.train_sft`).
+The output is a model artifact: safetensors weights, config and tokenizer files.
+"""
+
+from __future__ import annotations
+
+import pyarrow.compute as pc
+from pydantic import Field
+
+from prefloop.datasets_spec import PROMPTS, TRAIN_LOG
+from prefloop.embedded.model import TinyLlamaConfig, build_model
+from prefloop.embedded.tokenizer import build_tokenizer
+from prefloop.orchestration import stage_task
+from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
+from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.tasks.training.artifacts import save_model_dir, summarize, train_log_table
+from prefloop.tasks.training.loop import SFTConfig, train_sft
+
+
+class SFTStageConfig(StageConfig):
+    model: TinyLlamaConfig = Field(default_factory=TinyLlamaConfig)
+    training: SFTConfig = Field(default_factory=SFTConfig)
+    split: str = "train"
+    seed: int = Field(0, description="model initialisation seed")
+
+
+SPEC = StageSpec(
+    name="sft",
+    version="1",
+    config_model=SFTStageConfig,
+    output_kind="model",
+    inputs={"prompts": "prompts"},
+    description="Build the embedded tiny Llama and train it on the gold solutions of the prompts.",
+)
+
+
+def compute(ctx: StageContext) -> StageOutput:
+    config: SFTStageConfig = ctx.config
+    prompts = ctx.read("prompts", PROMPTS)
+    prompts = prompts.filter(pc.equal(prompts.column("split"), config.split))
+    if "reference_solution" not in prompts.column_names or prompts.num_rows == 0:
+        raise ValueError(f"sft needs prompts with a 'reference_solution' in split '{config.split}'")
+    examples = [(p, s) for p, s in zip(prompts.column("prompt").to_pylist(),
+                                       prompts.column("reference_solution").to_pylist(), strict=True) if s]
+    tokenizer = build_tokenizer()
+    model = build_model(config.model, len(tokenizer), config.seed, tokenizer)
+    total = config.training.max_steps or 0
+    with ctx.progress(total, "steps") as advance:
+        steps = train_sft(model, tokenizer, examples, config.training, progress=done_total_callback(advance))
+    out = save_model_dir(model, tokenizer)
+    parameters = sum(p.numel() for p in model.parameters())
+    output = StageOutput(files_dir=out, extra_tables={"train_log": (train_log_table(steps), TRAIN_LOG)},
+                         metrics={"examples": len(examples), "parameters": parameters, **summarize(steps)})
+    return output
+
+
+def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
+    return execute(SPEC, compute, inputs, config, store, name)
+
+
+
+
+# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
+prefect_task = stage_task(SPEC, run)
