@@ -53,7 +53,7 @@ def round_flow(config: LoopConfig, round_index: int, policy: str, sft_policy: st
     labels = labeling.prefect_task(
         {"samples": samples.output, "prompts": prompts_ref}, config.label.model_dump(), store, f"{prefix}/labels")
     pairs = construct.prefect_task(
-        {"samples": samples.output, "labels": labels.output}, _seeded(config.construct, config, round_index),
+        {"samples": samples.output, "labels": labels.output}, _seeded(config.construction, config, round_index),
         store, f"{prefix}/preferences")
     kept = filtering.prefect_task(
         {"preferences": pairs.output}, config.filter.model_dump(), store, f"{prefix}/preferences-filtered")

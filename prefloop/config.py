@@ -39,7 +39,7 @@ class LoopConfig(BaseModel):
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     label: LabelingConfig = Field(default_factory=LabelingConfig)
-    construct: ConstructConfig = Field(default_factory=ConstructConfig)
+    construction: ConstructConfig = Field(default_factory=ConstructConfig, description="how samples become preference pairs")
     filter: FilterConfig = Field(default_factory=FilterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

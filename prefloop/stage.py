@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from prefloop.datasets_spec import DROPS, ContractError, TableSpec, apply_contract, check_readable
 from prefloop.storage import ArtifactRef, ArtifactStore, StoreError, fingerprint
@@ -156,7 +156,14 @@ def parse_config(spec: StageSpec, config: StageConfig | Mapping[str, Any] | None
         return config
     if isinstance(config, BaseModel):
         config = config.model_dump()
-    return spec.config_model.model_validate(dict(config or {}))
+    try:
+        return spec.config_model.model_validate(dict(config or {}))
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+        raise StageInputError(
+            f"stage '{spec.name}': invalid config ({problems}). "
+            f"Valid keys: {', '.join(spec.config_model.model_fields)}"
+        ) from None
 
 
 def output_ref(spec: StageSpec, inputs: Mapping[str, ArtifactRef], config: StageConfig) -> ArtifactRef:
@@ -174,8 +181,8 @@ def execute(
 ) -> StageResult:
     """Run one stage, or look up its output if this exact stage already ran."""
     started = time.perf_counter()
-    resolved = resolve_inputs(spec, inputs, store)
     parsed = parse_config(spec, config)
+    resolved = resolve_inputs(spec, inputs, store)
     ref = output_ref(spec, resolved, parsed)
     if store.exists(ref):
         manifest = store.read_manifest(ref)

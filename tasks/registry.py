@@ -22,7 +22,7 @@ CONFIG_SECTIONS = {
     "sft": "sft",
     "sample": "sampling",
     "label": "label",
-    "construct": "construct",
+    "construct": "construction",
     "filter": "filter",
     "train": "train",
     "evaluate": "evaluation",

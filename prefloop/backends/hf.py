@@ -1,0 +1,250 @@
+"""``HFBackend``: the policy backend on Hugging Face transformers, for CPU (the embedded default).
+
+Generation is our own sampling loop rather than ``model.generate``: it takes an explicit
+``torch.Generator`` (so a seed fixes the completions without touching global random state), reads
+log-probs from the raw logits, cuts stop strings, and drops finished rows from the batch and its KV
+cache so a long tail of unfinished rows does not pay for the finished ones.
+
+The token-level helpers (``encode_completion``, ``pad_right``, ``completion_logprobs``) are shared with
+the training loop, so scoring and training see exactly the same tokens and positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from prefloop.backends.base import Completion, GenerationParams, ProgressCallback
+
+
+def encode_completion(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, append_eos: bool
+) -> tuple[list[int], int]:
+    """Token ids of prompt + completion (+ eos) and the number of prompt tokens.
+
+    The prompt gets the tokenizer's special tokens (bos), the completion none, exactly as in generation.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if append_eos:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    return prompt_ids + completion_ids, len(prompt_ids)
+
+
+def pad_right(
+    sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``completion_mask`` (1 on completion tokens).
+
+    Right padding keeps positions 0..L-1 for every real token, as in left-padded generation with
+    position ids derived from the attention mask.
+    """
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(sequences), width), dtype=torch.float32)
+    for row, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+        completion_mask[row, prompt_length : len(sequence)] = 1.0
+    return input_ids, attention_mask, completion_mask
+
+
+def completion_logprobs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Σ_t log π(x_t | x_<t) over the completion tokens of each row (shape [batch]).
+
+    Differentiable; wrap in ``torch.no_grad()`` for scoring.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
+    return (token_logprobs * completion_mask[:, 1:]).sum(dim=-1)
+
+
+def _choose_tokens(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, otherwise nucleus sampling at the temperature."""
+    if params.temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probabilities = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probabilities, sorted_indices = probabilities.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the token crossing the threshold included).
+        mass_before = sorted_probabilities.cumsum(dim=-1) - sorted_probabilities
+        sorted_probabilities[mass_before >= params.top_p] = 0.0
+        probabilities = torch.zeros_like(probabilities).scatter(-1, sorted_indices, sorted_probabilities)
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class _Row:
+    """A sequence being generated."""
+
+    token_ids: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    completion: Completion | None = None
+
+
+class HFBackend:
+    """``PolicyBackend`` on a transformers causal LM, batched, with KV cache, on CPU by default."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64):
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("HFBackend needs a tokenizer with pad and eos tokens (set tokenizer.pad_token)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_directory(cls, path: str | Path, batch_size: int = 64) -> HFBackend:
+        """Load a local model directory (safetensors weights + config + tokenizer); never runs remote code."""
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=False, local_files_only=True, use_safetensors=True, dtype=torch.float32
+        )
+        return cls(model.eval(), tokenizer, batch_size)
+
+    def generate(
+        self, prompts: list[str], params: GenerationParams, progress: ProgressCallback | None = None
+    ) -> list[list[Completion]]:
+        """``params.n`` completions per prompt; the same (prompts, params, batch_size) gives the same output."""
+        jobs = [prompt for prompt in prompts for _ in range(params.n)]
+        generator = torch.Generator().manual_seed(params.seed)
+        flat: list[Completion] = []
+        for start in range(0, len(jobs), self.batch_size):
+            flat.extend(self._generate_batch(jobs[start : start + self.batch_size], params, generator))
+            if progress is not None:
+                progress(len(flat), len(jobs))
+        return [flat[index : index + params.n] for index in range(0, len(flat), params.n)]
+
+    def score_logprobs(
+        self, prompts: list[str], continuations: list[str], progress: ProgressCallback | None = None
+    ) -> list[float]:
+        """Σ log π(continuation | prompt) per pair (no eos appended), batched with right padding."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"got {len(prompts)} prompts but {len(continuations)} continuations")
+        scores: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            encoded = [
+                encode_completion(self.tokenizer, prompt, continuation, append_eos=False)
+                for prompt, continuation in zip(
+                    prompts[start : start + self.batch_size],
+                    continuations[start : start + self.batch_size],
+                    strict=True,
+                )
+            ]
+            batch = pad_right([ids for ids, _ in encoded], [length for _, length in encoded], self._pad_id)
+            with torch.inference_mode():
+                scores.extend(completion_logprobs(self.model, *batch).tolist())
+            if progress is not None:
+                progress(len(scores), len(prompts))
+        return scores
+
+    @property
+    def _pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def _encode_prompts_left_padded(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and attention mask, whatever the tokenizer's own padding side."""
+        encoded = [self.tokenizer(prompt, add_special_tokens=True)["input_ids"] for prompt in prompts]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), self._pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+        return input_ids, attention_mask
+
+    def _generate_batch(
+        self, prompts: list[str], params: GenerationParams, generator: torch.Generator
+    ) -> list[Completion]:
+        """Decode one batch token by token, retiring rows as they stop."""
+        input_ids, attention_mask = self._encode_prompts_left_padded(prompts)
+        # Positions count real tokens only, so a left-padded prompt sees the same positions as alone.
+        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        rows = [_Row() for _ in prompts]
+        active = list(range(len(prompts)))  # batch position -> row index
+        cache = DynamicCache()
+        with torch.inference_mode():
+            for step in range(params.max_new_tokens):
+                logits = self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                ).logits[:, -1, :].float()
+                next_tokens = _choose_tokens(logits, params, generator)
+                # Log-probs from the untempered logits: the policy's true probability of the sample.
+                next_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, next_tokens[:, None]).squeeze(-1)
+                is_last_step = step == params.max_new_tokens - 1
+                keep = [
+                    position
+                    for position, (token, logprob) in enumerate(
+                        zip(next_tokens.tolist(), next_logprobs.tolist(), strict=True)
+                    )
+                    if not self._advance(rows[active[position]], token, logprob, params, is_last_step)
+                ]
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    keep_index = torch.tensor(keep, dtype=torch.long)
+                    cache.batch_select_indices(keep_index)
+                    next_tokens, attention_mask = next_tokens[keep_index], attention_mask[keep_index]
+                    position_ids = position_ids[keep_index]
+                    active = [active[position] for position in keep]
+                input_ids = next_tokens[:, None]
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)
+                position_ids = position_ids[:, -1:] + 1
+        return [row.completion for row in rows]  # type: ignore[misc]
+
+    def _advance(self, row: _Row, token: int, logprob: float, params: GenerationParams, is_last: bool) -> bool:
+        """Append a token to a row; return True (and set ``row.completion``) when the row is finished."""
+        if token == self.tokenizer.eos_token_id:
+            row.completion = self._finish(row, len(row.token_ids), None, "stop")
+            return True
+        row.token_ids.append(token)
+        row.token_logprobs.append(logprob)
+        if params.stop:
+            text = self.tokenizer.decode(row.token_ids, skip_special_tokens=False)
+            cut = min((index for stop in params.stop if (index := text.find(stop)) >= 0), default=-1)
+            if cut >= 0:
+                row.completion = self._finish(row, self._tokens_within(row.token_ids, cut), text[:cut], "stop")
+                return True
+        if is_last:
+            row.completion = self._finish(row, len(row.token_ids), None, "length")
+            return True
+        return False
+
+    def _tokens_within(self, token_ids: list[int], num_characters: int) -> int:
+        """How many leading tokens decode to at most ``num_characters`` characters (stop-string cut)."""
+        count = 0
+        while count < len(token_ids) and len(self._decode(token_ids[: count + 1])) <= num_characters:
+            count += 1
+        return count
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+
+    def _finish(self, row: _Row, num_tokens: int, text: str | None, reason: str) -> Completion:
+        kept = row.token_ids[:num_tokens]
+        return Completion(
+            text=self._decode(kept) if text is None else text,
+            num_tokens=num_tokens,
+            sum_logprob=float(sum(row.token_logprobs[:num_tokens])),
+            finish_reason=reason,  # type: ignore[arg-type]
+        )

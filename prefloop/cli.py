@@ -1,0 +1,335 @@
+"""The ``prefloop`` command line: run the loop or one stage, and inspect, validate and export artifacts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.tree import Tree
+
+from prefloop.storage import ArtifactStore, StoreError
+
+app = typer.Typer(
+    help="prefloop: versioned preference data and iterative alignment loops.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+# Tables stay readable when output is piped or logged (no terminal means an 80-column default).
+console = Console(width=None if Console().is_terminal else 160)
+err_console = Console(stderr=True)
+
+StoreOption = Annotated[
+    str | None,
+    typer.Option("--store", envvar="PREFLOOP_STORE", help="store root: a path or URI (default ./.prefloop/store)"),
+]
+
+
+def _store(store: str | None) -> ArtifactStore:
+    return ArtifactStore(store)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _friendly_errors() -> Iterator[None]:
+    """Known, explained failures print one readable message instead of a traceback."""
+    from prefloop.config import ConfigFileError
+    from prefloop.datasets_spec import ContractError
+    from prefloop.stage import StageInputError
+
+    try:
+        yield
+    except (StoreError, ContractError, ConfigFileError, StageInputError, KeyError, ValueError) as error:
+        fail(str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error))
+
+
+@contextlib.contextmanager
+def _rich_progress(total: int, description: str) -> Iterator[Callable[[int], None]]:
+    with Progress(
+        TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True,
+        disable=not err_console.is_terminal,
+    ) as progress:
+        task = progress.add_task(description, total=total or None)
+        yield lambda advance=1: progress.advance(task, advance)
+
+
+def _install_progress() -> None:
+    from prefloop.stage import set_progress_factory
+
+    set_progress_factory(_rich_progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# run the loop / a stage
+# ----------------------------------------------------------------------------------------------
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="loop config YAML (e.g. configs/demo.yaml)")],
+    rounds: Annotated[int | None, typer.Option(help="override the number of rounds")] = None,
+    name: Annotated[str | None, typer.Option(help="run name: refs go under NAME/ (default: the config's)")] = None,
+    store: StoreOption = None,
+) -> None:
+    """Run the whole multi-round loop as a Prefect flow; finished stages are looked up, not recomputed."""
+    from prefloop.config import load_loop_config
+    from prefloop.flows.loop import loop_flow
+
+    with _friendly_errors():
+        loop_config = load_loop_config(config, rounds=rounds, name=name)
+        target = _store(store)
+        _install_progress()
+        summary = loop_flow(loop_config, store=target.uri)
+    stages = summary.stages
+    cached = sum(s.cached for s in stages)
+    console.print(round_table(target, loop_config.name))
+    console.print(
+        f"{len(stages)} stages: {len(stages) - cached} computed, {cached} cached. "
+        f"Store: {target.uri}. Inspect with 'prefloop ls {loop_config.name}/'."
+    )
+
+
+def round_table(store: ArtifactStore, run_name: str) -> Table:
+    """Per-round summary of a run, read back from its metrics artifacts."""
+    table = Table(title=f"run '{run_name}'")
+    for column in ("round", "pairs built", "kept", "dropped", "accuracy", "gain vs SFT", "mean length"):
+        table.add_column(column, justify="right")
+    refs = store.refs(f"{run_name}/round-")
+    rounds = sorted({int(name.split("/")[1].split("-")[1]) for name in refs if name.endswith("/metrics")})
+    for index in rounds:
+        metrics = store.read_manifest(refs[f"{run_name}/round-{index}/metrics"]).metrics
+        table.add_row(
+            str(index), _metric(metrics, "pairs_built", 1, 0), _metric(metrics, "pairs_kept", 1, 0),
+            _metric(metrics, "pairs_dropped", 1, 0), _metric(metrics, "accuracy"),
+            _metric(metrics, "accuracy_gain", signed=True), _metric(metrics, "mean_length", 1, 1),
+        )
+    return table
+
+
+def _metric(metrics: dict[str, Any], key: str, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
+    """``value ± stderr`` (scaled, e.g. to percent) or a dash when the metric is absent."""
+    if metrics.get(key) is None:
+        return "–"
+    value = f"{metrics[key] * scale:+.{digits}f}" if signed else f"{metrics[key] * scale:.{digits}f}"
+    stderr = metrics.get(f"{key}_stderr")
+    return f"{value} ± {stderr * scale:.{digits}f}" if stderr is not None else value
+
+
+def _parse_inputs(items: list[str]) -> dict[str, str]:
+    inputs = {}
+    for item in items:
+        role, sep, ref = item.partition("=")
+        if not sep or not role or not ref:
+            fail(f"--input '{item}' must look like ROLE=REF, e.g. --input preferences=demo/round-1/preferences")
+        inputs[role] = ref
+    return inputs
+
+
+def stage_config(stage: str, config_file: Path | None) -> dict[str, Any]:
+    """A stage's config from a file: its section of a loop config, or the whole file."""
+    from prefloop.config import read_yaml
+    from prefloop.tasks.registry import CONFIG_SECTIONS
+
+    if config_file is None:
+        return {}
+    data = read_yaml(config_file)
+    section = CONFIG_SECTIONS[stage]
+    if isinstance(data.get(section), dict):
+        return data[section]
+    known = set(CONFIG_SECTIONS.values()) | {"name", "rounds", "seed", "reference_policy", "sft_prompts"}
+    if data and set(data) <= known:
+        return {}  # a loop config without a section for this stage: the stage's defaults
+    return data
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="stage: prompts, sft, sample, label, construct, filter, train, evaluate")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="loop config (its section for this stage) or a stage config YAML")] = None,
+    inputs: Annotated[list[str] | None, typer.Option("--input", "-i", help="ROLE=REF, repeatable")] = None,
+    output_name: Annotated[str | None, typer.Option("--name", help="ref name to point at the output")] = None,
+    store: StoreOption = None,
+) -> None:
+    """Run one stage alone (a store lookup if it already ran with the same inputs and config)."""
+    from prefloop.tasks.registry import stage_module
+
+    with _friendly_errors():
+        module = stage_module(name)
+        target = _store(store)
+        _install_progress()
+        result = module.run(_parse_inputs(inputs or []), stage_config(name, config), target, output_name)
+    status = "[green]cached[/]" if result.cached else f"computed in {result.seconds:.1f}s"
+    console.print(f"{name}: {result.output} ({status}, {result.rows} rows)")
+    if result.drops:
+        drops = Table("reason", "rows", title="dropped")
+        for reason, count in sorted(result.drops.items()):
+            drops.add_row(reason, str(count))
+        console.print(drops)
+    if output_name:
+        console.print(f"ref {output_name} -> {result.output}")
+
+
+# ----------------------------------------------------------------------------------------------
+# inspect
+# ----------------------------------------------------------------------------------------------
+@app.command("ls")
+def list_refs(
+    prefix: Annotated[str, typer.Argument(help="show refs starting with this")] = "",
+    store: StoreOption = None,
+) -> None:
+    """List refs (human names) and what they point at."""
+    target = _store(store)
+    refs = target.refs(prefix)
+    table = Table("ref", "artifact", "rows", "stage", "created", title=f"store {target.uri}")
+    for name, ref in refs.items():
+        manifest = target.read_manifest(ref)
+        table.add_row(name, str(ref), str(manifest.rows), f"{manifest.stage}@{manifest.stage_version}",
+                      manifest.created_at[:19])
+    console.print(table)
+    if not prefix:
+        unreferenced = len(set(target.list()) - target.reachable())
+        console.print(f"{len(target.list())} artifacts, {unreferenced} not reachable from any ref ('prefloop gc' removes them)")
+
+
+@app.command()
+def show(
+    ref: Annotated[str, typer.Argument(help="ref name, kind/id or id prefix")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON")] = False,
+    rows: Annotated[int, typer.Option(help="rows of the main table to preview")] = 5,
+    store: StoreOption = None,
+) -> None:
+    """Show an artifact's manifest (lineage, config, metrics, validation) and a preview of its rows."""
+    with _friendly_errors():
+        target = _store(store)
+        artifact = target.resolve(ref)
+        manifest = target.read_manifest(artifact)
+    if as_json:
+        sys.stdout.write(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+        return
+    console.print(f"[bold]{artifact}[/]  {manifest.stage}@{manifest.stage_version}  created {manifest.created_at}")
+    console.print(f"schema {manifest.schema_id}/{manifest.schema_version}  rows {manifest.rows}  bytes {manifest.bytes}")
+    for role, source in manifest.inputs.items():
+        console.print(f"  input {role}: {source}")
+    if manifest.drops:
+        console.print("dropped: " + ", ".join(f"{r}={c}" for r, c in sorted(manifest.drops.items())))
+    if manifest.metrics:
+        metrics = Table("metric", "value", title="metrics")
+        for key, value in manifest.metrics.items():
+            metrics.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        console.print(metrics)
+    if "data" in manifest.tables and rows > 0:
+        with _friendly_errors():
+            preview = target.read_table(artifact).slice(0, rows)
+        for index, row in enumerate(preview.to_pylist()):
+            record = Table("column", "value", title=f"row {index}", show_header=False)
+            for column, value in row.items():
+                record.add_row(column, repr(value)[:120] if isinstance(value, str) else str(value))
+            console.print(record)
+    elif manifest.files:
+        console.print("files: " + ", ".join(f.path.removeprefix("files/") for f in manifest.files))
+
+
+@app.command()
+def lineage(ref: Annotated[str, typer.Argument()], store: StoreOption = None) -> None:
+    """Show the tree of artifacts (and stages) an artifact was made from."""
+    with _friendly_errors():
+        target = _store(store)
+        tree_data = target.lineage(target.resolve(ref))
+
+    shown: set[str] = set()
+
+    def build(node: dict[str, Any], tree: Tree) -> None:
+        # Lineage is a DAG (the SFT model feeds every round): expand each artifact once.
+        for role, child in node["inputs"].items():
+            label = f"[cyan]{role}[/]: {child['ref']}  ({child['stage']}, {child['rows']} rows)"
+            if child["ref"] in shown:
+                tree.add(label + " [dim](shown above)[/]")
+                continue
+            shown.add(child["ref"])
+            build(child, tree.add(label))
+
+    root = Tree(f"[bold]{tree_data['ref']}[/]  ({tree_data['stage']}, {tree_data['rows']} rows)")
+    build(tree_data, root)
+    console.print(root)
+
+
+@app.command()
+def validate(ref: Annotated[str, typer.Argument()], store: StoreOption = None) -> None:
+    """Check an artifact's checksums and re-run its tables' data contracts."""
+    from prefloop.datasets_spec import SPECS, apply_contract
+
+    with _friendly_errors():
+        target = _store(store)
+        artifact = target.resolve(ref)
+        manifest = target.verify(artifact)
+        console.print(f"checksums: [green]ok[/] ({len(manifest.files) + sum(len(t.files) for t in manifest.tables.values())} files)")
+        problems = 0
+        for name, entry in manifest.tables.items():
+            spec_name = (entry.schema_id or "").removeprefix("prefloop.")
+            if spec_name not in SPECS:
+                console.print(f"table {name}: no known schema ({entry.schema_id}), contract not checked")
+                continue
+            spec = SPECS[spec_name]
+            if entry.schema_version != spec.version:
+                console.print(f"table {name}: written with schema version {entry.schema_version}, this prefloop reads {spec.version}")
+            result = apply_contract(target.read_table(artifact, name), spec, source=f"{artifact}:{name}")
+            bad = result.drops.num_rows
+            problems += bad
+            status = "[green]ok[/]" if not bad else f"[red]{bad} rows break it[/] {result.drop_counts}"
+            console.print(f"table {name}: contract {spec.schema_id}/{spec.version} {status} ({entry.rows} rows)")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    ref: Annotated[str, typer.Argument(help="artifact to export (ref name, kind/id or id)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="trl | jsonl | parquet")] = "trl",
+    store: StoreOption = None,
+) -> None:
+    """Export a table for downstream use. ``trl`` writes prompt/chosen/rejected Parquet that TRL and
+    ``datasets.load_dataset("parquet", data_files=...)`` read directly."""
+    from prefloop.datasets_spec.exporters import export_artifact
+
+    with _friendly_errors():
+        target = _store(store)
+        path = export_artifact(target, target.resolve(ref), out, fmt)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed")] = False,
+    store: StoreOption = None,
+) -> None:
+    """Remove artifacts that no ref reaches (through lineage) and abandoned temporary writes."""
+    target = _store(store)
+    removed = target.gc(dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for item in removed:
+        console.print(f"{verb} {item}")
+    console.print(f"{verb} {len(removed)} item(s)")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
