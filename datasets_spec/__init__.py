@@ -4,7 +4,9 @@ from prefloop.datasets_spec.contracts import (
     ContractError,
     ContractResult,
     apply_contract,
+    attach_suite,
     check_readable,
+    check_rows,
     conform,
     empty_drops,
     make_drops,
@@ -29,6 +31,6 @@ from prefloop.datasets_spec.schemas import (
 
 __all__ = [
     "DROPS", "EVAL_RESULTS", "LABELS", "METRICS", "PREFERENCES", "PROMPTS", "SAMPLES", "SPECS", "TRAIN_LOG", "TREES",
-    "ContractError", "ContractResult", "RowRule", "TableSpec", "apply_contract", "check_readable", "conform",
+    "ContractError", "ContractResult", "RowRule", "TableSpec", "apply_contract", "attach_suite", "check_rows", "check_readable", "conform",
     "empty_drops", "get_spec", "make_drops", "quarantine", "run_suite",
 ]

@@ -138,31 +138,32 @@ def make_drops(table: pa.Table, indices: np.ndarray, reasons: list[str], table_n
 
 def quarantine(table: pa.Table, spec: TableSpec) -> tuple[pa.Table, pa.Table, dict[str, int]]:
     """Split a conformed table into (kept rows, drops, counts by reason)."""
-    reason_of = np.full(table.num_rows, None, dtype=object)
-    for rule in spec.rules:
+    reasons = [rule.reason for rule in spec.rules]
+    code = np.full(table.num_rows, -1, dtype=np.int16)  # index into reasons; -1 keeps the row
+    for index, rule in enumerate(spec.rules):
         if rule.check == "unique":
             continue
-        bad = _bad_mask(table, rule).to_numpy(zero_copy_only=False)
-        reason_of[bad & (reason_of == None)] = rule.reason  # noqa: E711 - elementwise on object array
+        bad = _bad_mask(table, rule)
+        if not pc.any(bad).as_py():
+            continue
+        code[bad.to_numpy(zero_copy_only=False) & (code < 0)] = index
     # Uniqueness is judged among rows that pass everything else, so a broken row cannot make a
     # good one look like a duplicate.
-    for rule in spec.rules:
+    for index, rule in enumerate(spec.rules):
         if rule.check != "unique":
             continue
-        alive = np.flatnonzero(reason_of == None)  # noqa: E711
-        if len(alive) == 0:
-            break
-        dup = _duplicates(table.take(pa.array(alive)), rule.column)
-        reason_of[alive[dup]] = rule.reason
-    dropped = np.flatnonzero(reason_of != None)  # noqa: E711
+        alive = np.flatnonzero(code < 0)
+        candidates = table if len(alive) == table.num_rows else table.take(pa.array(alive))
+        code[alive[_duplicates(candidates, rule.column)]] = index
+    dropped = np.flatnonzero(code >= 0)
     if len(dropped) == 0:
         return table, empty_drops(), {}
-    kept = table.filter(pa.array(reason_of == None))  # noqa: E711
-    reasons = [str(r) for r in reason_of[dropped]]
+    kept = table.filter(pa.array(code < 0))
+    row_reasons = [reasons[c] for c in code[dropped]]
     counts: dict[str, int] = {}
-    for reason in reasons:
+    for reason in row_reasons:
         counts[reason] = counts.get(reason, 0) + 1
-    drops = make_drops(table, dropped, reasons, spec.name, detail=f"data contract {spec.schema_id}/{spec.version}")
+    drops = make_drops(table, dropped, row_reasons, spec.name, detail=f"data contract {spec.schema_id}/{spec.version}")
     return kept, drops, counts
 
 
@@ -232,11 +233,15 @@ def _suite_and_batch(spec: TableSpec) -> tuple[Any, Any]:
 
 def run_suite(table: pa.Table, spec: TableSpec) -> dict[str, Any]:
     """Run the great-expectations suite of ``spec`` on ``table``; return a readable report."""
+    from great_expectations.validator.v1_validator import Validator
+
     with _GX_LOCK:
         suite, batch_definition = _suite_and_batch(spec)
-        frame = table.to_pandas(types_mapper=None)
-        batch = batch_definition.get_batch(batch_parameters={"dataframe": frame})
-        result = batch.validate(suite, result_format="BASIC")
+        # One Validator for the whole suite: going through Batch.validate would load the batch
+        # twice, and GX fingerprints (hashes) the full DataFrame on every load.
+        validator = Validator(batch_definition=batch_definition, batch_parameters={"dataframe": table.to_pandas()},
+                              result_format="BASIC")
+        result = validator.validate_expectation_suite(suite)
     expectations = []
     for item in result.results:
         config = item.expectation_config
@@ -257,30 +262,40 @@ def run_suite(table: pa.Table, spec: TableSpec) -> dict[str, Any]:
     }
 
 
-def apply_contract(table: pa.Table, spec: TableSpec, source: str = "table") -> ContractResult:
-    """Conform, quarantine and validate ``table`` against ``spec``.
-
-    Raises :class:`ContractError` when the table as a whole is unacceptable; bad rows are not
-    errors, they come back in ``drops``.
-    """
+def check_rows(table: pa.Table, spec: TableSpec, source: str = "table") -> ContractResult:
+    """Conform and quarantine; the report has no suite result yet (see :func:`attach_suite`)."""
     conformed, ignored = conform(table, spec, source)
     kept, drops, counts = quarantine(conformed, spec)
-    suite_report = run_suite(kept, spec)
-    if not suite_report["success"]:
-        failed = "; ".join(f"{e['expectation']}({e['column']}): {e['unexpected_count']} rows" for e in suite_report["failed"])
-        raise ContractError(
-            f"{source} failed its data contract {spec.schema_id}/{spec.version} after quarantine: {failed}. "
-            "Nothing was written. This is a bug in prefloop's contract rules; please report it with the input."
-        )
     report = {
         "schema": f"{spec.schema_id}/{spec.version}",
         "rows_in": table.num_rows,
         "rows_kept": kept.num_rows,
         "quarantined": counts,
         "ignored_columns": ignored,
-        "suite": suite_report,
     }
     return ContractResult(kept=kept, drops=drops, report=report)
+
+
+def attach_suite(result: ContractResult, suite_report: dict[str, Any], spec: TableSpec, source: str) -> ContractResult:
+    """Record the suite's report; a failing suite refuses the whole table."""
+    if not suite_report["success"]:
+        failed = "; ".join(f"{e['expectation']}({e['column']}): {e['unexpected_count']} rows" for e in suite_report["failed"])
+        raise ContractError(
+            f"{source} failed its data contract {spec.schema_id}/{spec.version} after quarantine: {failed}. "
+            "Nothing was written. This is a bug in prefloop's contract rules; please report it with the input."
+        )
+    result.report["suite"] = suite_report
+    return result
+
+
+def apply_contract(table: pa.Table, spec: TableSpec, source: str = "table") -> ContractResult:
+    """Conform, quarantine and validate ``table`` against ``spec``.
+
+    Raises :class:`ContractError` when the table as a whole is unacceptable; bad rows are not
+    errors, they come back in ``drops``.
+    """
+    result = check_rows(table, spec, source)
+    return attach_suite(result, run_suite(result.kept, spec), spec, source)
 
 
 def check_readable(table: pa.Table, spec: TableSpec, source: str) -> pa.Table:

@@ -15,6 +15,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,15 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from prefloop.datasets_spec import DROPS, ContractError, TableSpec, apply_contract, check_readable
+from prefloop.datasets_spec import (
+    DROPS,
+    ContractError,
+    TableSpec,
+    attach_suite,
+    check_readable,
+    check_rows,
+    run_suite,
+)
 from prefloop.storage import ArtifactRef, ArtifactStore, StoreError, fingerprint
 
 logger = logging.getLogger("prefloop")
@@ -211,48 +220,55 @@ def execute(
 
 def _write(spec: StageSpec, config: StageConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
            ref: ArtifactRef, output: StageOutput):
-    validation: dict[str, Any] = {}
+    """Apply each table's contract and publish the artifact.
+
+    Row rules run first (the kept rows are what gets written); the great-expectations suite then
+    runs in a thread while the Parquet parts are encoded and written, and the manifest is committed
+    only once every suite has passed — a failing suite aborts the write, so nothing is published.
+    """
+    if spec.output_table is None and output.files_dir is None:
+        raise StoreError(f"stage '{spec.name}' produced neither a table nor files; nothing was written")
+    pending: list[tuple[str, TableSpec, pa.Table, Any]] = []
+    if spec.output_table is not None:
+        if output.table is None:
+            raise ContractError(f"stage '{spec.name}' produced no table; nothing was written")
+        pending.append(("data", spec.output_table, output.table, f"output of stage '{spec.name}'"))
+    for table_name, (table, table_spec) in output.extra_tables.items():
+        pending.append((table_name, table_spec, table, f"table '{table_name}' of stage '{spec.name}'"))
+    checked = [(name, table_spec, check_rows(table, table_spec, source), source)
+               for name, table_spec, table, source in pending]
+
     drop_tables: list[pa.Table] = []
     drop_counts: dict[str, int] = {}
     if output.drops is not None and output.drops.num_rows:
         drop_tables.append(output.drops.select(DROPS.column_names).cast(DROPS.schema))
         for reason in output.drops.column("reason").to_pylist():
             drop_counts[reason] = drop_counts.get(reason, 0) + 1
-    tables: list[tuple[str, pa.Table, TableSpec]] = []
-    if spec.output_table is not None:
-        if output.table is None:
-            raise ContractError(f"stage '{spec.name}' produced no table; nothing was written")
-        checked = apply_contract(output.table, spec.output_table, source=f"output of stage '{spec.name}'")
-        validation["data"] = checked.report
-        tables.append(("data", checked.kept, spec.output_table))
-        if checked.drops.num_rows:
-            drop_tables.append(checked.drops)
-            for reason, count in checked.drop_counts.items():
+    for _, _, result, _ in checked:
+        if result.drops.num_rows:
+            drop_tables.append(result.drops)
+            for reason, count in result.drop_counts.items():
                 drop_counts[reason] = drop_counts.get(reason, 0) + count
-    for table_name, (table, table_spec) in output.extra_tables.items():
-        checked = apply_contract(table, table_spec, source=f"table '{table_name}' of stage '{spec.name}'")
-        validation[table_name] = checked.report
-        tables.append((table_name, checked.kept, table_spec))
-        if checked.drops.num_rows:
-            drop_tables.append(checked.drops)
-            for reason, count in checked.drop_counts.items():
-                drop_counts[reason] = drop_counts.get(reason, 0) + count
-    if spec.output_table is None and output.files_dir is None:
-        raise StoreError(f"stage '{spec.name}' produced neither a table nor files; nothing was written")
-    with store.writer(ref.kind, ref.id) as writer:
-        for table_name, table, table_spec in tables:
-            writer.write_table(table, table_name, table_spec.schema_id, table_spec.version)
-        if drop_tables:
-            writer.write_table(pa.concat_tables(drop_tables), "drops", DROPS.schema_id, DROPS.version)
-        if output.files_dir is not None:
-            writer.add_directory(output.files_dir)
-        return writer.commit(
-            stage=spec.name,
-            stage_version=spec.version,
-            config=config.model_dump(mode="json"),
-            seed=getattr(config, "seed", None),
-            inputs={role: str(r) for role, r in inputs.items()},
-            metrics=output.metrics,
-            validation=validation,
-            drops=drop_counts,
-        )
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefloop-suite") as pool:
+        suites = [pool.submit(run_suite, result.kept, table_spec) for _, table_spec, result, _ in checked]
+        with store.writer(ref.kind, ref.id) as writer:
+            for name, table_spec, result, _ in checked:
+                writer.write_table(result.kept, name, table_spec.schema_id, table_spec.version)
+            if drop_tables:
+                writer.write_table(pa.concat_tables(drop_tables), "drops", DROPS.schema_id, DROPS.version)
+            if output.files_dir is not None:
+                writer.add_directory(output.files_dir)
+            validation = {}
+            for (name, table_spec, result, source), suite in zip(checked, suites, strict=True):
+                validation[name] = attach_suite(result, suite.result(), table_spec, source).report
+            return writer.commit(
+                stage=spec.name,
+                stage_version=spec.version,
+                config=config.model_dump(mode="json"),
+                seed=getattr(config, "seed", None),
+                inputs={role: str(r) for role, r in inputs.items()},
+                metrics=output.metrics,
+                validation=validation,
+                drops=drop_counts,
+            )
