@@ -1,7 +1,6 @@
 """The artifact store: atomic publish, immutability, checksums, refs, gc, other filesystems."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -1,0 +1,122 @@
+"""HFBackend: batched sampling with seeds, greedy decoding, log-probs, stop strings, save/load."""
+
+import pytest
+import torch
+
+from prefloop.backends.base import GenerationParams, PolicyBackend
+from prefloop.backends.hf import HFBackend
+from prefloop.embedded.arithmetic import make_problems
+from prefloop.embedded.model import TinyLlamaConfig, build_model
+from prefloop.embedded.tokenizer import build_tokenizer
+
+TINY = TinyLlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+# Prompts of different lengths, so left padding is exercised.
+PROMPTS = ["1+2=?\n", "15-3+4-9=?\n", "7+7+7=?\n", "20-1-1-1-1-1=?\n", "3-1=?\n"]
+
+
+@pytest.fixture(scope="module")
+def backend() -> HFBackend:
+    torch.set_num_threads(2)
+    tokenizer = build_tokenizer()
+    model = build_model(TINY, len(tokenizer), seed=0, tokenizer=tokenizer).eval()
+    return HFBackend(model, tokenizer, batch_size=4)
+
+
+def test_implements_the_protocol(backend: HFBackend) -> None:
+    assert isinstance(backend, PolicyBackend)
+
+
+def test_returns_n_completions_per_prompt_in_order(backend: HFBackend) -> None:
+    completions = backend.generate(PROMPTS, GenerationParams(n=3, max_new_tokens=8, seed=0))
+    assert [len(group) for group in completions] == [3] * len(PROMPTS)
+    for group in completions:
+        for completion in group:
+            assert 0 <= completion.num_tokens <= 8
+            assert completion.finish_reason in ("stop", "length")
+
+
+def test_same_seed_same_completions_and_different_seeds_differ(backend: HFBackend) -> None:
+    params = GenerationParams(n=4, max_new_tokens=12, seed=11)
+    first = backend.generate(PROMPTS, params)
+    assert backend.generate(PROMPTS, params) == first
+    other = backend.generate(PROMPTS, params.model_copy(update={"seed": 12}))
+    assert [c.text for g in other for c in g] != [c.text for g in first for c in g]
+
+
+def test_greedy_batched_equals_one_at_a_time(backend: HFBackend) -> None:
+    params = GenerationParams(temperature=0.0, max_new_tokens=16)
+    one_at_a_time = HFBackend(backend.model, backend.tokenizer, batch_size=1)
+    batched = [g[0] for g in backend.generate(PROMPTS, params)]
+    single = [g[0] for g in one_at_a_time.generate(PROMPTS, params)]
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert [c.sum_logprob for c in batched] == pytest.approx([c.sum_logprob for c in single], abs=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sum_logprob_is_the_untempered_score_of_the_text(backend: HFBackend, temperature: float) -> None:
+    params = GenerationParams(n=2, temperature=temperature, max_new_tokens=10, seed=3)
+    completions = [c for group in backend.generate(PROMPTS, params) for c in group]
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    scores = backend.score_logprobs(prompts, [c.text for c in completions])
+    assert [c.sum_logprob for c in completions] == pytest.approx(scores, abs=1e-4)
+
+
+def test_hitting_max_new_tokens_finishes_with_length(backend: HFBackend) -> None:
+    completions = backend.generate(PROMPTS, GenerationParams(temperature=0.0, max_new_tokens=3))
+    for (completion,) in completions:
+        if completion.finish_reason == "length":
+            assert completion.num_tokens == 3
+    assert any(c.finish_reason == "length" for (c,) in completions)
+
+
+def test_stop_strings_cut_the_text(backend: HFBackend) -> None:
+    # The untrained model emits newlines often, so a newline stop is hit by most samples.
+    params = GenerationParams(n=4, max_new_tokens=24, seed=1, stop=["\n", "=="])
+    completions = [c for group in backend.generate(PROMPTS, params) for c in group]
+    stopped = [c for c in completions if c.finish_reason == "stop"]
+    assert stopped
+    for completion in completions:
+        assert "\n" not in completion.text and "==" not in completion.text
+        assert completion.num_tokens == len(backend.tokenizer(completion.text, add_special_tokens=False).input_ids)
+    scores = backend.score_logprobs([p for p in PROMPTS for _ in range(4)], [c.text for c in completions])
+    assert [c.sum_logprob for c in completions] == pytest.approx(scores, abs=1e-4)
+
+
+def test_greedy_stop_string_spanning_two_tokens(backend: HFBackend) -> None:
+    free = backend.generate(PROMPTS[:1], GenerationParams(temperature=0.0, max_new_tokens=6))[0][0]
+    assert free.text.startswith("\n\n")  # the untrained model copies its last input token
+    stopped = backend.generate(PROMPTS[:1], GenerationParams(temperature=0.0, max_new_tokens=6, stop=["\n\n"]))
+    assert stopped[0][0].text == "" and stopped[0][0].finish_reason == "stop"
+
+
+def test_eos_finishes_with_stop_and_is_not_in_the_text(backend: HFBackend) -> None:
+    tokenizer = backend.tokenizer
+    model = build_model(TINY, len(tokenizer), seed=0, tokenizer=tokenizer).eval()
+    with torch.no_grad():  # make eos by far the likeliest token everywhere
+        model.lm_head.weight[tokenizer.eos_token_id] = 0.0
+        model.model.norm.weight.zero_()
+        model.model.norm.bias = None
+    eos_backend = HFBackend(model, tokenizer)
+    logits_bias = torch.zeros(len(tokenizer))
+    logits_bias[tokenizer.eos_token_id] = 1.0
+    # A zero final norm makes every logit 0, so add an eos-only offset through the output layer hook.
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + 50 * logits_bias)
+    (completion,), *_ = eos_backend.generate(PROMPTS, GenerationParams(temperature=0.0, max_new_tokens=5))
+    assert completion.finish_reason == "stop"
+    assert completion.text == "" and completion.num_tokens == 0
+
+
+def test_round_trips_through_a_model_directory(backend: HFBackend, tmp_path) -> None:
+    backend.model.save_pretrained(tmp_path)
+    backend.tokenizer.save_pretrained(tmp_path)
+    loaded = HFBackend.from_directory(tmp_path, batch_size=4)
+    params = GenerationParams(n=2, max_new_tokens=10, seed=5)
+    assert loaded.generate(PROMPTS, params) == backend.generate(PROMPTS, params)
+    problem = make_problems(1, seed=0)[0]
+    assert loaded.tokenizer(problem.prompt)["input_ids"] == backend.tokenizer(problem.prompt)["input_ids"]
+
+
+def test_progress_reports_done_and_total(backend: HFBackend) -> None:
+    calls: list[tuple[int, int]] = []
+    backend.generate(PROMPTS, GenerationParams(n=2, max_new_tokens=4), progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1] == (10, 10) and len(calls) == 3
