@@ -213,6 +213,12 @@ EVAL_RESULTS = TableSpec(
         pa.field("correct", pa.bool_()),
         pa.field("completion_tokens", pa.int32()),
         pa.field("finish_reason", pa.string()),
+        # Added with evaluate@2 (nullable, so older artifacts still read): the reward of the greedy
+        # completion, and the pass@k / KL samples of the prompt (null where it was not sampled).
+        pa.field("reward", pa.float64()),
+        pa.field("samples_drawn", pa.int32()),
+        pa.field("samples_correct", pa.int32()),
+        pa.field("mean_log_ratio", pa.float64()),
     ),
     required=("prompt_id", "correct"),
     rules=(*_not_blank("prompt_id"), RowRule("duplicate_prompt_id", "unique", "prompt_id")),

@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from prefloop.config import LoopConfig
+from prefloop.orchestration import publish_round_report, publish_run_report
 from prefloop.stage import StageResult
 from prefloop.storage import DEFAULT_STORE, ArtifactStore
 from prefloop.tasks import construct, evaluation, filtering, labeling, prompts, sampling
@@ -45,8 +46,14 @@ def _seeded(section: BaseModel, config: LoopConfig, round_index: int, **updates)
 
 @flow(name="prefloop-round", log_prints=True)
 def round_flow(config: LoopConfig, round_index: int, policy: str, sft_policy: str, prompts_ref: str,
-               baseline: str, store: str = DEFAULT_STORE) -> RoundSummary:
-    """One round: sample → label → construct → filter → train → evaluate."""
+               baseline: str, store: str = DEFAULT_STORE, previous_metrics: str | None = None,
+               reward_model: str | None = None) -> RoundSummary:
+    """One round: sample → label → construct → filter → train → evaluate.
+
+    The evaluation is paired with the SFT model's (``baseline``) and the previous round's
+    (``previous_metrics``) on the same held-out prompts, measures the KL to this round's DPO
+    reference, and the reward under ``reward_model`` when one is given.
+    """
     prefix = f"{config.name}/round-{round_index}"
     samples = sampling.prefect_task(
         {"policy": policy, "prompts": prompts_ref}, _seeded(config.sampling, config, round_index), store, f"{prefix}/samples")
@@ -59,12 +66,12 @@ def round_flow(config: LoopConfig, round_index: int, policy: str, sft_policy: st
         {"preferences": pairs.output}, config.filter.model_dump(), store, f"{prefix}/preferences-filtered")
     stages = [samples, labels, pairs, kept]
     new_policy = policy
+    reference = sft_policy if config.reference_policy == "fixed" else policy
     if kept.rows == 0:
         # Every prompt was all-correct or all-wrong: nothing to prefer. The round keeps its policy
         # (and says so) rather than failing the whole run.
         get_run_logger().warning("round %d built no preference pairs: the policy is carried over untrained", round_index)
     else:
-        reference = sft_policy if config.reference_policy == "fixed" else policy
         train_config = _seeded(config.train, config, round_index, reference_policy=config.reference_policy)
         train_config["training"] = _seeded(config.train.training, config, round_index)
         trained = preference.prefect_task(
@@ -72,26 +79,42 @@ def round_flow(config: LoopConfig, round_index: int, policy: str, sft_policy: st
         stages.append(trained)
         new_policy = trained.output
     metrics = evaluation.prefect_task(
-        {"policy": new_policy, "prompts": prompts_ref, "baseline": baseline, "preferences": kept.output},
+        _evaluation_inputs(new_policy, prompts_ref, reference, reward_model, baseline=baseline,
+                           previous=previous_metrics, preferences=kept.output),
         _seeded(config.evaluation, config, round_index), store, f"{prefix}/metrics")
     stages.append(metrics)
+    publish_round_report(store, config.name, round_index)
     return RoundSummary(round=round_index, policy=new_policy, metrics=metrics.output, stages=stages)
 
 
+def _evaluation_inputs(policy: str, prompts_ref: str, reference: str, reward_model: str | None,
+                       **optional: str | None) -> dict[str, str]:
+    """The evaluate stage's inputs; optional roles without an artifact are left out."""
+    inputs = {"policy": policy, "prompts": prompts_ref, "reference": reference, "reward_model": reward_model, **optional}
+    return {role: ref for role, ref in inputs.items() if ref is not None}
+
+
 @flow(name="prefloop-loop", log_prints=True)
-def loop_flow(config: LoopConfig, store: str = DEFAULT_STORE) -> LoopSummary:
-    """SFT warm start and its evaluation (round 0), then ``config.rounds`` rounds."""
+def loop_flow(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str | None = None) -> LoopSummary:
+    """SFT warm start and its evaluation (round 0), then ``config.rounds`` rounds.
+
+    ``reward_model`` (a model artifact ref, optional) adds the mean reward to every evaluation.
+    """
     store = ArtifactStore(store).uri
     name = config.name
     sft_prompts = prompts.prefect_task({}, _seeded(config.sft_prompts, config, 0), store, f"{name}/sft-prompts")
     task_prompts = prompts.prefect_task({}, _seeded(config.prompts, config, 0), store, f"{name}/prompts")
     warm = sft.prefect_task({"prompts": sft_prompts.output}, _seeded(config.sft, config, 0), store, f"{name}/round-0/policy")
-    base = evaluation.prefect_task({"policy": warm.output, "prompts": task_prompts.output},
+    # Round 0 is the SFT model against itself as reference: its KL is 0 by definition (not computed).
+    base = evaluation.prefect_task(_evaluation_inputs(warm.output, task_prompts.output, warm.output, reward_model),
                                    _seeded(config.evaluation, config, 0), store, f"{name}/round-0/metrics")
+    publish_round_report(store, name, 0)
     rounds = [RoundSummary(round=0, policy=warm.output, metrics=base.output, stages=[sft_prompts, task_prompts, warm, base])]
     policy = warm.output
     for round_index in range(1, config.rounds + 1):
-        summary = round_flow(config, round_index, policy, warm.output, task_prompts.output, base.output, store)
+        summary = round_flow(config, round_index, policy, warm.output, task_prompts.output, base.output, store,
+                             previous_metrics=rounds[-1].metrics, reward_model=reward_model)
         rounds.append(summary)
         policy = summary.policy
+    publish_run_report(store, name)
     return LoopSummary(name=name, store=store, rounds=rounds)

@@ -109,7 +109,8 @@ def run(
 def round_table(store: ArtifactStore, run_name: str) -> Table:
     """Per-round summary of a run, read back from its metrics artifacts."""
     table = Table(title=f"run '{run_name}'")
-    for column in ("round", "pairs built", "kept", "dropped", "accuracy", "gain vs SFT", "mean length"):
+    for column in ("round", "pairs built", "kept", "dropped", "accuracy", "gain vs SFT", "win/tie/loss vs prev",
+                   "KL to ref", "mean length"):
         table.add_column(column, justify="right")
     refs = store.refs(f"{run_name}/round-")
     rounds = sorted({int(name.split("/")[1].split("-")[1]) for name in refs if name.endswith("/metrics")})
@@ -118,9 +119,18 @@ def round_table(store: ArtifactStore, run_name: str) -> Table:
         table.add_row(
             str(index), _metric(metrics, "pairs_built", 1, 0), _metric(metrics, "pairs_kept", 1, 0),
             _metric(metrics, "pairs_dropped", 1, 0), _metric(metrics, "accuracy"),
-            _metric(metrics, "accuracy_gain", signed=True), _metric(metrics, "mean_length", 1, 1),
+            _metric(metrics, "accuracy_gain", signed=True), _win_tie_loss(metrics, "previous"),
+            _metric(metrics, "kl_to_reference", 1, 3), _metric(metrics, "mean_length", 1, 1),
         )
     return table
+
+
+def _win_tie_loss(metrics: dict[str, Any], opponent: str) -> str:
+    """``win/tie/loss`` in percent against an opponent, or a dash when not measured."""
+    values = [metrics.get(f"{outcome}_rate_vs_{opponent}") for outcome in ("win", "tie", "loss")]
+    if any(not isinstance(v, int | float) for v in values):
+        return "–"
+    return "/".join(f"{v * 100:.0f}" for v in values)
 
 
 def _metric(metrics: dict[str, Any], key: str, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
@@ -130,6 +140,62 @@ def _metric(metrics: dict[str, Any], key: str, scale: float = 100.0, digits: int
     value = f"{metrics[key] * scale:+.{digits}f}" if signed else f"{metrics[key] * scale:.{digits}f}"
     stderr = metrics.get(f"{key}_stderr")
     return f"{value} ± {stderr * scale:.{digits}f}" if stderr is not None else value
+
+
+# ----------------------------------------------------------------------------------------------
+# reports
+# ----------------------------------------------------------------------------------------------
+@app.command()
+def report(
+    run_name: Annotated[str, typer.Argument(metavar="RUN", help="run name (its refs are RUN/round-<k>/metrics)")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output directory (default: reports/RUN)")] = None,
+    store: StoreOption = None,
+) -> None:
+    """Write RUN's report: self-contained HTML (open it in a browser, no server), Markdown and PNG plots."""
+    from prefloop.report import write_report
+
+    with _friendly_errors():
+        files = write_report(_store(store), run_name, out or Path("reports") / run_name)
+    console.print(round_table(_store(store), run_name))
+    for note in files.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"wrote {files.html} (open in a browser: {files.html.resolve().as_uri()})")
+    console.print(f"wrote {files.markdown} and {len(files.plots)} plots in {files.markdown.parent}")
+
+
+@app.command()
+def compare(
+    run_a: Annotated[str, typer.Argument(metavar="RUN_A")],
+    run_b: Annotated[str, typer.Argument(metavar="RUN_B")],
+    round_a: Annotated[int | None, typer.Option("--round-a", help="round of RUN_A to compare (default: its last)")] = None,
+    round_b: Annotated[int | None, typer.Option("--round-b", help="round of RUN_B to compare (default: its last)")] = None,
+    markdown: Annotated[Path | None, typer.Option("--markdown", help="also write the comparison as Markdown")] = None,
+    store: StoreOption = None,
+) -> None:
+    """Two runs' metrics side by side (e.g. best-of-n vs MCTS-DPO): one round of each, and accuracy by round."""
+    from prefloop.report import accuracy_by_round, compare_runs, load_run, markdown_table
+
+    with _friendly_errors():
+        target = _store(store)
+        first, second = load_run(target, run_a), load_run(target, run_b)
+        header, rows = compare_runs(first, second, round_a, round_b)
+    side_by_side = Table(*header, title=f"{run_a} vs {run_b}")
+    for row in rows:
+        side_by_side.add_row(*row)
+    console.print(side_by_side)
+    by_round_header, by_round_rows = accuracy_by_round(first, second)
+    by_round = Table(*by_round_header, title="greedy accuracy by round")
+    for row in by_round_rows:
+        by_round.add_row(*row)
+    console.print(by_round)
+    for run_metrics in (first, second):
+        for note in run_metrics.notes:
+            console.print(f"[yellow]note ({run_metrics.run}):[/] {note}")
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(f"# {run_a} vs {run_b}\n\n{markdown_table(header, rows)}\n\n## Greedy accuracy by round\n\n"
+                            f"{markdown_table(by_round_header, by_round_rows)}\n", encoding="utf-8")
+        console.print(f"wrote {markdown}")
 
 
 def _parse_inputs(items: list[str]) -> dict[str, str]:

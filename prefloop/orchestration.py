@@ -1,38 +1,158 @@
-"""Thin Prefect wrappers around stage cores.
+"""Thin Prefect wrappers around stage cores, and what they show in the Prefect UI.
 
 A stage task takes only small, serialisable things — input references, a config mapping and the
 store's URI — and returns a :class:`~prefloop.stage.StageResult`; tables never travel through
 Prefect. Identity lives in the store (the output id is computed before any work), so a rerun is a
 lookup whatever Prefect's own state; Prefect's result cache is therefore switched off here.
+
+Each stage task publishes Prefect artifacts next to its run: a table of its metrics and drops, and
+a progress artifact for each long piece of work; the flows publish each round's report and the
+run's summary (:func:`publish_round_report`, :func:`publish_run_report`). The stage cores know
+nothing of this: without Prefect they run exactly the same.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prefect import task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
-from prefloop.stage import StageResult, StageSpec
+from prefloop.stage import StageResult, StageSpec, get_progress_factory, set_progress_factory
 from prefloop.storage import ArtifactStore
 
 RunFunction = Callable[..., StageResult]
 
+# A progress artifact is updated at most this often (in percentage points): each update is an API call.
+PROGRESS_STEP_PERCENT = 10.0
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes only) from ref-like names."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower())).strip("-")
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("prefloop")
+
+
+def _publish(what: str, create: Callable[[], Any]) -> None:
+    """Create a Prefect artifact; a UI artifact that cannot be written must not fail the data work,
+    so the failure is logged as a warning (with its cause) instead."""
+    try:
+        create()
+    except Exception as error:  # noqa: BLE001 - reporting only; the stage's artifact is already in the store
+        _logger().warning("could not publish the Prefect %s artifact: %s: %s", what, type(error).__name__, error)
+
+
+def stage_result_table(result: StageResult) -> list[dict[str, Any]]:
+    """The rows of a stage's Prefect table artifact: its metrics (value ± stderr) and its drops by reason."""
+    rows: list[dict[str, Any]] = []
+    for key, value in result.metrics.items():
+        if key.endswith("_stderr") or isinstance(value, list | dict):
+            continue
+        stderr = result.metrics.get(f"{key}_stderr")
+        rows.append({"kind": "metric", "name": key, "value": value if not isinstance(value, float) else round(value, 6),
+                     "stderr": round(stderr, 6) if isinstance(stderr, float) else None})
+    rows += [{"kind": "dropped", "name": reason, "value": count, "stderr": None}
+             for reason, count in sorted(result.drops.items())]
+    return rows
+
+
+@contextlib.contextmanager
+def prefect_progress(key: str) -> Iterator[None]:
+    """While active, every ``ctx.progress`` of a stage also drives a Prefect progress artifact
+    (on top of whatever progress display was installed, e.g. the CLI's bars)."""
+    outer = get_progress_factory()  # the installed display; restored on exit
+
+    @contextlib.contextmanager
+    def factory(total: int, description: str) -> Iterator[Callable[[int], None]]:
+        with outer(total, description) as advance_outer:
+            if total <= 0:
+                yield advance_outer
+                return
+            artifact_id: list[Any] = []
+            _publish("progress", lambda: artifact_id.append(
+                create_progress_artifact(0.0, key=artifact_key(key, description, "progress"), description=description)))
+            done, shown = [0], [0.0]
+
+            def advance(step: int = 1) -> None:
+                advance_outer(step)
+                done[0] += step
+                percent = min(100.0, 100.0 * done[0] / total)
+                if artifact_id and (percent - shown[0] >= PROGRESS_STEP_PERCENT or (percent >= 100.0 > shown[0])):
+                    shown[0] = percent
+                    _publish("progress", lambda: update_progress_artifact(artifact_id[0], percent))
+
+            yield advance
+
+    set_progress_factory(factory)
+    try:
+        yield
+    finally:
+        set_progress_factory(outer)
+
 
 def stage_task(spec: StageSpec, run: RunFunction, retries: int = 0):
-    """A Prefect task named after the stage that calls its pure ``run``."""
+    """A Prefect task named after the stage that calls its pure ``run`` and publishes what happened."""
 
     @task(name=spec.name, description=spec.description, cache_policy=NO_CACHE, persist_result=False,
           retries=retries, retry_delay_seconds=[5, 30, 120][:retries] or 0)
     def stage(inputs: Mapping[str, str], config: Mapping[str, Any] | None, store: str,
               name: str | None = None) -> StageResult:
-        result = run(dict(inputs), config, ArtifactStore(store), name)
+        key = name or spec.name
+        with prefect_progress(key):
+            result = run(dict(inputs), config, ArtifactStore(store), name)
         logger = get_run_logger()
         status = "cached" if result.cached else f"computed in {result.seconds:.1f}s"
         logger.info("%s -> %s (%s, %d rows%s)", spec.name, name or result.output, status, result.rows,
                     f", dropped {sum(result.drops.values())}" if result.drops else "")
+        rows = stage_result_table(result)
+        if rows:
+            _publish("table", lambda: create_table_artifact(
+                rows, key=artifact_key(key), description=f"{spec.name}: {result.output} ({status}, {result.rows} rows)"))
         return result
 
     return stage
+
+
+def publish_round_report(store: str, run: str, round_index: int) -> None:
+    """A round's report (metrics ± SE, drops by reason, what is missing) as a Prefect markdown artifact."""
+    from prefloop.report import load_run, round_markdown
+
+    def create() -> None:
+        metrics = load_run(ArtifactStore(store), run)
+        create_markdown_artifact(round_markdown(metrics, round_index), key=artifact_key(run, f"round-{round_index}", "report"),
+                                 description=f"run {run}, round {round_index}: evaluation report")
+
+    _publish("round report", create)
+
+
+def publish_run_report(store: str, run: str) -> None:
+    """The run's summary by round as a Prefect table artifact and its report as a markdown artifact."""
+    from prefloop.report import load_run, run_markdown, summary_rows
+
+    def create() -> None:
+        metrics = load_run(ArtifactStore(store), run)
+        create_table_artifact(summary_rows(metrics), key=artifact_key(run, "summary"),
+                              description=f"run {run}: metrics by round (rates in %, ± SE)")
+        create_markdown_artifact(
+            run_markdown(metrics) + f"\n\nPlots: `prefloop report {run} --store {store}`\n",
+            key=artifact_key(run, "report"), description=f"run {run}: report")
+
+    _publish("run report", create)

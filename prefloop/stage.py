@@ -99,6 +99,11 @@ def _no_progress(total: int, description: str) -> Iterator[Callable[[int], None]
 _progress_factory: ProgressFactory = _no_progress
 
 
+def get_progress_factory() -> ProgressFactory:
+    """The progress display currently installed (so a wrapper can chain onto it)."""
+    return _progress_factory
+
+
 def set_progress_factory(factory: ProgressFactory | None) -> None:
     """Install how long work reports progress (the CLI draws rich bars; tests draw nothing)."""
     global _progress_factory

@@ -1,29 +1,43 @@
-"""Stage ``evaluate``: held-out accuracy of a policy, and what the round's data looked like.
+"""Stage ``evaluate``: how good a round's policy is, and what the round's data looked like.
 
-Greedy decoding on held-out prompts, verified exactly. Reported with standard errors:
+On held-out prompts (the same prompts in every round, so rounds can be paired):
 
-* ``accuracy`` ± sqrt(p(1 − p)/n);
-* ``accuracy_gain`` against a ``baseline`` evaluation (e.g. the SFT model's) on the *same*
-  prompts: mean of d_i = correct_i − baseline_i with paired standard error std(d)/√n, the
-  comparison that can separate a few points on 1000 prompts where unpaired errors cannot;
-* ``mean_length`` (completion tokens) and ``truncated_rate``;
+* ``accuracy`` — greedy decoding, verified exactly, ± sqrt(p(1 − p)/n);
+* ``accuracy_gain`` against the ``baseline`` evaluation (the SFT model's): mean of
+  d_i = correct_i − baseline_i with paired standard error std(d)/√n, the comparison that can
+  separate a few points on 1000 prompts where unpaired errors cannot;
+* ``pass@k`` — ``samples_per_prompt`` completions per prompt at ``temperature``, the unbiased
+  estimator of Chen et al. (2021), averaged over prompts;
+* ``kl_to_reference`` — KL(π ‖ π_ref) on the same samples (needs the ``reference`` model);
+* ``mean_reward`` of the greedy completions under a ``reward_model`` (optional: without one the
+  metric is absent and the manifest's ``notes`` say so);
+* ``win_rate`` / ``tie_rate`` / ``loss_rate`` against the SFT model (``baseline``) and the
+  previous round (``previous``), judged by the verifier or the reward model, ties counted apart;
+* ``mean_length`` (completion tokens, ± SE) and ``truncated_rate``;
 * data statistics of the round when its ``preferences`` are given: pairs built, kept, dropped
-  (total and by reason).
+  (total and by reason), pairs by construction method and the estimated label-flip rate.
 
-Per-prompt outcomes are kept in the table ``eval_results`` so later rounds can be paired with it.
+Every estimate is a pure function below with its formula. Per-prompt outcomes go to the table
+``eval_results`` so later rounds can be paired with this one.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+import torch
+from pydantic import Field, model_validator
 
-from prefloop.backends.base import GenerationParams
-from prefloop.backends.hf import HFBackend
-from prefloop.datasets_spec import EVAL_RESULTS, METRICS, PROMPTS
+from prefloop.backends.base import Completion, GenerationParams
+from prefloop.backends.hf import HFBackend, completion_logprobs, encode_completion, pad_right
+from prefloop.datasets_spec import EVAL_RESULTS, METRICS, PREFERENCES, PROMPTS
 from prefloop.embedded import arithmetic
 from prefloop.orchestration import stage_task
 from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
@@ -37,18 +51,149 @@ class EvaluationConfig(StageConfig):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
     round: int = Field(0, ge=0)
+    samples_per_prompt: int = Field(
+        8, ge=0, description="completions sampled per prompt for pass@k and the KL estimate (0: neither)")
+    sampled_prompts: int | None = Field(
+        256, ge=1, description="how many of the evaluated prompts (the first N) are also sampled (None: all)")
+    pass_k: tuple[int, ...] = Field((1, 4, 8), description="k of the pass@k metrics; each k <= samples_per_prompt")
+    temperature: float = Field(
+        1.0, gt=0.0, description="sampling temperature of pass@k; the KL estimate needs 1.0 (else it is skipped)")
+    seed: int = 0
+    win_judge: Literal["verifier", "reward_model"] = Field(
+        "verifier", description="who decides a win: the verifier (correct beats wrong) or the reward model")
+
+    @model_validator(mode="after")
+    def _check_pass_k(self) -> EvaluationConfig:
+        if self.samples_per_prompt and any(k < 1 or k > self.samples_per_prompt for k in self.pass_k):
+            raise ValueError(
+                f"pass_k {list(self.pass_k)} must lie in 1..samples_per_prompt ({self.samples_per_prompt}): "
+                "pass@k needs at least k samples per prompt; raise samples_per_prompt or drop the larger k")
+        return self
 
 
 SPEC = StageSpec(
     name="evaluate",
-    version="1",
+    version="2",
     config_model=EvaluationConfig,
     output_kind="metrics",
-    inputs={"policy": "model", "prompts": "prompts", "baseline": "metrics", "preferences": "preferences"},
-    optional_inputs=frozenset({"baseline", "preferences"}),
+    inputs={"policy": "model", "prompts": "prompts", "baseline": "metrics", "previous": "metrics",
+            "preferences": "preferences", "reference": "model", "reward_model": "model"},
+    optional_inputs=frozenset({"baseline", "previous", "preferences", "reference", "reward_model"}),
     output_table=METRICS,
-    description="Held-out accuracy (greedy, verified), paired gain over a baseline, lengths and data stats.",
+    description="Held-out accuracy, pass@k, KL to the reference, reward, win rates vs SFT and the previous "
+                "round, lengths and the round's data statistics.",
 )
+
+NO_REWARD_MODEL = "no reward model configured: mean reward and reward-judged win rates are not measured"
+
+
+# ----------------------------------------------------------------------------------------------
+# Estimators (pure functions; each docstring states its formula)
+# ----------------------------------------------------------------------------------------------
+def mean_with_stderr(values: Sequence[float]) -> tuple[float, float | None]:
+    """Sample mean x̄ and its standard error s/√n (s with n − 1 in the denominator; None for n < 2)."""
+    if len(values) == 0:
+        return float("nan"), None
+    array = np.asarray(values, dtype=float)
+    stderr = float(array.std(ddof=1) / math.sqrt(len(array))) if len(array) > 1 else None
+    return float(array.mean()), stderr
+
+
+def accuracy_with_stderr(correct: Sequence[bool]) -> tuple[float, float]:
+    """Accuracy p = c/n and its binomial standard error sqrt(p(1 − p)/n)."""
+    n = len(correct)
+    if n == 0:
+        raise ValueError("accuracy of zero prompts is undefined: the evaluation selected no prompts")
+    p = sum(bool(c) for c in correct) / n
+    return p, math.sqrt(p * (1 - p) / n)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one prompt from n samples of which c are correct (Chen et al., 2021):
+
+        pass@k = 1 − C(n − c, k) / C(n, k)
+
+    the probability that at least one of k samples drawn without replacement from the n is correct.
+    Computed as 1 − Π_{i=n−c+1}^{n} (1 − k/i), which avoids huge binomials.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (got n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def mean_pass_at_k(counts: Sequence[tuple[int, int]], k: int) -> tuple[float, float | None]:
+    """Mean over prompts of ``pass_at_k(n_i, c_i, k)``, with the standard error over prompts."""
+    return mean_with_stderr([pass_at_k(n, c, k) for n, c in counts])
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """Outcome counts of a head-to-head comparison on shared prompts; ties are counted apart."""
+
+    wins: int
+    ties: int
+    losses: int
+
+    @property
+    def n(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    def rate(self, outcome: Literal["wins", "ties", "losses"]) -> tuple[float, float]:
+        """Rate p = count/n of one outcome and its standard error sqrt(p(1 − p)/n)."""
+        if self.n == 0:
+            return float("nan"), float("nan")
+        p = getattr(self, outcome) / self.n
+        return p, math.sqrt(p * (1 - p) / self.n)
+
+
+def win_rate(scores: Mapping[str, float], other_scores: Mapping[str, float]) -> WinRate:
+    """Wins, ties and losses of ``scores`` against ``other_scores`` on the prompts both scored.
+
+    On prompt i: a win when s_i > o_i, a loss when s_i < o_i, a tie when s_i = o_i. With the verifier
+    as judge s ∈ {0, 1} (correct beats wrong; both right or both wrong is a tie); with a reward model
+    s is the reward. win_rate = wins/n, tie_rate = ties/n, loss_rate = losses/n over the n shared prompts.
+    """
+    wins = ties = losses = 0
+    for prompt_id in set(scores) & set(other_scores):
+        difference = scores[prompt_id] - other_scores[prompt_id]
+        if difference > 0:
+            wins += 1
+        elif difference < 0:
+            losses += 1
+        else:
+            ties += 1
+    return WinRate(wins, ties, losses)
+
+
+def kl_estimate(policy_logprobs: Sequence[float], reference_logprobs: Sequence[float],
+                prompt_ids: Sequence[str]) -> tuple[float, float | None]:
+    """Monte-Carlo estimate of the sequence-level KL(π ‖ π_ref) and its standard error.
+
+    With samples y_ij ~ π(·|x_i) (j = 1..m per prompt i), the log-ratio
+    r_ij = log π(y_ij|x_i) − log π_ref(y_ij|x_i) is an unbiased estimate of KL(π(·|x_i) ‖ π_ref(·|x_i)),
+    so KL ≈ (1/N) Σ_ij r_ij (the "k1" estimator; it can be slightly negative on a finite sample).
+    Samples of one prompt are not independent of each other as estimates of the average over
+    prompts, so the standard error is taken over prompts: std_i(r̄_i)/√P, with r̄_i the mean
+    log-ratio of prompt i and P prompts.
+    """
+    if not len(policy_logprobs) == len(reference_logprobs) == len(prompt_ids):
+        raise ValueError("kl_estimate needs one policy and one reference log-prob per sample, and a prompt id each")
+    ratios = np.asarray(policy_logprobs, dtype=float) - np.asarray(reference_logprobs, dtype=float)
+    per_prompt = _group_means(ratios, prompt_ids)
+    _, stderr = mean_with_stderr(list(per_prompt.values()))
+    return (float(ratios.mean()) if len(ratios) else float("nan")), stderr
+
+
+def estimated_flip_rate(confidences: Sequence[float | None]) -> float | None:
+    """Expected share of pairs whose preference is wrong: ε̂ = mean_i (1 − confidence_i).
+
+    ``confidence`` is a pair's probability that *chosen* really is better; None when no pair
+    carries one (verifier labels, for instance, are exact and state no confidence).
+    """
+    known = [c for c in confidences if c is not None and math.isfinite(c)]
+    return float(np.mean([1.0 - c for c in known])) if known else None
 
 
 def paired_gain(correct: dict[str, bool], baseline: dict[str, bool]) -> tuple[float, float, int]:
@@ -61,50 +206,227 @@ def paired_gain(correct: dict[str, bool], baseline: dict[str, bool]) -> tuple[fl
     return float(d.mean()), stderr, len(d)
 
 
+def _group_means(values: np.ndarray, groups: Sequence[str]) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    counts: Counter[str] = Counter()
+    for value, group in zip(values.tolist(), groups, strict=True):
+        sums[group] = sums.get(group, 0.0) + value
+        counts[group] += 1
+    return {group: sums[group] / counts[group] for group in sums}
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring with models
+# ----------------------------------------------------------------------------------------------
+def sequence_logprobs(backend: HFBackend, prompts: Sequence[str], completions: Sequence[Completion]) -> list[float]:
+    """log π(y | x) of whole sampled sequences, the end-of-sequence token included when generation stopped.
+
+    Counting eos makes r = log π − log π_ref the log-ratio of the *generation* distributions (a
+    truncated sample has no eos and is scored as the prefix it is), so the KL estimate is unbiased.
+    """
+    tokenizer, scores = backend.tokenizer, []
+    for start in range(0, len(prompts), backend.batch_size):
+        encoded = [encode_completion(tokenizer, prompt, completion.text, append_eos=completion.finish_reason == "stop")
+                   for prompt, completion in zip(prompts[start:start + backend.batch_size],
+                                                 completions[start:start + backend.batch_size], strict=True)]
+        batch = pad_right([ids for ids, _ in encoded], [length for _, length in encoded], int(tokenizer.pad_token_id))
+        with torch.inference_mode():
+            scores.extend(completion_logprobs(backend.model, *batch).tolist())
+    return scores
+
+
+def score_rewards(model_dir: str | Path, prompts: Sequence[str], completions: Sequence[str],
+                  batch_size: int = 64) -> list[float]:
+    """Scalar reward r(x, y) of each (prompt, completion) under a sequence-classification reward model.
+
+    The model directory holds a transformers ``AutoModelForSequenceClassification`` with one label
+    (the TRL reward-model format) and its tokenizer; the reward is that label's logit.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, trust_remote_code=False, local_files_only=True, use_safetensors=True, dtype=torch.float32).eval()
+    if model.config.num_labels != 1:
+        raise ValueError(f"the reward model at {model_dir} has {model.config.num_labels} labels; a reward model "
+                         "has exactly one (its logit is the reward). Was a classifier passed as reward_model?")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    rewards: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode_completion(tokenizer, prompt, completion, append_eos=False)
+                   for prompt, completion in zip(prompts[start:start + batch_size],
+                                                 completions[start:start + batch_size], strict=True)]
+        input_ids, attention_mask, _ = pad_right([ids for ids, _ in encoded], [n for _, n in encoded],
+                                                 int(tokenizer.pad_token_id))
+        with torch.inference_mode():
+            rewards.extend(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().tolist())
+    return rewards
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------
 def compute(ctx: StageContext) -> StageOutput:
     config: EvaluationConfig = ctx.config
     prompts = select_prompts(ctx.read("prompts", PROMPTS), config.split, config.max_prompts)
     backend = HFBackend.from_directory(ctx.model_dir("policy"), batch_size=config.batch_size)
-    params = GenerationParams(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens)
     texts = prompts.column("prompt").to_pylist()
-    with ctx.progress(len(texts), "held-out prompts") as advance:
-        completions = [group[0] for group in backend.generate(texts, params, progress=done_total_callback(advance))]
     answers = prompts.column("reference_answer").to_pylist()
-    correct = [arithmetic.verify(c.text, a) for c, a in zip(completions, answers, strict=True)]
     prompt_ids = prompts.column("prompt_id").to_pylist()
-    results = pa.table({
+    notes: list[str] = []
+
+    greedy = GenerationParams(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens)
+    with ctx.progress(len(texts), "held-out prompts (greedy)") as advance:
+        completions = [group[0] for group in backend.generate(texts, greedy, progress=done_total_callback(advance))]
+    correct = [arithmetic.verify(c.text, a) for c, a in zip(completions, answers, strict=True)]
+    n = len(correct)
+    accuracy, accuracy_stderr = accuracy_with_stderr(correct)
+    length, length_stderr = mean_with_stderr([c.num_tokens for c in completions])
+    rows: list[dict] = [
+        {"metric": "accuracy", "value": accuracy, "stderr": accuracy_stderr, "count": n},
+        {"metric": "mean_length", "value": length, "stderr": length_stderr, "count": n},
+        {"metric": "truncated_rate", "value": sum(c.finish_reason == "length" for c in completions) / n, "count": n},
+    ]
+    results = {
         "prompt_id": prompt_ids,
         "completion": [c.text for c in completions],
         "correct": correct,
         "completion_tokens": pa.array([c.num_tokens for c in completions], pa.int32()),
         "finish_reason": [c.finish_reason for c in completions],
-    })
-    n = len(correct)
-    accuracy = sum(correct) / n
-    rows: list[dict] = [
-        {"metric": "accuracy", "value": accuracy, "stderr": math.sqrt(accuracy * (1 - accuracy) / n), "count": n},
-        {"metric": "mean_length", "value": float(np.mean([c.num_tokens for c in completions])), "count": n},
-        {"metric": "truncated_rate", "value": sum(c.finish_reason == "length" for c in completions) / n, "count": n},
-    ]
+    }
+
+    sampled = _sampled_metrics(ctx, backend, texts, answers, prompt_ids, notes)
+    rows.extend(sampled.rows)
+    results |= sampled.columns
+
+    rewards: list[float] | None = None
+    if ctx.has("reward_model"):
+        rewards = score_rewards(ctx.model_dir("reward_model"), texts, results["completion"], config.batch_size)
+        reward, reward_stderr = mean_with_stderr(rewards)
+        rows.append({"metric": "mean_reward", "value": reward, "stderr": reward_stderr, "count": n})
+        results["reward"] = pa.array(rewards, pa.float64())
+    else:
+        notes.append(NO_REWARD_MODEL)
+        if config.win_judge == "reward_model":
+            raise ValueError("evaluate: win_judge is 'reward_model' but no reward model was given; pass the input "
+                             "reward_model=REF (a sequence-classification model artifact) or set win_judge: verifier")
+
+    judged = rewards if config.win_judge == "reward_model" else [float(c) for c in correct]
+    own_scores = dict(zip(prompt_ids, judged, strict=True))
     if ctx.has("baseline"):
-        base = ctx.store.read_table(ctx.inputs["baseline"], "eval_results")
-        baseline = dict(zip(base.column("prompt_id").to_pylist(), base.column("correct").to_pylist(), strict=True))
-        gain, stderr, shared = paired_gain(dict(zip(prompt_ids, correct, strict=True)), baseline)
+        baseline = ctx.store.read_table(ctx.inputs["baseline"], "eval_results")
+        baseline_correct = dict(zip(baseline.column("prompt_id").to_pylist(), baseline.column("correct").to_pylist(),
+                                    strict=True))
+        gain, stderr, shared = paired_gain(dict(zip(prompt_ids, correct, strict=True)), baseline_correct)
         rows.append({"metric": "accuracy_gain", "value": gain, "stderr": stderr, "count": shared})
+        rows.extend(_win_rows("sft", own_scores, _judged_scores(ctx, "baseline", baseline, config.win_judge)))
+    else:
+        notes.append("no baseline (SFT) evaluation given: accuracy gain and win rate vs SFT are not measured")
+    if ctx.has("previous"):
+        previous = ctx.store.read_table(ctx.inputs["previous"], "eval_results")
+        rows.extend(_win_rows("previous", own_scores, _judged_scores(ctx, "previous", previous, config.win_judge)))
+    else:
+        notes.append("no previous round: win rate vs the previous round is not measured")
+
+    data_notes: dict[str, str] = {}
     if ctx.has("preferences"):
-        rows.extend(_data_stats(ctx))
+        rows.extend(_data_stats(ctx, data_notes))
     table = pa.Table.from_pylist(
         [{"round": config.round, "split": config.split, "policy_model_id": ctx.inputs["policy"].id,
           "stderr": None, "count": None, **row} for row in rows],
         schema=METRICS.schema,
     )
-    metrics = {row["metric"]: row["value"] for row in rows}
+    metrics: dict = {row["metric"]: row["value"] for row in rows}
     metrics |= {f"{row['metric']}_stderr": row["stderr"] for row in rows if row.get("stderr") is not None}
-    return StageOutput(table=table, extra_tables={"eval_results": (results, EVAL_RESULTS)}, metrics=metrics)
+    metrics |= data_notes | {"win_judge": config.win_judge, "notes": notes}
+    results_table = pa.table({name: results.get(name, pa.nulls(n, EVAL_RESULTS.schema.field(name).type))
+                              for name in EVAL_RESULTS.column_names}, schema=EVAL_RESULTS.schema)
+    return StageOutput(table=table, extra_tables={"eval_results": (results_table, EVAL_RESULTS)}, metrics=metrics)
 
 
-def _data_stats(ctx: StageContext) -> list[dict]:
-    """Pairs kept (this artifact), built (its input, if it was filtered) and dropped by reason."""
+@dataclass
+class _Sampled:
+    rows: list[dict]
+    columns: dict[str, pa.Array]
+
+
+def _sampled_metrics(ctx: StageContext, backend: HFBackend, texts: list[str], answers: list[str],
+                     prompt_ids: list[str], notes: list[str]) -> _Sampled:
+    """pass@k and the KL estimate from ``samples_per_prompt`` samples on the first ``sampled_prompts`` prompts."""
+    config: EvaluationConfig = ctx.config
+    if config.samples_per_prompt == 0:
+        notes.append("samples_per_prompt is 0: pass@k and the KL to the reference are not measured")
+        return _Sampled([], {})
+    count = min(len(texts), config.sampled_prompts or len(texts))
+    params = GenerationParams(n=config.samples_per_prompt, temperature=config.temperature,
+                              max_new_tokens=config.max_new_tokens, seed=config.seed)
+    with ctx.progress(count * config.samples_per_prompt, "held-out samples (pass@k)") as advance:
+        groups = backend.generate(texts[:count], params, progress=done_total_callback(advance))
+    correct_counts = [sum(arithmetic.verify(c.text, answers[i]) for c in group) for i, group in enumerate(groups)]
+    counts = [(config.samples_per_prompt, c) for c in correct_counts]
+    rows = []
+    for k in config.pass_k:
+        value, stderr = mean_pass_at_k(counts, k)
+        rows.append({"metric": f"pass@{k}", "value": value, "stderr": stderr, "count": count})
+    padding = [None] * (len(texts) - count)
+    columns = {
+        "samples_drawn": pa.array([config.samples_per_prompt] * count + padding, pa.int32()),
+        "samples_correct": pa.array(correct_counts + padding, pa.int32()),
+    }
+    if not ctx.has("reference"):
+        notes.append("no reference model given: the KL to the reference is not measured")
+        return _Sampled(rows, columns)
+    if config.temperature != 1.0:
+        notes.append(f"samples drawn at temperature {config.temperature}, not from π itself: KL not estimated "
+                     "(set evaluation temperature: 1.0 to measure it)")
+        return _Sampled(rows, columns)
+    flat_prompts = [texts[i] for i, group in enumerate(groups) for _ in group]
+    flat_ids = [prompt_ids[i] for i, group in enumerate(groups) for _ in group]
+    flat = [completion for group in groups for completion in group]
+    if ctx.inputs["reference"] == ctx.inputs["policy"]:
+        policy_scores = reference_scores = [0.0] * len(flat)  # the policy is its own reference: KL is exactly 0
+    else:
+        reference = HFBackend.from_directory(ctx.model_dir("reference"), batch_size=config.batch_size)
+        with ctx.progress(2, "KL to the reference (scoring)") as advance:
+            policy_scores = sequence_logprobs(backend, flat_prompts, flat)
+            advance(1)
+            reference_scores = sequence_logprobs(reference, flat_prompts, flat)
+            advance(1)
+    kl, kl_stderr = kl_estimate(policy_scores, reference_scores, flat_ids)
+    rows.append({"metric": "kl_to_reference", "value": kl, "stderr": kl_stderr, "count": len(flat)})
+    per_prompt = _group_means(np.asarray(policy_scores) - np.asarray(reference_scores), flat_ids)
+    columns["mean_log_ratio"] = pa.array([per_prompt[p] for p in prompt_ids[:count]] + padding, pa.float64())
+    return _Sampled(rows, columns)
+
+
+def _judged_scores(ctx: StageContext, role: str, other: pa.Table, judge: str) -> dict[str, float]:
+    """The other policy's per-prompt scores under the configured judge."""
+    prompt_ids = other.column("prompt_id").to_pylist()
+    if judge == "verifier":
+        return {p: float(c) for p, c in zip(prompt_ids, other.column("correct").to_pylist(), strict=True)
+                if c is not None}
+    other_model = ctx.store.read_manifest(ctx.inputs[role]).inputs.get("reward_model")
+    if "reward" not in other.column_names or other_model != str(ctx.inputs["reward_model"]):
+        raise ValueError(
+            f"evaluate: win_judge is 'reward_model' but the '{role}' evaluation ({ctx.inputs[role]}) was not scored "
+            f"by the same reward model (it used {other_model or 'none'}); evaluate it again with "
+            f"reward_model={ctx.inputs['reward_model']} or set win_judge: verifier")
+    return {p: r for p, r in zip(prompt_ids, other.column("reward").to_pylist(), strict=True) if r is not None}
+
+
+def _win_rows(opponent: str, scores: Mapping[str, float], other_scores: Mapping[str, float]) -> list[dict]:
+    outcome = win_rate(scores, other_scores)
+    rows = []
+    for name, key in (("win_rate", "wins"), ("tie_rate", "ties"), ("loss_rate", "losses")):
+        value, stderr = outcome.rate(key)  # type: ignore[arg-type]
+        rows.append({"metric": f"{name}_vs_{opponent}", "value": value, "stderr": stderr, "count": outcome.n})
+    return rows
+
+
+def _data_stats(ctx: StageContext, notes: dict[str, str]) -> list[dict]:
+    """Pairs kept (this artifact), built (its input, if it was filtered), dropped by reason, by
+    construction method, and the estimated flip rate (a filter's own estimate, else from confidences)."""
     store = ctx.store
     manifest = store.read_manifest(ctx.inputs["preferences"])
     built = manifest.rows
@@ -117,6 +439,19 @@ def _data_stats(ctx: StageContext) -> list[dict]:
         {"metric": "pairs_dropped", "value": float(sum(manifest.drops.values()))},
     ]
     rows.extend({"metric": f"dropped:{reason}", "value": float(count)} for reason, count in sorted(manifest.drops.items()))
+    pairs = ctx.read("preferences", PREFERENCES)
+    methods = Counter(method or "unknown" for method in pairs.column("method").to_pylist())
+    rows.extend({"metric": f"pairs_by_method:{method}", "value": float(count)} for method, count in sorted(methods.items()))
+    notes["construction_method"] = ", ".join(sorted(methods)) or "none (no pairs kept)"
+    flip_rate = manifest.metrics.get("estimated_flip_rate")
+    if flip_rate is not None:
+        notes["flip_rate_source"] = f"{manifest.stage} stage estimate"
+    else:
+        flip_rate = estimated_flip_rate(pairs.column("confidence").to_pylist())
+        notes["flip_rate_source"] = "mean(1 − confidence) of kept pairs" if flip_rate is not None else \
+            "not estimated: the pairs carry no confidence and the filter made no estimate"
+    if flip_rate is not None:
+        rows.append({"metric": "estimated_flip_rate", "value": float(flip_rate), "count": manifest.rows})
     return rows
 
 
