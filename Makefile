@@ -37,7 +37,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/store_write.py
 
 server: $(STAMP)
-	$(VENV)/bin/prefloop server
+	$(VENV)/bin/prefloop server --port 4200
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -395,6 +395,63 @@ def gc(
     console.print(f"{verb} {len(removed)} item(s)")
 
 
+# ----------------------------------------------------------------------------------------------
+# a real Prefect server, deployments and workers
+# ----------------------------------------------------------------------------------------------
+HostOption = Annotated[str, typer.Option(help="address to bind; keep 127.0.0.1 unless behind a proxy")]
+PortOption = Annotated[int, typer.Option(help="port of the Prefect API and UI")]
+
+
+def _wait_forever(process) -> None:
+    try:
+        raise typer.Exit(process.wait())
+    except KeyboardInterrupt:
+        process.terminate()
+        raise typer.Exit(0) from None
+
+
+@app.command()
+def server(host: HostOption = "127.0.0.1", port: PortOption = 4200) -> None:
+    """Start a Prefect server with its UI (SQLite in PREFECT_HOME; see infra/ for PostgreSQL)."""
+    from prefloop.flows import deploy
+
+    with _friendly_errors():
+        process = deploy.start_server(host, port)
+    console.print(f"Prefect UI: http://{host}:{port}   API: {deploy.api_url(host, port)}")
+    console.print(f"Next: 'PREFECT_API_URL={deploy.api_url(host, port)} prefloop deploy', then 'prefloop worker --pool cpu'.")
+    _wait_forever(process)
+
+
+@app.command("deploy")
+def deploy_command(
+    api: Annotated[str | None, typer.Option(envvar="PREFECT_API_URL", help="Prefect API URL")] = None,
+) -> None:
+    """Create the cpu and gpu work pools and register every deployment of prefect.yaml."""
+    from prefloop.flows import deploy
+
+    if not api:
+        fail("no Prefect server given: start one with 'prefloop server' and set PREFECT_API_URL (or --api)")
+    with _friendly_errors():
+        deploy.deploy_all(api)
+    console.print(f"registered the deployments of {deploy.project_dir() / 'prefect.yaml'} at {api}")
+
+
+@app.command()
+def worker(
+    pool: Annotated[str, typer.Option(help="work pool: cpu or gpu")] = "cpu",
+    api: Annotated[str | None, typer.Option(envvar="PREFECT_API_URL", help="Prefect API URL")] = None,
+) -> None:
+    """Start a process worker that runs the flow runs of one work pool."""
+    from prefloop.flows import deploy
+
+    if not api:
+        fail("no Prefect server given: set PREFECT_API_URL (or --api) to the server's API, e.g. http://127.0.0.1:4200/api")
+    with _friendly_errors():
+        process = deploy.start_worker(pool, api)
+    console.print(f"worker for pool '{pool}' started against {api} (Ctrl-C stops it)")
+    _wait_forever(process)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
