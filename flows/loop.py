@@ -6,7 +6,12 @@ in its task (``prefloop.tasks``). Rerunning a finished run is a series of store 
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+import logging
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from prefect import flow
 from pydantic import BaseModel
 
 from prefloop.config import LoopConfig
@@ -34,6 +39,21 @@ class LoopSummary(BaseModel):
         return [s for r in self.rounds for s in r.stages]
 
 
+StageCaller = Callable[[ModuleType, dict[str, str], dict[str, Any], str, str], StageResult]
+
+
+def prefect_caller(module: ModuleType, inputs: dict[str, str], config: dict[str, Any], store: str,
+                   name: str) -> StageResult:
+    """Run a stage as its Prefect task (visible in the UI, with its artifacts)."""
+    return module.prefect_task(inputs, config, store, name)
+
+
+def direct_caller(module: ModuleType, inputs: dict[str, str], config: dict[str, Any], store: str,
+                  name: str) -> StageResult:
+    """Run a stage's pure core, without Prefect (same artifacts, same ids)."""
+    return module.run(inputs, config, ArtifactStore(store), name)
+
+
 def _seeded(section: BaseModel, config: LoopConfig, round_index: int, **updates) -> dict:
     """A stage config for one round: the loop seed and round folded into the stage's own seed."""
     data = section.model_dump()
@@ -44,10 +64,9 @@ def _seeded(section: BaseModel, config: LoopConfig, round_index: int, **updates)
     return data | updates
 
 
-@flow(name="prefloop-round", log_prints=True)
-def round_flow(config: LoopConfig, round_index: int, policy: str, sft_policy: str, prompts_ref: str,
-               baseline: str, store: str = DEFAULT_STORE, previous_metrics: str | None = None,
-               reward_model: str | None = None) -> RoundSummary:
+def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str, prompts_ref: str,
+              baseline: str, store: str, previous_metrics: str | None = None, reward_model: str | None = None,
+              call: StageCaller = direct_caller, publish: bool = False) -> RoundSummary:
     """One round: sample → label → construct → filter → train → evaluate.
 
     The evaluation is paired with the SFT model's (``baseline``) and the previous round's
@@ -55,36 +74,55 @@ def round_flow(config: LoopConfig, round_index: int, policy: str, sft_policy: st
     reference, and the reward under ``reward_model`` when one is given.
     """
     prefix = f"{config.name}/round-{round_index}"
-    samples = sampling.prefect_task(
-        {"policy": policy, "prompts": prompts_ref}, _seeded(config.sampling, config, round_index), store, f"{prefix}/samples")
-    labels = labeling.prefect_task(
-        {"samples": samples.output, "prompts": prompts_ref}, config.label.model_dump(), store, f"{prefix}/labels")
-    pairs = construct.prefect_task(
-        {"samples": samples.output, "labels": labels.output}, _seeded(config.construction, config, round_index),
-        store, f"{prefix}/preferences")
-    kept = filtering.prefect_task(
-        {"preferences": pairs.output}, config.filter.model_dump(), store, f"{prefix}/preferences-filtered")
+    samples = call(sampling, {"policy": policy, "prompts": prompts_ref},
+                   _seeded(config.sampling, config, round_index), store, f"{prefix}/samples")
+    labels = call(labeling, {"samples": samples.output, "prompts": prompts_ref}, config.label.model_dump(), store,
+                  f"{prefix}/labels")
+    pairs = call(construct, {"samples": samples.output, "labels": labels.output},
+                 _seeded(config.construction, config, round_index), store, f"{prefix}/preferences")
+    kept = call(filtering, {"preferences": pairs.output}, config.filter.model_dump(), store,
+                f"{prefix}/preferences-filtered")
     stages = [samples, labels, pairs, kept]
     new_policy = policy
     reference = sft_policy if config.reference_policy == "fixed" else policy
     if kept.rows == 0:
         # Every prompt was all-correct or all-wrong: nothing to prefer. The round keeps its policy
         # (and says so) rather than failing the whole run.
-        get_run_logger().warning("round %d built no preference pairs: the policy is carried over untrained", round_index)
+        _logger().warning("round %d built no preference pairs: the policy is carried over untrained", round_index)
     else:
         train_config = _seeded(config.train, config, round_index, reference_policy=config.reference_policy)
         train_config["training"] = _seeded(config.train.training, config, round_index)
-        trained = preference.prefect_task(
-            {"preferences": kept.output, "policy": policy, "reference": reference}, train_config, store, f"{prefix}/policy")
+        trained = call(preference, {"preferences": kept.output, "policy": policy, "reference": reference},
+                       train_config, store, f"{prefix}/policy")
         stages.append(trained)
         new_policy = trained.output
-    metrics = evaluation.prefect_task(
-        _evaluation_inputs(new_policy, prompts_ref, reference, reward_model, baseline=baseline,
-                           previous=previous_metrics, preferences=kept.output),
-        _seeded(config.evaluation, config, round_index), store, f"{prefix}/metrics")
+    metrics = call(evaluation,
+                   _evaluation_inputs(new_policy, prompts_ref, reference, reward_model, baseline=baseline,
+                                      previous=previous_metrics, preferences=kept.output),
+                   _seeded(config.evaluation, config, round_index), store, f"{prefix}/metrics")
     stages.append(metrics)
-    publish_round_report(store, config.name, round_index)
+    if publish:
+        publish_round_report(store, config.name, round_index)
     return RoundSummary(round=round_index, policy=new_policy, metrics=metrics.output, stages=stages)
+
+
+@flow(name="prefloop-round", log_prints=True)
+def round_flow(config: LoopConfig, round_index: int, policy: str, sft_policy: str, prompts_ref: str,
+               baseline: str, store: str = DEFAULT_STORE, previous_metrics: str | None = None,
+               reward_model: str | None = None) -> RoundSummary:
+    """One round as a Prefect flow (each stage a task); see :func:`run_round`."""
+    return run_round(config, round_index, policy, sft_policy, prompts_ref, baseline, store, previous_metrics,
+                     reward_model, call=prefect_caller, publish=True)
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("prefloop")
 
 
 def _evaluation_inputs(policy: str, prompts_ref: str, reference: str, reward_model: str | None,
@@ -94,27 +132,41 @@ def _evaluation_inputs(policy: str, prompts_ref: str, reference: str, reward_mod
     return {role: ref for role, ref in inputs.items() if ref is not None}
 
 
-@flow(name="prefloop-loop", log_prints=True)
-def loop_flow(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str | None = None) -> LoopSummary:
+def run_loop(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str | None = None,
+             call: StageCaller = direct_caller, round_runner: Callable[..., RoundSummary] | None = None,
+             publish: bool = False) -> LoopSummary:
     """SFT warm start and its evaluation (round 0), then ``config.rounds`` rounds.
 
     ``reward_model`` (a model artifact ref, optional) adds the mean reward to every evaluation.
+    Without Prefect by default; :func:`loop_flow` runs the same wiring as a flow.
     """
     store = ArtifactStore(store).uri
     name = config.name
-    sft_prompts = prompts.prefect_task({}, _seeded(config.sft_prompts, config, 0), store, f"{name}/sft-prompts")
-    task_prompts = prompts.prefect_task({}, _seeded(config.prompts, config, 0), store, f"{name}/prompts")
-    warm = sft.prefect_task({"prompts": sft_prompts.output}, _seeded(config.sft, config, 0), store, f"{name}/round-0/policy")
+    sft_prompts = call(prompts, {}, _seeded(config.sft_prompts, config, 0), store, f"{name}/sft-prompts")
+    task_prompts = call(prompts, {}, _seeded(config.prompts, config, 0), store, f"{name}/prompts")
+    warm = call(sft, {"prompts": sft_prompts.output}, _seeded(config.sft, config, 0), store, f"{name}/round-0/policy")
     # Round 0 is the SFT model against itself as reference: its KL is 0 by definition (not computed).
-    base = evaluation.prefect_task(_evaluation_inputs(warm.output, task_prompts.output, warm.output, reward_model),
-                                   _seeded(config.evaluation, config, 0), store, f"{name}/round-0/metrics")
-    publish_round_report(store, name, 0)
+    base = call(evaluation, _evaluation_inputs(warm.output, task_prompts.output, warm.output, reward_model),
+                _seeded(config.evaluation, config, 0), store, f"{name}/round-0/metrics")
+    if publish:
+        publish_round_report(store, name, 0)
     rounds = [RoundSummary(round=0, policy=warm.output, metrics=base.output, stages=[sft_prompts, task_prompts, warm, base])]
     policy = warm.output
     for round_index in range(1, config.rounds + 1):
-        summary = round_flow(config, round_index, policy, warm.output, task_prompts.output, base.output, store,
-                             previous_metrics=rounds[-1].metrics, reward_model=reward_model)
+        if round_runner is not None:
+            summary = round_runner(config, round_index, policy, warm.output, task_prompts.output, base.output, store,
+                                   previous_metrics=rounds[-1].metrics, reward_model=reward_model)
+        else:
+            summary = run_round(config, round_index, policy, warm.output, task_prompts.output, base.output, store,
+                                previous_metrics=rounds[-1].metrics, reward_model=reward_model, call=call)
         rounds.append(summary)
         policy = summary.policy
-    publish_run_report(store, name)
+    if publish:
+        publish_run_report(store, name)
     return LoopSummary(name=name, store=store, rounds=rounds)
+
+
+@flow(name="prefloop-loop", log_prints=True)
+def loop_flow(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str | None = None) -> LoopSummary:
+    """The multi-round loop as a Prefect flow: each round a subflow, each stage a task."""
+    return run_loop(config, store, reward_model, call=prefect_caller, round_runner=round_flow, publish=True)

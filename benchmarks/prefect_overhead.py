@@ -1,0 +1,62 @@
+"""Prefect's overhead on a smoke round: the loop as a Prefect flow vs the same stage cores called
+directly, in one process, on fresh stores (so both sides compute everything).
+
+The Prefect API server is started once, before timing (a deployed loop talks to a running
+server; the ephemeral server's start-up is printed apart). Sides alternate to spread machine noise.
+
+    .venv/bin/python benchmarks/prefect_overhead.py [--config configs/smoke.yaml] [--rounds 1] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from prefect import flow
+
+from prefloop.config import load_loop_config
+from prefloop.flows.loop import loop_flow, run_loop
+
+
+@flow(name="prefloop-warm-up")
+def warm_up() -> int:
+    return 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/smoke.yaml")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    config = load_loop_config(args.config, rounds=args.rounds)
+    work = Path(tempfile.mkdtemp(prefix="prefloop-overhead-"))
+
+    started = time.perf_counter()
+    warm_up()
+    server_start = time.perf_counter() - started
+    # One untimed direct run warms imports, the contract engine and torch kernels for both sides.
+    run_loop(config, str(work / "warm"))
+
+    direct, flows = [], []
+    for repeat in range(args.repeats):
+        for side, runner, times in (("direct", run_loop, direct), ("flow", loop_flow, flows)):
+            store = work / f"{side}-{repeat}"
+            began = time.perf_counter()
+            summary = runner(config, str(store))
+            times.append(time.perf_counter() - began)
+            assert not any(s.cached for s in summary.stages), "a fresh store must compute every stage"
+    shutil.rmtree(work, ignore_errors=True)
+    best_direct, best_flow = min(direct), min(flows)
+    print(f"config {args.config}, rounds {args.rounds}, best of {args.repeats}")
+    print(f"ephemeral Prefect server start (once, untimed below): {server_start:.1f} s")
+    print(f"stage cores called directly: {best_direct:.2f} s   (all: {', '.join(f'{t:.2f}' for t in direct)})")
+    print(f"as a Prefect flow:           {best_flow:.2f} s   (all: {', '.join(f'{t:.2f}' for t in flows)})")
+    print(f"ratio flow / direct: {best_flow / best_direct:.3f}x (target <= 1.10x)")
+
+
+if __name__ == "__main__":
+    main()
