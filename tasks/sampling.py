@@ -29,6 +29,10 @@ class SamplingConfig(StageConfig):
     batch_size: int = Field(64, ge=1, description="sequences per forward pass (part of the result's identity)")
     seed: int = 0
     round: int = Field(0, ge=0, description="loop round this sampling belongs to (recorded in rows)")
+    new_prompts_each_round: bool = Field(
+        True, description="round k samples prompts [(k-1)·max_prompts, k·max_prompts) of the split (wrapping around), "
+        "so rounds see fresh prompts; False: every round samples the first max_prompts",
+    )
 
 
 SPEC = StageSpec(
@@ -42,17 +46,23 @@ SPEC = StageSpec(
 )
 
 
-def select_prompts(prompts: pa.Table, split: str, max_prompts: int | None) -> pa.Table:
+def select_prompts(prompts: pa.Table, split: str, max_prompts: int | None, block: int = 0) -> pa.Table:
+    """Prompts of ``split``: the ``block``-th run of ``max_prompts`` of them (wrapping around), or all."""
     chosen = prompts.filter(pa.compute.equal(prompts.column("split"), split))
     if chosen.num_rows == 0:
         raise ValueError(f"the prompts artifact has no rows in split '{split}' (splits: "
                          f"{sorted(set(prompts.column('split').to_pylist()))}); set 'split' in the stage config")
-    return chosen.slice(0, max_prompts) if max_prompts else chosen
+    if not max_prompts or max_prompts >= chosen.num_rows:
+        return chosen
+    start = (block * max_prompts) % chosen.num_rows
+    indices = [(start + i) % chosen.num_rows for i in range(max_prompts)]
+    return chosen.take(pa.array(indices))
 
 
 def compute(ctx: StageContext) -> StageOutput:
     config: SamplingConfig = ctx.config
-    prompts = select_prompts(ctx.read("prompts", PROMPTS), config.split, config.max_prompts)
+    block = max(config.round - 1, 0) if config.new_prompts_each_round else 0
+    prompts = select_prompts(ctx.read("prompts", PROMPTS), config.split, config.max_prompts, block)
     backend = HFBackend.from_directory(ctx.model_dir("policy"), batch_size=config.batch_size)
     params = GenerationParams(n=config.n, temperature=config.temperature, top_p=config.top_p,
                               max_new_tokens=config.max_new_tokens, seed=config.seed)

@@ -184,3 +184,12 @@ def test_train_refuses_an_empty_preference_artifact(tiny_run):
     with pytest.raises(ValueError, match="nothing to train on"):
         preference.run({"preferences": empty.output, "policy": model.output, "reference": model.output}, {}, store)
     assert set(store.list()) == before
+
+
+def test_rounds_sample_fresh_prompts():
+    table = pa.table({"prompt_id": [str(i) for i in range(10)], "split": ["train"] * 8 + ["heldout"] * 2})
+    ids = lambda t: t.column("prompt_id").to_pylist()  # noqa: E731
+    assert ids(sampling.select_prompts(table, "train", 3, block=0)) == ["0", "1", "2"]
+    assert ids(sampling.select_prompts(table, "train", 3, block=1)) == ["3", "4", "5"]
+    assert ids(sampling.select_prompts(table, "train", 3, block=2)) == ["6", "7", "0"]  # wraps around
+    assert ids(sampling.select_prompts(table, "heldout", None)) == ["8", "9"]
