@@ -92,18 +92,15 @@ def test_greedy_stop_string_spanning_two_tokens(backend: HFBackend) -> None:
 def test_eos_finishes_with_stop_and_is_not_in_the_text(backend: HFBackend) -> None:
     tokenizer = backend.tokenizer
     model = build_model(TINY, len(tokenizer), seed=0, tokenizer=tokenizer).eval()
-    with torch.no_grad():  # make eos by far the likeliest token everywhere
-        model.lm_head.weight[tokenizer.eos_token_id] = 0.0
-        model.model.norm.weight.zero_()
-        model.model.norm.bias = None
-    eos_backend = HFBackend(model, tokenizer)
-    logits_bias = torch.zeros(len(tokenizer))
-    logits_bias[tokenizer.eos_token_id] = 1.0
-    # A zero final norm makes every logit 0, so add an eos-only offset through the output layer hook.
-    model.lm_head.register_forward_hook(lambda module, inputs, output: output + 50 * logits_bias)
-    (completion,), *_ = eos_backend.generate(PROMPTS, GenerationParams(temperature=0.0, max_new_tokens=5))
-    assert completion.finish_reason == "stop"
-    assert completion.text == "" and completion.num_tokens == 0
+    eos_offset = torch.zeros(len(tokenizer))
+    eos_offset[tokenizer.eos_token_id] = 50.0
+    # Make eos by far the likeliest next token everywhere.
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + eos_offset)
+    completions = HFBackend(model, tokenizer).generate(PROMPTS, GenerationParams(n=2, max_new_tokens=5))
+    for group in completions:
+        for completion in group:
+            assert completion.finish_reason == "stop"
+            assert completion.text == "" and completion.num_tokens == 0 and completion.sum_logprob == 0.0
 
 
 def test_round_trips_through_a_model_directory(backend: HFBackend, tmp_path) -> None:

@@ -61,3 +61,13 @@ def test_registry_lookup_and_unknown_name_lists_valid_names() -> None:
         get_loss("dpo-typo")
     for name in LOSSES:
         assert name in str(error.value)
+
+
+def test_rpo_adds_the_weighted_chosen_nll_to_dpo() -> None:
+    logps = _pair_logps()
+    output = get_loss("rpo")(logps, LossHyperparameters(beta=0.5, nll_weight=1.0))
+    # DPO term as above plus η·(−log π(y_w))/|y_w| = 2/4 and 1/2.
+    assert output.losses.tolist() == pytest.approx([0.886871, 1.193147], abs=1e-6)
+    output.losses.sum().backward()
+    # ∂/∂log π(y_w) = −β(1 − σ(βh)) − η/|y_w|: −0.160411 − 0.25 and −0.25 − 0.5.
+    assert logps.policy_chosen.grad.tolist() == pytest.approx([-0.410411, -0.75], abs=1e-6)

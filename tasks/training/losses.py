@@ -53,6 +53,9 @@ class LossHyperparameters(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     beta: float = Field(0.1, gt=0.0, description="KL strength β of DPO (Rafailov et al. 2023 default 0.1)")
+    nll_weight: float = Field(
+        0.005, ge=0.0, description="η of rpo: weight of the chosen NLL term (Liu et al. 2024 range; Pang et al. 2024 use 1)"
+    )
 
 
 LossFunction = Callable[[SequenceLogps, LossHyperparameters], LossOutput]
@@ -92,6 +95,25 @@ def sigmoid_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> 
     )
 
 
+def rpo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> LossOutput:
+    """DPO plus the per-token NLL of the chosen completion,
+
+        loss = −log σ(β·h) + η · (−log π(y_w | x) / |y_w|)
+
+    Liu et al. 2024, "Provably Mitigating Overoptimization in RLHF: Your SFT Loss is Implicitly an
+    Adversarial Regularizer" (RPO); with η = 1 it is the objective of Iterative RPO (Pang et al. 2024,
+    "Iterative Reasoning Preference Optimization") for verifier-labelled reasoning pairs. The NLL term
+    keeps DPO from lowering the chosen likelihood together with the rejected one.
+    """
+    dpo = sigmoid_loss(logps, hyperparameters)
+    chosen_nll = -logps.policy_chosen / logps.chosen_lengths.clamp(min=1)
+    return LossOutput(
+        losses=dpo.losses + hyperparameters.nll_weight * chosen_nll,
+        chosen_rewards=dpo.chosen_rewards,
+        rejected_rewards=dpo.rejected_rewards,
+    )
+
+
 def sft_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> LossOutput:
     """Supervised fine-tuning: the per-token negative log-likelihood of the target completion,
 
@@ -105,11 +127,12 @@ def sft_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> Loss
 
 LOSSES: dict[str, LossFunction] = {
     "sigmoid": sigmoid_loss,
+    "rpo": rpo_loss,
     "sft": sft_loss,
 }
 """Registered losses by name; ``PREFERENCE_LOSSES`` lists those that need pairs and a reference."""
 
-PREFERENCE_LOSSES: frozenset[str] = frozenset({"sigmoid"})
+PREFERENCE_LOSSES: frozenset[str] = frozenset({"sigmoid", "rpo"})
 
 
 def get_loss(name: str) -> LossFunction:
