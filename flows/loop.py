@@ -15,7 +15,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from prefloop.config import LoopConfig
-from prefloop.orchestration import publish_round_report, publish_run_report
+from prefloop.orchestration import call_stage_task, publish_round_report, publish_run_report
 from prefloop.stage import StageResult
 from prefloop.storage import DEFAULT_STORE, ArtifactStore
 from prefloop.tasks import construct, evaluation, filtering, labeling, prompts, sampling
@@ -45,7 +45,7 @@ StageCaller = Callable[[ModuleType, dict[str, str], dict[str, Any], str, str], S
 def prefect_caller(module: ModuleType, inputs: dict[str, str], config: dict[str, Any], store: str,
                    name: str) -> StageResult:
     """Run a stage as its Prefect task (visible in the UI, with its artifacts)."""
-    return module.prefect_task(inputs, config, store, name)
+    return call_stage_task(module.prefect_task, inputs, config, store, name)
 
 
 def direct_caller(module: ModuleType, inputs: dict[str, str], config: dict[str, Any], store: str,

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prefect import task
+from prefect import State, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -29,6 +29,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
+from prefect.states import Completed
 
 from prefloop.stage import StageResult, StageSpec, get_progress_factory, set_progress_factory
 from prefloop.storage import ArtifactStore
@@ -126,9 +127,19 @@ def stage_task(spec: StageSpec, run: RunFunction, retries: int = 0):
         if rows:
             _publish("table", lambda: create_table_artifact(
                 rows, key=artifact_key(key), description=f"{spec.name}: {result.output} ({status}, {result.rows} rows)"))
+        if result.cached:
+            # The store, not Prefect's result cache, decides what is done; a lookup is shown in the
+            # UI as a "Cached" completed state.
+            return Completed(data=result, name="Cached", message=f"found {result.output} in the store")
         return result
 
     return stage
+
+
+def call_stage_task(stage_task_function, *args: Any) -> StageResult:
+    """Call a stage's Prefect task and return its StageResult (also when the task ran as a lookup)."""
+    outcome = stage_task_function(*args)
+    return outcome.result() if isinstance(outcome, State) else outcome
 
 
 def publish_round_report(store: str, run: str, round_index: int) -> None:

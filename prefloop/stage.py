@@ -32,7 +32,7 @@ from prefloop.datasets_spec import (
     check_rows,
     run_suite,
 )
-from prefloop.storage import ArtifactRef, ArtifactStore, StoreError, fingerprint
+from prefloop.storage import ArtifactExistsError, ArtifactRef, ArtifactStore, StoreError, fingerprint
 
 logger = logging.getLogger("prefloop")
 
@@ -255,6 +255,18 @@ def _write(spec: StageSpec, config: StageConfig, inputs: dict[str, ArtifactRef],
             for reason, count in result.drop_counts.items():
                 drop_counts[reason] = drop_counts.get(reason, 0) + count
 
+    try:
+        return _publish(spec, config, inputs, store, ref, output, checked, drop_tables, drop_counts)
+    except ArtifactExistsError:
+        # A concurrent run of the same stage published first: same id, same content, so its
+        # artifact stands and this write is a no-op.
+        return store.read_manifest(ref)
+
+
+def _publish(spec: StageSpec, config: StageConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
+             ref: ArtifactRef, output: StageOutput, checked: list, drop_tables: list[pa.Table],
+             drop_counts: dict[str, int]):
+    """Write the tables and files while the suites run; commit only when every suite passed."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefloop-suite") as pool:
         suites = [pool.submit(run_suite, result.kept, table_spec) for _, table_spec, result, _ in checked]
         with store.writer(ref.kind, ref.id) as writer:

@@ -322,7 +322,8 @@ def compute(ctx: StageContext) -> StageOutput:
         rows.append({"metric": "accuracy_gain", "value": gain, "stderr": stderr, "count": shared})
         rows.extend(_win_rows("sft", own_scores, _judged_scores(ctx, "baseline", baseline, config.win_judge)))
     else:
-        notes.append("no baseline (SFT) evaluation given: accuracy gain and win rate vs SFT are not measured")
+        notes.append("no baseline evaluation given (round 0 is the SFT model itself): "
+                     "accuracy gain and win rate vs SFT are not measured")
     if ctx.has("previous"):
         previous = ctx.store.read_table(ctx.inputs["previous"], "eval_results")
         rows.extend(_win_rows("previous", own_scores, _judged_scores(ctx, "previous", previous, config.win_judge)))

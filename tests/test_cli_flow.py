@@ -56,6 +56,16 @@ def test_rerun_recomputes_nothing(smoke):
     result = cli("run", "--config", ROOT / "configs/smoke.yaml", "--store", store_path)
     assert result.exit_code == 0, result.output
     assert " 0 computed" in result.output
+    # Lookups show in the Prefect UI as task runs in a "Cached" state.
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def state_names() -> list[str]:
+        async with get_client() as client:
+            return [run.state.name for run in await client.read_task_runs(limit=200) if run.state]
+
+    assert "Cached" in asyncio.run(state_names())
 
 
 def test_stage_runs_alone_and_is_cached(smoke):

@@ -24,13 +24,18 @@ def load_policy(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return backend.model, backend.tokenizer
 
 
+# Wall-clock readings differ between two runs of the same stage; keeping them out of stored tables
+# keeps an artifact's content a function of its inputs and config alone.
+TIMING_METRICS = frozenset({"elapsed_s"})
+
+
 def train_log_table(steps: list[dict[str, float]]) -> pa.Table:
-    """Long-form (step, metric, value) rows from per-step metric dicts."""
+    """Long-form (step, metric, value) rows from per-step metric dicts (timings left out)."""
     rows = {"step": [], "metric": [], "value": []}
     for index, step in enumerate(steps):
         number = int(step.get("step", index + 1))
         for metric, value in step.items():
-            if metric == "step" or not isinstance(value, int | float):
+            if metric == "step" or metric in TIMING_METRICS or not isinstance(value, int | float):
                 continue
             rows["step"].append(number)
             rows["metric"].append(metric)
@@ -43,4 +48,5 @@ def summarize(steps: list[dict[str, float]]) -> dict[str, float]:
     """Last step's metrics, prefixed, for the manifest."""
     if not steps:
         return {}
-    return {f"final_{k}": float(v) for k, v in steps[-1].items() if isinstance(v, int | float)} | {"steps": len(steps)}
+    return {f"final_{k}": float(v) for k, v in steps[-1].items()
+            if isinstance(v, int | float) and k not in TIMING_METRICS} | {"steps": len(steps)}
