@@ -86,6 +86,8 @@ def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="loop config YAML (e.g. configs/demo.yaml)")],
     rounds: Annotated[int | None, typer.Option(help="override the number of rounds")] = None,
     name: Annotated[str | None, typer.Option(help="run name: refs go under NAME/ (default: the config's)")] = None,
+    reward_model: Annotated[str | None, typer.Option(
+        help="model artifact (ref or id) of a reward model: every evaluation then reports its mean reward")] = None,
     store: StoreOption = None,
 ) -> None:
     """Run the whole multi-round loop as a Prefect flow; finished stages are looked up, not recomputed."""
@@ -96,7 +98,8 @@ def run(
         loop_config = load_loop_config(config, rounds=rounds, name=name)
         target = _store(store)
         _install_progress()
-        summary = loop_flow(loop_config, store=target.uri)
+        reward_ref = str(target.resolve(reward_model)) if reward_model else None
+        summary = loop_flow(loop_config, store=target.uri, reward_model=reward_ref)
     stages = summary.stages
     cached = sum(s.cached for s in stages)
     console.print(round_table(target, loop_config.name))

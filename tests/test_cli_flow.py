@@ -138,6 +138,8 @@ def test_clear_errors(tmp_path):
     bad = _write_yaml(tmp_path / "bad.yaml", "rounds: 2\nsampling: {n: 0}\n")
     invalid = cli("run", "--config", bad, "--store", tmp_path / "s")
     assert invalid.exit_code == 2 and "sampling.n" in invalid.output
+    no_rm = cli("run", "--config", ROOT / "configs/smoke.yaml", "--reward-model", "rm/none", "--store", tmp_path / "s")
+    assert no_rm.exit_code == 2 and "rm/none" in no_rm.output
     unknown = cli("show", "nothing/here", "--store", tmp_path / "s")
     assert unknown.exit_code == 2 and "prefloop ls" in unknown.output
     stage = cli("stage", "filtr", "--store", tmp_path / "s")
