@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -38,6 +39,7 @@ RunFunction = Callable[..., StageResult]
 
 # A progress artifact is updated at most this often (in percentage points): each update is an API call.
 PROGRESS_STEP_PERCENT = 10.0
+PROGRESS_EVERY_SECONDS = 2.0
 
 
 def artifact_key(*parts: str) -> str:
@@ -78,7 +80,12 @@ def stage_result_table(result: StageResult) -> list[dict[str, Any]]:
 @contextlib.contextmanager
 def prefect_progress(key: str) -> Iterator[None]:
     """While active, every ``ctx.progress`` of a stage also drives a Prefect progress artifact
-    (on top of whatever progress display was installed, e.g. the CLI's bars)."""
+    (on top of whatever progress display was installed, e.g. the CLI's bars).
+
+    Each artifact call is a round trip to the API, so after its creation the artifact is updated
+    at most every ``PROGRESS_EVERY_SECONDS`` (and by at least ``PROGRESS_STEP_PERCENT``); it ends
+    at 100 % when the work does.
+    """
     outer = get_progress_factory()  # the installed display; restored on exit
 
     @contextlib.contextmanager
@@ -88,19 +95,22 @@ def prefect_progress(key: str) -> Iterator[None]:
                 yield advance_outer
                 return
             artifact_id: list[Any] = []
-            _publish("progress", lambda: artifact_id.append(
-                create_progress_artifact(0.0, key=artifact_key(key, description, "progress"), description=description)))
-            done, shown = [0], [0.0]
+            _publish("progress", lambda: artifact_id.append(create_progress_artifact(
+                0.0, key=artifact_key(key, description, "progress"), description=description)))
+            done, shown, last = [0], [0.0], [time.monotonic()]
 
             def advance(step: int = 1) -> None:
                 advance_outer(step)
                 done[0] += step
+                now = time.monotonic()
                 percent = min(100.0, 100.0 * done[0] / total)
-                if artifact_id and (percent - shown[0] >= PROGRESS_STEP_PERCENT or (percent >= 100.0 > shown[0])):
-                    shown[0] = percent
+                if artifact_id and percent - shown[0] >= PROGRESS_STEP_PERCENT and now - last[0] >= PROGRESS_EVERY_SECONDS:
+                    shown[0], last[0] = percent, now
                     _publish("progress", lambda: update_progress_artifact(artifact_id[0], percent))
 
             yield advance
+            if artifact_id and shown[0] < 100.0 and done[0] >= total:
+                _publish("progress", lambda: update_progress_artifact(artifact_id[0], 100.0))
 
     set_progress_factory(factory)
     try:
