@@ -28,7 +28,7 @@ class LoopConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field("demo", description="run name: refs are written under '<name>/'")
+    name: str = Field("demo", description="run name: refs are written under NAME/ (e.g. demo/round-1/preferences)")
     rounds: int = Field(3, ge=0, le=100)
     seed: int = Field(0, description="added to every stage's seed, so one number reseeds the whole run")
     reference_policy: Literal["fixed", "previous_round"] = Field(
