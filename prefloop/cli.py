@@ -110,39 +110,22 @@ def run(
 
 
 def round_table(store: ArtifactStore, run_name: str) -> Table:
-    """Per-round summary of a run, read back from its metrics artifacts."""
+    """Per-round summary of a run, read back from its metrics artifacts (formatted as in the report)."""
+    from prefloop.report import MISSING, format_metric, load_run
+
     table = Table(title=f"run '{run_name}'")
-    for column in ("round", "pairs built", "kept", "dropped", "accuracy", "gain vs SFT", "win/tie/loss vs prev",
-                   "KL to ref", "mean length"):
-        table.add_column(column, justify="right")
-    refs = store.refs(f"{run_name}/round-")
-    rounds = sorted({int(name.split("/")[1].split("-")[1]) for name in refs if name.endswith("/metrics")})
-    for index in rounds:
-        metrics = store.read_manifest(refs[f"{run_name}/round-{index}/metrics"]).metrics
-        table.add_row(
-            str(index), _metric(metrics, "pairs_built", 1, 0), _metric(metrics, "pairs_kept", 1, 0),
-            _metric(metrics, "pairs_dropped", 1, 0), _metric(metrics, "accuracy"),
-            _metric(metrics, "accuracy_gain", signed=True), _win_tie_loss(metrics, "previous"),
-            _metric(metrics, "kl_to_reference", 1, 3), _metric(metrics, "mean_length", 1, 1),
-        )
+    columns = (("pairs built", "pairs_built"), ("kept", "pairs_kept"), ("dropped", "pairs_dropped"),
+               ("accuracy", "accuracy"), ("gain vs SFT", "accuracy_gain"), ("KL to ref", "kl_to_reference"),
+               ("mean length", "mean_length"))
+    for header in ("round", *(h for h, _ in columns[:5]), "win/tie/loss vs prev", *(h for h, _ in columns[5:])):
+        table.add_column(header, justify="right")
+    for metrics in load_run(store, run_name).rounds:
+        cells = {metric: format_metric(metric, metrics.get(metric)) for _, metric in columns}
+        outcomes = [metrics.get(f"{outcome}_rate_vs_previous") for outcome in ("win", "tie", "loss")]
+        win_tie_loss = "/".join(f"{o.value * 100:.0f}" for o in outcomes) if all(outcomes) else MISSING
+        table.add_row(str(metrics.round), *(cells[m] for _, m in columns[:5]), win_tie_loss,
+                      *(cells[m] for _, m in columns[5:]))
     return table
-
-
-def _win_tie_loss(metrics: dict[str, Any], opponent: str) -> str:
-    """``win/tie/loss`` in percent against an opponent, or a dash when not measured."""
-    values = [metrics.get(f"{outcome}_rate_vs_{opponent}") for outcome in ("win", "tie", "loss")]
-    if any(not isinstance(v, int | float) for v in values):
-        return "–"
-    return "/".join(f"{v * 100:.0f}" for v in values)
-
-
-def _metric(metrics: dict[str, Any], key: str, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
-    """``value ± stderr`` (scaled, e.g. to percent) or a dash when the metric is absent."""
-    if metrics.get(key) is None:
-        return "–"
-    value = f"{metrics[key] * scale:+.{digits}f}" if signed else f"{metrics[key] * scale:.{digits}f}"
-    stderr = metrics.get(f"{key}_stderr")
-    return f"{value} ± {stderr * scale:.{digits}f}" if stderr is not None else value
 
 
 # ----------------------------------------------------------------------------------------------
