@@ -35,6 +35,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/store_write.py
+	$(PY) benchmarks/prefect_overhead.py
 
 server: $(STAMP)
 	$(VENV)/bin/prefloop server --port 4200
