@@ -14,6 +14,7 @@ import contextlib
 import logging
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -243,17 +244,12 @@ def _write(spec: StageSpec, config: StageConfig, inputs: dict[str, ArtifactRef],
     checked = [(name, table_spec, check_rows(table, table_spec, source), source)
                for name, table_spec, table, source in pending]
 
-    drop_tables: list[pa.Table] = []
-    drop_counts: dict[str, int] = {}
+    # The stage's own drops and every contract's quarantined rows form one ``drops`` table; the
+    # manifest's counts are derived from it, so the two cannot disagree.
+    drop_tables = [result.drops for _, _, result, _ in checked if result.drops.num_rows]
     if output.drops is not None and output.drops.num_rows:
-        drop_tables.append(output.drops.select(DROPS.column_names).cast(DROPS.schema))
-        for reason in output.drops.column("reason").to_pylist():
-            drop_counts[reason] = drop_counts.get(reason, 0) + 1
-    for _, _, result, _ in checked:
-        if result.drops.num_rows:
-            drop_tables.append(result.drops)
-            for reason, count in result.drop_counts.items():
-                drop_counts[reason] = drop_counts.get(reason, 0) + count
+        drop_tables.insert(0, output.drops.select(DROPS.column_names).cast(DROPS.schema))
+    drop_counts = dict(Counter(r for t in drop_tables for r in t.column("reason").to_pylist()))
 
     try:
         return _publish(spec, config, inputs, store, ref, output, checked, drop_tables, drop_counts)

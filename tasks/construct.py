@@ -14,6 +14,7 @@ from collections import defaultdict
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from prefloop.datasets_spec import LABELS, PREFERENCES, SAMPLES
@@ -52,7 +53,7 @@ def _scores(labels: pa.Table, labeler: str | None) -> dict[str, float]:
         labeler = names[0] if names else None
     elif labeler not in names:
         raise ValueError(f"no labels from labeler '{labeler}' (present: {names})")
-    chosen = labels.filter(pa.compute.equal(labels.column("labeler"), labeler)) if labeler else labels
+    chosen = labels.filter(pc.equal(labels.column("labeler"), labeler)) if labeler else labels
     return dict(zip(chosen.column("target_id").to_pylist(), chosen.column("score").to_pylist(), strict=True))
 
 

@@ -8,6 +8,7 @@ than silently kept. Seeds are explicit: the same policy, prompts and config give
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from prefloop.backends.base import GenerationParams
@@ -48,7 +49,7 @@ SPEC = StageSpec(
 
 def select_prompts(prompts: pa.Table, split: str, max_prompts: int | None, block: int = 0) -> pa.Table:
     """Prompts of ``split``: the ``block``-th run of ``max_prompts`` of them (wrapping around), or all."""
-    chosen = prompts.filter(pa.compute.equal(prompts.column("split"), split))
+    chosen = prompts.filter(pc.equal(prompts.column("split"), split))
     if chosen.num_rows == 0:
         raise ValueError(f"the prompts artifact has no rows in split '{split}' (splits: "
                          f"{sorted(set(prompts.column('split').to_pylist()))}); set 'split' in the stage config")

@@ -10,3 +10,4 @@ from prefloop.storage import ArtifactStore  # noqa: E402
 @pytest.fixture
 def store(tmp_path) -> ArtifactStore:
     return ArtifactStore(tmp_path / "store")
+

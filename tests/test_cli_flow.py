@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import artifact_checksums
 from typer.testing import CliRunner
 
 from prefloop.cli import app
@@ -159,10 +160,6 @@ def test_the_same_wiring_without_prefect_gives_the_same_artifacts(smoke, tmp_pat
     refs = direct_store.refs("smoke/")
     assert refs == {name: ref for name, ref in flow_store.refs("smoke/").items() if not name.startswith("smoke/adhoc")}
 
-    def checksums(store, ref):
-        manifest = store.read_manifest(ref)
-        return sorted(f.sha256 for t in manifest.tables.values() for f in t.files) + sorted(f.sha256 for f in manifest.files)
-
     # Same seeds, same CPU: same samples, pairs, weights and metrics, byte for byte.
     for name in ("smoke/round-1/samples", "smoke/round-1/preferences", "smoke/round-2/labels"):
-        assert checksums(direct_store, refs[name]) == checksums(flow_store, refs[name]), name
+        assert artifact_checksums(direct_store, refs[name]) == artifact_checksums(flow_store, refs[name]), name

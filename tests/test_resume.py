@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import artifact_checksums
 
 from prefloop.config import load_loop_config
 from prefloop.flows.loop import run_loop
@@ -26,12 +27,7 @@ run_loop(load_loop_config({str(CONFIG)!r}, rounds=1), sys.argv[1])
 
 def content(store: ArtifactStore) -> dict[str, list[str]]:
     """Every ref with the checksums of its artifact's files: equal content, not just equal ids."""
-    result = {}
-    for name, ref in store.refs().items():
-        manifest = store.read_manifest(ref)
-        result[name] = sorted(f.sha256 for t in manifest.tables.values() for f in t.files) + sorted(
-            f.sha256 for f in manifest.files)  # model weights, config and tokenizer too
-    return result
+    return {name: artifact_checksums(store, ref) for name, ref in store.refs().items()}
 
 
 @pytest.fixture(scope="module")
