@@ -58,6 +58,9 @@ class StageSpec:
     output_table: TableSpec | None = None  # None for file artifacts (models)
     optional_inputs: frozenset[str] = frozenset()
     description: str = ""
+    # The Prefect work pool whose workers run this stage when the loop dispatches stages to
+    # deployments: "gpu" for stages that run a model at scale (sampling, training, evaluation).
+    pool: str = "cpu"
 
 
 @dataclass
@@ -186,6 +189,29 @@ def output_ref(spec: StageSpec, inputs: Mapping[str, ArtifactRef], config: Stage
     return ArtifactRef(spec.output_kind, artifact_id)
 
 
+def lookup(spec: StageSpec, inputs: Mapping[str, ArtifactRef | str], config: StageConfig | Mapping[str, Any] | None,
+           store: ArtifactStore, name: str | None = None) -> StageResult | None:
+    """The stage's result if this exact stage (same inputs, config and version) already ran, else
+    None — without running anything. Inputs and config are checked as :func:`execute` checks them."""
+    started = time.perf_counter()
+    parsed = parse_config(spec, config)
+    ref = output_ref(spec, resolve_inputs(spec, inputs, store), parsed)
+    return _found(spec, store, ref, name, started)
+
+
+def _found(spec: StageSpec, store: ArtifactStore, ref: ArtifactRef, name: str | None, started: float) -> StageResult | None:
+    if not store.exists(ref):
+        return None
+    manifest = store.read_manifest(ref)
+    if name:
+        store.set_ref(name, ref, note=f"{spec.name} (cached)")
+    logger.info("stage %s: cached %s", spec.name, ref)
+    return StageResult(
+        stage=spec.name, output=str(ref), cached=True, rows=manifest.rows, drops=manifest.drops,
+        metrics=manifest.metrics, seconds=time.perf_counter() - started, name=name,
+    )
+
+
 def execute(
     spec: StageSpec,
     compute: Callable[[StageContext], StageOutput],
@@ -199,15 +225,9 @@ def execute(
     parsed = parse_config(spec, config)
     resolved = resolve_inputs(spec, inputs, store)
     ref = output_ref(spec, resolved, parsed)
-    if store.exists(ref):
-        manifest = store.read_manifest(ref)
-        if name:
-            store.set_ref(name, ref, note=f"{spec.name} (cached)")
-        logger.info("stage %s: cached %s", spec.name, ref)
-        return StageResult(
-            stage=spec.name, output=str(ref), cached=True, rows=manifest.rows, drops=manifest.drops,
-            metrics=manifest.metrics, seconds=time.perf_counter() - started, name=name,
-        )
+    found = _found(spec, store, ref, name, started)
+    if found is not None:
+        return found
     context = StageContext(spec=spec, config=parsed, inputs=resolved, store=store, output_id=ref.id)
     output = compute(context)
     try:

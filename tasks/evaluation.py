@@ -76,6 +76,7 @@ SPEC = StageSpec(
     version="2",
     config_model=EvaluationConfig,
     output_kind="metrics",
+    pool="gpu",
     inputs={"policy": "model", "prompts": "prompts", "baseline": "metrics", "previous": "metrics",
             "preferences": "preferences", "reference": "model", "reward_model": "model"},
     optional_inputs=frozenset({"baseline", "previous", "preferences", "reference", "reward_model"}),

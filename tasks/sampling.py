@@ -41,6 +41,7 @@ SPEC = StageSpec(
     version="1",
     config_model=SamplingConfig,
     output_kind="samples",
+    pool="gpu",
     inputs={"policy": "model", "prompts": "prompts"},
     output_table=SAMPLES,
     description="Sample n completions per prompt from the policy.",

@@ -34,6 +34,7 @@ SPEC = StageSpec(
     version="1",
     config_model=TrainConfig,
     output_kind="model",
+    pool="gpu",
     inputs={"preferences": "preferences", "policy": "model", "reference": "model"},
     description="Preference optimisation (DPO family) of the policy against a frozen reference.",
 )

@@ -32,6 +32,7 @@ SPEC = StageSpec(
     version="1",
     config_model=SFTStageConfig,
     output_kind="model",
+    pool="gpu",
     inputs={"prompts": "prompts"},
     description="Build the embedded tiny Llama and train it on the gold solutions of the prompts.",
 )
