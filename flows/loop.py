@@ -9,13 +9,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 from pydantic import BaseModel
 
 from prefloop.config import LoopConfig
-from prefloop.orchestration import call_stage_task, publish_round_report, publish_run_report
+from prefloop.orchestration import (
+    call_stage_task,
+    publish_round_report,
+    publish_run_report,
+    run_stage_deployment,
+)
 from prefloop.stage import StageResult
 from prefloop.storage import DEFAULT_STORE, ArtifactStore
 from prefloop.tasks import construct, evaluation, filtering, labeling, prompts, sampling
@@ -46,6 +51,19 @@ def prefect_caller(module: ModuleType, inputs: dict[str, str], config: dict[str,
                    name: str) -> StageResult:
     """Run a stage as its Prefect task (visible in the UI, with its artifacts)."""
     return call_stage_task(module.prefect_task, inputs, config, store, name)
+
+
+def pool_caller(module: ModuleType, inputs: dict[str, str], config: dict[str, Any], store: str,
+                name: str) -> StageResult:
+    """Stages whose spec names the ``gpu`` pool run as their deployment on a worker of that pool; the
+    others run here, as tasks of the calling flow."""
+    if module.SPEC.pool == "cpu":
+        return prefect_caller(module, inputs, config, store, name)
+    return run_stage_deployment(module.SPEC, inputs, config, store, name)
+
+
+Dispatch = Literal["local", "pools"]
+CALLERS: dict[str, StageCaller] = {"local": prefect_caller, "pools": pool_caller}
 
 
 def direct_caller(module: ModuleType, inputs: dict[str, str], config: dict[str, Any], store: str,
@@ -109,10 +127,11 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
 @flow(name="prefloop-round", log_prints=True)
 def round_flow(config: LoopConfig, round_index: int, policy: str, sft_policy: str, prompts_ref: str,
                baseline: str, store: str = DEFAULT_STORE, previous_metrics: str | None = None,
-               reward_model: str | None = None) -> RoundSummary:
-    """One round as a Prefect flow (each stage a task); see :func:`run_round`."""
+               reward_model: str | None = None, dispatch: Dispatch = "local") -> RoundSummary:
+    """One round as a Prefect flow (each stage a task); see :func:`run_round` and :func:`loop_flow`
+    for ``dispatch``."""
     return run_round(config, round_index, policy, sft_policy, prompts_ref, baseline, store, previous_metrics,
-                     reward_model, call=prefect_caller, publish=True)
+                     reward_model, call=CALLERS[dispatch], publish=True)
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -133,8 +152,7 @@ def _evaluation_inputs(policy: str, prompts_ref: str, reference: str, reward_mod
 
 
 def run_loop(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str | None = None,
-             call: StageCaller = direct_caller, round_runner: Callable[..., RoundSummary] | None = None,
-             publish: bool = False) -> LoopSummary:
+             call: StageCaller = direct_caller, publish: bool = False) -> LoopSummary:
     """SFT warm start and its evaluation (round 0), then ``config.rounds`` rounds.
 
     ``reward_model`` (a model artifact ref, optional) adds the mean reward to every evaluation.
@@ -153,12 +171,9 @@ def run_loop(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str |
     rounds = [RoundSummary(round=0, policy=warm.output, metrics=base.output, stages=[sft_prompts, task_prompts, warm, base])]
     policy = warm.output
     for round_index in range(1, config.rounds + 1):
-        if round_runner is not None:
-            summary = round_runner(config, round_index, policy, warm.output, task_prompts.output, base.output, store,
-                                   previous_metrics=rounds[-1].metrics, reward_model=reward_model)
-        else:
-            summary = run_round(config, round_index, policy, warm.output, task_prompts.output, base.output, store,
-                                previous_metrics=rounds[-1].metrics, reward_model=reward_model, call=call)
+        summary = run_round(config, round_index, policy, warm.output, task_prompts.output, base.output, store,
+                            previous_metrics=rounds[-1].metrics, reward_model=reward_model, call=call,
+                            publish=publish)
         rounds.append(summary)
         policy = summary.policy
     if publish:
@@ -167,6 +182,20 @@ def run_loop(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str |
 
 
 @flow(name="prefloop-loop", log_prints=True)
-def loop_flow(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str | None = None) -> LoopSummary:
-    """The multi-round loop as a Prefect flow: each round a subflow, each stage a task."""
-    return run_loop(config, store, reward_model, call=prefect_caller, round_runner=round_flow, publish=True)
+def loop_flow(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str | None = None,
+              dispatch: Dispatch = "local") -> LoopSummary:
+    """The multi-round loop as a Prefect flow: every stage a task run named after its output
+    (``NAME/round-K/samples``), each round's report an artifact.
+
+    Rounds are not subflows: a flow run costs about a second of fixed orchestration on top of its
+    tasks, which the round boundaries do not need (the store already records them).
+
+    Args:
+        config: the loop config (the same model as configs/*.yaml).
+        store: artifact store path or URI; with dispatch "pools" every worker must reach it.
+        reward_model: optional reward-model artifact; every evaluation then reports its mean reward.
+        dispatch: "local" runs every stage in this flow run; "pools" sends the stages whose spec names
+            the gpu pool (sft, sample, train, evaluate, ...) to their deployments, run by workers of
+            the gpu pool, and runs the rest here.
+    """
+    return run_loop(config, store, reward_model, call=CALLERS[dispatch], publish=True)

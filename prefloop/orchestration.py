@@ -32,7 +32,7 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.states import Completed
 
-from prefloop.stage import StageResult, StageSpec, get_progress_factory, set_progress_factory
+from prefloop.stage import StageResult, StageSpec, get_progress_factory, lookup, set_progress_factory
 from prefloop.storage import ArtifactStore
 
 RunFunction = Callable[..., StageResult]
@@ -147,9 +147,79 @@ def stage_task(spec: StageSpec, run: RunFunction, retries: int = 0):
 
 
 def call_stage_task(stage_task_function, *args: Any) -> StageResult:
-    """Call a stage's Prefect task and return its StageResult (also when the task ran as a lookup)."""
+    """Call a stage's Prefect task and return its StageResult (also when the task ran as a lookup).
+
+    The task run is named after the output's ref (``demo/round-2/samples``) when there is one, so a
+    run's stages read as the rounds they belong to in the UI.
+    """
+    name = args[3] if len(args) > 3 and args[3] else None
+    if name:
+        stage_task_function = stage_task_function.with_options(task_run_name=name)
     outcome = stage_task_function(*args)
     return outcome.result() if isinstance(outcome, State) else outcome
+
+
+class StageDispatchError(RuntimeError):
+    pass
+
+
+def stage_deployment_name(stage: str) -> str:
+    """The deployment of ``stage`` registered from ``prefect.yaml`` (flow ``prefloop-stage-<stage>``)."""
+    return f"prefloop-stage-{stage}/stage-{stage}"
+
+
+def run_stage_deployment(spec: StageSpec, inputs: Mapping[str, str], config: Mapping[str, Any], store: str,
+                         name: str | None = None, poll_interval: float = 2.0) -> StageResult:
+    """Run a stage as its deployment — a worker of the stage's pool (``spec.pool``) executes it — and
+    wait for it. A stage that already ran is a store lookup here; nothing is dispatched.
+
+    The worker writes into the same store (a shared filesystem or an object-store URI), so the
+    result is read back from the store, not from Prefect: the store stays the one record of what
+    is done. The dispatched run appears as a child of the calling flow run in the UI.
+    """
+    from prefect.deployments import run_deployment
+
+    found = lookup(spec, inputs, config, ArtifactStore(store), name)
+    if found is not None:
+        _logger().info("%s -> %s (cached, not dispatched)", spec.name, name or found.output)
+        return found
+    deployment = stage_deployment_name(spec.name)
+    started = time.perf_counter()
+    flow_run = run_deployment(deployment, parameters={"inputs": dict(inputs), "config": dict(config), "store": store,
+                                                      "name": name}, timeout=None, poll_interval=poll_interval)
+    state = flow_run.state
+    if state is None or not state.is_completed():
+        raise StageDispatchError(
+            f"stage '{spec.name}' ran as deployment {deployment} (flow run '{flow_run.name}', pool '{spec.pool}') and "
+            f"ended {state.name if state else 'without a state'}: {state.message if state else ''}. Its logs are in the "
+            f"Prefect UI; rerunning the loop resumes from the last finished stage.")
+    result = lookup(spec, inputs, config, ArtifactStore(store), name)
+    if result is None:
+        raise StageDispatchError(
+            f"stage '{spec.name}' completed on the '{spec.pool}' pool (flow run '{flow_run.name}') but its output is not "
+            f"in the store {store}: the worker must write to the same store as this flow — use a shared path or an "
+            "object-store URI (s3://, gs://) that both can reach.")
+    _logger().info("%s -> %s (computed on the '%s' pool in %.1fs)", spec.name, name or result.output, spec.pool,
+                   time.perf_counter() - started)
+    return result.model_copy(update={"cached": False, "seconds": time.perf_counter() - started})
+
+
+@contextlib.contextmanager
+def local_flow_settings() -> Iterator[None]:
+    """Settings for running flows in this process against Prefect's ephemeral server.
+
+    Without ``PREFECT_API_URL`` the API server is an ephemeral one that lives and dies with this
+    process, so no one could act on flow-run heartbeats (they feed a server's crashed-run
+    detection); their thread costs up to a second at the end of every flow run. They are switched
+    off here and left to Prefect's default against a real server.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def publish_round_report(store: str, run: str, round_index: int) -> None:
