@@ -1,9 +1,11 @@
 """HFBackend: batched sampling with seeds, greedy decoding, log-probs, stop strings, save/load."""
 
+import math
+
 import pytest
 import torch
 
-from prefloop.backends.base import GenerationParams, PolicyBackend
+from prefloop.backends.base import ContextWindowError, GenerationParams, PolicyBackend, yes_probability
 from prefloop.backends.hf import HFBackend
 from prefloop.embedded.arithmetic import make_problems
 from prefloop.embedded.model import TinyLlamaConfig, build_model
@@ -117,3 +119,83 @@ def test_progress_reports_done_and_total(backend: HFBackend) -> None:
     calls: list[tuple[int, int]] = []
     backend.generate(PROMPTS, GenerationParams(n=2, max_new_tokens=4), progress=lambda d, t: calls.append((d, t)))
     assert calls[-1] == (10, 10) and len(calls) == 3
+
+
+def test_per_token_logprobs_sum_to_sum_logprob(backend: HFBackend) -> None:
+    params = GenerationParams(n=3, max_new_tokens=12, seed=4, stop=["\n"])
+    for group in backend.generate(PROMPTS, params):
+        for completion in group:
+            assert len(completion.token_logprobs) == completion.num_tokens
+            assert all(value <= 0.0 for value in completion.token_logprobs)
+            assert sum(completion.token_logprobs) == pytest.approx(completion.sum_logprob, abs=1e-9)
+
+
+def test_per_token_logprobs_are_the_scores_of_each_prefix(backend: HFBackend) -> None:
+    [[completion]] = backend.generate(PROMPTS[:1], GenerationParams(temperature=0.0, max_new_tokens=5))
+    tokens = backend.tokenizer(completion.text, add_special_tokens=False)["input_ids"]
+    prefixes = [backend.tokenizer.decode(tokens[:k]) for k in range(1, len(tokens) + 1)]
+    cumulative = backend.score_logprobs(PROMPTS[:1] * len(prefixes), prefixes)
+    steps = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:], strict=False)]
+    assert list(completion.token_logprobs) == pytest.approx(steps, abs=1e-4)
+
+
+def test_yes_probability_is_the_normalised_answer_probability(backend: HFBackend) -> None:
+    prompts = ["1+2=3\nis this step right? ", "9-9=5\nis this step right? "]
+    # The character vocabulary has no letters y/e/s: "1" and "0" play yes and no.
+    yes = backend.score_logprobs(prompts, ["1", "1"])
+    no = backend.score_logprobs(prompts, ["0", "0"])
+    expected = [math.exp(a) / (math.exp(a) + math.exp(b)) for a, b in zip(yes, no, strict=True)]
+    assert yes_probability(backend, prompts, yes="1", no="0") == pytest.approx(expected, rel=1e-9)
+    assert yes_probability(backend, prompts, yes="1", no=None) == pytest.approx([math.exp(a) for a in yes])
+    with pytest.raises(ValueError, match="two different non-empty answers"):
+        yes_probability(backend, prompts, yes="1", no="1")
+
+
+def test_yes_probability_follows_the_model(backend: HFBackend) -> None:
+    tokenizer = backend.tokenizer
+    model = build_model(TINY, len(tokenizer), seed=0, tokenizer=tokenizer).eval()
+    offset = torch.zeros(len(tokenizer))
+    offset[tokenizer.convert_tokens_to_ids("1")] = 3.0  # "1" (yes) is e^3 times likelier than before
+    plain = yes_probability(HFBackend(model, tokenizer), PROMPTS, yes="1", no="0")
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + offset)
+    boosted = yes_probability(HFBackend(model, tokenizer), PROMPTS, yes="1", no="0")
+    # Odds multiply by exactly e^3: logit(boosted) = logit(plain) + 3.
+    for before, after in zip(plain, boosted, strict=True):
+        assert math.log(after / (1 - after)) == pytest.approx(math.log(before / (1 - before)) + 3.0, abs=1e-4)
+
+
+def test_prompt_longer_than_the_context_window_is_a_clear_error(backend: HFBackend) -> None:
+    window = backend.context_window
+    assert window == TINY.max_position_embeddings
+    long_prompt = "1+" * window + "1=?\n"
+    with pytest.raises(ContextWindowError, match="context window of 128 tokens") as error:
+        backend.generate([PROMPTS[0], long_prompt, PROMPTS[1]], GenerationParams(max_new_tokens=4))
+    assert error.value.indices == [1]
+    with pytest.raises(ContextWindowError):
+        backend.score_logprobs([PROMPTS[0]], ["1" * window])
+
+
+def test_completion_reaching_the_context_window_is_truncated(backend: HFBackend) -> None:
+    window = backend.context_window
+    prompt = "1+" * ((window - 8) // 2) + "1=?\n"  # leaves a few tokens of room
+    room = window - backend.prompt_lengths([prompt])[0]
+    assert 0 < room < 10
+    [[completion]] = backend.generate([prompt], GenerationParams(temperature=0.0, max_new_tokens=40))
+    assert completion.finish_reason == "length" and completion.num_tokens == room
+
+
+def test_stop_string_cuts_the_same_draw_at_its_first_match(backend: HFBackend) -> None:
+    # One sequence per call: the draws before the stop match are the same with and without the stop.
+    cut_some = False
+    for seed, prompt in enumerate(PROMPTS):
+        params = GenerationParams(max_new_tokens=20, seed=seed)
+        [[whole]] = backend.generate([prompt], params)
+        [[cut]] = backend.generate([prompt], params.model_copy(update={"stop": ["+", "1"]}))
+        matches = [index for index in (whole.text.find("+"), whole.text.find("1")) if index >= 0]
+        if matches:
+            cut_some = True
+            assert cut.text == whole.text[: min(matches)] and cut.finish_reason == "stop"
+            assert cut.token_logprobs == whole.token_logprobs[: cut.num_tokens]
+        else:
+            assert cut == whole
+    assert cut_some

@@ -1,12 +1,20 @@
 """The policy backend interface: every stage samples and scores through it, in batches.
 
-Two implementations are planned: ``HFBackend`` (transformers, CPU default) and a vLLM backend (GPU).
-Stages depend only on this protocol, so swapping the backend never changes a stage's code.
+Two implementations: ``HFBackend`` (transformers, in-process, CPU default; ``prefloop.backends.hf``)
+and ``VLLMBackend`` (a client of a ``vllm serve`` process on a GPU host, which runs in its own
+environment; ``prefloop.backends.vllm``). Stages depend only on this protocol and pick the
+implementation by config (``backend: hf|vllm``, see :func:`prefloop.backends.load_backend`), so
+swapping the backend never changes a stage's code.
+
+Besides the protocol this module holds what every implementation shares: the generation
+parameters, the completion record, the error for prompts that do not fit the context window, and
+:func:`yes_probability` (self-evaluation scoring built on ``score_logprobs``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -27,7 +35,11 @@ class GenerationParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(64, ge=1)
     seed: int = 0
-    stop: list[str] = Field(default_factory=list, description="the text is cut before the first of these")
+    stop: list[str] = Field(
+        default_factory=list,
+        description="the text is cut before the first of these (e.g. a newline: one reasoning step); "
+        "a completion that hits one finishes with 'stop'",
+    )
 
 
 @dataclass(frozen=True)
@@ -38,12 +50,29 @@ class Completion:
     untempered distribution (temperature 1), whatever temperature was used to sample. The terminating
     eos token and the tokens of a matched stop string are not part of ``text`` and not counted, so
     ``sum_logprob`` equals ``score_logprobs([prompt], [text])[0]`` up to float rounding.
+    ``token_logprobs`` holds the same log-probs one per token of ``text`` (``num_tokens`` of them,
+    summing to ``sum_logprob``); it is empty only for completions built by hand.
+    ``finish_reason`` is ``stop`` (eos or a stop string) or ``length`` (``max_new_tokens`` or the
+    model's context window was reached: the text is truncated).
     """
 
     text: str
     num_tokens: int
     sum_logprob: float
     finish_reason: FinishReason
+    token_logprobs: tuple[float, ...] = ()
+
+
+class ContextWindowError(ValueError):
+    """Prompts (or prompt + continuation) longer than the model's context window.
+
+    ``indices`` are the positions of the offending inputs, so a caller can drop exactly those rows
+    with a named reason instead of failing (the sample stage does: ``prompt_exceeds_context_window``).
+    """
+
+    def __init__(self, message: str, indices: Sequence[int]):
+        super().__init__(message)
+        self.indices = list(indices)
 
 
 @runtime_checkable
@@ -61,3 +90,31 @@ class PolicyBackend(Protocol):
     ) -> list[float]:
         """Sum of log π(continuation | prompt) for each (prompt, continuation) pair, batched."""
         ...
+
+
+def yes_probability(
+    backend: PolicyBackend, prompts: list[str], yes: str = "yes", no: str | None = "no",
+    progress: ProgressCallback | None = None,
+) -> list[float]:
+    """The policy's probability of answering ``yes`` to each self-evaluation prompt.
+
+    With ``no`` given (the usual case), the two answers are normalised against each other:
+    P(yes) = π(yes|x) / (π(yes|x) + π(no|x)) = σ(log π(yes|x) − log π(no|x)), the self-evaluation
+    confidence of MCTS-DPO (Xie et al. 2024, "Monte Carlo Tree Search Boosts Reasoning via Iterative
+    Preference Learning"), robust to mass the model puts on other continuations. With ``no=None`` it
+    is the unnormalised π(yes|x) = exp(log π(yes|x)). Both are batched through ``score_logprobs``, so
+    every backend supports them. The answer strings must be in the tokenizer's vocabulary.
+    """
+    if not yes or (no is not None and (not no or no == yes)):
+        raise ValueError(f"yes_probability needs two different non-empty answers, got yes={yes!r}, no={no!r}")
+    if no is None:
+        return [math.exp(value) for value in backend.score_logprobs(prompts, [yes] * len(prompts), progress)]
+    scores = backend.score_logprobs(prompts + prompts, [yes] * len(prompts) + [no] * len(prompts), progress)
+    return [_sigmoid(a - b) for a, b in zip(scores[: len(prompts)], scores[len(prompts):], strict=True)]
+
+
+def _sigmoid(value: float) -> float:
+    if value >= 0:
+        return 1.0 / (1.0 + math.exp(-value))
+    exponential = math.exp(value)
+    return exponential / (1.0 + exponential)

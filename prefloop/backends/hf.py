@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from prefloop.backends.base import Completion, GenerationParams, ProgressCallback
+from prefloop.backends.base import Completion, ContextWindowError, GenerationParams, ProgressCallback
 
 
 def encode_completion(
@@ -94,13 +94,19 @@ def _choose_tokens(logits: torch.Tensor, params: GenerationParams, generator: to
 class _Row:
     """A sequence being generated."""
 
+    max_new_tokens: int
     token_ids: list[int] = field(default_factory=list)
     token_logprobs: list[float] = field(default_factory=list)
     completion: Completion | None = None
 
 
 class HFBackend:
-    """``PolicyBackend`` on a transformers causal LM, batched, with KV cache, on CPU by default."""
+    """``PolicyBackend`` on a transformers causal LM, batched, with KV cache, on CPU by default.
+
+    ``context_window`` (the model config's ``max_position_embeddings``) bounds prompt + completion:
+    a prompt that does not leave room for one new token raises :class:`ContextWindowError`, and a
+    completion that reaches the window finishes with ``length`` (truncated), like ``max_new_tokens``.
+    """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64):
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
@@ -108,6 +114,26 @@ class HFBackend:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        window = getattr(model.config, "max_position_embeddings", None)
+        self.context_window: int | None = int(window) if window else None
+
+    def prompt_lengths(self, prompts: list[str]) -> list[int]:
+        """Tokens of each prompt as generation sees it (special tokens included)."""
+        return [len(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]) for prompt in prompts]
+
+    def _check_context(self, lengths: list[int], what: str, room: int) -> None:
+        if self.context_window is None:
+            return
+        too_long = [index for index, length in enumerate(lengths) if length + room > self.context_window]
+        if too_long:
+            first = too_long[0]
+            raise ContextWindowError(
+                f"{len(too_long)} {what} do not fit the model's context window of {self.context_window} tokens "
+                f"(the first, #{first}, has {lengths[first]} tokens{' and needs room for one more' if room else ''}): "
+                "shorten them, drop them (the sample stage drops such prompts with reason "
+                "'prompt_exceeds_context_window'), or use a model with a longer max_position_embeddings",
+                too_long,
+            )
 
     @classmethod
     def from_directory(cls, path: str | Path, batch_size: int = 64) -> HFBackend:
@@ -121,7 +147,12 @@ class HFBackend:
     def generate(
         self, prompts: list[str], params: GenerationParams, progress: ProgressCallback | None = None
     ) -> list[list[Completion]]:
-        """``params.n`` completions per prompt; the same (prompts, params, batch_size) gives the same output."""
+        """``params.n`` completions per prompt; the same (prompts, params, batch_size) gives the same output.
+
+        Raises :class:`ContextWindowError` (with the offending prompt indices) when a prompt leaves no
+        room for a new token in the context window.
+        """
+        self._check_context(self.prompt_lengths(prompts), "prompts", room=1)
         jobs = [prompt for prompt in prompts for _ in range(params.n)]
         generator = torch.Generator().manual_seed(params.seed)
         flat: list[Completion] = []
@@ -147,6 +178,7 @@ class HFBackend:
                     strict=True,
                 )
             ]
+            self._check_context([len(ids) for ids, _ in encoded], "prompt + continuation pairs", room=0)
             batch = pad_right([ids for ids, _ in encoded], [length for _, length in encoded], self._pad_id)
             with torch.inference_mode():
                 scores.extend(completion_logprobs(self.model, *batch).tolist())
@@ -176,11 +208,16 @@ class HFBackend:
         input_ids, attention_mask = self._encode_prompts_left_padded(prompts)
         # Positions count real tokens only, so a left-padded prompt sees the same positions as alone.
         position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
-        rows = [_Row() for _ in prompts]
+        room = [params.max_new_tokens] * len(prompts)
+        if self.context_window is not None:
+            # A row stops (truncated) where prompt + completion would leave the context window.
+            prompt_lengths = attention_mask.sum(dim=-1).tolist()
+            room = [min(params.max_new_tokens, self.context_window - length) for length in prompt_lengths]
+        rows = [_Row(max_new_tokens=limit) for limit in room]
         active = list(range(len(prompts)))  # batch position -> row index
         cache = DynamicCache()
         with torch.inference_mode():
-            for step in range(params.max_new_tokens):
+            for _ in range(max(room)):
                 logits = self.model(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
@@ -191,13 +228,12 @@ class HFBackend:
                 next_tokens = _choose_tokens(logits, params, generator)
                 # Log-probs from the untempered logits: the policy's true probability of the sample.
                 next_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, next_tokens[:, None]).squeeze(-1)
-                is_last_step = step == params.max_new_tokens - 1
                 keep = [
                     position
                     for position, (token, logprob) in enumerate(
                         zip(next_tokens.tolist(), next_logprobs.tolist(), strict=True)
                     )
-                    if not self._advance(rows[active[position]], token, logprob, params, is_last_step)
+                    if not self._advance(rows[active[position]], token, logprob, params)
                 ]
                 if not keep:
                     break
@@ -212,7 +248,7 @@ class HFBackend:
                 position_ids = position_ids[:, -1:] + 1
         return [row.completion for row in rows]  # type: ignore[misc]
 
-    def _advance(self, row: _Row, token: int, logprob: float, params: GenerationParams, is_last: bool) -> bool:
+    def _advance(self, row: _Row, token: int, logprob: float, params: GenerationParams) -> bool:
         """Append a token to a row; return True (and set ``row.completion``) when the row is finished."""
         if token == self.tokenizer.eos_token_id:
             row.completion = self._finish(row, len(row.token_ids), None, "stop")
@@ -225,7 +261,7 @@ class HFBackend:
             if cut >= 0:
                 row.completion = self._finish(row, self._tokens_within(row.token_ids, cut), text[:cut], "stop")
                 return True
-        if is_last:
+        if len(row.token_ids) >= row.max_new_tokens:
             row.completion = self._finish(row, len(row.token_ids), None, "length")
             return True
         return False
@@ -242,9 +278,11 @@ class HFBackend:
 
     def _finish(self, row: _Row, num_tokens: int, text: str | None, reason: str) -> Completion:
         kept = row.token_ids[:num_tokens]
+        token_logprobs = tuple(row.token_logprobs[:num_tokens])
         return Completion(
             text=self._decode(kept) if text is None else text,
             num_tokens=num_tokens,
-            sum_logprob=float(sum(row.token_logprobs[:num_tokens])),
+            sum_logprob=float(sum(token_logprobs)),
             finish_reason=reason,  # type: ignore[arg-type]
+            token_logprobs=token_logprobs,
         )
