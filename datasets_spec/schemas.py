@@ -102,6 +102,9 @@ SAMPLES = TableSpec(
         pa.field("temperature", pa.float64()),
         pa.field("top_p", pa.float64()),
         pa.field("seed", pa.int64()),
+        # Added for imported samples (nullable, so older artifacts still read): the name of the model
+        # that wrote the completion when it is not a model artifact of this store (e.g. "gpt-4o").
+        pa.field("policy_name", pa.string()),
     ),
     required=("sample_id", "prompt_id", "prompt", "completion"),
     rules=(
@@ -241,6 +244,23 @@ TREES = TableSpec(
         pa.field("prior", pa.float64()),
         pa.field("terminal", pa.bool_()),
         pa.field("correct", pa.bool_()),
+        # Added with the mcts stage (nullable): what pair-trees needs to re-derive pairs without search —
+        # the prompt, sibling order, the node's evaluation R and self-evaluation P(yes), the step's tokens
+        # and log-prob, why a terminal node is not a verified answer, the committed path, the tree's final
+        # status (correct, incorrect, truncated_step, empty_step, max_depth, context_window), provenance.
+        pa.field("prompt", pa.string()),
+        pa.field("child_index", pa.int32()),
+        pa.field("evaluation", pa.float64()),
+        pa.field("self_eval", pa.float64()),
+        pa.field("num_tokens", pa.int32()),
+        pa.field("sum_logprob", pa.float64()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("invalid_reason", pa.string()),
+        pa.field("committed", pa.bool_()),
+        pa.field("expanded", pa.bool_()),
+        pa.field("tree_status", pa.string()),
+        pa.field("round", pa.int32()),
+        pa.field("policy_model_id", pa.string()),
     ),
     required=("tree_id", "node_id", "depth"),
     rules=(

@@ -1,89 +1,254 @@
-"""Stage ``label``: score samples with a labeler — here the task's exact-answer verifier.
+"""Stage ``label``: score samples with a labeler — a task's verifier, or any registered labeler.
 
-A verifier reads the final answer of a completion and compares it with the prompt's reference
-answer: score 1.0 when equal, 0.0 otherwise (Tülu 3's RLVR uses the same verifiable signal).
-Every label row carries the labeler's name and version.
+Labelers live in a registry (:data:`LABELERS`); the stage looks the configured one up, hands it
+the samples (and prompts, and a model artifact when it needs one) and writes what it returns as
+``labels`` rows, each carrying the labeler's name and version. Adding a labeler is one call::
+
+    register_labeler(Labeler(name="reward_model", version="1", label=score_with_reward_model,
+                             settings_model=RewardModelSettings, needs=frozenset({"model"})))
+
+after which ``label: {labeler: reward_model, settings: {...}}`` selects it; ``settings`` is checked
+against the labeler's own ``settings_model``.
+
+The built-in ``verifier`` (also under its older name ``exact_answer``) implements verifiable
+rewards (Tülu 3's RLVR, Lambert et al. 2024): the configured :class:`TaskDefinition` extracts the
+final answer of a completion and checks it against the prompt's reference answer; score 1.0 when
+they match, 0.0 otherwise. The embedded arithmetic task is the definition ``arithmetic``
+(``A:`` line, exact match); see :mod:`prefloop.tasks.answers` for the others.
+
+Rows that cannot be labeled go to the artifact's drops table with a named reason:
+``unknown_prompt_id`` (no such prompt), ``missing_reference_answer``, ``unparseable_reference``
+(the checker cannot read the reference), and — with ``on_unparseable: drop`` — ``unparseable_answer``
+and ``truncated`` (no answer could be extracted from the completion). With the default
+``score_zero`` such completions are kept as wrong answers (score 0, verdict ``unparseable`` or
+``truncated``), which is right for a policy that is learning the answer format.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import BaseModel, Field, ValidationError
 
-from prefloop.datasets_spec import LABELS, PROMPTS, SAMPLES, make_drops
-from prefloop.embedded import arithmetic
+from prefloop.datasets_spec import DROPS, LABELS, PROMPTS, SAMPLES, make_drops
 from prefloop.ids import content_id
 from prefloop.orchestration import stage_task
-from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, execute
+from prefloop.stage import StageConfig, StageContext, StageInputError, StageOutput, StageSpec, execute
 from prefloop.storage import ArtifactRef, ArtifactStore
-
-# name -> (version, extract answer from a completion)
-VERIFIERS: dict[str, tuple[str, Callable[[str], str | None]]] = {
-    "exact_answer": ("1", arithmetic.extract_answer),
-}
+from prefloop.tasks.answers import TaskDefinition, resolve_task
 
 
 class LabelingConfig(StageConfig):
-    labeler: str = Field("exact_answer", description=f"verifier to use; one of {sorted(VERIFIERS)}")
+    labeler: str = Field("exact_answer", description="registered labeler: verifier (alias exact_answer), or a plugin")
+    task: str | TaskDefinition = Field(
+        "arithmetic", description="verifier: a task preset name (arithmetic, gsm8k, math, answer_line) or a definition "
+        "{name, extract: {kind, prefix, pattern}, check: {kind, abs_tol, rel_tol, …}}")
+    on_unparseable: Literal["score_zero", "drop"] = Field(
+        "score_zero", description="a completion with no extractable answer: score 0 (a wrong answer) or drop it")
+    settings: dict[str, Any] = Field(default_factory=dict, description="settings of a plugin labeler")
 
 
+# ---------------------------------------------------------------------------------------------
+# the labeler registry
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LabelRequest:
+    """What a labeler gets: the samples (checked against the samples schema), the prompts when the
+    stage has them, the stage config, its parsed ``settings`` and the stage context (``ctx.model_dir
+    ("model")`` for a model input, ``ctx.progress`` for long work)."""
+
+    samples: pa.Table
+    prompts: pa.Table | None
+    config: LabelingConfig
+    settings: BaseModel | None
+    ctx: StageContext
+
+
+@dataclass
+class LabelBatch:
+    """What a labeler returns: one entry per label, and the sample rows it could not label."""
+
+    target_ids: list[str] = field(default_factory=list)
+    prompt_ids: list[str | None] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    verdicts: list[str | None] = field(default_factory=list)
+    extracted: list[str | None] = field(default_factory=list)
+    target_kind: Literal["sample", "pair"] = "sample"
+    dropped: list[tuple[int, str, str]] = field(default_factory=list)  # (sample row index, reason, detail)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, target_id: str, prompt_id: str | None, score: float, verdict: str | None = None,
+            extracted: str | None = None) -> None:
+        self.target_ids.append(target_id)
+        self.prompt_ids.append(prompt_id)
+        self.scores.append(float(score))
+        self.verdicts.append(verdict)
+        self.extracted.append(extracted)
+
+    def drop(self, row_index: int, reason: str, detail: str) -> None:
+        self.dropped.append((row_index, reason, detail))
+
+
+@dataclass(frozen=True)
+class Labeler:
+    name: str
+    version: str
+    label: Callable[[LabelRequest], LabelBatch]
+    settings_model: type[BaseModel] | None = None
+    needs: frozenset[str] = frozenset()  # input roles it cannot work without ("prompts", "model")
+    description: str = ""
+
+
+LABELERS: dict[str, Labeler] = {}
+
+
+def register_labeler(labeler: Labeler, *aliases: str) -> Labeler:
+    """Make ``labeler`` selectable as ``label: {labeler: NAME}`` (and under each alias)."""
+    for name in (labeler.name, *aliases):
+        existing = LABELERS.get(name)
+        if existing is not None and existing is not labeler:
+            raise ValueError(f"a labeler named '{name}' is already registered ({existing.description or existing.label})")
+        LABELERS[name] = labeler
+    return labeler
+
+
+# ---------------------------------------------------------------------------------------------
+# the built-in verifier
+# ---------------------------------------------------------------------------------------------
+def verify_samples(request: LabelRequest) -> LabelBatch:
+    """Extract each completion's answer with the task definition and check it against the reference."""
+    task = resolve_task(request.config.task)
+    prompts = request.prompts
+    references = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("reference_answer").to_pylist(),
+                          strict=True))
+    parsed_references: dict[str, Any] = {}
+    batch = LabelBatch()
+    samples = request.samples
+    columns = zip(samples.column("sample_id").to_pylist(), samples.column("prompt_id").to_pylist(),
+                  samples.column("completion").to_pylist(), samples.column("finish_reason").to_pylist(), strict=True)
+    with request.ctx.progress(samples.num_rows, "samples") as advance:
+        for index, (sample_id, prompt_id, completion, finish) in enumerate(columns):
+            advance(1)
+            if prompt_id not in references:
+                batch.drop(index, "unknown_prompt_id", "sample's prompt_id is not in the prompts artifact, so it has "
+                           "no reference answer: import or pass the prompts it was sampled for")
+                continue
+            reference = references[prompt_id]
+            if reference is None or not str(reference).strip():
+                batch.drop(index, "missing_reference_answer", "the prompt has no reference answer to check against")
+                continue
+            if prompt_id not in parsed_references:
+                parsed_references[prompt_id] = task.parse_reference(str(reference))
+            gold = parsed_references[prompt_id]
+            if gold is None:
+                batch.drop(index, "unparseable_reference",
+                           f"task '{task.name}' ({task.check.kind} check) cannot read the reference answer {reference!r}")
+                continue
+            extracted = task.extract_answer(completion)
+            if extracted is None:
+                verdict = "truncated" if finish == "length" else "unparseable"
+                if request.config.on_unparseable == "drop":
+                    reason = "truncated" if verdict == "truncated" else "unparseable_answer"
+                    batch.drop(index, reason, f"no answer found by the task's '{task.extract.kind}' extraction")
+                    continue
+            else:
+                verdict = "correct" if task.is_correct(extracted, gold) else "incorrect"
+            batch.add(sample_id, prompt_id, 1.0 if verdict == "correct" else 0.0, verdict, extracted)
+    return batch
+
+
+VERIFIER = register_labeler(
+    Labeler(name="verifier", version="2", label=verify_samples, needs=frozenset({"prompts"}),
+            description="the task definition's answer extraction and check against the reference answer"),
+    "exact_answer",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------------------------
 SPEC = StageSpec(
     name="label",
-    version="1",
+    version="2",
     config_model=LabelingConfig,
     output_kind="labels",
-    inputs={"samples": "samples", "prompts": "prompts"},
+    inputs={"samples": "samples", "prompts": "prompts", "model": "model"},
+    optional_inputs=frozenset({"prompts", "model"}),
     output_table=LABELS,
-    description="Score every sample with the task's verifier.",
+    description="Score every sample with a labeler (the task's verifier by default).",
 )
+
+
+def _labeler(config: LabelingConfig, ctx: StageContext) -> tuple[Labeler, BaseModel | None]:
+    if config.labeler not in LABELERS:
+        raise StageInputError(f"unknown labeler '{config.labeler}'; registered labelers: {', '.join(sorted(LABELERS))}")
+    labeler = LABELERS[config.labeler]
+    missing = sorted(role for role in labeler.needs if not ctx.has(role))
+    if missing:
+        raise StageInputError(f"labeler '{config.labeler}' needs the input(s) {missing}: pass "
+                              + " ".join(f"--input {role}=REF" for role in missing))
+    if labeler.settings_model is None:
+        if config.settings:
+            raise StageInputError(f"labeler '{config.labeler}' takes no settings, got {sorted(config.settings)}")
+        return labeler, None
+    try:
+        return labeler, labeler.settings_model.model_validate(config.settings)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise StageInputError(f"labeler '{config.labeler}': invalid settings ({problems})") from None
 
 
 def compute(ctx: StageContext) -> StageOutput:
     config: LabelingConfig = ctx.config
-    if config.labeler not in VERIFIERS:
-        raise ValueError(f"unknown labeler '{config.labeler}'; valid labelers: {', '.join(sorted(VERIFIERS))}")
-    version, extract = VERIFIERS[config.labeler]
+    labeler, settings = _labeler(config, ctx)
+    if labeler is VERIFIER:
+        resolve_task(config.task)  # an unknown preset fails before any work
     samples = ctx.read("samples", SAMPLES)
-    prompts = ctx.read("prompts", PROMPTS)
-    answers = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("reference_answer").to_pylist(), strict=True))
-    rows: dict[str, list] = {k: [] for k in ("label_id", "target_id", "target_kind", "prompt_id", "labeler",
-                                              "labeler_version", "score", "verdict", "extracted_answer")}
-    unknown: list[int] = []
-    columns = zip(
-        samples.column("sample_id").to_pylist(), samples.column("prompt_id").to_pylist(),
-        samples.column("completion").to_pylist(), samples.column("finish_reason").to_pylist(), strict=True,
-    )
-    for index, (sample_id, prompt_id, completion, finish) in enumerate(columns):
-        reference = answers.get(prompt_id)
-        if reference is None:
-            unknown.append(index)
-            continue
-        extracted = extract(completion)
-        if extracted is None:
-            verdict = "truncated" if finish == "length" else "unparseable"
-        else:
-            verdict = "correct" if extracted == reference.strip() else "incorrect"
-        rows["label_id"].append(content_id(config.labeler, version, sample_id))
-        rows["target_id"].append(sample_id)
-        rows["target_kind"].append("sample")
-        rows["prompt_id"].append(prompt_id)
-        rows["labeler"].append(config.labeler)
-        rows["labeler_version"].append(version)
-        rows["score"].append(1.0 if verdict == "correct" else 0.0)
-        rows["verdict"].append(verdict)
-        rows["extracted_answer"].append(extracted)
-    if unknown and len(unknown) == samples.num_rows:
-        raise ValueError("none of the samples' prompt_ids is in the prompts artifact: were they sampled from other prompts?")
-    labeled = len(rows["label_id"])
-    verdicts = {v: rows["verdict"].count(v) for v in ("correct", "incorrect", "unparseable", "truncated")}
-    metrics = {"labeled": labeled, "unknown_prompt": len(unknown), **verdicts,
-               "sample_accuracy": verdicts["correct"] / labeled if labeled else 0.0}
-    drops = make_drops(samples, np.array(unknown, dtype=np.int64), ["unknown_prompt_id"] * len(unknown), "samples",
-                       detail="sample's prompt_id is not in the prompts artifact, so it has no reference answer")
-    return StageOutput(table=pa.table(rows), drops=drops, metrics=metrics)
+    prompts = ctx.read("prompts", PROMPTS) if ctx.has("prompts") else None
+    batch = labeler.label(LabelRequest(samples=samples, prompts=prompts, config=config, settings=settings, ctx=ctx))
+    reasons = Counter(reason for _, reason, _ in batch.dropped)
+    if samples.num_rows and reasons.get("unknown_prompt_id") == samples.num_rows:
+        raise ValueError("none of the samples' prompt_ids is in the prompts artifact: were they sampled from other "
+                         "prompts? (imported prompts and samples share ids when their prompt texts are equal)")
+    version = labeler.version + (f"/{resolve_task(config.task).version}" if labeler is VERIFIER else "")
+    count = len(batch.target_ids)
+    table = pa.table({
+        "label_id": [content_id(config.labeler, version, target) for target in batch.target_ids],
+        "target_id": batch.target_ids,
+        "target_kind": [batch.target_kind] * count,
+        "prompt_id": pa.array(batch.prompt_ids, pa.string()),
+        "labeler": [config.labeler] * count,
+        "labeler_version": [version] * count,
+        "score": pa.array(batch.scores, pa.float64()),
+        "verdict": pa.array(batch.verdicts, pa.string()),
+        "extracted_answer": pa.array(batch.extracted, pa.string()),
+    })
+    verdicts = Counter(v for v in batch.verdicts if v is not None)
+    metrics: dict[str, Any] = {"labeled": count, **{v: verdicts.get(v, 0) for v in
+                                                    ("correct", "incorrect", "unparseable", "truncated")}}
+    if verdicts:
+        metrics["sample_accuracy"] = verdicts.get("correct", 0) / count if count else 0.0
+    metrics.update(batch.metrics)
+    return StageOutput(table=table, drops=_drops(samples, batch.dropped), metrics=metrics)
+
+
+def _drops(samples: pa.Table, dropped: list[tuple[int, str, str]]) -> pa.Table:
+    parts = []
+    for (reason, detail), rows in _group(dropped).items():
+        parts.append(make_drops(samples, np.array(rows, dtype=np.int64), [reason] * len(rows), "samples", detail))
+    return pa.concat_tables(parts) if parts else DROPS.schema.empty_table()
+
+
+def _group(dropped: list[tuple[int, str, str]]) -> dict[tuple[str, str], list[int]]:
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, reason, detail in dropped:
+        groups.setdefault((reason, detail), []).append(index)
+    return groups
 
 
 def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
