@@ -1,21 +1,52 @@
-"""Loss registry: values and gradients against numbers derived by hand."""
+"""Loss registry: values and gradients against numbers derived by hand, and against TRL where it has the loss.
+
+Shared fixture (``_pair_logps``), β = 0.5 unless a test says otherwise:
+  pair 1: r(y_w) = −2 − (−3) = 1, r(y_l) = −4 − (−3.5) = −0.5, h = 1.5, β·h = 0.75; |y_w| = 4, |y_l| = 5
+  pair 2: every log-prob −1, so r = 0 and h = 0;                                 |y_w| = 2, |y_l| = 2
+Values used below: ℓ(z) = −log σ(z) = log(1 + e^−z); ℓ(0.75) = 0.386871, ℓ(−0.75) = ℓ(0.75) + 0.75 = 1.136871,
+ℓ(0) = log 2 = 0.693147; σ(0.75) = 0.679179, σ(−0.75) = 0.320821; dℓ(z)/dz = −σ(−z).
+"""
+
+from collections import defaultdict
+from types import SimpleNamespace
 
 import pytest
 import torch
+from pydantic import ValidationError
 
+from prefloop.embedded.model import TinyLlamaConfig, build_model
+from prefloop.embedded.tokenizer import build_tokenizer
+from prefloop.tasks.training.loop import DPOConfig, collate, encode_examples, train_dpo
 from prefloop.tasks.training.losses import (
+    LOSS_SPECS,
     LOSSES,
+    PREFERENCE_LOSSES,
     LossHyperparameters,
     SequenceLogps,
+    completion_logps_and_kl,
     get_loss,
+    get_loss_spec,
     sft_loss,
     sigmoid_loss,
 )
 
+ISSUE_LOSSES = {
+    "sigmoid",
+    "cdpo",
+    "rdpo",
+    "ipo",
+    "hinge",
+    "simpo",
+    "rpo",
+    "sppo",
+    "tdpo",
+    "xpo",
+    "hypo",
+    "sft",
+}
 
-def _pair_logps() -> SequenceLogps:
-    # Pair 1: r(y_w) = −2 − (−3) = 1, r(y_l) = −4 − (−3.5) = −0.5, so h = 1.5.
-    # Pair 2: every log-prob equal, so h = 0.
+
+def _pair_logps(**extra) -> SequenceLogps:
     return SequenceLogps(
         policy_chosen=torch.tensor([-2.0, -1.0], requires_grad=True),
         policy_rejected=torch.tensor([-4.0, -1.0], requires_grad=True),
@@ -23,7 +54,14 @@ def _pair_logps() -> SequenceLogps:
         reference_rejected=torch.tensor([-3.5, -1.0]),
         chosen_lengths=torch.tensor([4.0, 2.0]),
         rejected_lengths=torch.tensor([5.0, 2.0]),
+        **extra,
     )
+
+
+def _value_and_gradients(name: str, logps: SequenceLogps, **hyperparameters):
+    output = get_loss(name)(logps, LossHyperparameters(**hyperparameters))
+    output.losses.sum().backward()
+    return output, logps.policy_chosen.grad.tolist(), logps.policy_rejected.grad.tolist()
 
 
 def test_dpo_loss_value_rewards_and_gradient_match_hand_derivation() -> None:
@@ -41,26 +79,106 @@ def test_dpo_loss_value_rewards_and_gradient_match_hand_derivation() -> None:
     assert logps.policy_rejected.grad.tolist() == pytest.approx([0.160411, 0.25], abs=1e-6)
 
 
-def test_dpo_needs_reference_and_rejected_log_probs() -> None:
-    logps = SequenceLogps(policy_chosen=torch.tensor([-1.0]), chosen_lengths=torch.tensor([1.0]))
-    with pytest.raises(ValueError, match="reference"):
-        sigmoid_loss(logps, LossHyperparameters())
+def test_length_normalised_dpo_divides_each_log_ratio_by_its_length() -> None:
+    output, chosen_grad, rejected_grad = _value_and_gradients(
+        "sigmoid", _pair_logps(), beta=0.5, length_normalize=True
+    )
+    # Pair 1: r(y_w)/4 = 0.25, r(y_l)/5 = −0.1, h = 0.35, βh = 0.175: ℓ(0.175) = 0.609470. Pair 2: h = 0, log 2.
+    assert output.losses.tolist() == pytest.approx([0.609470, 0.693147], abs=1e-6)
+    assert output.chosen_rewards.tolist() == pytest.approx([0.125, 0.0])  # β·r/|y|
+    # ∂/∂log π(y_w) = −β·σ(−βh)/|y_w| = −0.5·0.456272/4 = −0.057045; ∂/∂log π(y_l) = +0.5·0.456272/5 = 0.045636.
+    # Pair 2: ∓0.5·0.5/2 = ∓0.125.
+    assert chosen_grad == pytest.approx([-0.057045, -0.125], abs=1e-6)
+    assert rejected_grad == pytest.approx([0.045636, 0.125], abs=1e-6)
 
 
-def test_sft_loss_is_per_token_negative_log_likelihood() -> None:
-    logps = _pair_logps()
-    output = sft_loss(logps, LossHyperparameters())
-    assert output.losses.tolist() == pytest.approx([0.5, 0.5])  # 2/4 and 1/2
-    assert output.chosen_rewards is None
+def test_conservative_dpo_with_a_global_label_flip_rate() -> None:
+    output, chosen_grad, rejected_grad = _value_and_gradients(
+        "cdpo", _pair_logps(), beta=0.5, label_flip_rate=0.2
+    )
+    # 0.8·ℓ(0.75) + 0.2·ℓ(−0.75) = 0.8·0.386871 + 0.2·1.136871 = 0.536871; at h = 0 it is log 2 for any ε.
+    assert output.losses.tolist() == pytest.approx([0.536871, 0.693147], abs=1e-6)
+    # ∂/∂z = −(1 − ε)·σ(−z) + ε·σ(z) = σ(z) − (1 − ε): 0.679179 − 0.8 = −0.120821, ×β = −0.060411;
+    # pair 2: (0.5 − 0.8)·0.5 = −0.15. The rejected gradient is the negative.
+    assert chosen_grad == pytest.approx([-0.060411, -0.15], abs=1e-6)
+    assert rejected_grad == pytest.approx([0.060411, 0.15], abs=1e-6)
 
 
-def test_registry_lookup_and_unknown_name_lists_valid_names() -> None:
-    assert get_loss("sigmoid") is sigmoid_loss
-    assert get_loss("sft") is sft_loss
-    with pytest.raises(ValueError) as error:
-        get_loss("dpo-typo")
-    for name in LOSSES:
-        assert name in str(error.value)
+def test_conservative_dpo_reads_a_per_pair_label_flip_rate_over_the_global_one() -> None:
+    logps = _pair_logps(label_flip_rate=torch.tensor([0.5, 0.0]))
+    output, chosen_grad, _ = _value_and_gradients("cdpo", logps, beta=0.5, label_flip_rate=0.2)
+    # Pair 1, ε = 0.5: ½(ℓ(0.75) + ℓ(−0.75)) = ½(0.386871 + 1.136871) = 0.761871; gradient (σ(0.75) − 0.5)·β = 0.089589.
+    # Pair 2, ε = 0: plain DPO, log 2 and −0.25 (the global 0.2 would give −0.15).
+    assert output.losses.tolist() == pytest.approx([0.761871, 0.693147], abs=1e-6)
+    assert chosen_grad == pytest.approx([0.089589, -0.25], abs=1e-6)
+
+
+def test_robust_dpo_is_unbiased_dpo_under_label_flips() -> None:
+    output, chosen_grad, rejected_grad = _value_and_gradients(
+        "rdpo", _pair_logps(), beta=0.5, label_flip_rate=0.2
+    )
+    # [(1 − ε)ℓ(z) − εℓ(−z)]/(1 − 2ε) = [0.8·0.386871 − 0.2·1.136871]/0.6 = 0.136871 (= ℓ(z) − εz/(1 − 2ε));
+    # at z = 0: (0.8 − 0.2)·log 2/0.6 = log 2.
+    assert output.losses.tolist() == pytest.approx([0.136871, 0.693147], abs=1e-6)
+    # ∂/∂z = −σ(−z) − ε/(1 − 2ε) = −0.320821 − 0.333333 = −0.654154, ×β = −0.327077; pair 2: (−0.5 − 0.333333)·0.5.
+    assert chosen_grad == pytest.approx([-0.327077, -0.416667], abs=1e-6)
+    assert rejected_grad == pytest.approx([0.327077, 0.416667], abs=1e-6)
+
+
+def test_label_flip_rates_out_of_range_are_refused_with_the_fix() -> None:
+    with pytest.raises(ValueError, match="below 0.5"):
+        get_loss("rdpo")(_pair_logps(), LossHyperparameters(label_flip_rate=0.5))
+    with pytest.raises(ValueError, match=r"min\(1 − confidence, 0.5\)"):
+        get_loss("cdpo")(_pair_logps(label_flip_rate=torch.tensor([0.7, 0.1])), LossHyperparameters())
+    with pytest.raises(ValidationError):
+        LossHyperparameters(label_flip_rate=0.6)
+
+
+def test_ipo_pulls_the_margin_to_one_over_two_tau() -> None:
+    output, chosen_grad, rejected_grad = _value_and_gradients("ipo", _pair_logps(), ipo_tau=0.25)
+    # 1/(2τ) = 2: (1.5 − 2)² = 0.25 and (0 − 2)² = 4; ∂/∂log π(y_w) = 2(h − 2) = −1 and −4.
+    assert output.losses.tolist() == pytest.approx([0.25, 4.0])
+    assert chosen_grad == pytest.approx([-1.0, -4.0])
+    assert rejected_grad == pytest.approx([1.0, 4.0])
+    normalised, chosen_grad, rejected_grad = _value_and_gradients(
+        "ipo", _pair_logps(), ipo_tau=0.25, length_normalize=True
+    )
+    # h = 1/4 + 0.5/5 = 0.35: (0.35 − 2)² = 2.7225; ∂/∂log π(y_w) = 2(−1.65)/4 = −0.825, ∂/∂log π(y_l) = 3.3/5 = 0.66.
+    assert normalised.losses.tolist() == pytest.approx([2.7225, 4.0])
+    assert chosen_grad == pytest.approx([-0.825, -2.0])
+    assert rejected_grad == pytest.approx([0.66, 2.0])
+
+
+def test_hinge_is_flat_beyond_the_margin() -> None:
+    output, chosen_grad, rejected_grad = _value_and_gradients("hinge", _pair_logps(), beta=1.0)
+    # max(0, 1 − 1.5) = 0 with zero gradient; max(0, 1 − 0) = 1 with gradient −β = −1.
+    assert output.losses.tolist() == pytest.approx([0.0, 1.0])
+    assert chosen_grad == pytest.approx([0.0, -1.0])
+    assert rejected_grad == pytest.approx([0.0, 1.0])
+
+
+def test_simpo_needs_no_reference_and_normalises_by_length() -> None:
+    logps = SequenceLogps(
+        policy_chosen=torch.tensor([-2.0, -1.0], requires_grad=True),
+        policy_rejected=torch.tensor([-4.0, -1.0], requires_grad=True),
+        chosen_lengths=torch.tensor([4.0, 2.0]),
+        rejected_lengths=torch.tensor([5.0, 2.0]),
+    )
+    output, chosen_grad, rejected_grad = _value_and_gradients("simpo", logps, simpo_beta=2.0, simpo_gamma=0.5)
+    # Pair 1: u = 2·(−2/4 − (−4/5)) − 0.5 = 0.6 − 0.5 = 0.1, ℓ(0.1) = 0.644397.
+    # Pair 2: u = 2·(−1/2 + 1/2) − 0.5 = −0.5, ℓ(−0.5) = 0.974077.
+    assert output.losses.tolist() == pytest.approx([0.644397, 0.974077], abs=1e-6)
+    assert output.chosen_rewards.tolist() == pytest.approx([-1.0, -1.0])  # β·log π(y_w)/|y_w|
+    assert output.rejected_rewards.tolist() == pytest.approx([-1.6, -1.0])
+    # ∂/∂log π(y_w) = −σ(−u)·β/|y_w|: −0.475021·2/4 = −0.237510 and −0.622459·2/2 = −0.622459;
+    # ∂/∂log π(y_l) = +σ(−u)·β/|y_l|: 0.475021·2/5 = 0.190008 and 0.622459.
+    assert chosen_grad == pytest.approx([-0.237510, -0.622459], abs=1e-6)
+    assert rejected_grad == pytest.approx([0.190008, 0.622459], abs=1e-6)
+    # SimPO is normalised by definition: the flag changes nothing.
+    again = get_loss("simpo")(
+        logps, LossHyperparameters(simpo_beta=2.0, simpo_gamma=0.5, length_normalize=True)
+    )
+    assert torch.equal(again.losses, output.losses)
 
 
 def test_rpo_adds_the_weighted_chosen_nll_to_dpo() -> None:
@@ -71,3 +189,374 @@ def test_rpo_adds_the_weighted_chosen_nll_to_dpo() -> None:
     output.losses.sum().backward()
     # ∂/∂log π(y_w) = −β(1 − σ(βh)) − η/|y_w|: −0.160411 − 0.25 and −0.25 − 0.5.
     assert logps.policy_chosen.grad.tolist() == pytest.approx([-0.410411, -0.75], abs=1e-6)
+
+
+def test_sppo_regresses_log_ratios_on_plus_minus_half_eta() -> None:
+    output, chosen_grad, rejected_grad = _value_and_gradients("sppo", _pair_logps(), beta=0.5)
+    # η = 1/β = 2, targets ±1: (1 − 1)² + (−0.5 + 1)² = 0.25; (0 − 1)² + (0 + 1)² = 2.
+    assert output.losses.tolist() == pytest.approx([0.25, 2.0])
+    # ∂/∂log π(y_w) = 2(r_w − 1) = 0 and −2; ∂/∂log π(y_l) = 2(r_l + 1) = 1 and 2.
+    assert chosen_grad == pytest.approx([0.0, -2.0])
+    assert rejected_grad == pytest.approx([1.0, 2.0])
+    explicit = get_loss("sppo")(_pair_logps(), LossHyperparameters(beta=0.5, sppo_eta=4.0))
+    assert explicit.losses.tolist() == pytest.approx([3.25, 8.0])  # (1 − 2)² + (−0.5 + 2)²; 4 + 4
+
+
+def test_tdpo_penalises_the_rejected_kl_and_stops_the_chosen_kl_gradient() -> None:
+    chosen_kl = torch.tensor([0.4, 0.0], requires_grad=True)
+    rejected_kl = torch.tensor([1.0, 0.2], requires_grad=True)
+    logps = _pair_logps(chosen_kl=chosen_kl, rejected_kl=rejected_kl)
+    output, chosen_grad, rejected_grad = _value_and_gradients("tdpo", logps, beta=0.5, tdpo_alpha=0.5)
+    # u = βh − α(β·D_l − β·D_w): pair 1: 0.75 − 0.5·(0.5 − 0.2) = 0.6; pair 2: 0 − 0.5·(0.1 − 0) = −0.05.
+    # ℓ(0.6) = 0.437488, ℓ(−0.05) = 0.718460.
+    assert output.losses.tolist() == pytest.approx([0.437488, 0.718460], abs=1e-6)
+    # ∂/∂log π(y_w) = −β·σ(−u): −0.5·0.354344 = −0.177172 and −0.5·0.512497 = −0.256249.
+    assert chosen_grad == pytest.approx([-0.177172, -0.256249], abs=1e-6)
+    assert rejected_grad == pytest.approx([0.177172, 0.256249], abs=1e-6)
+    # ∂/∂D_l = σ(−u)·α·β = 0.354344·0.25 = 0.088586 and 0.512497·0.25 = 0.128124; D_w is stop-gradient.
+    assert rejected_kl.grad.tolist() == pytest.approx([0.088586, 0.128124], abs=1e-6)
+    assert chosen_kl.grad is None or chosen_kl.grad.abs().sum() == 0
+
+
+def test_xpo_adds_the_exploration_term_on_the_rejected_sample() -> None:
+    output, chosen_grad, rejected_grad = _value_and_gradients("xpo", _pair_logps(), beta=0.5, xpo_alpha=0.1)
+    # DPO + α·log π(ỹ), ỹ = y_l: 0.386871 − 0.4 = −0.013129; 0.693147 − 0.1 = 0.593147.
+    assert output.losses.tolist() == pytest.approx([-0.013129, 0.593147], abs=1e-6)
+    assert chosen_grad == pytest.approx([-0.160411, -0.25], abs=1e-6)  # DPO's
+    assert rejected_grad == pytest.approx([0.260411, 0.35], abs=1e-6)  # DPO's + α
+
+
+def test_hypo_kl_penalty_has_the_score_function_gradient() -> None:
+    output, chosen_grad, rejected_grad = _value_and_gradients(
+        "hypo", _pair_logps(), beta=0.5, hypo_lambda=0.1
+    )
+    # KL̂ on ỹ = y_l: log π(y_l) − log π_ref(y_l) = −0.5 and 0. Value: 0.386871 + 0.1·(−0.5) = 0.336871; log 2.
+    assert output.losses.tolist() == pytest.approx([0.336871, 0.693147], abs=1e-6)
+    assert chosen_grad == pytest.approx([-0.160411, -0.25], abs=1e-6)
+    # Rejected: DPO's 0.160411 + λ·KL̂ = 0.160411 − 0.05 = 0.110411 (not + λ = 0.260411, the plain gradient of KL̂).
+    assert rejected_grad == pytest.approx([0.110411, 0.25], abs=1e-6)
+
+
+def test_sft_loss_is_per_token_negative_log_likelihood() -> None:
+    logps = _pair_logps()
+    output = sft_loss(logps, LossHyperparameters())
+    assert output.losses.tolist() == pytest.approx([0.5, 0.5])  # 2/4 and 1/2
+    assert output.chosen_rewards is None
+    output.losses.sum().backward()
+    assert logps.policy_chosen.grad.tolist() == pytest.approx([-0.25, -0.5])  # −1/|y_w|
+
+
+def test_completion_logps_and_kl_over_the_vocabulary() -> None:
+    # Two-token vocabulary, one row [prompt=0, 1, 0]: positions 0 and 1 predict the completion tokens 1 and 0.
+    # Policy p: position 0 logits (0, 0) → (½, ½); position 1 (log 3, 0) → (¾, ¼).
+    # Reference q: position 0 (log 3, 0) → (¾, ¼); position 1 (0, 0) → (½, ½).
+    log3 = torch.log(torch.tensor(3.0)).item()
+    policy_logits = torch.tensor([[[0.0, 0.0], [log3, 0.0], [5.0, -5.0]]], requires_grad=True)
+    reference_logits = torch.tensor([[[log3, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    logps, kl = completion_logps_and_kl(
+        policy_logits, reference_logits, torch.tensor([[0, 1, 0]]), torch.tensor([[0, 1, 1]])
+    )
+    # log p(1) + log p(0) = log ½ + log ¾ = log 0.375 = −0.980829.
+    assert logps.tolist() == pytest.approx([-0.980829], abs=1e-6)
+    # KL(q‖p) = ¾ log(¾/½) + ¼ log(¼/½) = 0.130812 at position 0, ½ log(½/¾) + ½ log(½/¼) = 0.143841 at 1.
+    assert kl.tolist() == pytest.approx([0.274653], abs=1e-6)
+    kl.sum().backward()
+    # ∂KL(q‖p)/∂logits = p − q: (½ − ¾, ½ − ¼) and (¾ − ½, ¼ − ½); the last position carries no loss.
+    assert policy_logits.grad.flatten().tolist() == pytest.approx([-0.25, 0.25, 0.25, -0.25, 0.0, 0.0])
+
+
+def test_registry_lookup_and_unknown_name_lists_valid_names() -> None:
+    assert set(LOSSES) == ISSUE_LOSSES
+    assert get_loss("sigmoid") is sigmoid_loss
+    assert get_loss("sft") is sft_loss
+    with pytest.raises(ValueError) as error:
+        get_loss("dpo-typo")
+    for name in LOSSES:
+        assert name in str(error.value)
+    with pytest.raises(ValueError, match="valid names"):
+        get_loss_spec("dpo-typo")
+
+
+def test_every_loss_documents_its_formula_and_paper() -> None:
+    for name, function in LOSSES.items():
+        doc = function.__doc__ or ""
+        assert "loss = " in doc, f"{name} docstring lacks its formula"
+        assert any(str(year) in doc for year in range(2020, 2027)), f"{name} docstring cites no paper"
+
+
+def test_specs_say_what_each_loss_needs() -> None:
+    assert PREFERENCE_LOSSES == ISSUE_LOSSES - {"sft"}
+    assert {name for name, spec in LOSS_SPECS.items() if not spec.needs_reference} == {"simpo", "sft"}
+    assert {name for name, spec in LOSS_SPECS.items() if spec.needs_kl_to_reference} == {"tdpo"}
+    assert {name for name, spec in LOSS_SPECS.items() if spec.uses_label_flip_rate} == {"cdpo", "rdpo"}
+    assert get_loss_spec("tdpo").function is get_loss("tdpo")
+
+
+@pytest.mark.parametrize(
+    ("name", "logps", "missing"),
+    [
+        (
+            "sigmoid",
+            SequenceLogps(policy_chosen=torch.tensor([-1.0]), chosen_lengths=torch.tensor([1.0])),
+            "reference",
+        ),
+        (
+            "simpo",
+            SequenceLogps(policy_chosen=torch.tensor([-1.0]), chosen_lengths=torch.tensor([1.0])),
+            "policy_rejected",
+        ),
+        ("tdpo", _pair_logps(), "chosen_kl"),
+    ],
+)
+def test_missing_inputs_name_what_is_missing_and_how_to_fix(
+    name: str, logps: SequenceLogps, missing: str
+) -> None:
+    with pytest.raises(ValueError, match=missing) as error:
+        get_loss(name)(logps, LossHyperparameters())
+    assert f"loss '{name}' needs" in str(error.value)
+
+
+def test_dpo_config_takes_every_loss_hyperparameter_by_name() -> None:
+    config = DPOConfig(loss="tdpo", tdpo_alpha=0.3, beta=0.2, length_normalize=True, label_flip_rate=0.05)
+    hyperparameters = config.loss_hyperparameters()
+    assert (hyperparameters.tdpo_alpha, hyperparameters.beta, hyperparameters.length_normalize) == (
+        0.3,
+        0.2,
+        True,
+    )
+    assert set(LossHyperparameters.model_fields) <= set(DPOConfig.model_fields)
+    with pytest.raises(ValidationError, match="valid names are"):
+        DPOConfig(loss="dpo-typo")
+    with pytest.raises(ValidationError, match="extra"):
+        DPOConfig(tdpo_alfa=0.3)
+
+
+# --- The trainer prepares what each spec asks for -------------------------------------------------------------
+
+TINY = TinyLlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+PAIRS = [("1+2=?\n", "1+2=3\nA:3", "1+2=4\nA:4"), ("5-1=?\n", "5-1=4\nA:4", "A:5")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+class _NoReference:
+    """A reference the trainer must not touch (losses without a reference)."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the reference was used ({name}) by a loss whose spec needs none")
+
+
+@pytest.mark.parametrize("name", sorted(PREFERENCE_LOSSES))
+def test_train_dpo_runs_every_preference_loss(tokenizer, name: str) -> None:
+    policy = build_model(TINY, len(tokenizer), seed=1, tokenizer=tokenizer)
+    needs_reference = get_loss_spec(name).needs_reference
+    reference = (
+        build_model(TINY, len(tokenizer), seed=0, tokenizer=tokenizer) if needs_reference else _NoReference()
+    )
+    history = train_dpo(
+        policy,
+        reference,
+        tokenizer,
+        PAIRS,
+        DPOConfig(loss=name, learning_rate=1e-3, max_steps=2, batch_size=2),
+    )
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(step["loss"])) for step in history)
+
+
+def test_train_dpo_fills_the_token_level_kl_for_tdpo(tokenizer) -> None:
+    policy = build_model(TINY, len(tokenizer), seed=1, tokenizer=tokenizer)
+    reference = build_model(TINY, len(tokenizer), seed=0, tokenizer=tokenizer)
+    # The first step's loss (both pairs in one batch, weights untouched) recomputed from the logits directly.
+    encoded = encode_examples(
+        tokenizer, [p for p, _, _ in PAIRS] * 2, [c for _, c, _ in PAIRS] + [r for *_, r in PAIRS]
+    )
+    batch = collate(encoded, tokenizer.pad_token_id)
+    with torch.no_grad():
+        policy_logps, kl = completion_logps_and_kl(
+            policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+            reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+            batch.input_ids,
+            batch.completion_mask,
+        )
+        reference_logps, _ = completion_logps_and_kl(
+            reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+            reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+            batch.input_ids,
+            batch.completion_mask,
+        )
+    lengths = batch.completion_lengths
+    expected = (
+        get_loss("tdpo")(
+            SequenceLogps(
+                policy_chosen=policy_logps[:2],
+                policy_rejected=policy_logps[2:],
+                reference_chosen=reference_logps[:2],
+                reference_rejected=reference_logps[2:],
+                chosen_lengths=lengths[:2],
+                rejected_lengths=lengths[2:],
+                chosen_kl=kl[:2],
+                rejected_kl=kl[2:],
+            ),
+            LossHyperparameters(beta=0.5, tdpo_alpha=0.5),
+        )
+        .losses.mean()
+        .item()
+    )
+    assert kl.min() > 0  # two different models: the KL term is live
+    history = train_dpo(
+        policy,
+        reference,
+        tokenizer,
+        PAIRS,
+        DPOConfig(loss="tdpo", beta=0.5, tdpo_alpha=0.5, learning_rate=1e-3, max_steps=1, batch_size=2),
+    )
+    assert history[0]["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+# --- TRL equality --------------------------------------------------------------------------------------------
+# TRL 1.16 computes its DPO losses inline in DPOTrainer._compute_loss (no standalone dpo_loss). The smallest fair
+# stand-in runs that very method on an object carrying only the attributes it reads, with a model stand-in
+# whose output holds per-token log-probs we choose, and reference log-probs passed as precomputed. Both sides
+# then differentiate w.r.t. the same per-token tensor.
+
+CHOSEN_TOKENS = [[-0.5] * 4, [-0.5] * 2]  # sums −2 and −1, lengths 4 and 2 (the shared fixture)
+REJECTED_TOKENS = [[-0.8] * 5, [-0.5] * 2]  # sums −4 and −1, lengths 5 and 2
+
+
+def _token_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs [4, 5] (chosen rows, then rejected) and the completion mask [4, 6] (position 0 = prompt)."""
+    rows = CHOSEN_TOKENS + REJECTED_TOKENS
+    token_logps = torch.zeros(len(rows), 5)
+    mask = torch.zeros(len(rows), 6, dtype=torch.long)
+    for index, row in enumerate(rows):
+        token_logps[index, : len(row)] = torch.tensor(row)
+        mask[index, 1 : 1 + len(row)] = 1
+    return token_logps.requires_grad_(), mask
+
+
+def _trl_dpo_loss(loss_type: str, beta: float, label_smoothing: float = 0.0) -> tuple[float, torch.Tensor]:
+    dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer", reason="trl is not installed (dev extra)")
+    token_logps, mask = _token_batch()
+    outputs = SimpleNamespace(
+        log_probs=token_logps,
+        entropy=torch.zeros(4, 5),
+        mean_logits=torch.zeros(4, 5),
+        is_top1=torch.zeros(4, 5, dtype=torch.bool),
+    )
+    identity = lambda tensor: tensor  # noqa: E731 - one process, nothing to gather
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=identity, gather=identity),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {
+        "input_ids": torch.ones(4, 6, dtype=torch.long),
+        "attention_mask": torch.ones(4, 6, dtype=torch.long),
+        "completion_mask": mask,
+        "ref_chosen_logps": torch.tensor([-3.0, -1.0]),
+        "ref_rejected_logps": torch.tensor([-3.5, -1.0]),
+    }
+    loss = dpo_trainer.DPOTrainer._compute_loss(trainer, lambda **_: outputs, inputs, False)
+    loss.backward()
+    return loss.item(), token_logps.grad
+
+
+def _ours(name: str, **hyperparameters) -> tuple[float, torch.Tensor]:
+    token_logps, mask = _token_batch()
+    sums = (token_logps * mask[:, 1:]).sum(dim=-1)
+    lengths = mask.sum(dim=-1).float()
+    logps = SequenceLogps(
+        policy_chosen=sums[:2],
+        policy_rejected=sums[2:],
+        reference_chosen=torch.tensor([-3.0, -1.0]),
+        reference_rejected=torch.tensor([-3.5, -1.0]),
+        chosen_lengths=lengths[:2],
+        rejected_lengths=lengths[2:],
+    )
+    loss = get_loss(name)(logps, LossHyperparameters(**hyperparameters)).losses.mean()
+    loss.backward()
+    return loss.item(), token_logps.grad
+
+
+@pytest.mark.parametrize(
+    ("trl_loss_type", "trl_beta", "trl_label_smoothing", "ours", "hyperparameters"),
+    [
+        ("sigmoid", 0.5, 0.0, "sigmoid", {"beta": 0.5}),
+        ("sigmoid_norm", 0.5, 0.0, "sigmoid", {"beta": 0.5, "length_normalize": True}),
+        ("hinge", 0.5, 0.0, "hinge", {"beta": 0.5}),
+        ("ipo", 0.25, 0.0, "ipo", {"ipo_tau": 0.25, "length_normalize": True}),  # TRL's β is IPO's τ
+        ("robust", 0.5, 0.2, "rdpo", {"beta": 0.5, "label_flip_rate": 0.2}),
+        ("sppo_hard", 0.5, 0.0, "sppo", {"beta": 0.5}),
+        # TRL's sft averages over all chosen tokens of the batch, ours per example then over the batch: the
+        # values agree here because every chosen token has the same log-prob (−0.5); the gradients do not.
+        ("sft", 0.5, 0.0, "sft", {}),
+    ],
+)
+def test_same_value_and_gradient_as_trl_dpo_trainer(
+    trl_loss_type: str, trl_beta: float, trl_label_smoothing: float, ours: str, hyperparameters: dict
+) -> None:
+    trl_value, trl_gradient = _trl_dpo_loss(trl_loss_type, trl_beta, trl_label_smoothing)
+    our_value, our_gradient = _ours(ours, **hyperparameters)
+    assert our_value == pytest.approx(trl_value, abs=1e-6)
+    if trl_loss_type != "sft":
+        # Compared on the completion tokens: TRL sums the model's per-token log-probs unmasked (its fused head
+        # returns 0 off the completion), so its gradient also reaches the stand-in's padding positions.
+        completion = _token_batch()[1][:, 1:].bool()
+        assert torch.allclose(our_gradient[completion], trl_gradient[completion], atol=1e-6)
+
+
+def _trl_cpo_loss(
+    loss_type: str, beta: float, chosen: torch.Tensor, rejected: torch.Tensor, **extra
+) -> torch.Tensor:
+    cpo_trainer = pytest.importorskip(
+        "trl.experimental.cpo.cpo_trainer", reason="trl is not installed (dev extra)"
+    )
+    trainer = SimpleNamespace(
+        alpha=0.0,
+        loss_type=loss_type,
+        beta=beta,
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+        simpo_gamma=extra.get("simpo_gamma", 0.0),
+        label_smoothing=extra.get("label_smoothing", 0.0),
+    )
+    losses, _, _ = cpo_trainer.CPOTrainer.cpo_loss(trainer, chosen, rejected)
+    return losses
+
+
+def test_simpo_matches_trl_cpo_trainer() -> None:
+    logps = _pair_logps()
+    ours = get_loss("simpo")(logps, LossHyperparameters(simpo_beta=2.0, simpo_gamma=0.5)).losses
+    # CPOTrainer's simpo takes the length-averaged log-probs (its average_log_prob=True for simpo).
+    trl = _trl_cpo_loss(
+        "simpo",
+        2.0,
+        logps.policy_chosen / logps.chosen_lengths,
+        logps.policy_rejected / logps.rejected_lengths,
+        simpo_gamma=0.5,
+    )
+    assert torch.allclose(ours, trl, atol=1e-6)
+
+
+def test_conservative_dpo_matches_trl_label_smoothing() -> None:
+    # TRL 1.16's DPOTrainer dropped label smoothing from its sigmoid loss; CPOTrainer's sigmoid keeps the
+    # conservative form (1 − ε)ℓ(β·Δ) + εℓ(−β·Δ) on Δ = its inputs' difference, so the log-ratios go in.
+    logps = _pair_logps()
+    ours = get_loss("cdpo")(logps, LossHyperparameters(beta=0.5, label_flip_rate=0.2)).losses
+    chosen_ratio = logps.policy_chosen - logps.reference_chosen
+    rejected_ratio = logps.policy_rejected - logps.reference_rejected
+    trl = _trl_cpo_loss("sigmoid", 0.5, chosen_ratio, rejected_ratio, label_smoothing=0.2)
+    assert torch.allclose(ours, trl, atol=1e-6)

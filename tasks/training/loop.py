@@ -22,17 +22,18 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefloop.backends.base import ProgressCallback
 from prefloop.backends.hf import completion_logprobs, encode_completion, pad_right
 from prefloop.tasks.training.losses import (
-    PREFERENCE_LOSSES,
     LossHyperparameters,
     LossOutput,
     SequenceLogps,
+    completion_logps_and_kl,
     get_loss,
+    get_loss_spec,
 )
 
 
@@ -63,8 +64,11 @@ class SFTConfig(OptimizationConfig):
     warmup_steps: int = 50
 
 
-class DPOConfig(OptimizationConfig):
+class DPOConfig(OptimizationConfig, LossHyperparameters):
     """Preference optimisation with a registered loss (``sigmoid`` = DPO, Rafailov et al. 2023).
+
+    The loss hyperparameters (β, ε of cdpo/rdpo, IPO's τ, SimPO's β and γ, TDPO's α, ...,
+    ``length_normalize``) are the flat fields of ``LossHyperparameters``, with the papers' defaults.
 
     Defaults follow the paper (β = 0.1) with a small learning rate: with plain DPO on the 1 M-parameter
     embedded model, 1e-5 and above collapse accuracy within a round (FINDINGS). The embedded demo
@@ -72,12 +76,19 @@ class DPOConfig(OptimizationConfig):
     NLL term keeps the higher rate stable (benchmarks/demo_sizing.py).
     """
 
-    loss: str = "sigmoid"
-    beta: float = Field(0.1, gt=0.0, description="DPO β (paper default 0.1)")
-    nll_weight: float = Field(0.005, ge=0.0, description="η of the rpo loss (chosen NLL weight); unused by sigmoid")
+    loss: str = Field("sigmoid", description="a registered loss name (tasks/training/losses.py)")
     learning_rate: float = 3e-6
     batch_size: int = 32
     epochs: float = 1.0
+
+    @field_validator("loss")
+    @classmethod
+    def _registered_loss(cls, name: str) -> str:
+        get_loss_spec(name)  # an unknown name fails here, with the list of valid names
+        return name
+
+    def loss_hyperparameters(self) -> LossHyperparameters:
+        return LossHyperparameters(**self.model_dump(include=set(LossHyperparameters.model_fields)))
 
 
 @dataclass(frozen=True)
@@ -239,6 +250,16 @@ def _reference_logprobs(
     return torch.cat(scores)
 
 
+def _logps_and_kl_to_reference(
+    policy: PreTrainedModel, reference: PreTrainedModel, batch: Batch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy sequence log-probs and Σ_t KL(π_ref‖π) over each completion (for TDPO): one forward of each."""
+    logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    with torch.no_grad():
+        reference_logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return completion_logps_and_kl(logits, reference_logits, batch.input_ids, batch.completion_mask)
+
+
 def _preference_metrics(output: LossOutput) -> dict[str, float]:
     """Mean implicit rewards, their margin, and the share of pairs where chosen out-rewards rejected."""
     chosen, rejected = output.chosen_rewards, output.rejected_rewards
@@ -267,8 +288,8 @@ def train_dpo(
     implicit-reward margin β·h and the implicit-reward accuracy (share of pairs with h > 0).
     """
     config = config or DPOConfig()
-    loss_function = get_loss(config.loss)
-    if config.loss not in PREFERENCE_LOSSES:
+    loss_spec = get_loss_spec(config.loss)
+    if not loss_spec.needs_rejected:
         raise ValueError(f"train_dpo needs a preference loss, got '{config.loss}' (use train_sft for it)")
     if not pairs:
         raise ValueError("train_dpo got no pairs: every prompt was all-correct or all-wrong?")
@@ -276,24 +297,32 @@ def train_dpo(
     chosen = encode_examples(tokenizer, prompts, [c for _, c, _ in pairs])
     rejected = encode_examples(tokenizer, prompts, [r for _, _, r in pairs])
     pad_id = tokenizer.pad_token_id
-    reference_chosen = _reference_logprobs(reference, chosen, pad_id, 2 * config.batch_size)
-    reference_rejected = _reference_logprobs(reference, rejected, pad_id, 2 * config.batch_size)
-    hyperparameters = LossHyperparameters(beta=config.beta, nll_weight=config.nll_weight)
+    reference_chosen = reference_rejected = None
+    if loss_spec.needs_reference:
+        reference_chosen = _reference_logprobs(reference, chosen, pad_id, 2 * config.batch_size)
+        reference_rejected = _reference_logprobs(reference, rejected, pad_id, 2 * config.batch_size)
+    hyperparameters = config.loss_hyperparameters()
 
     def loss_for_batch(indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = collate([chosen[i] for i in indices] + [rejected[i] for i in indices], pad_id)
-        policy_logps = sequence_logprobs(policy, batch)
+        kl = None  # Σ_t KL(π_ref‖π), only for losses whose spec asks for it (TDPO)
+        if loss_spec.needs_kl_to_reference:
+            policy_logps, kl = _logps_and_kl_to_reference(policy, reference, batch)
+        else:
+            policy_logps = sequence_logprobs(policy, batch)
         lengths = batch.completion_lengths
         count = len(indices)
         logps = SequenceLogps(
             policy_chosen=policy_logps[:count],
             policy_rejected=policy_logps[count:],
-            reference_chosen=reference_chosen[indices],
-            reference_rejected=reference_rejected[indices],
+            reference_chosen=reference_chosen[indices] if reference_chosen is not None else None,
+            reference_rejected=reference_rejected[indices] if reference_rejected is not None else None,
             chosen_lengths=lengths[:count],
             rejected_lengths=lengths[count:],
+            chosen_kl=kl[:count] if kl is not None else None,
+            rejected_kl=kl[count:] if kl is not None else None,
         )
-        output = loss_function(logps, hyperparameters)
+        output = loss_spec(logps, hyperparameters)
         return output.losses.mean(), _preference_metrics(output)
 
     return _optimise(policy, len(pairs), config, loss_for_batch, progress)
