@@ -239,6 +239,107 @@ def stage(
 
 
 # ----------------------------------------------------------------------------------------------
+# bring your own data and models; the data-only flow
+# ----------------------------------------------------------------------------------------------
+@app.command("import")
+def import_command(
+    kind: Annotated[str, typer.Argument(help="prompts | samples | preferences | model")],
+    source: Annotated[Path, typer.Argument(metavar="SRC", help=".jsonl/.parquet/.csv file or folder, a save_to_disk "
+                                           "folder, or (model) a save_pretrained folder with safetensors weights")],
+    maps: Annotated[list[str] | None, typer.Option("--map", "-m", help="TARGET=SOURCE, repeatable; SOURCE may be a "
+                                                   "dotted path into nested fields (reference_answer=meta.final)")] = None,
+    output_name: Annotated[str | None, typer.Option("--name", help="ref name to point at the artifact")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="the split of a saved DatasetDict")] = None,
+    prompt_split: Annotated[str, typer.Option("--prompt-split", help="prompts: train or heldout, for rows "
+                                              "without a split field")] = "train",
+    policy: Annotated[str | None, typer.Option("--policy", help="samples: policy name for rows without one")] = None,
+    store: StoreOption = None,
+) -> None:
+    """Import prompts, completions (samples), preference pairs or a model into the store.
+
+    Every row goes through the data contracts: bad rows are quarantined with a reason and listed
+    below; the source is only read. The same data with the same mapping gives the same artifact."""
+    from prefloop.tasks import importing
+
+    with _friendly_errors():
+        target = _store(store)
+        if kind == "model":
+            if maps or split:
+                fail("--map and --split do not apply to 'import model'")
+            result = importing.import_model(source, target, output_name)
+        else:
+            result = importing.import_table(kind, source, target, importing.parse_map_options(maps or []), split,
+                                            prompt_split, policy, output_name)
+    status = "[green]cached: this data was imported before[/]" if result.cached else "imported"
+    console.print(f"{kind}: {source} -> {result.output} ({status})")
+    if kind == "model":
+        metrics = result.metrics
+        console.print(f"weights: {', '.join(metrics.get('weight_files', []))}; chat template: "
+                      f"{'yes' if metrics.get('has_chat_template') else 'no'}")
+        if metrics.get("skipped_files"):
+            console.print(f"[yellow]not imported (pickle files):[/] {', '.join(metrics['skipped_files'])}")
+    else:
+        console.print(import_summary(target, result))
+    if output_name:
+        console.print(f"ref {output_name} -> {result.output}")
+
+
+def import_summary(store: ArtifactStore, result) -> Table:
+    """Rows read, kept and dropped by reason (with the first example of each), from the import's artifact."""
+    metrics = result.metrics
+    table = Table("", "rows", "example", title=f"import of {metrics.get('source', '?')} ({metrics.get('source_format')})")
+    table.add_row("source rows", str(metrics.get("source_rows", "?")), "")
+    if metrics.get("merged_repeated_prompts"):
+        table.add_row("repeated prompts merged", str(metrics["merged_repeated_prompts"]), "")
+    table.add_row("[green]imported[/]", str(result.rows), "")
+    if result.drops:
+        drops = store.read_table(result.ref, "drops").to_pylist()
+        for reason, count in sorted(result.drops.items()):
+            first = next(d for d in drops if d["reason"] == reason)
+            where = f"row {first['row_index']}: " if first["row_index"] is not None else ""
+            table.add_row(f"[red]dropped: {reason}[/]", str(count), where + (first["detail"] or "")[:100])
+    mapping = ", ".join(f"{column}<-{field}" for column, field in metrics.get("mapping", {}).items())
+    table.caption = f"columns: {mapping}" + (f"; ignored fields: {', '.join(metrics['ignored_fields'])}"
+                                             if metrics.get("ignored_fields") else "")
+    return table
+
+
+@app.command()
+def data(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="data-only config (configs/data_only.yaml)")] = None,
+    prompts: Annotated[str | None, typer.Option(help="prompts artifact (ref), e.g. from 'prefloop import prompts'")] = None,
+    samples: Annotated[str | None, typer.Option(help="samples artifact (ref), e.g. from 'prefloop import samples'")] = None,
+    name: Annotated[str | None, typer.Option(help="run name: refs go under NAME/ (default: the config's)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="export the filtered pairs to this directory")] = None,
+    use_prefect: Annotated[bool, typer.Option("--prefect/--no-prefect", help="run as a Prefect flow (default) or "
+                                              "call the stages directly")] = True,
+    store: StoreOption = None,
+) -> None:
+    """The data-only flow: (import →) label → construct → filter → export. No training, no GPU."""
+    from prefloop.flows.data import DataConfig, data_flow, load_data_config, run_data
+    from prefloop.orchestration import local_flow_settings
+
+    with _friendly_errors():
+        data_config = load_data_config(config, name=name) if config else DataConfig(**({"name": name} if name else {}))
+        target = _store(store)
+        _install_progress()
+        arguments = (data_config, target.uri, prompts, samples, str(out) if out else None)
+        if use_prefect:
+            with local_flow_settings():
+                summary = data_flow(*arguments)
+        else:
+            summary = run_data(*arguments)
+    table = Table("stage", "artifact", "status", "rows", "dropped", title=f"data-only run '{summary.name}'")
+    for result in summary.stages:
+        dropped = ", ".join(f"{reason}={count}" for reason, count in sorted(result.drops.items()))
+        table.add_row(result.stage, result.output, "cached" if result.cached else "computed", str(result.rows), dropped)
+    console.print(table)
+    console.print(f"preference pairs: {summary.preferences} (ref {summary.name}/preferences-filtered)")
+    if summary.export_path:
+        console.print(f"exported to {summary.export_path}")
+
+
+# ----------------------------------------------------------------------------------------------
 # inspect
 # ----------------------------------------------------------------------------------------------
 @app.command("ls")

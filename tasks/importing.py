@@ -107,6 +107,21 @@ class ImportConfig(StageConfig):
     policy_name: str | None = Field(None, description="samples: policy name of rows without a policy field")
 
 
+class ImportSource(StageConfig):
+    """An import as a flow or config file states it: where the data is and how to read it."""
+
+    source: str = Field(description="a .jsonl/.parquet/.csv file, a folder of them, or a save_to_disk folder")
+    map: dict[str, str] = Field(default_factory=dict, description="TARGET column -> SOURCE field (dotted path)")
+    dataset_split: str | None = Field(None, description="the split of a saved DatasetDict")
+    split: Literal["train", "heldout"] = Field("train", description="prompts: split of rows without a split field")
+    policy_name: str | None = Field(None, description="samples: policy name of rows without a policy field")
+
+    def task_config(self) -> dict[str, Any]:
+        """The mapping an import task takes (see :data:`prefect_tasks`)."""
+        return {"source": self.source, "mapping": self.map, "dataset_split": self.dataset_split,
+                "split": self.split, "policy_name": self.policy_name}
+
+
 def _spec(kind: ImportKind) -> StageSpec:
     return StageSpec(
         name=f"import-{kind}", version="1", config_model=ImportConfig, output_kind=kind, inputs={},

@@ -1,0 +1,141 @@
+"""The data-only flow: build a preference set from other models' completions — no training, no GPU.
+
+    import prompts ─┐
+    import samples ─┴─► label ─► construct ─► filter ─► export (TRL-ready prompt/chosen/rejected)
+
+The way a data team works: completions of several policies per prompt (each row tagged with its
+policy name) are imported, checked against the prompts' reference answers by a task definition
+(e.g. ``\\boxed{}`` + math-verify), paired best against worst and filtered; every stage is a
+versioned artifact, every dropped row is in a drops table with its reason, and a rerun is a series
+of store lookups. :func:`run_data` calls the stage cores directly; :func:`data_flow` is the same
+wiring as a Prefect flow (each stage a task, visible in the UI).
+
+Prompts and samples are either refs of artifacts imported before (``prefloop import …``) or
+import specs in the config (``samples: {source: completions.jsonl, map: {completion: output}}``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from prefloop.config import ConfigFileError, read_yaml
+from prefloop.flows.loop import StageCaller, direct_caller, prefect_caller
+from prefloop.orchestration import call_stage_task
+from prefloop.stage import StageResult
+from prefloop.storage import DEFAULT_STORE, ArtifactStore
+from prefloop.tasks import construct, filtering, importing, labeling
+from prefloop.tasks.construct import ConstructConfig
+from prefloop.tasks.filtering import FilterConfig
+from prefloop.tasks.importing import ImportSource
+from prefloop.tasks.labeling import LabelingConfig
+
+
+class ExportSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: Literal["trl", "jsonl", "parquet"] = Field("trl", description="trl: prompt/chosen/rejected Parquet")
+    out: str | None = Field(None, description="directory to export the filtered preferences to (None: no export)")
+
+
+class DataConfig(BaseModel):
+    """A data-only run: import (or reuse) prompts and samples, label, construct, filter, export."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field("data", description="run name: refs are written under NAME/ (e.g. data/preferences)")
+    prompts: str | ImportSource | None = Field(
+        None, description="ref of a prompts artifact, or an import spec {source, map, …}; the verifier needs it")
+    samples: str | ImportSource | None = Field(None, description="ref of a samples artifact, or an import spec")
+    label: LabelingConfig = Field(default_factory=lambda: LabelingConfig(labeler="verifier", task="math"))
+    construction: ConstructConfig = Field(default_factory=ConstructConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+
+
+def load_data_config(path: str | Path, **overrides: Any) -> DataConfig:
+    data = read_yaml(path) | {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return DataConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigFileError(f"{path} is not a valid data-only config:\n{error}") from None
+
+
+class DataSummary(BaseModel):
+    name: str
+    store: str
+    preferences: str
+    stages: list[StageResult]
+    export_path: str | None = None
+
+
+ImportCaller = Any  # (kind, ImportSource, store, name) -> StageResult
+
+
+def direct_import(kind: str, spec: ImportSource, store: str, name: str) -> StageResult:
+    return importing.import_table(kind, spec.source, ArtifactStore(store), spec.map, spec.dataset_split, spec.split,
+                                  spec.policy_name, name)
+
+
+def prefect_import(kind: str, spec: ImportSource, store: str, name: str) -> StageResult:
+    return call_stage_task(importing.prefect_tasks[kind], {}, spec.task_config(), store, name)
+
+
+def _artifact(kind: str, given: str | ImportSource | None, store: str, name: str, importer: ImportCaller,
+              stages: list[StageResult]) -> str | None:
+    if given is None:
+        return None
+    if isinstance(given, ImportSource):
+        result = importer(kind, given, store, name)
+        stages.append(result)
+        return result.output
+    target = ArtifactStore(store)
+    ref = target.resolve(given)
+    if ref.kind != kind:
+        raise ValueError(f"'{given}' is a {ref.kind} artifact ({ref}), but the data-only flow's {kind} must be a {kind} "
+                         f"artifact: import it with 'prefloop import {kind} FILE'")
+    target.set_ref(name, ref, note=f"data-only run input ({given})")
+    return str(ref)
+
+
+def run_data(config: DataConfig, store: str = DEFAULT_STORE, prompts: str | None = None, samples: str | None = None,
+             out: str | None = None, call: StageCaller = direct_caller,
+             importer: ImportCaller = direct_import) -> DataSummary:
+    """Import (or look up) prompts and samples, then label → construct → filter, and export the kept pairs.
+
+    ``prompts``/``samples``/``out`` override the config's (refs, and an export directory).
+    """
+    store = ArtifactStore(store).uri
+    name = config.name
+    stages: list[StageResult] = []
+    samples_ref = _artifact("samples", samples or config.samples, store, f"{name}/samples", importer, stages)
+    prompts_ref = _artifact("prompts", prompts or config.prompts, store, f"{name}/prompts", importer, stages)
+    if samples_ref is None:
+        raise ValueError("the data-only flow needs samples: give --samples REF (from 'prefloop import samples FILE') "
+                         "or a 'samples: {source: FILE, map: {...}}' section in the config")
+    label_inputs = {"samples": samples_ref} | ({"prompts": prompts_ref} if prompts_ref else {})
+    labels = call(labeling, label_inputs, config.label.model_dump(), store, f"{name}/labels")
+    pairs = call(construct, {"samples": samples_ref, "labels": labels.output}, config.construction.model_dump(), store,
+                 f"{name}/preferences")
+    kept = call(filtering, {"preferences": pairs.output}, config.filter.model_dump(), store,
+                f"{name}/preferences-filtered")
+    stages += [labels, pairs, kept]
+    export_dir = out or config.export.out
+    path = None
+    if export_dir:
+        from prefloop.datasets_spec.exporters import export_artifact
+
+        target = ArtifactStore(store)
+        path = str(export_artifact(target, target.resolve(kept.output), export_dir, config.export.format))
+    return DataSummary(name=name, store=store, preferences=kept.output, stages=stages, export_path=path)
+
+
+@flow(name="prefloop-data", log_prints=True)
+def data_flow(config: DataConfig, store: str = DEFAULT_STORE, prompts: str | None = None, samples: str | None = None,
+              out: str | None = None) -> DataSummary:
+    """The data-only flow as a Prefect flow: imports and stages are tasks; see :func:`run_data`."""
+    return run_data(config, store, prompts, samples, out, call=prefect_caller, importer=prefect_import)
+
