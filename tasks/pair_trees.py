@@ -1,0 +1,175 @@
+"""Stage ``pair-trees``: step-level preference pairs from stored MCTS trees (MCTS-DPO), no new search.
+
+Xie et al. 2024, "Monte Carlo Tree Search Boosts Reasoning via Iterative Preference Learning": at
+each depth of the committed path, the sibling steps with the highest and the lowest Q form a pair
+that shares its prefix — prompt = problem + the committed steps above, chosen = the highest-Q step,
+rejected = the lowest-Q step — at most ``max_pairs_per_tree`` (8) per tree, from the top down. Each
+pair carries the confidence of its label from the visit counts,
+
+    conf = 1 / (1 + N_l / max(1, N_w)),
+
+which a conservative-DPO trainer turns into a per-pair ε = min(1 − conf, 0.5). Siblings with equal Q
+make no pair (nothing to prefer), nor do steps the policy could not finish (truncated, empty, out of
+context): pairing them would teach a wrong preference silently.
+
+A tree gives pairs only when its committed path ends in a verified-correct answer that was not
+truncated (``require_correct``); every other tree is recorded in ``drops`` with its reason
+(``tree_incorrect``, ``tree_truncated_step``, ``tree_empty_step``, ``tree_max_depth``,
+``tree_context_window``, ``tree_unfinished``).
+
+Rules (``rule``): ``committed_path`` (the paper's), or ``all_expanded`` — the same highest-vs-lowest
+pair at every expanded node of the tree, committed or not. ``completion``: ``step`` (the paper's
+single step, with its newline unless it is the answer line) or ``to_leaf`` (each side continued along
+its most-visited descendants to a leaf, so a pair ending in answers compares whole continuations —
+useful with trainers that append eos to every completion).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from prefloop.datasets_spec import PREFERENCES, TREES, make_drops
+from prefloop.orchestration import stage_task
+from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, execute
+from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.tasks.construct import pair_id
+from prefloop.tasks.mcts import STEP_SEPARATOR, SearchTree, trees_from_table
+
+METHOD = "mcts_step"
+
+
+class PairTreesConfig(StageConfig):
+    rule: Literal["committed_path", "all_expanded"] = Field(
+        "committed_path", description="which nodes' children are paired (committed_path: the paper's)")
+    completion: Literal["step", "to_leaf"] = Field(
+        "step", description="step: the sibling steps alone (paper); to_leaf: each continued to its most-visited leaf")
+    max_pairs_per_tree: int = Field(8, ge=1)
+    require_correct: bool = Field(True, description="pair only trees whose committed answer is verified correct")
+
+
+SPEC = StageSpec(
+    name="pair-trees",
+    version="1",
+    config_model=PairTreesConfig,
+    output_kind="preferences",
+    inputs={"trees": "trees"},
+    output_table=PREFERENCES,
+    description="Step-level pairs (highest-Q vs lowest-Q siblings) from stored MCTS trees, with visit-count confidence.",
+)
+
+
+@dataclass(frozen=True)
+class StepPair:
+    """A pair of sibling nodes under ``parent`` (node indices in one tree)."""
+
+    parent: int
+    chosen: int
+    rejected: int
+    confidence: float
+
+
+def visit_confidence(chosen_visits: int, rejected_visits: int) -> float:
+    """conf = 1 / (1 + N_l / max(1, N_w)) (MCTS-DPO); ε = min(1 − conf, 0.5) for conservative DPO."""
+    return 1.0 / (1.0 + rejected_visits / max(1, chosen_visits))
+
+
+def sibling_pair(tree: SearchTree, parent: int) -> StepPair | None:
+    """Highest-Q vs lowest-Q among a node's finished children (first child wins ties), or None."""
+    candidates = [tree.nodes[c] for c in tree.nodes[parent].children if tree.nodes[c].invalid_reason is None]
+    if len(candidates) < 2:
+        return None
+    best = max(candidates, key=lambda n: (n.q_value, -n.child_index))
+    worst = min(candidates, key=lambda n: (n.q_value, n.child_index))
+    if best.q_value == worst.q_value:
+        return None
+    return StepPair(parent, best.index, worst.index, visit_confidence(best.visits, worst.visits))
+
+
+def step_pairs(tree: SearchTree, rule: str = "committed_path", max_pairs: int = 8) -> list[StepPair]:
+    """The pairs of one tree, from the top down."""
+    if rule == "committed_path":
+        parents = tree.committed_path()
+    elif rule == "all_expanded":
+        parents = sorted((n.index for n in tree.nodes if n.children), key=lambda i: (tree.nodes[i].depth, i))
+    else:
+        raise ValueError(f"unknown pairing rule '{rule}'; rules: committed_path, all_expanded")
+    pairs = [pair for parent in parents if (pair := sibling_pair(tree, parent)) is not None]
+    return pairs[:max_pairs]
+
+
+def completion_text(tree: SearchTree, index: int, completion: str = "step") -> str:
+    """A node's step (with its newline unless terminal), continued to a leaf for ``to_leaf``."""
+    steps = [index]
+    if completion == "to_leaf":
+        while tree.nodes[steps[-1]].children:
+            children = [tree.nodes[c] for c in tree.nodes[steps[-1]].children]
+            steps.append(max(children, key=lambda n: (n.visits, n.q_value, -n.child_index)).index)
+    elif completion != "step":
+        raise ValueError(f"unknown completion '{completion}'; completions: step, to_leaf")
+    return "".join(tree.nodes[i].step + ("" if tree.nodes[i].terminal else STEP_SEPARATOR) for i in steps)
+
+
+def pair_rows(tree: SearchTree, pairs: list[StepPair], completion: str, round_index: int | None,
+              policy_model_id: str | None) -> list[dict]:
+    rows = []
+    for pair in pairs:
+        prompt = tree.prefix(pair.parent)
+        chosen, rejected = tree.nodes[pair.chosen], tree.nodes[pair.rejected]
+        chosen_text = completion_text(tree, pair.chosen, completion)
+        rejected_text = completion_text(tree, pair.rejected, completion)
+        rows.append({
+            "pair_id": pair_id(prompt, chosen_text, rejected_text), "prompt_id": tree.prompt_id, "prompt": prompt,
+            "chosen": chosen_text, "rejected": rejected_text, "score_chosen": chosen.q_value,
+            "score_rejected": rejected.q_value, "margin": chosen.q_value - rejected.q_value, "method": METHOD,
+            "confidence": pair.confidence, "chosen_sample_id": tree.node_label(pair.chosen),
+            "rejected_sample_id": tree.node_label(pair.rejected), "round": round_index,
+            "policy_model_id": policy_model_id,
+        })
+    return rows
+
+
+def compute(ctx: StageContext) -> StageOutput:
+    config: PairTreesConfig = ctx.config
+    table = ctx.read("trees", TREES)
+    trees = trees_from_table(table)
+    node_ids = table.column("node_id").to_pylist()
+    root_rows = {node_id.partition(":")[0]: i for i, node_id in enumerate(node_ids) if node_id.endswith(":")}
+    provenance = {tree_id: (round_index, policy) for tree_id, round_index, policy in zip(
+        table.column("tree_id").to_pylist(), table.column("round").to_pylist(),
+        table.column("policy_model_id").to_pylist(), strict=True)}
+    rows: list[dict] = []
+    dropped: list[int] = []
+    reasons: list[str] = []
+    no_pair = 0
+    for tree in trees:
+        if config.require_correct and tree.status != "correct":
+            dropped.append(root_rows[tree.tree_id])
+            reasons.append(f"tree_{tree.status if tree.status != 'searching' else 'unfinished'}")
+            continue
+        pairs = step_pairs(tree, config.rule, config.max_pairs_per_tree)
+        no_pair += not pairs
+        round_index, policy_model_id = provenance[tree.tree_id]
+        rows.extend(pair_rows(tree, pairs, config.completion, round_index, policy_model_id))
+    pairs_table = pa.Table.from_pylist(rows, schema=PREFERENCES.schema) if rows else PREFERENCES.schema.empty_table()
+    drops = make_drops(table, np.array(dropped, dtype=np.int64), reasons, "trees",
+                       detail="tree not paired: its committed path does not end in a verified, untruncated answer")
+    kept = len(trees) - len(dropped)
+    confidences = [row["confidence"] for row in rows]
+    metrics = {
+        "trees": len(trees), "trees_paired": kept, "trees_without_pairs": no_pair, "pairs_built": len(rows),
+        "mean_confidence": float(np.mean(confidences)) if confidences else None,
+    }
+    return StageOutput(table=pairs_table, drops=drops, metrics=metrics)
+
+
+def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
+    return execute(SPEC, compute, inputs, config, store, name)
+
+
+# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
+prefect_task = stage_task(SPEC, run)

@@ -1,0 +1,392 @@
+"""Step-level MCTS (MCTS-DPO): PUCT, backup, commit, pairing, drops and the batched search.
+
+Unit tests use hand-built trees with hand-derived numbers, and a scripted policy (a fake backend
+that knows the arithmetic) so trees are deterministic; the stage tests run a tiny real model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pyarrow as pa
+import pytest
+
+from prefloop.backends.base import Completion, GenerationParams
+from prefloop.datasets_spec import TREES
+from prefloop.embedded.arithmetic import extract_answer
+from prefloop.stage import StageConfig, StageOutput, StageSpec, execute
+from prefloop.tasks import mcts, pair_trees
+from prefloop.tasks.mcts import MCTSConfig, Node, SearchTree, TreeSearch
+
+
+# ---------------------------------------------------------------------------------------------
+# A scripted policy: per kind of sample, the right next step from the running value so far, the same
+# step off by one (so it leads to a wrong answer), an empty step, or a truncated one. Self-evaluation
+# says "yes" with log-prob −0.1 when the last step's own arithmetic is right, −2 otherwise ("no": −1).
+
+
+def _expression(prompt: str) -> list[tuple[str, int]]:
+    tokens = re.findall(r"[+-]?\d+", prompt.split("=")[0])
+    return [("+" if t[0] != "-" else "-", abs(int(t))) for t in tokens]
+
+
+def _right_steps(prompt: str) -> list[str]:
+    terms = _expression(prompt)
+    running = terms[0][1]
+    steps = []
+    for operator, number in terms[1:]:
+        result = running + number if operator == "+" else running - number
+        steps.append(f"{running}{operator}{number}={result}")
+        running = result
+    return steps + [f"A:{running}"]
+
+
+class ScriptedPolicy:
+    def __init__(self, kinds=("right", "wrong")):
+        self.kinds = kinds
+        self.generate_calls: list[int] = []
+        self.score_calls: list[int] = []
+
+    def _next(self, prefix: str, kind: str) -> Completion:
+        prompt, _, done = prefix.partition("?\n")
+        terms = _expression(prompt)
+        steps = [s for s in done.split("\n") if s]
+        # Continue from the running value so far (right or not): a wrong step opens a whole wrong subtree.
+        running = int(steps[-1].rpartition("=")[2]) if steps else terms[0][1]
+        if len(steps) + 1 < len(terms):
+            operator, number = terms[len(steps) + 1]
+            text = f"{running}{operator}{number}={running + number if operator == '+' else running - number}"
+        else:
+            text = f"A:{running}"
+        if kind == "wrong":
+            head, separator, value = text.rpartition(":" if text.startswith("A:") else "=")
+            text = f"{head}{separator}{int(value) + 1}"
+            return Completion(text, len(text), -2.0 * len(text) / 4, "stop")
+        if kind == "empty":
+            return Completion("", 0, -0.5, "stop")
+        if kind == "truncated":
+            return Completion(text[:2], 2, -1.0, "length")
+        return Completion(text, len(text), -0.1 * len(text), "stop")
+
+    def generate(self, prompts, params: GenerationParams, progress=None):
+        self.generate_calls.append(len(prompts))
+        assert params.stop == ["\n"]
+        return [[self._next(p, self.kinds[j % len(self.kinds)]) for j in range(params.n)] for p in prompts]
+
+    def score_logprobs(self, prompts, continuations, progress=None):
+        self.score_calls.append(len(prompts))
+        return [(-0.1 if _last_step_right(prompt) else -2.0) if continuation == "Y" else -1.0
+                for prompt, continuation in zip(prompts, continuations, strict=True)]
+
+
+def _last_step_right(evaluation_prompt: str) -> bool:
+    """Is the last step locally right (its own arithmetic, or the answer = the previous result)?"""
+    head, _, done = evaluation_prompt.partition("?\n")
+    steps = [s for s in done.split("\n") if s]
+    if not steps:
+        return True
+    last = steps[-1]
+    if last.startswith("A:"):
+        previous = int(steps[-2].rpartition("=")[2]) if len(steps) > 1 else _expression(head)[0][1]
+        return last == f"A:{previous}"
+    left, _, result = last.partition("=")
+    first, operator, number = re.match(r"(\d+)([+-])(\d+)", left).groups()
+    return int(result) == (int(first) + int(number) if operator == "+" else int(first) - int(number))
+
+
+SCRIPT_CONFIG = dict(children_per_node=2, simulations=4, lookahead_depth=3, max_depth=6, self_eval_template="{prompt}{steps}",
+                     self_eval_yes="Y", self_eval_no="N", self_eval_weight=0.5)
+
+
+def _tree(prompt: str, answer: str, name: str = "t") -> SearchTree:
+    return SearchTree(tree_id=name, prompt_id=f"p-{name}", prompt=prompt, reference_answer=answer)
+
+
+# ---------------------------------------------------------------------------------------------
+# PUCT and backup on a hand-built tree.
+
+
+def _hand_tree() -> SearchTree:
+    """root ─ a "1+2=3" (R 0.5) ─ a1 "A:3" (terminal, correct, R +1)
+                                 └ a2 "A:4" (terminal, wrong,   R −1)
+            └ b "1+2=4" (R −0.2)"""
+    tree = _tree("1+2=?\n", "3")
+    for parent, step, evaluation, terminal, correct in (
+        (0, "1+2=3", 0.5, False, None), (0, "1+2=4", -0.2, False, None),
+        (1, "A:3", 1.0, True, True), (1, "A:4", -1.0, True, False),
+    ):
+        node = Node(index=len(tree.nodes), parent=parent, depth=tree.nodes[parent].depth + 1, step=step,
+                    child_index=len(tree.nodes[parent].children), terminal=terminal, correct=correct)
+        tree.nodes.append(node)
+        tree.nodes[parent].children.append(node.index)
+        tree.nodes[parent].expanded = True
+        mcts.set_evaluation(tree, node.index, evaluation)
+    return tree
+
+
+def test_new_node_q_is_step_reward_plus_value():
+    tree = _hand_tree()
+    a, b, a1, a2 = (tree.nodes[i] for i in (1, 2, 3, 4))
+    # Q = (R(s') − R(s)) + V(s'), V = R before any visit.
+    assert (a.q_value, b.q_value) == pytest.approx((0.5 + 0.5, -0.2 - 0.2))
+    assert (a1.q_value, a2.q_value) == pytest.approx((1.0 - 0.5 + 1.0, -1.0 - 0.5 - 1.0))
+
+
+def test_backup_visit_weighted_values_by_hand():
+    tree = _hand_tree()
+    root, a = tree.nodes[0], tree.nodes[1]
+    mcts.backup(tree, [0, 1])
+    assert (root.visits, a.visits, root.value) == (1, 1, pytest.approx(1.0))  # V(root) = Q(a)
+    mcts.backup(tree, [0, 2])
+    assert root.value == pytest.approx((1 * 1.0 + 1 * -0.4) / 2)  # 0.3
+    mcts.backup(tree, [0, 1, 3])
+    # V(a) = Q(a1) = 1.5; Q(a) = 0.5 − 0 + 1.5 = 2.0; V(root) = (2·2.0 + 1·(−0.4)) / 3 = 1.2
+    assert (a.value, a.q_value, root.value) == pytest.approx((1.5, 2.0, 1.2))
+    mcts.backup(tree, [0, 1, 4])
+    # V(a) = (1.5 − 2.5) / 2 = −0.5; Q(a) = 0.5 − 0.5 = 0; V(root) = (3·0 + 1·(−0.4)) / 4 = −0.1
+    assert (a.value, a.q_value, root.value) == pytest.approx((-0.5, 0.0, -0.1))
+    assert (root.visits, a.visits, tree.nodes[2].visits, tree.nodes[3].visits, tree.nodes[4].visits) == (4, 3, 1, 1, 1)
+
+
+def test_puct_selection_by_hand():
+    tree = _hand_tree()
+    a, b = tree.nodes[1], tree.nodes[2]
+    tree.nodes[0].visits, a.visits, a.q_value, a.prior, b.visits, b.q_value, b.prior = 4, 3, 0.2, 0.5, 0, 0.0, 0.4
+    # c = 1: a → 0.2 + 0.5·√4/(1+3) = 0.45; b → 0 + 0.4·√4/1 = 0.8: exploration picks b.
+    assert mcts.puct_score(0.2, 0.5, 4, 3, 1.0) == pytest.approx(0.45)
+    assert mcts.select_child(tree, 0, c_puct=1.0) == 2
+    # c = 0.1: a → 0.2 + 0.025 = 0.225; b → 0.08: exploitation picks a.
+    assert mcts.select_child(tree, 0, c_puct=0.1) == 1
+
+
+def test_length_normalised_prior_by_hand():
+    # exp(−2 / 4^1.25) = exp(−2 / 5.65685) = exp(−0.353553)
+    assert mcts.length_normalised_prior(-2.0, 4, 1.25) == pytest.approx(math.exp(-0.353553), rel=1e-5)
+    assert mcts.length_normalised_prior(-2.0, 4, 1.0) == pytest.approx(math.exp(-0.5))  # per-token geometric mean
+
+
+def test_commit_takes_most_visited_child_and_ends_on_terminal():
+    tree = _hand_tree()
+    for path in ([0, 1], [0, 2], [0, 1, 3], [0, 1, 4]):
+        mcts.backup(tree, path)
+    mcts.commit(tree)
+    assert tree.decision_root == 1 and tree.nodes[1].committed and not tree.done
+    tree.nodes[3].visits = 2
+    mcts.commit(tree)
+    assert tree.decision_root == 3 and tree.status == "correct"
+    assert tree.committed_path() == [0, 1, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs and confidences from a hand-built tree.
+
+
+def _paired_tree() -> SearchTree:
+    tree = _hand_tree()
+    for path in ([0, 1], [0, 2], [0, 1, 3], [0, 1, 4], [0, 1, 3]):
+        mcts.backup(tree, path)
+    # An empty sibling: never paired (it is the lowest-Q step, and it would be a silent wrong pair).
+    empty = Node(index=5, parent=0, depth=1, step="", child_index=2, terminal=True, correct=False,
+                 invalid_reason=mcts.EMPTY_STEP)
+    tree.nodes.append(empty)
+    tree.nodes[0].children.append(5)
+    mcts.set_evaluation(tree, 5, -1.0)
+    tree.nodes[1].committed = tree.nodes[3].committed = True
+    tree.decision_root, tree.status = 3, "correct"
+    return tree
+
+
+def test_pairs_and_confidences_by_hand():
+    tree = _paired_tree()
+    # Visits: a 4, b 1; a1 2, a2 1. Q: a = 0.5 + (2·1.5 + 1·(−2.5))/3 = 0.6667, b = −0.4; a1 = 1.5, a2 = −2.5.
+    assert tree.nodes[1].q_value == pytest.approx(0.5 + 0.5 / 3)
+    pairs = pair_trees.step_pairs(tree)
+    assert [(p.parent, p.chosen, p.rejected) for p in pairs] == [(0, 1, 2), (1, 3, 4)]
+    # conf = 1 / (1 + N_l / max(1, N_w)): 1/(1 + 1/4) = 0.8; 1/(1 + 1/2) = 2/3.
+    assert [p.confidence for p in pairs] == pytest.approx([0.8, 2 / 3])
+    rows = pair_trees.pair_rows(tree, pairs, "step", 1, "m")
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [
+        ("1+2=?\n", "1+2=3\n", "1+2=4\n"), ("1+2=?\n1+2=3\n", "A:3", "A:4")]
+    assert rows[1]["margin"] == pytest.approx(1.5 - -2.5) and rows[0]["method"] == "mcts_step"
+    assert rows[0]["chosen_sample_id"] == "t:0" and rows[0]["rejected_sample_id"] == "t:1"
+    leaf_rows = pair_trees.pair_rows(tree, pairs, "to_leaf", 1, "m")
+    assert (leaf_rows[0]["chosen"], leaf_rows[0]["rejected"]) == ("1+2=3\nA:3", "1+2=4\n")
+    assert pair_trees.step_pairs(tree, max_pairs=1) == pairs[:1]
+
+
+def test_equal_q_siblings_make_no_pair():
+    tree = _hand_tree()
+    tree.nodes[2].q_value = tree.nodes[1].q_value
+    assert pair_trees.sibling_pair(tree, 0) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The search with a scripted policy.
+
+
+def test_search_finds_the_right_path_and_batches_every_call():
+    policy = ScriptedPolicy()
+    trees = [_tree("3+4-2=?\n", "5", "a"), _tree("9-1+1=?\n", "9", "b"), _tree("2+2=?\n", "4", "c")]
+    search = TreeSearch(policy, MCTSConfig(**SCRIPT_CONFIG), extract_answer)
+    search.run(trees)
+    assert [t.status for t in trees] == ["correct"] * 3
+    assert [t.steps_to(t.decision_root) for t in trees][0] == ["3+4=7", "7-2=5", "A:5"]
+    # One generate and at most one score call per round of simulations, each covering several trees.
+    assert len(policy.generate_calls) == search.counters.generate_calls
+    assert max(policy.generate_calls) == 3 and len(policy.score_calls) <= len(policy.generate_calls)
+    # Every node has a visit except unvisited fresh children; visits of the root = simulations of its decision
+    # plus those below it on the committed path.
+    assert trees[0].nodes[0].visits == search.counters.simulations // 3 or trees[0].nodes[0].visits > 0
+
+
+def test_batched_and_one_tree_at_a_time_build_the_same_trees():
+    prompts = [("3+4-2=?\n", "5"), ("9-1+1=?\n", "9"), ("2+2=?\n", "4"), ("7-3-1+5=?\n", "8")]
+    batched_policy, single_policy = ScriptedPolicy(), ScriptedPolicy()
+    batched = TreeSearch(batched_policy, MCTSConfig(**SCRIPT_CONFIG), extract_answer).run(
+        [_tree(p, a, str(i)) for i, (p, a) in enumerate(prompts)])
+    single = TreeSearch(single_policy, MCTSConfig(**SCRIPT_CONFIG, trees_per_batch=1), extract_answer).run(
+        [_tree(p, a, str(i)) for i, (p, a) in enumerate(prompts)])
+    assert mcts.trees_to_table(batched).equals(mcts.trees_to_table(single))
+    assert len(batched_policy.generate_calls) < len(single_policy.generate_calls)
+    assert sum(batched_policy.generate_calls) == sum(single_policy.generate_calls)
+
+
+@pytest.mark.parametrize(("kinds", "status"), [(("empty",), "empty_step"), (("truncated",), "truncated_step"),
+                                               (("wrong",), "incorrect")])
+def test_bad_policies_end_trees_with_a_named_status(kinds, status):
+    trees = TreeSearch(ScriptedPolicy(kinds), MCTSConfig(**SCRIPT_CONFIG), extract_answer).run([_tree("3+4=?\n", "7")])
+    assert trees[0].status == status
+    assert pair_trees.step_pairs(trees[0]) == []  # one distinct child per node: nothing to pair
+
+
+def test_empty_and_truncated_siblings_are_never_paired():
+    policy = ScriptedPolicy(("right", "empty", "truncated", "wrong"))
+    config = MCTSConfig(**SCRIPT_CONFIG | {"children_per_node": 4})
+    tree = TreeSearch(policy, config, extract_answer).run([_tree("3+4-2=?\n", "5")])[0]
+    assert tree.status == "correct"
+    reasons = {n.invalid_reason for n in tree.nodes}
+    assert {mcts.EMPTY_STEP, mcts.TRUNCATED_STEP} <= reasons
+    for pair in pair_trees.step_pairs(tree, "all_expanded", max_pairs=100):
+        for index in (pair.chosen, pair.rejected):
+            assert tree.nodes[index].invalid_reason is None and tree.nodes[index].step.strip()
+
+
+def test_context_window_and_max_depth_end_trees():
+    fits = lambda text, extra: len(text) + extra <= 30  # noqa: E731
+    tree = TreeSearch(ScriptedPolicy(), MCTSConfig(**SCRIPT_CONFIG | {"max_step_tokens": 10}), extract_answer,
+                      fits).run([_tree("1+2+3+4+5+6=?\n", "21")])[0]
+    assert tree.status == mcts.CONTEXT_WINDOW
+    deep = TreeSearch(ScriptedPolicy(), MCTSConfig(**SCRIPT_CONFIG | {"max_depth": 2}), extract_answer).run(
+        [_tree("1+2+3+4=?\n", "10")])[0]
+    assert deep.status == mcts.MAX_DEPTH
+
+
+def test_trees_round_trip_through_the_table():
+    trees = TreeSearch(ScriptedPolicy(), MCTSConfig(**SCRIPT_CONFIG), extract_answer).run(
+        [_tree("3+4-2=?\n", "5", "a"), _tree("2+2=?\n", "4", "b")])
+    table = mcts.trees_to_table(trees, 2, "policy-x")
+    again = mcts.trees_from_table(table)
+    assert mcts.trees_to_table(again, 2, "policy-x").equals(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# pair-trees on a stored trees artifact.
+
+
+class _Empty(StageConfig):
+    pass
+
+
+def _put_trees(store, table: pa.Table):
+    spec = StageSpec("hand-trees", "1", _Empty, "trees", {}, TREES)
+    return execute(spec, lambda ctx: StageOutput(table=table), {}, {}, store, "hand/trees")
+
+
+def test_repairing_a_stored_tree_equals_pairing_during_search(store):
+    policy = ScriptedPolicy(("right", "wrong", "right", "wrong"))
+    prompts = [("3+4-2=?\n", "5"), ("9-1+1=?\n", "9"), ("2+2+2=?\n", "6")]
+    # Enough simulations that PUCT also explores (and expands) the wrong siblings.
+    trees = TreeSearch(policy, MCTSConfig(**SCRIPT_CONFIG | {"simulations": 16}), extract_answer).run(
+        [_tree(p, a, f"t{i}") for i, (p, a) in enumerate(prompts)])
+    during = [row for tree in trees for row in pair_trees.pair_rows(tree, pair_trees.step_pairs(tree), "step", 1, "m")]
+    assert during, "the scripted search must give pairs"
+    stored = _put_trees(store, mcts.trees_to_table(trees, 1, "m"))
+    calls = len(policy.generate_calls)
+    result = pair_trees.run({"trees": stored.output}, {}, store)
+    assert store.read_table(result.ref).to_pylist() == pa.Table.from_pylist(during, schema=result_schema()).to_pylist()
+    assert 0.0 < result.metrics["mean_confidence"] <= 1.0
+    other = pair_trees.run({"trees": stored.output}, {"rule": "all_expanded"}, store)
+    assert other.rows > result.rows and len(policy.generate_calls) == calls  # another rule, no new search
+
+
+def result_schema():
+    from prefloop.datasets_spec import PREFERENCES
+
+    return PREFERENCES.schema
+
+
+def test_wrong_and_truncated_trees_are_dropped_with_reasons(store):
+    trees = []
+    for name, kinds in (("ok", ("right", "wrong")), ("wrong", ("wrong",)), ("cut", ("truncated",)), ("blank", ("empty",))):
+        trees += TreeSearch(ScriptedPolicy(kinds), MCTSConfig(**SCRIPT_CONFIG), extract_answer).run(
+            [_tree("3+4-2=?\n", "5", name)])
+    stored = _put_trees(store, mcts.trees_to_table(trees, 1, "m"))
+    result = pair_trees.run({"trees": stored.output}, {}, store)
+    assert result.drops == {"tree_incorrect": 1, "tree_truncated_step": 1, "tree_empty_step": 1}
+    drops = store.read_table(result.ref, "drops").to_pylist()
+    assert sorted(d["row_id"] for d in drops) == ["blank:", "cut:", "wrong:"]
+    pairs = store.read_table(result.ref).to_pylist()
+    assert pairs and {p["prompt_id"] for p in pairs} == {"p-ok"}
+    everything = pair_trees.run({"trees": stored.output}, {"require_correct": False}, store)
+    assert everything.drops == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages on a tiny real model.
+
+TINY_MODEL = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+              "max_position_embeddings": 64}
+
+
+@pytest.fixture
+def tiny_policy(store):
+    from prefloop.tasks import prompts
+    from prefloop.tasks.training import sft
+
+    task = {"min_ops": 1, "max_ops": 2}
+    sft_prompts = prompts.run({}, {"n_train": 16, "n_heldout": 0, "task": task}, store)
+    task_prompts = prompts.run({}, {"n_train": 6, "n_heldout": 2, "task": task}, store)
+    policy = sft.run({"prompts": sft_prompts.output},
+                     {"model": TINY_MODEL, "training": {"max_steps": 3, "batch_size": 8}}, store)
+    return policy.output, task_prompts.output
+
+
+SEARCH = {"max_prompts": 4, "children_per_node": 2, "simulations": 2, "lookahead_depth": 2, "max_depth": 4,
+          "max_step_tokens": 8, "self_eval_template": "{prompt}{steps}?", "self_eval_yes": "A", "self_eval_no": "?"}
+
+
+def test_mcts_stage_writes_every_node_and_pair_trees_reads_them(store, tiny_policy):
+    policy, prompts_ref = tiny_policy
+    result = mcts.run({"policy": policy, "prompts": prompts_ref}, SEARCH, store)
+    table = store.read_table(result.ref)
+    assert result.metrics["trees"] == 4 and table.num_rows == result.metrics["nodes"]
+    assert set(table.column("tree_status").to_pylist()) <= set(mcts.TREE_STATUSES)
+    assert result.metrics["generate_calls"] < result.metrics["simulations"]  # trees advance together
+    again = mcts.run({"policy": policy, "prompts": prompts_ref}, SEARCH, store)
+    assert again.cached and again.output == result.output
+    pairs = pair_trees.run({"trees": result.output}, {"require_correct": False}, store)
+    assert pairs.ref.kind == "preferences"
+
+
+def test_prompts_longer_than_the_context_window_are_dropped_or_refused(store, tiny_policy):
+    policy, prompts_ref = tiny_policy
+    lengths = sorted(len(p) for p in store.read_table(store.resolve(prompts_ref)).column("prompt").to_pylist()[:4])
+    # bos + prompt + "?" of the self-evaluation template + one step + an answer; a window between the
+    # shortest and the longest prompt's needs drops the longer prompts only.
+    window = 1 + lengths[0] + 1 + 8 + 1
+    if lengths[-1] > lengths[0]:
+        result = mcts.run({"policy": policy, "prompts": prompts_ref}, SEARCH | {"context_window": window}, store)
+        assert result.drops["prompt_exceeds_context_window"] == sum(n > lengths[0] for n in lengths)
+    with pytest.raises(ValueError, match="context window"):
+        mcts.run({"policy": policy, "prompts": prompts_ref}, SEARCH | {"context_window": 5}, store)
