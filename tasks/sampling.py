@@ -1,19 +1,24 @@
 """Stage ``sample``: n completions per prompt from a policy, with token counts and log-probs.
 
-Generation is batched through the policy backend interface (HF transformers on CPU here, vLLM on
-GPU workers); every completion records its finish reason, so truncated samples are marked rather
-than silently kept. Seeds are explicit: the same policy, prompts and config give the same samples.
+Generation is batched through the policy backend interface, chosen by ``backend`` (``hf``:
+transformers in-process, the CPU default; ``vllm``: a ``vllm serve`` process on a GPU host, see
+``prefloop.backends.vllm``); the stage's code is the same for both. Every completion records its
+finish reason, so truncated samples are marked rather than silently kept. A prompt that does not fit
+the model's context window is not sampled: it is recorded in ``drops`` with the reason
+``prompt_exceeds_context_window``. Seeds are explicit: the same policy, prompts and config give the
+same samples.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from prefloop.backends import BackendKind, load_backend
 from prefloop.backends.base import GenerationParams
-from prefloop.backends.hf import HFBackend
-from prefloop.datasets_spec import PROMPTS, SAMPLES
+from prefloop.datasets_spec import PROMPTS, SAMPLES, make_drops
 from prefloop.ids import content_id
 from prefloop.orchestration import stage_task
 from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
@@ -29,6 +34,8 @@ class SamplingConfig(StageConfig):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1, description="sequences per forward pass (part of the result's identity)")
     seed: int = 0
+    backend: BackendKind = Field("hf", description="hf: transformers in-process (CPU); vllm: a vllm serve process "
+                                 "at $PREFLOOP_VLLM_URL serving the policy artifact (GPU)")
     round: int = Field(0, ge=0, description="loop round this sampling belongs to (recorded in rows)")
     new_prompts_each_round: bool = Field(
         True, description="round k samples prompts [(k-1)·max_prompts, k·max_prompts) of the split (wrapping around), "
@@ -65,9 +72,10 @@ def compute(ctx: StageContext) -> StageOutput:
     config: SamplingConfig = ctx.config
     block = max(config.round - 1, 0) if config.new_prompts_each_round else 0
     prompts = select_prompts(ctx.read("prompts", PROMPTS), config.split, config.max_prompts, block)
-    backend = HFBackend.from_directory(ctx.model_dir("policy"), batch_size=config.batch_size)
+    backend = load_backend(config.backend, ctx.model_dir("policy"), ctx.inputs["policy"].id, config.batch_size)
     params = GenerationParams(n=config.n, temperature=config.temperature, top_p=config.top_p,
                               max_new_tokens=config.max_new_tokens, seed=config.seed)
+    prompts, drops = _drop_prompts_beyond_context(backend, prompts)
     texts = prompts.column("prompt").to_pylist()
     with ctx.progress(len(texts) * config.n, "sequences") as advance:
         completions = backend.generate(texts, params, progress=done_total_callback(advance))
@@ -95,9 +103,29 @@ def compute(ctx: StageContext) -> StageOutput:
         "prompts": prompts.num_rows,
         "samples": n_rows,
         "truncated": truncated,
+        "empty": sum(1 for text in rows["completion"] if not text),
+        "prompts_beyond_context": drops.num_rows,
         "mean_completion_tokens": (sum(rows["completion_tokens"]) / n_rows) if n_rows else 0.0,
     }
-    return StageOutput(table=table, metrics=metrics)
+    return StageOutput(table=table, drops=drops, metrics=metrics)
+
+
+def _drop_prompts_beyond_context(backend, prompts: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Prompts that leave room for at least one new token, and a drops table for the others."""
+    window = getattr(backend, "context_window", None)
+    if window is None:
+        return prompts, make_drops(prompts, np.array([], dtype=np.int64), [], "prompts")
+    lengths = np.array(backend.prompt_lengths(prompts.column("prompt").to_pylist()), dtype=np.int64)
+    too_long = np.flatnonzero(lengths >= window)
+    drops = make_drops(prompts, too_long, ["prompt_exceeds_context_window"] * len(too_long), "prompts",
+                       detail=f"sample stage: the policy's context window is {window} tokens")
+    if len(too_long) == 0:
+        return prompts, drops
+    if len(too_long) == prompts.num_rows:
+        raise ValueError(f"every one of the {prompts.num_rows} prompts is longer than the policy's context window "
+                         f"of {window} tokens: nothing can be sampled; use shorter prompts or a model with a "
+                         "longer max_position_embeddings")
+    return prompts.filter(pa.array(lengths < window)), drops
 
 
 def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):

@@ -1,0 +1,244 @@
+"""``VLLMBackend``: the policy backend as a client of a ``vllm serve`` process (GPU).
+
+vLLM runs in its own environment and process (its torch/fastapi pins conflict with Prefect's): a
+GPU host serves a model artifact's directory with vLLM's OpenAI-compatible server, and stages talk
+to it over HTTP through the same :class:`~prefloop.backends.base.PolicyBackend` interface as
+``HFBackend`` — the stage code is identical, only ``backend: vllm`` in its config differs. Start
+the server with the command :func:`serve_command` prints (see infra/README.md)::
+
+    vllm serve <artifact>/files --served-model-name <artifact id> --max-logprobs 1 --seed 0
+
+The client loads only the artifact's tokenizer (no weights) and sends token ids, so prompts are
+tokenised exactly as by ``HFBackend`` (bos included) and scored continuations are the same tokens.
+
+Mapping onto the OpenAI completions API (``POST {url}/completions``):
+
+* ``generate``: ``prompt`` = a list of token-id lists, ``n``, ``temperature``, ``top_p``,
+  ``max_tokens``, ``seed``, ``stop``, ``logprobs: 0`` (the sampled token's log-prob). Choices come
+  back indexed ``prompt_index · n + j``. vLLM reports raw (untempered) log-probs by default
+  (``--logprobs-mode raw_logprobs``), as ``Completion.sum_logprob`` requires; the tokens of the
+  text are those whose ``text_offset`` lies inside the returned text, so a matched stop string and
+  the eos token are not counted, as in ``HFBackend``.
+* ``score_logprobs``: ``prompt`` = prompt ids + continuation ids, ``echo: true``, ``max_tokens: 1``,
+  ``logprobs: 0``: the echoed prompt's ``token_logprobs`` at the continuation's positions are summed.
+* ``max_tokens`` is capped so prompt + completion fits the context window (vLLM would refuse the
+  request); a completion reaching the cap finishes with ``length``, like ``HFBackend``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from prefloop.backends.base import Completion, ContextWindowError, GenerationParams, ProgressCallback
+
+DEFAULT_URL = "http://127.0.0.1:8000/v1"
+URL_ENVIRONMENT_VARIABLE = "PREFLOOP_VLLM_URL"
+
+
+class VLLMServerError(RuntimeError):
+    """The vLLM server could not be reached or refused a request."""
+
+
+class VLLMBackend:
+    """``PolicyBackend`` over a vLLM OpenAI-compatible server that serves the policy as ``model``."""
+
+    def __init__(self, tokenizer: Any, model: str, base_url: str | None = None, batch_size: int = 256,
+                 context_window: int | None = None, timeout_s: float = 600.0, api_key: str | None = None):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("VLLMBackend needs a tokenizer with an eos token")
+        self.tokenizer = tokenizer
+        self.model = model
+        self.base_url = (base_url or os.environ.get(URL_ENVIRONMENT_VARIABLE) or DEFAULT_URL).rstrip("/")
+        self.batch_size = batch_size
+        self.context_window = context_window
+        self.timeout_s = timeout_s
+        self.api_key = api_key or os.environ.get("PREFLOOP_VLLM_API_KEY")
+
+    @classmethod
+    def from_directory(cls, path: str | Path, model: str, base_url: str | None = None,
+                       batch_size: int = 256) -> VLLMBackend:
+        """A client for the server that serves the model directory ``path`` under the name ``model``.
+
+        Only the tokenizer and config are read here (the weights stay on the server).
+        """
+        from transformers import AutoConfig, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        window = getattr(config, "max_position_embeddings", None)
+        return cls(tokenizer, model, base_url, batch_size, int(window) if window else None)
+
+    # --- the PolicyBackend interface ---------------------------------------------------------------
+
+    def prompt_lengths(self, prompts: list[str]) -> list[int]:
+        return [len(ids) for ids in self._encode(prompts)]
+
+    def generate(self, prompts: list[str], params: GenerationParams,
+                 progress: ProgressCallback | None = None) -> list[list[Completion]]:
+        """``params.n`` completions per prompt, in prompt order (see the module docstring for the mapping)."""
+        encoded = self._encode(prompts)
+        room = [params.max_new_tokens] * len(prompts)
+        if self.context_window is not None:
+            self._check_context([len(ids) for ids in encoded], "prompts", room=1)
+            room = [min(params.max_new_tokens, self.context_window - len(ids)) for ids in encoded]
+        results: list[list[Completion] | None] = [None] * len(prompts)
+        # One request per batch of prompts that share a max_tokens (all of them, unless some are near the window).
+        by_room: dict[int, list[int]] = defaultdict(list)
+        for index, limit in enumerate(room):
+            by_room[limit].append(index)
+        done = 0
+        for limit, indices in sorted(by_room.items()):
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                body = {
+                    "model": self.model, "prompt": [encoded[i] for i in chunk], "n": params.n,
+                    "temperature": params.temperature, "top_p": params.top_p, "max_tokens": limit,
+                    "seed": params.seed, "stop": list(params.stop) or None, "logprobs": 0,
+                    "skip_special_tokens": True,
+                }
+                choices = self._choices(self._post("completions", body), len(chunk) * params.n)
+                for position, index in enumerate(chunk):
+                    results[index] = [completion_from_choice(choice)
+                                      for choice in choices[position * params.n : (position + 1) * params.n]]
+                done += len(chunk)
+                if progress is not None:
+                    progress(done * params.n, len(prompts) * params.n)
+        return results  # type: ignore[return-value]
+
+    def score_logprobs(self, prompts: list[str], continuations: list[str],
+                       progress: ProgressCallback | None = None) -> list[float]:
+        """Σ log π(continuation | prompt) per pair (no eos appended), from the server's echoed log-probs."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"got {len(prompts)} prompts but {len(continuations)} continuations")
+        prompt_ids = self._encode(prompts)
+        continuation_ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in continuations]
+        joined = [p + c for p, c in zip(prompt_ids, continuation_ids, strict=True)]
+        if self.context_window is not None:
+            self._check_context([len(ids) for ids in joined], "prompt + continuation pairs", room=0)
+        scores: list[float] = []
+        for start in range(0, len(joined), self.batch_size):
+            chunk = list(range(start, min(start + self.batch_size, len(joined))))
+            body = {"model": self.model, "prompt": [joined[i] for i in chunk], "max_tokens": 1, "echo": True,
+                    "logprobs": 0, "temperature": 0.0}
+            choices = self._choices(self._post("completions", body), len(chunk))
+            for choice, index in zip(choices, chunk, strict=True):
+                scores.append(echoed_continuation_logprob(choice, len(prompt_ids[index]), len(continuation_ids[index])))
+            if progress is not None:
+                progress(len(scores), len(joined))
+        return scores
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    def _encode(self, prompts: list[str]) -> list[list[int]]:
+        return [list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]) for prompt in prompts]
+
+    def _check_context(self, lengths: list[int], what: str, room: int) -> None:
+        too_long = [i for i, length in enumerate(lengths) if length + room > self.context_window]  # type: ignore[operator]
+        if too_long:
+            raise ContextWindowError(
+                f"{len(too_long)} {what} do not fit the model's context window of {self.context_window} tokens "
+                f"(the first, #{too_long[0]}, has {lengths[too_long[0]]} tokens): shorten or drop them",
+                too_long,
+            )
+
+    def _choices(self, response: dict, expected: int) -> list[dict]:
+        choices = sorted(response.get("choices", []), key=lambda choice: choice["index"])
+        if len(choices) != expected:
+            raise VLLMServerError(f"the vLLM server at {self.base_url} returned {len(choices)} choices, "
+                                  f"expected {expected}: is it an OpenAI-compatible completions endpoint?")
+        return choices
+
+    def _post(self, route: str, body: dict) -> dict:
+        request = urllib.request.Request(
+            f"{self.base_url}/{route}", data=json.dumps(body).encode("utf-8"), method="POST",
+            headers={"Content-Type": "application/json",
+                     **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return json.loads(response.read().decode("utf-8"))
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode("utf-8", errors="replace")[:500]
+            hint = ""
+            if error.code == 404:
+                hint = (f" The server does not serve model '{self.model}': start it on the policy artifact with "
+                        f"--served-model-name {self.model} (python -m prefloop.backends.vllm REF prints the command).")
+            raise VLLMServerError(f"the vLLM server at {self.base_url} refused the request "
+                                  f"(HTTP {error.code}): {detail}.{hint}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            raise VLLMServerError(
+                f"cannot reach a vLLM server at {self.base_url} ({error}). Start one on a GPU host "
+                f"(infra/README.md, 'GPU: vLLM') and set {URL_ENVIRONMENT_VARIABLE} to its URL, "
+                "or use 'backend: hf'."
+            ) from None
+
+
+def completion_from_choice(choice: dict) -> Completion:
+    """A ``Completion`` from one completions-API choice with ``logprobs``.
+
+    Tokens starting at or after the end of the returned text (a matched stop string, eos) are not
+    part of the completion.
+    """
+    text = choice.get("text") or ""
+    logprobs = choice.get("logprobs") or {}
+    offsets = logprobs.get("text_offset") or []
+    values = logprobs.get("token_logprobs") or []
+    if offsets and len(offsets) != len(values):
+        raise VLLMServerError(f"the vLLM server returned {len(values)} token log-probs but {len(offsets)} text offsets")
+    if offsets:
+        base = offsets[0]
+        token_logprobs = tuple(float(v) for o, v in zip(offsets, values, strict=True) if o - base < len(text))
+    else:
+        token_logprobs = tuple(float(v) for v in values)
+    reason = choice.get("finish_reason")
+    if reason not in ("stop", "length"):
+        raise VLLMServerError(f"unexpected finish_reason {reason!r} from the vLLM server (expected stop or length)")
+    return Completion(text=text, num_tokens=len(token_logprobs), sum_logprob=float(sum(token_logprobs)),
+                      finish_reason=reason, token_logprobs=token_logprobs)
+
+
+def echoed_continuation_logprob(choice: dict, prompt_tokens: int, continuation_tokens: int) -> float:
+    """Σ of the echoed ``token_logprobs`` at positions [prompt_tokens, prompt_tokens + continuation_tokens)."""
+    values = (choice.get("logprobs") or {}).get("token_logprobs") or []
+    picked = values[prompt_tokens : prompt_tokens + continuation_tokens]
+    if len(picked) != continuation_tokens or any(v is None for v in picked):
+        raise VLLMServerError(
+            f"the vLLM server echoed {len(values)} token log-probs for a prompt of {prompt_tokens} + "
+            f"{continuation_tokens} tokens: was the request's echo/logprobs ignored?"
+        )
+    return float(sum(picked))
+
+
+def serve_command(model_dir: str | Path, model_name: str, port: int = 8000) -> list[str]:
+    """The ``vllm serve`` command (run in the vLLM environment) that serves a model artifact for this client."""
+    return ["vllm", "serve", str(model_dir), "--served-model-name", model_name, "--port", str(port),
+            "--max-logprobs", "1", "--seed", "0", "--generation-config", "vllm"]
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """``python -m prefloop.backends.vllm REF [--store URI] [--port N]``: print the serve command of a model."""
+    import argparse
+    import shlex
+
+    from prefloop.storage import ArtifactStore
+
+    parser = argparse.ArgumentParser(description=_main.__doc__)
+    parser.add_argument("ref", help="a model artifact: ref name (demo/round-1/policy), kind/id or id prefix")
+    parser.add_argument("--store", default=None)
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    store = ArtifactStore(args.store) if args.store else ArtifactStore()
+    ref = store.resolve(args.ref)
+    if ref.kind != "model":
+        raise SystemExit(f"{args.ref} is a {ref.kind} artifact, not a model")
+    print(shlex.join(serve_command(store.local_files(ref), ref.id, args.port)))
+
+
+if __name__ == "__main__":
+    _main()
