@@ -260,7 +260,7 @@ def completion_logps_and_kl(
     Logits are the models' outputs over the whole padded sequence, shape [batch, length, vocab]; the
     logits at position t predict token t + 1, so ``completion_mask`` (1 on completion tokens, shape
     [batch, length]) is shifted by one. The KL term at each position is over the whole vocabulary, as
-    TDPO's D_SeqKL (Zeng et al. 2024, eq. 13). Both sums are differentiable w.r.t. ``policy_logits``.
+    TDPO's sequential KL D_SeqKL (Zeng et al. 2024). Both sums are differentiable w.r.t. ``policy_logits``.
     """
     policy_log_probs = torch.log_softmax(policy_logits[:, :-1].float(), dim=-1)
     reference_log_probs = torch.log_softmax(reference_logits[:, :-1].float(), dim=-1)
@@ -308,7 +308,7 @@ def conservative_dpo_loss(logps: SequenceLogps, hyperparameters: LossHyperparame
 @_register("rdpo", needs_reference=True, uses_label_flip_rate=True)
 def robust_dpo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> LossOutput:
     """Robust DPO, Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with Noisy
-    Feedback", eq. 8:
+    Feedback":
 
         loss = [(1 − ε)·ℓ(β·h) − ε·ℓ(−β·h)] / (1 − 2ε)
 
@@ -343,7 +343,7 @@ def ipo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> Loss
 def hinge_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> LossOutput:
     """Hinge loss on the DPO margin, as in SLiC-HF (Zhao et al. 2023, "SLiC-HF: Sequence Likelihood
     Calibration with Human Feedback") with the reference ratio of RSO (Liu et al. 2024, "Statistical
-    Rejection Sampling Improves Preference Optimization", eq. 13):
+    Rejection Sampling Improves Preference Optimization"):
 
         loss = max(0, 1 − β·h)
     """
@@ -355,7 +355,7 @@ def hinge_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> Lo
 
 @_register("simpo", needs_reference=False)
 def simpo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> LossOutput:
-    """SimPO, Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", eq. 6:
+    """SimPO, Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward":
 
         loss = −log σ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ)
 
@@ -408,7 +408,7 @@ def sppo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> Los
 
 @_register("tdpo", needs_reference=True, needs_kl_to_reference=True)
 def tdpo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> LossOutput:
-    """TDPO2, Zeng et al. 2024, "Token-level Direct Preference Optimization", eq. 21:
+    """TDPO2, Zeng et al. 2024, "Token-level Direct Preference Optimization":
 
         loss = −log σ(β·h − α·(β·D(y_l) − sg(β·D(y_w)))),
         D(y) = Σ_t KL(π_ref(·|x, y_<t) ‖ π(·|x, y_<t))   (the sequential KL over the completion)
