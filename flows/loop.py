@@ -23,7 +23,7 @@ from prefloop.orchestration import (
 )
 from prefloop.stage import StageResult
 from prefloop.storage import DEFAULT_STORE, ArtifactStore
-from prefloop.tasks import construct, evaluation, filtering, labeling, prompts, sampling
+from prefloop.tasks import construct, evaluation, filtering, labeling, mcts, pair_trees, prompts, sampling
 from prefloop.tasks.training import preference, sft
 
 
@@ -85,22 +85,32 @@ def _seeded(section: BaseModel, config: LoopConfig, round_index: int, **updates)
 def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str, prompts_ref: str,
               baseline: str, store: str, previous_metrics: str | None = None, reward_model: str | None = None,
               call: StageCaller = direct_caller, publish: bool = False) -> RoundSummary:
-    """One round: sample → label → construct → filter → train → evaluate.
+    """One round: sample → label → construct (or, with construction method mcts, mcts → pair-trees) → filter →
+    train → evaluate.
 
     The evaluation is paired with the SFT model's (``baseline``) and the previous round's
     (``previous_metrics``) on the same held-out prompts, measures the KL to this round's DPO
     reference, and the reward under ``reward_model`` when one is given.
     """
     prefix = f"{config.name}/round-{round_index}"
-    samples = call(sampling, {"policy": policy, "prompts": prompts_ref},
-                   _seeded(config.sampling, config, round_index), store, f"{prefix}/samples")
-    labels = call(labeling, {"samples": samples.output, "prompts": prompts_ref}, config.label.model_dump(), store,
-                  f"{prefix}/labels")
-    pairs = call(construct, {"samples": samples.output, "labels": labels.output},
-                 _seeded(config.construction, config, round_index), store, f"{prefix}/preferences")
+    if config.construction.method == "mcts":
+        # MCTS-DPO: step-level tree search and the pairs of its trees replace sample → label → construct.
+        trees = call(mcts, {"policy": policy, "prompts": prompts_ref}, _seeded(config.mcts, config, round_index),
+                     store, f"{prefix}/trees")
+        pairs = call(pair_trees, {"trees": trees.output}, config.pair_trees.model_dump(), store,
+                     f"{prefix}/preferences")
+        built = [trees, pairs]
+    else:
+        samples = call(sampling, {"policy": policy, "prompts": prompts_ref},
+                       _seeded(config.sampling, config, round_index), store, f"{prefix}/samples")
+        labels = call(labeling, {"samples": samples.output, "prompts": prompts_ref}, config.label.model_dump(), store,
+                      f"{prefix}/labels")
+        pairs = call(construct, {"samples": samples.output, "labels": labels.output},
+                     _seeded(config.construction, config, round_index), store, f"{prefix}/preferences")
+        built = [samples, labels, pairs]
     kept = call(filtering, {"preferences": pairs.output}, config.filter.model_dump(), store,
                 f"{prefix}/preferences-filtered")
-    stages = [samples, labels, pairs, kept]
+    stages = [*built, kept]
     new_policy = policy
     reference = sft_policy if config.reference_policy == "fixed" else policy
     if kept.rows == 0:

@@ -32,11 +32,14 @@ sft_flow = _stage_flow("sft")
 sample_flow = _stage_flow("sample")
 label_flow = _stage_flow("label")
 construct_flow = _stage_flow("construct")
+mcts_flow = _stage_flow("mcts")
+pair_trees_flow = _stage_flow("pair-trees")
 filter_flow = _stage_flow("filter")
 train_flow = _stage_flow("train")
 evaluate_flow = _stage_flow("evaluate")
 
 STAGE_FLOWS = {
     "prompts": prompts_flow, "sft": sft_flow, "sample": sample_flow, "label": label_flow,
-    "construct": construct_flow, "filter": filter_flow, "train": train_flow, "evaluate": evaluate_flow,
+    "construct": construct_flow, "mcts": mcts_flow, "pair-trees": pair_trees_flow, "filter": filter_flow,
+    "train": train_flow, "evaluate": evaluate_flow,
 }

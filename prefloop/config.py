@@ -16,6 +16,8 @@ from prefloop.tasks.construct import ConstructConfig
 from prefloop.tasks.evaluation import EvaluationConfig
 from prefloop.tasks.filtering import FilterConfig
 from prefloop.tasks.labeling import LabelingConfig
+from prefloop.tasks.mcts import MCTSConfig, MCTSConstruction
+from prefloop.tasks.pair_trees import PairTreesConfig
 from prefloop.tasks.prompts import PromptsConfig
 from prefloop.tasks.sampling import SamplingConfig
 from prefloop.tasks.training.preference import TrainConfig
@@ -39,7 +41,12 @@ class LoopConfig(BaseModel):
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     label: LabelingConfig = Field(default_factory=LabelingConfig)
-    construction: ConstructConfig = Field(default_factory=ConstructConfig, description="how samples become preference pairs")
+    construction: ConstructConfig | MCTSConstruction = Field(
+        default_factory=ConstructConfig, description="how preference pairs are built: best_vs_worst or best_vs_random "
+        "from labeled samples, or {method: mcts} — MCTS-DPO step-level pairs (sections mcts and pair_trees)")
+    mcts: MCTSConfig = Field(default_factory=MCTSConfig, description="step-level tree search (construction method mcts)")
+    pair_trees: PairTreesConfig = Field(default_factory=PairTreesConfig,
+                                        description="pairs from the search trees (construction method mcts)")
     filter: FilterConfig = Field(default_factory=FilterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

@@ -11,6 +11,8 @@ STAGE_MODULES = {
     "sample": "prefloop.tasks.sampling",
     "label": "prefloop.tasks.labeling",
     "construct": "prefloop.tasks.construct",
+    "mcts": "prefloop.tasks.mcts",
+    "pair-trees": "prefloop.tasks.pair_trees",
     "filter": "prefloop.tasks.filtering",
     "train": "prefloop.tasks.training.preference",
     "evaluate": "prefloop.tasks.evaluation",
@@ -23,6 +25,8 @@ CONFIG_SECTIONS = {
     "sample": "sampling",
     "label": "label",
     "construct": "construction",
+    "mcts": "mcts",  # used when construction.method is mcts: mcts -> pair-trees replaces sample -> label -> construct
+    "pair-trees": "pair_trees",
     "filter": "filter",
     "train": "train",
     "evaluate": "evaluation",
