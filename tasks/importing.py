@@ -176,7 +176,8 @@ def source_digest(path: Path) -> str:
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:
-        name = file.name if path.is_file() else file.relative_to(path).as_posix()
+        # A single file is its bytes (renaming it changes nothing); a folder's layout is part of its content.
+        name = "" if path.is_file() else file.relative_to(path).as_posix()
         digest.update(name.encode("utf-8") + b"\0")
         with file.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
@@ -195,18 +196,18 @@ def read_source(path: Path, fmt: SourceFormat, dataset_split: str | None = None)
     index = 0
     for file in _data_files(path, fmt):
         reader = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[fmt]
-        for row in reader(file):
+        for row in reader(file, "" if path.is_file() else f"{file.relative_to(path).as_posix()} "):
             row.index = index
             index += 1
             yield row
 
 
-def _read_jsonl(file: Path) -> Iterator[SourceRow]:
+def _read_jsonl(file: Path, where_prefix: str) -> Iterator[SourceRow]:
     with file.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            where = f"{file.name} line {number}"
+            where = f"{where_prefix}line {number}"
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as error:
@@ -225,7 +226,7 @@ def _read_jsonl(file: Path) -> Iterator[SourceRow]:
             yield SourceRow(0, record, raw=text.rstrip("\n"))
 
 
-def _read_csv(file: Path) -> Iterator[SourceRow]:
+def _read_csv(file: Path, where_prefix: str) -> Iterator[SourceRow]:
     # surrogateescape keeps undecodable bytes as lone surrogates, so one bad cell drops one row, not the file.
     with file.open("r", encoding="utf-8", errors="surrogateescape", newline="") as handle:
         for number, record in enumerate(csv.DictReader(handle), start=2):
@@ -233,7 +234,7 @@ def _read_csv(file: Path) -> Iterator[SourceRow]:
             if bad:
                 raw = json.dumps({k: (v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
                                       if isinstance(v, str) else v) for k, v in record.items()}, ensure_ascii=False)
-                yield SourceRow(0, None, ("invalid_utf8", f"{file.name} line {number}: field(s) {bad} are not UTF-8"), raw)
+                yield SourceRow(0, None, ("invalid_utf8", f"{where_prefix}line {number}: field(s) {bad} are not UTF-8"), raw)
                 continue
             # An empty CSV cell means "no value".
             yield SourceRow(0, {k: (v if v != "" else None) for k, v in record.items() if k is not None})
@@ -243,7 +244,7 @@ def _has_surrogates(text: str) -> bool:
     return any("\udc80" <= character <= "\udcff" for character in text)
 
 
-def _read_parquet(file: Path) -> Iterator[SourceRow]:
+def _read_parquet(file: Path, where_prefix: str) -> Iterator[SourceRow]:
     import pyarrow.parquet as pq
 
     try:
