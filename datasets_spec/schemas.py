@@ -283,9 +283,31 @@ TRAIN_LOG = TableSpec(
     rules=(*_not_blank("metric"),),
 )
 
+REFERENCE_LOGPS = TableSpec(
+    name="reference_logps",
+    version=1,
+    description="Sequence log-probs of each pair's chosen and rejected completion under the round's DPO "
+    "reference, computed once per round and read by every training run on those pairs.",
+    fields=(
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("chosen_logp", pa.float64(), nullable=False),
+        pa.field("rejected_logp", pa.float64(), nullable=False),
+        pa.field("chosen_tokens", pa.int32()),
+        pa.field("rejected_tokens", pa.int32()),
+    ),
+    required=("pair_id", "chosen_logp", "rejected_logp"),
+    rules=(
+        *_not_blank("pair_id"),
+        RowRule("nonfinite_logp", "finite", "chosen_logp"),
+        RowRule("nonfinite_logp", "finite", "rejected_logp"),
+        RowRule("duplicate_pair_id", "unique", "pair_id"),
+    ),
+)
+
 SPECS: dict[str, TableSpec] = {
     spec.name: spec
-    for spec in (PROMPTS, SAMPLES, LABELS, PREFERENCES, DROPS, METRICS, EVAL_RESULTS, TREES, TRAIN_LOG)
+    for spec in (PROMPTS, SAMPLES, LABELS, PREFERENCES, DROPS, METRICS, EVAL_RESULTS, TREES, TRAIN_LOG,
+                 REFERENCE_LOGPS)
 }
 
 

@@ -15,6 +15,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from prefloop.config import LoopConfig
+from prefloop.flows.training import reference_and_train, reference_model
 from prefloop.orchestration import (
     call_stage_task,
     publish_round_report,
@@ -24,7 +25,7 @@ from prefloop.orchestration import (
 from prefloop.stage import StageResult
 from prefloop.storage import DEFAULT_STORE, ArtifactStore
 from prefloop.tasks import construct, evaluation, filtering, labeling, mcts, pair_trees, prompts, sampling
-from prefloop.tasks.training import preference, sft
+from prefloop.tasks.training import sft
 
 
 class RoundSummary(BaseModel):
@@ -112,7 +113,7 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
                 f"{prefix}/preferences-filtered")
     stages = [*built, kept]
     new_policy = policy
-    reference = sft_policy if config.reference_policy == "fixed" else policy
+    reference = reference_model(config.reference_policy, policy, sft_policy)
     if kept.rows == 0:
         # Every prompt was all-correct or all-wrong: nothing to prefer. The round keeps its policy
         # (and says so) rather than failing the whole run.
@@ -120,9 +121,10 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
     else:
         train_config = _seeded(config.train, config, round_index, reference_policy=config.reference_policy)
         train_config["training"] = _seeded(config.train.training, config, round_index)
-        trained = call(preference, {"preferences": kept.output, "policy": policy, "reference": reference},
-                       train_config, store, f"{prefix}/policy")
-        stages.append(trained)
+        # Stage 'reference' (log-probs once per round, per the iteration policy) then stage 'train'.
+        *reference_logps, trained = reference_and_train(call, train_config, config.name, round_index, kept.output,
+                                                        policy, sft_policy, store)
+        stages.extend([*reference_logps, trained])
         new_policy = trained.output
     metrics = call(evaluation,
                    _evaluation_inputs(new_policy, prompts_ref, reference, reward_model, baseline=baseline,

@@ -35,11 +35,12 @@ construct_flow = _stage_flow("construct")
 mcts_flow = _stage_flow("mcts")
 pair_trees_flow = _stage_flow("pair-trees")
 filter_flow = _stage_flow("filter")
+reference_flow = _stage_flow("reference")
 train_flow = _stage_flow("train")
 evaluate_flow = _stage_flow("evaluate")
 
 STAGE_FLOWS = {
     "prompts": prompts_flow, "sft": sft_flow, "sample": sample_flow, "label": label_flow,
     "construct": construct_flow, "mcts": mcts_flow, "pair-trees": pair_trees_flow, "filter": filter_flow,
-    "train": train_flow, "evaluate": evaluate_flow,
+    "reference": reference_flow, "train": train_flow, "evaluate": evaluate_flow,
 }

@@ -7,7 +7,7 @@ schema; unknown keys are errors, so a typo cannot silently fall back to a defaul
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -20,7 +20,7 @@ from prefloop.tasks.mcts import MCTSConfig, MCTSConstruction
 from prefloop.tasks.pair_trees import PairTreesConfig
 from prefloop.tasks.prompts import PromptsConfig
 from prefloop.tasks.sampling import SamplingConfig
-from prefloop.tasks.training.preference import TrainConfig
+from prefloop.tasks.training.preference import ReferencePolicy, TrainConfig
 from prefloop.tasks.training.sft import SFTStageConfig
 
 
@@ -33,8 +33,10 @@ class LoopConfig(BaseModel):
     name: str = Field("demo", description="run name: refs are written under NAME/ (e.g. demo/round-1/preferences)")
     rounds: int = Field(3, ge=0, le=100)
     seed: int = Field(0, description="added to every stage's seed, so one number reseeds the whole run")
-    reference_policy: Literal["fixed", "previous_round"] = Field(
-        "fixed", description="fixed: the SFT model is the DPO reference in every round; previous_round: the policy that started the round"
+    reference_policy: ReferencePolicy = Field(
+        "fixed", description="fixed: the SFT model is the DPO reference in every round; previous_round: the policy "
+        "that started the round; mixture: INPO's geometric mixture of both (train.mixture_weight on SFT); soft_sync: "
+        "TR-DPO, the start policy moved toward the trained one every train.sync_every steps by train.sync_alpha"
     )
     sft_prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="prompts whose gold solutions train the SFT model")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="prompts sampled in rounds and held out for evaluation")

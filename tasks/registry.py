@@ -14,6 +14,7 @@ STAGE_MODULES = {
     "mcts": "prefloop.tasks.mcts",
     "pair-trees": "prefloop.tasks.pair_trees",
     "filter": "prefloop.tasks.filtering",
+    "reference": "prefloop.tasks.training.reference",
     "train": "prefloop.tasks.training.preference",
     "evaluate": "prefloop.tasks.evaluation",
 }
@@ -28,6 +29,7 @@ CONFIG_SECTIONS = {
     "mcts": "mcts",  # used when construction.method is mcts: mcts -> pair-trees replaces sample -> label -> construct
     "pair-trees": "pair_trees",
     "filter": "filter",
+    "reference": "reference",  # no loop-config section: the flow derives it from train (defaults on the CLI)
     "train": "train",
     "evaluate": "evaluation",
 }

@@ -1,14 +1,19 @@
-"""Models as artifacts: save a policy to a directory the store can publish, and load it back."""
+"""Models as artifacts: save a policy to a directory the store can publish, load it back, and keep\na training run's checkpoints in the store."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from pathlib import Path
 
 import pyarrow as pa
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefloop.backends.hf import HFBackend
+from prefloop.storage import ArtifactExistsError, ArtifactRef, ArtifactStore
+from prefloop.tasks.training.loop import Checkpoint
 
 
 def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Path:
@@ -50,3 +55,74 @@ def summarize(steps: list[dict[str, float]]) -> dict[str, float]:
         return {}
     return {f"final_{k}": float(v) for k, v in steps[-1].items()
             if isinstance(v, int | float) and k not in TIMING_METRICS} | {"steps": len(steps)}
+
+
+CHECKPOINT_KIND = "checkpoint"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class StoreCheckpointer:
+    """Checkpoints of one training run in the artifact store, keyed by the train stage's output id.
+
+    Each checkpoint is an artifact of kind ``checkpoint`` with id ``<output id>-step-<k>``, holding one
+    ``checkpoint.pt`` (weights, optimizer, scheduler, step, metrics so far, extra modules) with its
+    sha256 in the manifest like any artifact, so a damaged checkpoint is refused, not resumed from.
+    A rerun of the same stage (same output id) finds the latest one and resumes. Writing checkpoint k
+    removes the older ones; :meth:`clear` removes the rest once the final model is published.
+    """
+
+    def __init__(self, store: ArtifactStore, output_id: str, stage: str, stage_version: str):
+        self.store = store
+        self.output_id = output_id
+        self.stage = stage
+        self.stage_version = stage_version
+        self.resumed_from: int | None = None
+
+    def _prefix(self) -> str:
+        return f"{self.output_id}-step-"
+
+    def refs(self) -> list[ArtifactRef]:
+        """This run's checkpoints, oldest first."""
+        prefix = self._prefix()
+        found = [ref for ref in self.store.list(CHECKPOINT_KIND) if ref.id.startswith(prefix)]
+        return sorted(found, key=lambda ref: int(ref.id[len(prefix):]))
+
+    def load(self) -> Checkpoint | None:
+        refs = self.refs()
+        if not refs:
+            return None
+        data = self.store.read_file(refs[-1], CHECKPOINT_FILE)  # checksum-verified
+        checkpoint = Checkpoint.from_dict(torch.load(io.BytesIO(data), weights_only=True))
+        self.resumed_from = checkpoint.step
+        return checkpoint
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint.to_dict(), buffer)
+        artifact_id = f"{self._prefix()}{checkpoint.step:07d}"
+        try:
+            with self.store.writer(CHECKPOINT_KIND, artifact_id) as writer:
+                writer.add_file(CHECKPOINT_FILE, buffer.getvalue())
+                writer.commit(stage=f"{self.stage}-checkpoint", stage_version=self.stage_version,
+                              metrics={"step": checkpoint.step, "num_steps": checkpoint.num_steps,
+                                       "output_id": self.output_id})
+        except ArtifactExistsError:
+            pass  # a concurrent run of the same stage wrote this very checkpoint
+        for ref in self.refs():
+            if ref.id != artifact_id:
+                remove_artifact(self.store, ref)
+
+    def clear(self) -> None:
+        """Remove every checkpoint of this run (its final model is published: they are superseded)."""
+        for ref in self.refs():
+            remove_artifact(self.store, ref)
+
+
+def remove_artifact(store: ArtifactStore, ref: ArtifactRef) -> None:
+    """Delete an artifact that nothing references (a superseded checkpoint): manifest first, so a
+    reader never sees a published artifact with missing files, then the rest."""
+    directory = f"{store.base}/artifacts/{ref.kind}/{ref.id}"
+    with contextlib.suppress(FileNotFoundError):
+        store.fs.rm(f"{directory}/manifest.json")
+    with contextlib.suppress(FileNotFoundError):
+        store.fs.rm(directory, recursive=True)

@@ -1,13 +1,28 @@
-"""One training loop for SFT and the DPO family: tokenise, batch, compute sequence log-probs, step.
+"""One training loop for SFT, the DPO family and reward models: tokenise, batch, compute log-probs, step.
 
 ``train_sft`` and ``train_dpo`` differ only in what a batch holds and which registered loss turns its
 log-probs into a scalar; the optimisation (AdamW, linear warm-up then linear decay, gradient
-clipping, seeded data order) is the single ``_optimise`` function both call.
+clipping, gradient accumulation, seeded data order, checkpoints) is the single public
+:func:`optimise` that every trainer calls with its own ``loss_for_batch``.
 
-Tokenisation: prompt (with bos) + completion + eos; the loss covers the completion and eos only.
-Batches are padded on the right to their own longest row (dynamic padding). For DPO the reference
-log-probs are computed once, up front, without gradients: the reference is frozen, so recomputing
-them every step would only cost time.
+Tokenisation: prompt (with bos) + completion + eos, cut to ``max_length`` from the end (keep the
+start, as TRL does); the loss covers the completion and eos only. Each forward pass sorts the rows
+of a batch by length and runs them in groups padded only to the group's longest row (dynamic
+padding without most of its waste); right padding needs no attention mask, since a causal model's
+real tokens never attend to the pads after them. Chosen and rejected rows of a DPO batch share
+these forward passes.
+
+Reference log-probs: the reference is frozen, so its sequence log-probs are computed once per
+round (:func:`reference_logprobs`, stored by the ``reference`` stage as an artifact keyed by
+pair_id) instead of a reference forward pass every step. Only a reference that changes during
+training (TR-DPO's soft sync) or a loss that needs the reference's whole token distribution (TDPO)
+runs the reference model per step.
+
+Checkpoints: every ``checkpoint_every`` optimizer steps the loop hands a :class:`Checkpoint`
+(weights, optimizer, scheduler, step, the metrics so far and any extra modules such as a synced
+reference) to a :class:`Checkpointer`; a run that finds one resumes from it and ends with the same
+weights as an uninterrupted run. The data order is a pure function of the seed, so the step number
+is the whole data-order state.
 
 Determinism: the same config, data, initial weights and thread count give bit-identical weights on
 CPU. The data order comes from a ``torch.Generator`` seeded by ``config.seed``; the global random
@@ -18,8 +33,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -51,7 +67,20 @@ class OptimizationConfig(BaseModel):
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="None disables clipping")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="micro-batches of batch_size per optimizer step (effective batch = batch_size × this)"
+    )
+    max_length: int | None = Field(
+        None, ge=2, description="tokens per sequence (prompt + completion + eos), cut from the end; None: no cut"
+    )
+    checkpoint_every: int | None = Field(
+        100, ge=1, description="optimizer steps between checkpoints (when the caller gives a checkpointer); None: never"
+    )
     seed: int = Field(0, description="fixes the data order")
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps
 
 
 class SFTConfig(OptimizationConfig):
@@ -117,13 +146,28 @@ class Batch:
 
 
 def encode_examples(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    max_length: int | None = None,
 ) -> list[EncodedExample]:
-    """Tokenise (prompt, completion) pairs; eos is appended so the model learns to stop."""
-    return [
-        EncodedExample(*encode_completion(tokenizer, prompt, completion, append_eos=True))
-        for prompt, completion in zip(prompts, completions, strict=True)
-    ]
+    """Tokenise (prompt, completion) pairs; eos is appended so the model learns to stop.
+
+    With ``max_length`` a longer sequence keeps its first ``max_length`` tokens (the cut completion
+    then has no eos); a prompt that leaves no completion token at all is an error.
+    """
+    encoded = []
+    for index, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        token_ids, prompt_length = encode_completion(tokenizer, prompt, completion, append_eos=True)
+        if max_length is not None and len(token_ids) > max_length:
+            if prompt_length >= max_length:
+                raise ValueError(
+                    f"example {index}: its prompt alone has {prompt_length} tokens but max_length is {max_length}, "
+                    "so no completion token would be trained: raise max_length or drop such prompts"
+                )
+            token_ids = token_ids[:max_length]
+        encoded.append(EncodedExample(token_ids, prompt_length))
+    return encoded
 
 
 def collate(examples: Sequence[EncodedExample], pad_id: int) -> Batch:
@@ -138,21 +182,93 @@ def sequence_logprobs(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
     return completion_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
 
 
-def _example_order(num_examples: int, batch_size: int, num_steps: int, seed: int) -> Iterator[list[int]]:
-    """Example indices per step: successive seeded permutations of the data, cut into batches."""
+# Padded tokens per forward pass when a batch is split into length groups. Smaller groups waste less
+# on padding but pay Python and kernel-launch overhead per pass; on the embedded model, 1024 tokens
+# (3-4 passes for 32 pairs) is the measured sweet spot (benchmarks/trainer_vs_trl.py).
+GROUP_TOKENS = 1024
+INFERENCE_GROUP_TOKENS = 8192
+
+
+def length_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Row indices in groups for forward passes: longest first, each group padded to its first row's
+    length and holding at most ``max_tokens`` padded tokens (at least one row). Ties keep input order."""
+    order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
+    groups: list[list[int]] = []
+    width = 0
+    for index in order:
+        if not groups or (len(groups[-1]) + 1) * width > max_tokens:
+            groups.append([])
+            width = lengths[index]
+        groups[-1].append(index)
+    return groups
+
+
+def _causal_completion_logprobs(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+    """Σ log π over the completion tokens of right-padded rows, without an attention mask.
+
+    Under a causal mask a real token only attends to earlier positions, which are all real when the
+    padding is on the right; the pads' own outputs carry no loss. Leaving the mask out lets the
+    attention kernel take its fast causal path instead of materialising a padding mask.
+    """
+    logits = model(input_ids=batch.input_ids, use_cache=False).logits[:, :-1].float()
+    targets = batch.input_ids[:, 1:].unsqueeze(-1)
+    token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
+    return (token_logprobs * batch.completion_mask[:, 1:]).sum(dim=-1)
+
+
+def grouped_sequence_logprobs(
+    model: PreTrainedModel, examples: Sequence[EncodedExample], pad_id: int, max_tokens: int = GROUP_TOKENS
+) -> torch.Tensor:
+    """Σ log π(y_t | x, y_<t) over each example's completion tokens, shape [len(examples)], in the
+    examples' order; rows run in length groups (:func:`length_groups`) so little compute goes to pads.
+    Differentiable; call under ``torch.inference_mode()`` for scoring."""
+    groups = length_groups([len(example.token_ids) for example in examples], max_tokens)
+    parts = [_causal_completion_logprobs(model, collate([examples[i] for i in group], pad_id)) for group in groups]
+    flat = torch.cat(parts)
+    position = torch.empty(len(examples), dtype=torch.long)
+    position[torch.tensor([index for group in groups for index in group])] = torch.arange(len(examples))
+    return flat[position]
+
+
+def completion_lengths(examples: Sequence[EncodedExample]) -> torch.Tensor:
+    """Completion tokens (eos included) of each example, as float32 (the losses divide by them)."""
+    return torch.tensor([example.completion_length for example in examples], dtype=torch.float32)
+
+
+def example_order(
+    num_examples: int, examples_per_step: int, num_steps: int, seed: int, curriculum: Sequence[int] | None = None
+) -> list[list[int]]:
+    """Example indices for every optimizer step, fixed before training starts.
+
+    Default: successive seeded permutations of the data, cut into batches (an epoch boundary may fall
+    inside a batch). With ``curriculum`` (all example indices, easiest first), every epoch walks that
+    order instead (Curry-DPO, Pattnaik et al. 2024: easy pairs, i.e. large margins, first). Because the
+    order is a pure function of its arguments, a resumed run needs only the step number.
+    """
+    if curriculum is not None and sorted(curriculum) != list(range(num_examples)):
+        raise ValueError(f"a curriculum must list each of the {num_examples} examples exactly once")
     generator = torch.Generator().manual_seed(seed)
     stream: list[int] = []
+    order: list[list[int]] = []
     for _ in range(num_steps):
-        while len(stream) < batch_size:
-            stream.extend(torch.randperm(num_examples, generator=generator).tolist())
-        yield stream[:batch_size]
-        stream = stream[batch_size:]
+        while len(stream) < examples_per_step:
+            if curriculum is not None:
+                stream.extend(curriculum)
+            else:
+                stream.extend(torch.randperm(num_examples, generator=generator).tolist())
+        order.append(stream[:examples_per_step])
+        stream = stream[examples_per_step:]
+    return order
 
 
-def _num_steps(num_examples: int, config: OptimizationConfig) -> int:
+def num_steps_for(num_examples: int, config: OptimizationConfig) -> int:
+    """Optimizer steps of a run: ``max_steps``, else ``epochs`` passes over the data (rounded up)."""
     if config.max_steps is not None:
         return config.max_steps
-    return max(1, math.ceil(config.epochs * num_examples / config.batch_size))
+    return max(1, math.ceil(config.epochs * num_examples / config.examples_per_step))
+
+
+_num_steps = num_steps_for
 
 
 def _linear_warmup_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -166,50 +282,136 @@ def _linear_warmup_decay(warmup_steps: int, total_steps: int) -> Callable[[int],
     return multiplier
 
 
-def _optimise(
+@dataclass
+class Checkpoint:
+    """Everything a run needs to continue after ``step`` optimizer steps as if it had never stopped."""
+
+    step: int
+    num_steps: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    history: list[dict[str, float]]
+    extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "num_steps": self.num_steps, "model": self.model, "optimizer": self.optimizer,
+                "scheduler": self.scheduler, "history": self.history, "extra": self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Checkpoint:
+        return cls(**data)
+
+
+class Checkpointer(Protocol):
+    """Where a run keeps its checkpoints (the train stages: the artifact store, keyed by output id)."""
+
+    def load(self) -> Checkpoint | None: ...
+
+    def save(self, checkpoint: Checkpoint) -> None: ...
+
+
+MetricValue = float | torch.Tensor
+LossForBatch = Callable[[list[int]], tuple[torch.Tensor, dict[str, MetricValue]]]
+
+
+def _as_floats(history: list[dict[str, MetricValue]]) -> list[dict[str, float]]:
+    """Per-step metrics as plain numbers. The loop keeps them as tensors until a checkpoint or the end,
+    so no step waits on a host sync just to log."""
+    return [{key: float(value) if isinstance(value, torch.Tensor) else value for key, value in step.items()}
+            for step in history]
+
+
+def optimise(
     model: PreTrainedModel,
     num_examples: int,
     config: OptimizationConfig,
-    loss_for_batch: Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]],
-    progress: ProgressCallback | None,
+    loss_for_batch: LossForBatch,
+    progress: ProgressCallback | None = None,
+    *,
+    checkpointer: Checkpointer | None = None,
+    order: list[list[int]] | None = None,
+    extra_state: dict[str, torch.nn.Module] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> list[dict[str, float]]:
-    """The shared loop: for each step, the loss of a batch of example indices, backward, clip, AdamW step."""
-    num_steps = _num_steps(num_examples, config)
+    """The one optimisation loop of every trainer (SFT, DPO family, reward models).
+
+    Per optimizer step: the step's example indices (``order``, else :func:`example_order`) are cut into
+    ``gradient_accumulation_steps`` micro-batches of ``batch_size``; each micro-batch's loss
+    (``loss_for_batch(indices) -> (scalar loss, metrics)``) is divided by their number and
+    back-propagated, so the gradient is that of the mean loss over the step; then the gradient norm is
+    clipped, AdamW steps and the linear warm-up/decay schedule advances. ``after_step(step)`` runs after
+    each step (e.g. a reference soft sync). Every ``checkpoint_every`` steps the state, including
+    ``extra_state`` modules, goes to ``checkpointer``; a run whose checkpointer holds one resumes there.
+
+    Returns one metrics dict per step: step, loss, learning_rate, grad_norm, elapsed_s and the
+    micro-batch-averaged metrics of ``loss_for_batch``.
+    """
+    num_steps = len(order) if order is not None else num_steps_for(num_examples, config)
+    if order is None:
+        order = example_order(num_examples, config.examples_per_step, num_steps, config.seed)
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(
-        [parameter for parameter in model.parameters() if parameter.requires_grad],
+        parameters,
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _linear_warmup_decay(config.warmup_steps, num_steps)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_warmup_decay(config.warmup_steps, num_steps))
+    extra_state = extra_state or {}
+    history: list[dict[str, MetricValue]] = []
+    first_step = 0
+    checkpoint = checkpointer.load() if checkpointer is not None else None
+    if checkpoint is not None:
+        if checkpoint.num_steps != num_steps or set(checkpoint.extra) != set(extra_state):
+            raise ValueError(
+                f"the checkpoint at step {checkpoint.step} belongs to a run of {checkpoint.num_steps} steps with "
+                f"extra state {sorted(checkpoint.extra)}, not to this run ({num_steps} steps, {sorted(extra_state)}): "
+                "it was written by different code; delete it to start over"
+            )
+        model.load_state_dict(checkpoint.model)
+        optimizer.load_state_dict(checkpoint.optimizer)
+        scheduler.load_state_dict(checkpoint.scheduler)
+        for name, module in extra_state.items():
+            module.load_state_dict(checkpoint.extra[name])
+        history = list(checkpoint.history)
+        first_step = checkpoint.step
+    max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
     model.train()
-    history: list[dict[str, float]] = []
     started = time.perf_counter()
-    for step, indices in enumerate(_example_order(num_examples, config.batch_size, num_steps, config.seed)):
+    for step in range(first_step, num_steps):
         learning_rate = scheduler.get_last_lr()[0]
-        loss, metrics = loss_for_batch(indices)
+        indices = order[step]
+        micro_batches = [indices[start : start + config.batch_size] for start in range(0, len(indices), config.batch_size)]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        totals: dict[str, MetricValue] = {}
+        for micro_batch in micro_batches:
+            loss, metrics = loss_for_batch(micro_batch)
+            (loss / len(micro_batches)).backward()
+            for key, value in {"loss": loss.detach(), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         optimizer.step()
         scheduler.step()
-        history.append(
-            {
-                "step": step + 1,
-                "loss": loss.item(),
-                "learning_rate": learning_rate,
-                "grad_norm": float(grad_norm),
-                "elapsed_s": time.perf_counter() - started,
-                **metrics,
-            }
-        )
+        if after_step is not None:
+            after_step(step + 1)
+        history.append({"step": step + 1, "loss": totals.pop("loss"), "learning_rate": learning_rate,
+                        "grad_norm": grad_norm, "elapsed_s": time.perf_counter() - started, **totals})
+        every = config.checkpoint_every
+        if checkpointer is not None and every is not None and (step + 1) % every == 0 and step + 1 < num_steps:
+            history = _as_floats(history)
+            checkpointer.save(Checkpoint(
+                step=step + 1, num_steps=num_steps, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), history=history,
+                extra={name: module.state_dict() for name, module in extra_state.items()},
+            ))
         if progress is not None:
             progress(step + 1, num_steps)
     model.eval()
-    return history
+    return _as_floats(history)
+
+
+_optimise = optimise  # the name the first trainers used
 
 
 def train_sft(
@@ -218,6 +420,7 @@ def train_sft(
     examples: list[tuple[str, str]],
     config: SFTConfig | None = None,
     progress: ProgressCallback | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> list[dict[str, float]]:
     """Fine-tune ``model`` in place on (prompt, completion) pairs; returns per-step metrics.
 
@@ -226,28 +429,100 @@ def train_sft(
     config = config or SFTConfig()
     if not examples:
         raise ValueError("train_sft got no examples")
-    encoded = encode_examples(tokenizer, [p for p, _ in examples], [c for _, c in examples])
+    encoded = encode_examples(tokenizer, [p for p, _ in examples], [c for _, c in examples], config.max_length)
     sft = get_loss("sft")
     hyperparameters = LossHyperparameters()
+    pad_id = tokenizer.pad_token_id
 
-    def loss_for_batch(indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = collate([encoded[i] for i in indices], tokenizer.pad_token_id)
-        logps = SequenceLogps(policy_chosen=sequence_logprobs(model, batch), chosen_lengths=batch.completion_lengths)
-        return sft(logps, hyperparameters).losses.mean(), {"tokens": float(batch.attention_mask.sum())}
+    def loss_for_batch(indices: list[int]) -> tuple[torch.Tensor, dict[str, MetricValue]]:
+        rows = [encoded[i] for i in indices]
+        logps = SequenceLogps(policy_chosen=grouped_sequence_logprobs(model, rows, pad_id),
+                              chosen_lengths=completion_lengths(rows))
+        return sft(logps, hyperparameters).losses.mean(), {"tokens": float(sum(len(r.token_ids) for r in rows))}
 
-    return _optimise(model, len(encoded), config, loss_for_batch, progress)
+    return optimise(model, len(encoded), config, loss_for_batch, progress, checkpointer=checkpointer)
 
 
-def _reference_logprobs(
-    reference: PreTrainedModel, encoded: list[EncodedExample], pad_id: int, batch_size: int
-) -> torch.Tensor:
-    """Sequence log-probs of every example under the frozen reference, computed once (no gradients)."""
+@dataclass(frozen=True)
+class PreparedPairs:
+    """Tokenised (prompt, chosen, rejected) triples, chosen[i] and rejected[i] of pair i."""
+
+    chosen: list[EncodedExample]
+    rejected: list[EncodedExample]
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+
+def prepare_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str, str]], max_length: int | None = None
+) -> PreparedPairs:
+    """Tokenise preference triples once, for the reference pass and for training."""
+    prompts = [prompt for prompt, _, _ in pairs]
+    return PreparedPairs(
+        chosen=encode_examples(tokenizer, prompts, [chosen for _, chosen, _ in pairs], max_length),
+        rejected=encode_examples(tokenizer, prompts, [rejected for _, _, rejected in pairs], max_length),
+    )
+
+
+@dataclass(frozen=True)
+class ReferenceLogps:
+    """Σ log π_ref over the chosen and the rejected completion of each pair (float32, shape [pairs])."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+
+def reference_logprobs(
+    reference: PreTrainedModel, prepared: PreparedPairs, pad_id: int = 0, max_tokens: int = INFERENCE_GROUP_TOKENS
+) -> ReferenceLogps:
+    """Sequence log-probs of every pair's chosen and rejected completion under the frozen reference,
+    computed once (no gradients), all rows in length groups across the whole data set."""
     reference.eval()
-    scores = []
+    rows = prepared.chosen + prepared.rejected
     with torch.inference_mode():
-        for start in range(0, len(encoded), batch_size):
-            scores.append(sequence_logprobs(reference, collate(encoded[start : start + batch_size], pad_id)))
-    return torch.cat(scores)
+        scores = grouped_sequence_logprobs(reference, rows, pad_id, max_tokens)
+    return ReferenceLogps(chosen=scores[: len(prepared)].clone(), rejected=scores[len(prepared) :].clone())
+
+
+def geometric_mixture(first: ReferenceLogps, second: ReferenceLogps, first_weight: float) -> ReferenceLogps:
+    """Sequence log-probs of the geometric mixture π_mix ∝ π_1^w · π_2^(1−w):
+
+        log π_mix(y|x) = w · log π_1(y|x) + (1 − w) · log π_2(y|x) − log Z(x)
+
+    The normaliser Z(x) depends on the prompt only, so it cancels in every DPO-family log-ratio
+    difference h and is left out. INPO (Zhang et al. 2024, "Iterative Nash Policy Optimization")
+    uses this reference with π_1 = the SFT model, π_2 = the previous round's policy, w = τ/η.
+    """
+    if not 0.0 <= first_weight <= 1.0:
+        raise ValueError(f"a geometric mixture weight must lie in [0, 1], got {first_weight}")
+    if len(first) != len(second):
+        raise ValueError(f"cannot mix reference log-probs of {len(first)} and {len(second)} pairs")
+    return ReferenceLogps(
+        chosen=first_weight * first.chosen + (1.0 - first_weight) * second.chosen,
+        rejected=first_weight * first.rejected + (1.0 - first_weight) * second.rejected,
+    )
+
+
+@dataclass(frozen=True)
+class SoftSync:
+    """TR-DPO's soft reference update (Gorbatovski et al. 2024, "Learn Your Reference Model for Real
+    Good Alignment"): every ``every`` optimizer steps, π_ref ← α·π_θ + (1 − α)·π_ref, parameter-wise."""
+
+    alpha: float
+    every: int
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha <= 1.0 or self.every < 1:
+            raise ValueError(f"soft sync needs 0 < alpha <= 1 and every >= 1, got alpha={self.alpha}, every={self.every}")
+
+    def apply(self, policy: PreTrainedModel, reference: PreTrainedModel) -> None:
+        with torch.no_grad():
+            for reference_parameter, parameter in zip(reference.parameters(), policy.parameters(), strict=True):
+                reference_parameter.lerp_(parameter, self.alpha)
 
 
 def _logps_and_kl_to_reference(
@@ -260,32 +535,52 @@ def _logps_and_kl_to_reference(
     return completion_logps_and_kl(logits, reference_logits, batch.input_ids, batch.completion_mask)
 
 
-def _preference_metrics(output: LossOutput) -> dict[str, float]:
-    """Mean implicit rewards, their margin, and the share of pairs where chosen out-rewards rejected."""
+def _preference_metrics(output: LossOutput, logps: SequenceLogps) -> dict[str, MetricValue]:
+    """Mean implicit rewards, their margin, the share of pairs where chosen out-rewards rejected, and a
+    KL estimate: the mean sequence log-ratio log π(y) − log π_ref(y) over the batch's completions (an
+    estimate of KL(π‖π_ref) when the completions were sampled from π, i.e. on-policy pairs)."""
+    metrics: dict[str, MetricValue] = {}
     chosen, rejected = output.chosen_rewards, output.rejected_rewards
-    if chosen is None or rejected is None:
-        return {}
-    return {
-        "chosen_reward": chosen.mean().item(),
-        "rejected_reward": rejected.mean().item(),
-        "reward_margin": (chosen - rejected).mean().item(),
-        "reward_accuracy": (chosen > rejected).float().mean().item(),
-    }
+    if chosen is not None and rejected is not None:
+        metrics |= {
+            "chosen_reward": chosen.mean(),
+            "rejected_reward": rejected.mean(),
+            "reward_margin": (chosen - rejected).mean(),
+            "reward_accuracy": (chosen > rejected).float().mean(),
+        }
+    if logps.reference_chosen is not None and logps.reference_rejected is not None:
+        log_ratios = torch.cat([logps.policy_chosen - logps.reference_chosen,
+                                logps.policy_rejected - logps.reference_rejected]).detach()
+        metrics["kl_estimate"] = log_ratios.mean()
+    return metrics
 
 
 def train_dpo(
     policy: PreTrainedModel,
-    reference: PreTrainedModel,
+    reference: PreTrainedModel | None,
     tokenizer: PreTrainedTokenizerBase,
-    pairs: list[tuple[str, str, str]],
+    pairs: Sequence[tuple[str, str, str]],
     config: DPOConfig | None = None,
     progress: ProgressCallback | None = None,
+    *,
+    reference_logps: ReferenceLogps | None = None,
+    prepared: PreparedPairs | None = None,
+    curriculum: Sequence[int] | None = None,
+    soft_sync: SoftSync | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> list[dict[str, float]]:
-    """Train ``policy`` in place on (prompt, chosen, rejected) triples against a frozen ``reference``.
+    """Train ``policy`` in place on (prompt, chosen, rejected) triples against a reference.
 
-    Per step, chosen and rejected rows go through the policy in one forward pass; the loss is the
-    registered ``config.loss`` (default ``sigmoid`` = DPO). Metrics per step include the loss, the
-    implicit-reward margin β·h and the implicit-reward accuracy (share of pairs with h > 0).
+    Per step, the chosen and rejected rows of the batch go through the policy together (in length
+    groups); the loss is the registered ``config.loss`` (default ``sigmoid`` = DPO). Metrics per step
+    include the loss, the implicit-reward margin β·h, the implicit-reward accuracy (share of pairs with
+    h > 0) and a KL estimate.
+
+    The reference enters as ``reference_logps`` (computed once per round, e.g. by the ``reference``
+    stage) or, when they are not given, as log-probs computed here once from ``reference``. With
+    ``soft_sync`` (TR-DPO) the reference model changes every k steps, so its log-probs are computed per
+    step. ``curriculum`` fixes the order of the pairs in each epoch (:func:`example_order`);
+    ``prepared`` skips tokenising again; ``checkpointer`` makes the run resumable.
     """
     config = config or DPOConfig()
     loss_spec = get_loss_spec(config.loss)
@@ -293,36 +588,68 @@ def train_dpo(
         raise ValueError(f"train_dpo needs a preference loss, got '{config.loss}' (use train_sft for it)")
     if not pairs:
         raise ValueError("train_dpo got no pairs: every prompt was all-correct or all-wrong?")
-    prompts = [prompt for prompt, _, _ in pairs]
-    chosen = encode_examples(tokenizer, prompts, [c for _, c, _ in pairs])
-    rejected = encode_examples(tokenizer, prompts, [r for _, _, r in pairs])
+    prepared = prepared or prepare_pairs(tokenizer, pairs, config.max_length)
+    if len(prepared) != len(pairs):
+        raise ValueError(f"prepared pairs hold {len(prepared)} pairs but {len(pairs)} were given")
     pad_id = tokenizer.pad_token_id
-    reference_chosen = reference_rejected = None
-    if loss_spec.needs_reference:
-        reference_chosen = _reference_logprobs(reference, chosen, pad_id, 2 * config.batch_size)
-        reference_rejected = _reference_logprobs(reference, rejected, pad_id, 2 * config.batch_size)
+    per_step_reference = soft_sync is not None or loss_spec.needs_kl_to_reference
+    if (per_step_reference or (loss_spec.needs_reference and reference_logps is None)) and reference is None:
+        raise ValueError(
+            f"loss '{config.loss}'{' with a soft-synced reference' if soft_sync else ''} needs the reference "
+            "model: pass reference= (or reference_logps= computed once for a fixed reference)"
+        )
+    if soft_sync is not None:
+        reference_logps = None  # the reference moves during training: scored per step below
+    elif loss_spec.needs_reference and reference_logps is None:
+        reference_logps = reference_logprobs(reference, prepared, pad_id)
+    if reference_logps is not None and len(reference_logps) != len(pairs):
+        raise ValueError(f"reference log-probs cover {len(reference_logps)} pairs but {len(pairs)} were given")
+    if per_step_reference:
+        reference.eval()
     hyperparameters = config.loss_hyperparameters()
+    chosen, rejected = prepared.chosen, prepared.rejected
 
-    def loss_for_batch(indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = collate([chosen[i] for i in indices] + [rejected[i] for i in indices], pad_id)
+    def loss_for_batch(indices: list[int]) -> tuple[torch.Tensor, dict[str, MetricValue]]:
+        count = len(indices)
+        rows = [chosen[i] for i in indices] + [rejected[i] for i in indices]
         kl = None  # Σ_t KL(π_ref‖π), only for losses whose spec asks for it (TDPO)
         if loss_spec.needs_kl_to_reference:
+            batch = collate(rows, pad_id)
             policy_logps, kl = _logps_and_kl_to_reference(policy, reference, batch)
         else:
-            policy_logps = sequence_logprobs(policy, batch)
-        lengths = batch.completion_lengths
-        count = len(indices)
+            policy_logps = grouped_sequence_logprobs(policy, rows, pad_id)
+        lengths = completion_lengths(rows)
+        if reference_logps is not None:
+            reference_chosen, reference_rejected = reference_logps.chosen[indices], reference_logps.rejected[indices]
+        elif loss_spec.needs_reference:
+            with torch.no_grad():
+                scores = grouped_sequence_logprobs(reference, rows, pad_id)
+            reference_chosen, reference_rejected = scores[:count], scores[count:]
+        else:
+            reference_chosen = reference_rejected = None
         logps = SequenceLogps(
             policy_chosen=policy_logps[:count],
             policy_rejected=policy_logps[count:],
-            reference_chosen=reference_chosen[indices] if reference_chosen is not None else None,
-            reference_rejected=reference_rejected[indices] if reference_rejected is not None else None,
+            reference_chosen=reference_chosen,
+            reference_rejected=reference_rejected,
             chosen_lengths=lengths[:count],
             rejected_lengths=lengths[count:],
             chosen_kl=kl[:count] if kl is not None else None,
             rejected_kl=kl[count:] if kl is not None else None,
         )
         output = loss_spec(logps, hyperparameters)
-        return output.losses.mean(), _preference_metrics(output)
+        return output.losses.mean(), _preference_metrics(output, logps)
 
-    return _optimise(policy, len(pairs), config, loss_for_batch, progress)
+    num_steps = num_steps_for(len(pairs), config)
+    order = example_order(len(pairs), config.examples_per_step, num_steps, config.seed, curriculum)
+    extra_state: dict[str, torch.nn.Module] = {}
+    after_step = None
+    if soft_sync is not None:
+        extra_state["reference"] = reference
+
+        def after_step(step: int) -> None:
+            if step % soft_sync.every == 0:
+                soft_sync.apply(policy, reference)
+
+    return optimise(policy, len(pairs), config, loss_for_batch, progress, checkpointer=checkpointer, order=order,
+                    extra_state=extra_state, after_step=after_step)

@@ -1,69 +1,239 @@
 """Stage ``train``: one round of preference optimisation (DPO and its family) on a pairs artifact.
 
-Inputs: the filtered ``preferences``, the ``policy`` to start from and the frozen ``reference``.
-Which model the flow passes as the reference is explicit config (``reference_policy``) and is
-recorded in the manifest: ``fixed`` keeps the SFT model in every round (MCTS-DPO), while
-``previous_round`` uses the policy that started this round (iterative DPO, SPIN).
-The output is a new model artifact plus the per-step training log.
+Inputs: the filtered ``preferences``, the ``policy`` to start from, the ``reference`` model and,
+optionally, the round's ``reference_logps`` (stage ``reference``: the reference's log-probs of every
+pair, computed once per round) and ``off_policy`` pairs of an earlier round to mix in.
+
+The iteration policy is explicit config, recorded in the manifest (``reference_policy``):
+
+- ``fixed``: the SFT model is the reference in every round (MCTS-DPO);
+- ``previous_round``: the policy that started the round (iterative DPO, SPIN, SPPO);
+- ``mixture``: INPO's geometric mixture π_SFT^w · π_prev^(1−w) (Zhang et al. 2024), whose log-probs
+  only exist as the ``reference_logps`` input (stage ``reference`` with ``mixture_with``);
+- ``soft_sync``: TR-DPO (Gorbatovski et al. 2024): the reference starts as the given model and every
+  ``sync_every`` steps becomes α·π_θ + (1 − α)·π_ref, so it is scored per step, not cached.
+
+Data options: ``off_policy_ratio`` makes that share of the training pairs come from the
+``off_policy`` input (sampled with the training seed); ``curriculum: margin`` orders each epoch from
+the largest score margin to the smallest (Curry-DPO, Pattnaik et al. 2024).
+
+Training checkpoints go into the store keyed by this stage's output id (``tasks/training/artifacts``),
+so a killed run resumes from its last checkpoint when the same stage runs again; they are removed
+once the model is published. The output is a new model artifact plus the per-step training log
+(loss, implicit rewards and their margin, implicit-reward accuracy, KL estimate, learning rate,
+gradient norm).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import pyarrow as pa
+import torch
 from pydantic import Field
 
 from prefloop.datasets_spec import PREFERENCES, TRAIN_LOG
+from prefloop.datasets_spec.schemas import REFERENCE_LOGPS
 from prefloop.orchestration import stage_task
 from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
 from prefloop.storage import ArtifactRef, ArtifactStore
-from prefloop.tasks.training.artifacts import load_policy, save_model_dir, summarize, train_log_table
-from prefloop.tasks.training.loop import DPOConfig, train_dpo
+from prefloop.tasks.training.artifacts import (
+    StoreCheckpointer,
+    load_policy,
+    save_model_dir,
+    summarize,
+    train_log_table,
+)
+from prefloop.tasks.training.loop import (
+    DPOConfig,
+    PreparedPairs,
+    ReferenceLogps,
+    SoftSync,
+    num_steps_for,
+    prepare_pairs,
+    reference_logprobs,
+    train_dpo,
+)
+from prefloop.tasks.training.losses import get_loss_spec
+
+ReferencePolicy = Literal["fixed", "previous_round", "mixture", "soft_sync"]
 
 
 class TrainConfig(StageConfig):
     training: DPOConfig = Field(default_factory=DPOConfig)
-    reference_policy: Literal["fixed", "previous_round"] = Field(
-        "fixed", description="which model the flow passes as 'reference' (recorded for lineage)"
+    reference_policy: ReferencePolicy = Field(
+        "fixed",
+        description="fixed (SFT model), previous_round, mixture (INPO geometric mixture of SFT and the previous "
+        "policy) or soft_sync (TR-DPO); the flow picks the reference inputs from it",
+    )
+    mixture_weight: float = Field(
+        0.5, ge=0.0, le=1.0, description="mixture: weight w of the SFT model in π_SFT^w·π_prev^(1−w) (INPO's τ/η)"
+    )
+    sync_alpha: float = Field(
+        0.6, gt=0.0, le=1.0, description="soft_sync: α of π_ref ← α·π + (1−α)·π_ref (TR-DPO; TRL default 0.6)"
+    )
+    sync_every: int = Field(
+        512, ge=1, description="soft_sync: optimizer steps between reference updates (TR-DPO τ; TRL default 512)"
+    )
+    off_policy_ratio: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="share of the training pairs drawn from the 'off_policy' input (earlier rounds' pairs); 0: none",
+    )
+    curriculum: Literal["none", "margin"] = Field(
+        "none", description="margin: each epoch goes from the largest score margin to the smallest (Curry-DPO)"
     )
     round: int = Field(1, ge=0)
 
 
 SPEC = StageSpec(
     name="train",
-    version="1",
+    version="2",
     config_model=TrainConfig,
     output_kind="model",
     pool="gpu",
-    inputs={"preferences": "preferences", "policy": "model", "reference": "model"},
-    description="Preference optimisation (DPO family) of the policy against a frozen reference.",
+    inputs={"preferences": "preferences", "policy": "model", "reference": "model",
+            "reference_logps": "reference_logps", "off_policy": "preferences"},
+    optional_inputs=frozenset({"reference_logps", "off_policy"}),
+    description="Preference optimisation (DPO family) of the policy against a reference.",
 )
 
+PAIR_COLUMNS = ["pair_id", "prompt", "chosen", "rejected", "margin"]
 
-def compute(ctx: StageContext) -> StageOutput:
-    config: TrainConfig = ctx.config
-    pairs_table = ctx.read("preferences", PREFERENCES)
-    if pairs_table.num_rows == 0:
+
+def _read_pairs(ctx: StageContext, role: str) -> pa.Table:
+    table = ctx.read(role, PREFERENCES)
+    return table.select([name for name in PAIR_COLUMNS if name in table.column_names])
+
+
+def training_pairs(ctx: StageContext, config: TrainConfig) -> tuple[pa.Table, int]:
+    """The round's pairs plus, with ``off_policy_ratio`` r > 0, off-policy pairs making up a share r of
+    the whole (as many as the input holds, at most r/(1−r) per on-policy pair), drawn with the
+    training seed. Returns the table and the number of off-policy pairs in it."""
+    pairs = _read_pairs(ctx, "preferences")
+    if pairs.num_rows == 0:
         raise ValueError(
             f"preferences {ctx.inputs['preferences']} is empty: there is nothing to train on. "
             "Sample more prompts or completions per prompt, or relax the filter."
         )
-    pairs = list(zip(pairs_table.column("prompt").to_pylist(), pairs_table.column("chosen").to_pylist(),
-                     pairs_table.column("rejected").to_pylist(), strict=True))
+    if config.off_policy_ratio == 0.0 or not ctx.has("off_policy"):
+        if config.off_policy_ratio > 0.0 and config.round > 1:
+            raise ValueError(
+                f"train: off_policy_ratio is {config.off_policy_ratio} but no 'off_policy' input was given: pass "
+                "an earlier round's preferences as off_policy=REF, or set off_policy_ratio to 0"
+            )
+        return pairs, 0
+    on_policy_ids = set(pairs.column("pair_id").to_pylist())
+    earlier = _read_pairs(ctx, "off_policy")
+    earlier = earlier.filter(pa.array([pid not in on_policy_ids for pid in earlier.column("pair_id").to_pylist()], pa.bool_()))
+    wanted = round(config.off_policy_ratio / (1.0 - config.off_policy_ratio) * pairs.num_rows)
+    generator = torch.Generator().manual_seed(config.training.seed)
+    chosen = sorted(torch.randperm(earlier.num_rows, generator=generator)[: min(wanted, earlier.num_rows)].tolist())
+    mixed = earlier.take(pa.array(chosen, pa.int64())).select(pairs.column_names).cast(pairs.schema)
+    return pa.concat_tables([pairs, mixed]), len(chosen)
+
+
+def margin_curriculum(margins: list[float | None], seed: int) -> list[int]:
+    """Pair indices from the largest margin to the smallest (easy to hard, Curry-DPO); equal margins
+    in a seeded random order."""
+    if any(margin is None for margin in margins):
+        raise ValueError(
+            "curriculum 'margin' needs a margin for every pair, but some are null: label the pairs with a "
+            "scorer that gives margins, or set curriculum: none"
+        )
+    tie_break = torch.randperm(len(margins), generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(range(len(margins)), key=lambda index: (-margins[index], tie_break[index]))
+
+
+def cached_reference_logps(ctx: StageContext, pair_ids: list[str], prepared: PreparedPairs) -> tuple[ReferenceLogps, list[int]]:
+    """Reference log-probs of the training pairs from the ``reference_logps`` input, and the indices of
+    pairs it does not cover. Token counts must agree with this stage's tokenisation."""
+    table = ctx.read("reference_logps", REFERENCE_LOGPS)
+    rows = {pair_id: index for index, pair_id in enumerate(table.column("pair_id").to_pylist())}
+    chosen_logp, rejected_logp = table.column("chosen_logp").to_pylist(), table.column("rejected_logp").to_pylist()
+    chosen_tokens = table.column("chosen_tokens").to_pylist() if "chosen_tokens" in table.column_names else None
+    rejected_tokens = table.column("rejected_tokens").to_pylist() if "rejected_tokens" in table.column_names else None
+    chosen, rejected, missing = [], [], []
+    for index, pair_id in enumerate(pair_ids):
+        row = rows.get(pair_id)
+        if row is None:
+            missing.append(index)
+            chosen.append(0.0)
+            rejected.append(0.0)
+            continue
+        if chosen_tokens is not None and (chosen_tokens[row] != prepared.chosen[index].completion_length
+                                          or rejected_tokens[row] != prepared.rejected[index].completion_length):
+            raise ValueError(
+                f"reference_logps {ctx.inputs['reference_logps']} scored pair {pair_id} over a different number of "
+                "tokens than train tokenises: it was computed with another max_length or tokenizer. Rerun stage "
+                "'reference' with max_length equal to train.training.max_length"
+            )
+        chosen.append(chosen_logp[row])
+        rejected.append(rejected_logp[row])
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float64).float()  # noqa: E731
+    return ReferenceLogps(chosen=as_tensor(chosen), rejected=as_tensor(rejected)), missing
+
+
+def compute(ctx: StageContext) -> StageOutput:
+    config: TrainConfig = ctx.config
+    pairs_table, off_policy_pairs = training_pairs(ctx, config)
+    pairs = list(zip(*(pairs_table.column(name).to_pylist() for name in ("prompt", "chosen", "rejected")),
+                     strict=True))
+    curriculum = None
+    if config.curriculum == "margin":
+        margins = pairs_table.column("margin").to_pylist() if "margin" in pairs_table.column_names else [None]
+        curriculum = margin_curriculum(margins, config.training.seed)
     policy, tokenizer = load_policy(ctx.model_dir("policy"))
-    reference, _ = load_policy(ctx.model_dir("reference"))
-    steps_hint = config.training.max_steps or max(1, int(len(pairs) * config.training.epochs) // config.training.batch_size)
-    with ctx.progress(steps_hint, "steps") as advance:
-        steps = train_dpo(policy, reference, tokenizer, pairs, config.training, progress=done_total_callback(advance))
+    prepared = prepare_pairs(tokenizer, pairs, config.training.max_length)
+    soft_sync = None
+    reference_logps = None
+    missing: list[int] = []
+    if config.reference_policy == "soft_sync":
+        soft_sync = SoftSync(alpha=config.sync_alpha, every=config.sync_every)
+    elif ctx.has("reference_logps"):
+        reference_logps, missing = cached_reference_logps(ctx, pairs_table.column("pair_id").to_pylist(), prepared)
+        if missing and config.reference_policy == "mixture":
+            raise ValueError(
+                f"reference_logps {ctx.inputs['reference_logps']} lacks {len(missing)} of the training pairs and "
+                "the mixture reference cannot be scored here: rerun stage 'reference' with the same preferences "
+                "and off_policy inputs"
+            )
+    elif config.reference_policy == "mixture":
+        raise ValueError(
+            "reference_policy 'mixture' needs the 'reference_logps' input (stage 'reference' run with "
+            "mixture_with=the previous policy and mixture_weight): the mixture has no weights of its own"
+        )
+    # The reference model is loaded only when something must be scored with it.
+    reference = None
+    if (soft_sync is not None or reference_logps is None or missing
+            or get_loss_spec(config.training.loss).needs_kl_to_reference):
+        reference, _ = load_policy(ctx.model_dir("reference"))
+    if missing:
+        subset = PreparedPairs([prepared.chosen[i] for i in missing], [prepared.rejected[i] for i in missing])
+        scored = reference_logprobs(reference, subset, tokenizer.pad_token_id)
+        reference_logps.chosen[missing] = scored.chosen
+        reference_logps.rejected[missing] = scored.rejected
+    checkpointer = StoreCheckpointer(ctx.store, ctx.output_id, SPEC.name, SPEC.version)
+    with ctx.progress(num_steps_for(len(pairs), config.training), "steps") as advance:
+        steps = train_dpo(policy, reference, tokenizer, pairs, config.training, progress=done_total_callback(advance),
+                          reference_logps=reference_logps, prepared=prepared, curriculum=curriculum,
+                          soft_sync=soft_sync, checkpointer=checkpointer)
+    from_artifact = len(pairs) - len(missing) if reference_logps is not None else 0
+    metrics = {"pairs": len(pairs), "off_policy_pairs": off_policy_pairs,
+               "reference_logps_from_artifact": from_artifact, **summarize(steps)}
+    if checkpointer.resumed_from is not None:
+        metrics["resumed_from_step"] = checkpointer.resumed_from
     return StageOutput(
         files_dir=save_model_dir(policy, tokenizer),
         extra_tables={"train_log": (train_log_table(steps), TRAIN_LOG)},
-        metrics={"pairs": len(pairs), **summarize(steps)},
+        metrics=metrics,
     )
 
 
 def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    return execute(SPEC, compute, inputs, config, store, name)
+    result = execute(SPEC, compute, inputs, config, store, name)
+    # The model is published: its checkpoints are superseded.
+    StoreCheckpointer(store, result.ref.id, SPEC.name, SPEC.version).clear()
+    return result
 
 
 # The Prefect task of this stage (flows call it; the pure core above needs no Prefect).

@@ -1,7 +1,8 @@
 """Stage ``sft``: the supervised warm start — a tiny Llama trained on the prompts' gold solutions.
 
 The model is built from a config (no hub download), with the locally built character tokenizer,
-and trained with the shared training loop (:func:`prefloop.tasks.training.loop.train_sft`).
+and trained with the shared training loop (:func:`prefloop.tasks.training.loop.train_sft`), with
+checkpoints in the store so a killed run resumes (see ``tasks/training/artifacts.py``).
 The output is a model artifact: safetensors weights, config and tokenizer files.
 """
 
@@ -16,7 +17,7 @@ from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.orchestration import stage_task
 from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
 from prefloop.storage import ArtifactRef, ArtifactStore
-from prefloop.tasks.training.artifacts import save_model_dir, summarize, train_log_table
+from prefloop.tasks.training.artifacts import StoreCheckpointer, save_model_dir, summarize, train_log_table
 from prefloop.tasks.training.loop import SFTConfig, train_sft
 
 
@@ -49,8 +50,10 @@ def compute(ctx: StageContext) -> StageOutput:
     tokenizer = build_tokenizer()
     model = build_model(config.model, len(tokenizer), config.seed, tokenizer)
     total = config.training.max_steps or 0
+    checkpointer = StoreCheckpointer(ctx.store, ctx.output_id, SPEC.name, SPEC.version)
     with ctx.progress(total, "steps") as advance:
-        steps = train_sft(model, tokenizer, examples, config.training, progress=done_total_callback(advance))
+        steps = train_sft(model, tokenizer, examples, config.training, progress=done_total_callback(advance),
+                          checkpointer=checkpointer)
     out = save_model_dir(model, tokenizer)
     parameters = sum(p.numel() for p in model.parameters())
     output = StageOutput(files_dir=out, extra_tables={"train_log": (train_log_table(steps), TRAIN_LOG)},
@@ -59,7 +62,10 @@ def compute(ctx: StageContext) -> StageOutput:
 
 
 def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    return execute(SPEC, compute, inputs, config, store, name)
+    result = execute(SPEC, compute, inputs, config, store, name)
+    # The model is published: its training checkpoints are superseded.
+    StoreCheckpointer(store, result.ref.id, SPEC.name, SPEC.version).clear()
+    return result
 
 
 

@@ -1,0 +1,113 @@
+"""Stage ``reference``: the DPO reference's log-probs of a round's pairs, computed once and stored.
+
+The reference is frozen for a round (``fixed``, ``previous_round`` and ``mixture`` policies), so its
+sequence log-probs log π_ref(y|x) of every chosen and rejected completion are computed in one
+inference pass and written as a ``reference_logps`` table keyed by ``pair_id``. The ``train`` stage
+reads them instead of running the reference model every step, and a rerun (another loss, another
+learning rate, a resumed run) finds them in the store.
+
+With a ``mixture_with`` model the stored values are those of INPO's geometric mixture
+(Zhang et al. 2024, "Iterative Nash Policy Optimization"):
+
+    log π_mix(y|x) = w · log π_ref(y|x) + (1 − w) · log π_mix_with(y|x)      (w = ``mixture_weight``)
+
+up to a per-prompt normaliser that cancels in every DPO-family log-ratio difference.
+
+Pairs of an ``off_policy`` input (earlier rounds' pairs that train may mix in) are scored too, so
+every pair train can draw has its reference log-probs here. Tokenisation and ``max_length`` must
+match the train stage's; train checks the stored token counts against its own.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from pydantic import Field
+
+from prefloop.datasets_spec import PREFERENCES
+from prefloop.datasets_spec.schemas import REFERENCE_LOGPS
+from prefloop.orchestration import stage_task
+from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, execute
+from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.tasks.training.artifacts import load_policy
+from prefloop.tasks.training.loop import ReferenceLogps, geometric_mixture, prepare_pairs, reference_logprobs
+
+
+class ReferenceConfig(StageConfig):
+    mixture_weight: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="INPO: weight w of 'reference' in the geometric mixture with 'mixture_with' (w = τ/η); "
+        "None: the 'reference' model alone",
+    )
+    max_length: int | None = Field(None, ge=2, description="must equal train.training.max_length")
+
+
+SPEC = StageSpec(
+    name="reference",
+    version="1",
+    config_model=ReferenceConfig,
+    output_kind="reference_logps",
+    output_table=REFERENCE_LOGPS,
+    pool="gpu",
+    inputs={"preferences": "preferences", "reference": "model", "mixture_with": "model",
+            "off_policy": "preferences"},
+    optional_inputs=frozenset({"mixture_with", "off_policy"}),
+    description="Sequence log-probs of every pair under the round's reference (or INPO mixture), computed once.",
+)
+
+
+def pair_rows(ctx: StageContext, role: str) -> pa.Table:
+    table = ctx.read(role, PREFERENCES)
+    return table.select(["pair_id", "prompt", "chosen", "rejected"])
+
+
+def compute(ctx: StageContext) -> StageOutput:
+    config: ReferenceConfig = ctx.config
+    if (config.mixture_weight is None) != (not ctx.has("mixture_with")):
+        raise ValueError(
+            "stage 'reference': a geometric mixture needs both the 'mixture_with' model input and "
+            "config mixture_weight; give both (reference_policy: mixture) or neither"
+        )
+    tables = [pair_rows(ctx, "preferences")]
+    if ctx.has("off_policy"):
+        tables.append(pair_rows(ctx, "off_policy"))
+    pairs_table = pa.concat_tables(tables)
+    # An off-policy pair may recur across rounds: score each pair_id once.
+    seen: set[str] = set()
+    keep = [not (pair_id in seen or seen.add(pair_id)) for pair_id in pairs_table.column("pair_id").to_pylist()]
+    pairs_table = pairs_table.filter(pa.array(keep, pa.bool_()))
+    if pairs_table.num_rows == 0:
+        raise ValueError(
+            f"preferences {ctx.inputs['preferences']} is empty: there are no pairs to score. "
+            "Sample more prompts or completions per prompt, or relax the filter."
+        )
+    pairs = list(zip(*(pairs_table.column(name).to_pylist() for name in ("prompt", "chosen", "rejected")),
+                     strict=True))
+    reference, tokenizer = load_policy(ctx.model_dir("reference"))
+    prepared = prepare_pairs(tokenizer, pairs, config.max_length)
+    logps = reference_logprobs(reference, prepared, tokenizer.pad_token_id)
+    if config.mixture_weight is not None:
+        other, _ = load_policy(ctx.model_dir("mixture_with"))
+        logps = geometric_mixture(logps, reference_logprobs(other, prepared, tokenizer.pad_token_id),
+                                  config.mixture_weight)
+    return StageOutput(table=reference_table(pairs_table.column("pair_id").to_pylist(), logps, prepared),
+                       metrics={"pairs": pairs_table.num_rows,
+                                "mean_chosen_logp": float(logps.chosen.double().mean()),
+                                "mean_rejected_logp": float(logps.rejected.double().mean())})
+
+
+def reference_table(pair_ids: list[str], logps: ReferenceLogps, prepared) -> pa.Table:
+    return pa.table({
+        "pair_id": pa.array(pair_ids, pa.string()),
+        "chosen_logp": pa.array(logps.chosen.double().tolist(), pa.float64()),
+        "rejected_logp": pa.array(logps.rejected.double().tolist(), pa.float64()),
+        "chosen_tokens": pa.array([e.completion_length for e in prepared.chosen], pa.int32()),
+        "rejected_tokens": pa.array([e.completion_length for e in prepared.rejected], pa.int32()),
+    })
+
+
+def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
+    return execute(SPEC, compute, inputs, config, store, name)
+
+
+# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
+prefect_task = stage_task(SPEC, run)
