@@ -104,6 +104,12 @@ from prefloop.tasks.construct import pair_id
 
 # RE2 (pyarrow.compute): every Unicode space separator and control whitespace, like Python's \s.
 _WHITESPACE = r"[\s\p{Z}\x{85}\x{1c}-\x{1f}]+"
+# What makes a text differ from its whitespace-normalised form: whitespace other than a lone space, a
+# double space, or a space at either end. Matching is much cheaper than replacing, so only the texts
+# that match are rewritten.
+_UNNORMALISED = (r"[\t\n\v\f\r\x{1c}-\x{1f}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}"
+                 r"\x{205f}\x{3000}]|  |^ | $")
+_RARE_WHITESPACE = r"[\x{1c}-\x{1f}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]"
 _NOT_ALPHANUMERIC = r"[^\p{L}\p{N}]+"
 
 FILTER_REASONS: tuple[str, ...] = (
@@ -165,7 +171,21 @@ def _mask(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def normalise_whitespace(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Every run of whitespace becomes one space, and the ends are trimmed."""
-    return _array(pc.utf8_trim_whitespace(pc.replace_substring_regex(column, _WHITESPACE, " ")))
+    column = _array(column)
+    needs = pc.fill_null(pc.match_substring_regex(column, _UNNORMALISED), False)
+    if not pc.any(needs).as_py():
+        return column
+    texts = column.filter(needs)
+    rare = pc.fill_null(pc.match_substring_regex(texts, _RARE_WHITESPACE), False)
+    if pc.any(rare).as_py():
+        rewritten = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, _WHITESPACE, " "))
+    else:  # only ASCII whitespace: plain substring replacement is a few times faster than a regex
+        for character in "\t\n\v\f\r":
+            texts = pc.replace_substring(texts, character, " ")
+        while pc.any(pc.match_substring(texts, "  ")).as_py():
+            texts = pc.replace_substring(texts, "  ", " ")
+        rewritten = pc.ascii_trim(texts, " ")
+    return _array(pc.replace_with_mask(column, needs, _array(rewritten)))
 
 
 def normalise_strongly(column: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -180,7 +200,8 @@ def first_occurrences(keys: Sequence[pa.Array], alive: np.ndarray) -> np.ndarray
     if len(rows) == 0:
         return repeated
     take = pa.array(rows)
-    columns = {f"k{i}": key.take(take) for i, key in enumerate(keys)}
+    # Hash each text once (dictionary codes), then group the small integer tuples.
+    columns = {f"k{i}": _array(pc.dictionary_encode(key.take(take))).indices for i, key in enumerate(keys)}
     table = pa.table({**columns, "row": pa.array(np.arange(len(rows)))})
     first = table.group_by(list(columns), use_threads=False).aggregate([("row", "min")]).column("row_min")
     keep = np.zeros(len(rows), dtype=bool)
@@ -198,22 +219,38 @@ def _splitmix(values: np.ndarray) -> np.ndarray:
 
 
 def _ngram_hashes(ids: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row, 64-bit hash) of every word n-gram of every row whose words all have an id (≥ 0)."""
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, dtype=np.int64)
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    positions = np.arange(len(ids))
+    """(row, 64-bit hash) of every word n-gram of every row whose words all have an id (≥ 0).
+
+    ``ids`` are the rows' word ids end to end, ``lengths`` the number of words of each row.
+    """
     count = len(ids) - n + 1
     if count <= 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
-    valid = positions[:count] + n <= (starts + lengths)[rows[:count]]
+    ends = np.cumsum(lengths)
+    rows = np.repeat(np.arange(len(lengths)), lengths)[:count]
+    valid = np.arange(count) + n <= ends[rows]  # the n-gram stays inside its row
     unknown = np.concatenate([[0], np.cumsum(ids < 0)])  # an n-gram with an unknown word cannot match
     valid &= unknown[n:] - unknown[:count] == 0
-    picked = np.flatnonzero(valid)
+    words = ids.astype(np.uint64)
+    hashes = np.zeros(count, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        hashes = np.zeros(len(picked), dtype=np.uint64)
-        for offset in range(n):
-            hashes = _splitmix(hashes ^ ids[picked + offset].astype(np.uint64))
-    return rows[picked], hashes
+        for offset in range(n):  # FNV-1a over 64-bit words, then SplitMix64's finaliser
+            hashes ^= words[offset:offset + count]
+            hashes *= np.uint64(0x100000001B3)
+        hashes = _splitmix(hashes[valid])
+    return rows[valid], hashes
+
+
+def _word_ids(texts: pa.Array | pa.ChunkedArray, vocabulary: pa.Array) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """Lower-cased whitespace words of each text as ids into ``vocabulary`` (−1: not in it), the number of
+    words per text, and the words themselves (a list array)."""
+    words = _array(pc.utf8_split_whitespace(pc.utf8_trim_whitespace(texts)))
+    lengths = _array(pc.fill_null(pc.list_value_length(words), 0)).to_numpy().astype(np.int64)
+    # Lower-case and look up each distinct word once, not every occurrence.
+    encoded = _array(pc.dictionary_encode(words.flatten()))
+    distinct = pc.fill_null(pc.index_in(pc.utf8_lower(encoded.dictionary), value_set=vocabulary), -1)
+    ids = _array(distinct).to_numpy().astype(np.int64)[encoded.indices.to_numpy(zero_copy_only=False)]
+    return ids, lengths, words
 
 
 def contamination_overlap(prompts: pa.Array | pa.ChunkedArray, eval_prompts: pa.Array | pa.ChunkedArray,
@@ -224,24 +261,22 @@ def contamination_overlap(prompts: pa.Array | pa.ChunkedArray, eval_prompts: pa.
     words has no n-gram; its overlap is 1.0 when it equals an evaluation prompt (same words), else 0.
     N-grams are compared by a 64-bit hash (a false match has probability about 2⁻⁶⁴ per pair of n-grams).
     """
-    words = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(pc.utf8_lower(prompts)))
-    eval_words = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(pc.utf8_lower(eval_prompts)))
-    words, eval_words = _array(words), _array(eval_words)
+    eval_words = _array(pc.utf8_split_whitespace(pc.utf8_trim_whitespace(pc.utf8_lower(eval_prompts))))
     vocabulary = pc.unique(eval_words.flatten())
-    lengths = _array(pc.fill_null(pc.list_value_length(words), 0)).to_numpy().astype(np.int64)
-    eval_lengths = _array(pc.fill_null(pc.list_value_length(eval_words), 0)).to_numpy().astype(np.int64)
-    ids = _array(pc.fill_null(pc.index_in(words.flatten(), value_set=vocabulary), -1)).to_numpy().astype(np.int64)
-    eval_ids = _array(pc.index_in(eval_words.flatten(), value_set=vocabulary)).to_numpy().astype(np.int64)
+    eval_ids, eval_lengths, _ = _word_ids(eval_prompts, vocabulary)
+    ids, lengths, words = _word_ids(prompts, vocabulary)
     rows, hashes = _ngram_hashes(ids, lengths, n)
     _, eval_hashes = _ngram_hashes(eval_ids, eval_lengths, n)
-    matched = np.bincount(rows[np.isin(hashes, eval_hashes)], minlength=len(lengths))
+    found = _mask(pc.is_in(pa.array(hashes), value_set=pa.array(eval_hashes)))
+    matched = np.bincount(rows[found], minlength=len(lengths))
     total = np.maximum(lengths - n + 1, 0)
     overlap = np.divide(matched, total, out=np.zeros(len(lengths)), where=total > 0)
     short = lengths < n
     if short.any():
-        joined = pc.binary_join(words, " ")
+        rows_short = np.flatnonzero(short)
+        joined = pc.utf8_lower(pc.binary_join(words.take(pa.array(rows_short)), " "))
         whole = _mask(pc.is_in(joined, value_set=_array(pc.binary_join(eval_words, " ")).drop_null()))
-        overlap[short & whole] = 1.0
+        overlap[rows_short[whole]] = 1.0
     return overlap, short
 
 

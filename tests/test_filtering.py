@@ -55,6 +55,17 @@ def test_chosen_equals_rejected_after_collapsing_whitespace():
     assert reasons(rows, drop_chosen_equals_rejected=False) == [None, None]
 
 
+@pytest.mark.parametrize("texts", [
+    ["a  b\n", " a\tb ", "plain", "x\n\n\ny", "", " ", "a \r\n b", "a\x0bb\x0c"],  # ASCII whitespace only
+    ["a\u00a0b  c", "a\x1fb", "p\u2003q\u3000", "fine", "x\ny"],                    # rarer whitespace too
+])
+def test_whitespace_normalisation_matches_python(texts):
+    import re
+
+    expected = [re.sub(r"\s+", " ", text).strip() for text in texts]
+    assert filtering.normalise_whitespace(pa.array(texts)).to_pylist() == expected
+
+
 def test_tie_is_a_margin_at_or_below_the_threshold():
     rows = [{"score_chosen": 0.5, "score_rejected": 0.5}, {"score_chosen": 0.7, "score_rejected": 0.5},
             {"score_chosen": 0.9, "score_rejected": 0.5},
