@@ -1,0 +1,214 @@
+"""Iteration policies: INPO mixture, TR-DPO soft sync, curriculum by margin, off-policy mixing, and
+how the round wires the reference and train stages for each policy."""
+
+import copy
+
+import pyarrow as pa
+import pytest
+import torch
+
+from prefloop.config import LoopConfig
+from prefloop.embedded.arithmetic import make_problems
+from prefloop.embedded.model import TinyLlamaConfig, build_model
+from prefloop.embedded.tokenizer import build_tokenizer
+from prefloop.flows import training as round_training
+from prefloop.stage import StageResult
+from prefloop.tasks.training import preference, reference
+from prefloop.tasks.training.loop import (
+    DPOConfig,
+    ReferenceLogps,
+    SoftSync,
+    example_order,
+    geometric_mixture,
+    train_dpo,
+)
+from prefloop.tasks.training.preference import margin_curriculum
+
+TINY = TinyLlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       max_position_embeddings=64)
+
+
+def test_geometric_mixture_weights_the_log_probs() -> None:
+    sft = ReferenceLogps(chosen=torch.tensor([-2.0, -1.0]), rejected=torch.tensor([-4.0, -8.0]))
+    previous = ReferenceLogps(chosen=torch.tensor([-6.0, -3.0]), rejected=torch.tensor([-2.0, -4.0]))
+    mixed = geometric_mixture(sft, previous, 0.25)
+    # 0.25·(−2) + 0.75·(−6) = −5; 0.25·(−1) + 0.75·(−3) = −2.5; 0.25·(−4) + 0.75·(−2) = −2.5; −2 − 3 = −5
+    assert mixed.chosen.tolist() == [-5.0, -2.5]
+    assert mixed.rejected.tolist() == [-2.5, -5.0]
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        geometric_mixture(sft, previous, 1.5)
+
+
+def test_soft_sync_moves_the_reference_toward_the_policy() -> None:
+    policy, reference = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        policy.weight.fill_(1.0)
+        reference.weight.fill_(0.0)
+    sync = SoftSync(alpha=0.6, every=2)
+    sync.apply(policy, reference)
+    assert reference.weight.item() == pytest.approx(0.6)  # 0.6·1 + 0.4·0
+    sync.apply(policy, reference)
+    assert reference.weight.item() == pytest.approx(0.84)  # 0.6·1 + 0.4·0.6
+    with pytest.raises(ValueError, match="alpha"):
+        SoftSync(alpha=0.0, every=1)
+
+
+def _pairs(count: int) -> list[tuple[str, str, str]]:
+    return [(p.prompt, p.solution, p.solution.rsplit("A:", 1)[0] + f"A:{int(p.answer) + 1}")
+            for p in make_problems(count, seed=3)]
+
+
+def test_soft_synced_reference_is_updated_every_k_steps() -> None:
+    tokenizer = build_tokenizer()
+    start = build_model(TINY, len(tokenizer), seed=0, tokenizer=tokenizer)
+    config = DPOConfig(max_steps=4, batch_size=4, learning_rate=1e-2, beta=0.5)
+
+    def trained(every: int) -> tuple[torch.nn.Module, torch.nn.Module, list[dict]]:
+        policy, moving = copy.deepcopy(start), copy.deepcopy(start)
+        history = train_dpo(policy, moving, tokenizer, _pairs(8), config, soft_sync=SoftSync(alpha=0.5, every=every))
+        return policy, moving, history
+
+    policy, moving, history = trained(every=2)
+    unsynced_policy, still, _ = trained(every=100)
+    first = next(iter(start.state_dict()))
+    assert torch.equal(still.state_dict()[first], start.state_dict()[first])  # never synced
+    assert not torch.equal(moving.state_dict()[first], start.state_dict()[first])
+    # The synced reference changes the loss from step 3 on, so the runs part ways only then.
+    assert history[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert not torch.equal(policy.state_dict()[first], unsynced_policy.state_dict()[first])
+
+
+class MemoryCheckpointer:
+    def __init__(self):
+        self.saved = None
+
+    def load(self):
+        return self.saved
+
+    def save(self, checkpoint) -> None:
+        self.saved = copy.deepcopy(checkpoint)
+
+
+def test_a_resumed_soft_sync_run_restores_the_moving_reference() -> None:
+    tokenizer = build_tokenizer()
+    start = build_model(TINY, len(tokenizer), seed=0, tokenizer=tokenizer)
+    config = DPOConfig(max_steps=5, batch_size=4, learning_rate=1e-2, beta=0.5, checkpoint_every=2)
+    sync = SoftSync(alpha=0.5, every=2)
+    policy, moving = copy.deepcopy(start), copy.deepcopy(start)
+    train_dpo(policy, moving, tokenizer, _pairs(8), config, soft_sync=sync)
+
+    def stop_at_step_3(done: int, total: int) -> None:
+        if done == 3:
+            raise KeyboardInterrupt
+
+    checkpointer = MemoryCheckpointer()
+    killed_policy, killed_reference = copy.deepcopy(start), copy.deepcopy(start)
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(killed_policy, killed_reference, tokenizer, _pairs(8), config, progress=stop_at_step_3,
+                  soft_sync=sync, checkpointer=checkpointer)
+    assert checkpointer.saved.step == 2 and set(checkpointer.saved.extra) == {"reference"}
+    # A fresh process: fresh copies of the start weights, state from the checkpoint.
+    resumed_policy, resumed_reference = copy.deepcopy(start), copy.deepcopy(start)
+    train_dpo(resumed_policy, resumed_reference, tokenizer, _pairs(8), config, soft_sync=sync,
+              checkpointer=checkpointer)
+    for expected, actual in ((policy, resumed_policy), (moving, resumed_reference)):
+        assert all(torch.equal(a, b) for a, b in zip(expected.state_dict().values(), actual.state_dict().values(),
+                                                     strict=True))
+
+
+def test_margin_curriculum_goes_from_easy_to_hard() -> None:
+    assert margin_curriculum([1.0, 3.0, 2.0, 0.5], seed=0) == [1, 2, 0, 3]
+    ties = margin_curriculum([1.0, 1.0, 1.0, 5.0], seed=0)
+    assert ties[0] == 3 and sorted(ties[1:]) == [0, 1, 2]
+    with pytest.raises(ValueError, match="margin for every pair"):
+        margin_curriculum([1.0, None], seed=0)
+    # Every epoch walks the curriculum; without one, epochs are seeded permutations.
+    assert example_order(4, 3, 3, seed=0, curriculum=[1, 2, 0, 3]) == [[1, 2, 0], [3, 1, 2], [0, 3, 1]]
+    assert example_order(4, 3, 3, seed=0) != example_order(4, 3, 3, seed=0, curriculum=[1, 2, 0, 3])
+
+
+class FakeCall:
+    """Records the stage calls of a round instead of running them."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict, dict]] = []
+
+    def __call__(self, module, inputs, config, store, name) -> StageResult:
+        self.calls.append((module.SPEC.name, inputs, config))
+        return StageResult(stage=module.SPEC.name, output=f"{module.SPEC.output_kind}/{module.SPEC.name}-out", cached=False)
+
+
+@pytest.mark.parametrize(("policy", "train_reference", "reference_inputs"), [
+    ("fixed", "model/sft", {"preferences": "preferences/kept", "reference": "model/sft"}),
+    ("previous_round", "model/start", {"preferences": "preferences/kept", "reference": "model/start"}),
+    ("mixture", "model/sft", {"preferences": "preferences/kept", "reference": "model/sft", "mixture_with": "model/start"}),
+    ("soft_sync", "model/start", None),
+])
+def test_round_wires_reference_and_train_per_policy(policy, train_reference, reference_inputs, tmp_path) -> None:
+    config = LoopConfig(reference_policy=policy, train={"mixture_weight": 0.3, "training": {"max_length": 64}})
+    train_config = config.train.model_dump() | {"reference_policy": policy}
+    call = FakeCall()
+    results = round_training.reference_and_train(call, train_config, "run", 1, "preferences/kept", "model/start",
+                                                 "model/sft", str(tmp_path))
+    assert results[-1].stage == "train"
+    stages = [name for name, _, _ in call.calls]
+    train_inputs = call.calls[-1][1]
+    assert train_inputs["reference"] == train_reference
+    if reference_inputs is None:
+        assert stages == ["train"] and "reference_logps" not in train_inputs
+    else:
+        assert stages == ["reference", "train"]
+        assert call.calls[0][1] == reference_inputs
+        assert call.calls[0][2]["max_length"] == 64
+        assert call.calls[0][2].get("mixture_weight") == (0.3 if policy == "mixture" else None)
+        assert train_inputs["reference_logps"] == "reference_logps/reference-out"
+
+
+def test_previous_rounds_pairs_are_the_off_policy_input(store) -> None:
+    from test_train_resume import put_pairs
+
+    earlier = put_pairs(store, _pairs_table(["a", "b"]))
+    store.set_ref("run/round-1/preferences-filtered", earlier.ref)
+    train_config = LoopConfig(train={"off_policy_ratio": 0.5}).train.model_dump()
+    call = FakeCall()
+    round_training.reference_and_train(call, train_config, "run", 2, "preferences/kept", "model/start", "model/sft",
+                                       store.uri)
+    assert call.calls[0][1]["off_policy"] == earlier.output == call.calls[1][1]["off_policy"]
+    call = FakeCall()  # round 1 has no earlier round
+    round_training.reference_and_train(call, train_config, "run", 1, "preferences/kept", "model/start", "model/sft",
+                                       store.uri)
+    assert "off_policy" not in call.calls[-1][1]
+
+
+def _pairs_table(ids: list[str]) -> pa.Table:
+    problems = make_problems(len(ids), seed=len(ids))
+    return pa.table({
+        "pair_id": ids, "prompt_id": ids, "prompt": [p.prompt for p in problems],
+        "chosen": [p.solution for p in problems],
+        "rejected": [p.solution.rsplit("A:", 1)[0] + f"A:{int(p.answer) + 1}" for p in problems],
+        "margin": [1.0] * len(ids),
+    })
+
+
+def test_off_policy_pairs_make_up_the_configured_share(store) -> None:
+    from test_train_resume import TINY_MODEL, put_pairs
+
+    from prefloop.tasks import prompts
+    from prefloop.tasks.training import sft
+
+    made = prompts.run({}, {"n_train": 8, "n_heldout": 0, "task": {"min_ops": 1, "max_ops": 1}}, store)
+    model = sft.run({"prompts": made.output}, {"model": TINY_MODEL, "training": {"max_steps": 1, "batch_size": 4}},
+                    store)
+    current = put_pairs(store, _pairs_table([f"now-{i}" for i in range(4)]), "now")
+    earlier = put_pairs(store, _pairs_table([f"old-{i}" for i in range(6)] + ["now-0"]), "old")
+    inputs = {"preferences": current.output, "policy": model.output, "reference": model.output,
+              "off_policy": earlier.output}
+    config = {"training": {"max_steps": 1, "batch_size": 4}, "off_policy_ratio": 0.5, "curriculum": "margin", "round": 2}
+    logps = reference.run({k: inputs[k] for k in ("preferences", "reference", "off_policy")}, {}, store)
+    assert logps.rows == 10  # 4 now + 6 old, the repeated now-0 scored once
+    trained = preference.run(inputs | {"reference_logps": logps.output}, config, store)
+    # r/(1−r) = 1 off-policy pair per on-policy pair: 4 of the 6 earlier pairs not already in this round.
+    assert trained.metrics["pairs"] == 8 and trained.metrics["off_policy_pairs"] == 4
+    assert trained.metrics["reference_logps_from_artifact"] == 8
+    with pytest.raises(ValueError, match="no 'off_policy' input"):
+        preference.run({k: v for k, v in inputs.items() if k != "off_policy"}, config, store)
