@@ -75,10 +75,13 @@ def compute(ctx: StageContext) -> StageOutput:
     backend = load_backend(config.backend, ctx.model_dir("policy"), ctx.inputs["policy"].id, config.batch_size)
     params = GenerationParams(n=config.n, temperature=config.temperature, top_p=config.top_p,
                               max_new_tokens=config.max_new_tokens, seed=config.seed)
-    prompts, drops = _drop_prompts_beyond_context(backend, prompts)
-    texts = prompts.column("prompt").to_pylist()
-    with ctx.progress(len(texts) * config.n, "sequences") as advance:
-        completions = backend.generate(texts, params, progress=done_total_callback(advance))
+    try:
+        prompts, drops = _drop_prompts_beyond_context(backend, prompts)
+        texts = prompts.column("prompt").to_pylist()
+        with ctx.progress(len(texts) * config.n, "sequences") as advance:
+            completions = backend.generate(texts, params, progress=done_total_callback(advance))
+    finally:
+        backend.close()  # a vLLM server this stage started is stopped; HF: nothing to do
     policy_id = ctx.inputs["policy"].id
     rows: dict[str, list] = {k: [] for k in ("sample_id", "prompt_id", "prompt", "completion", "sample_index",
                                               "completion_tokens", "sum_logprob", "finish_reason")}

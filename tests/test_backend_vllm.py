@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,7 +53,12 @@ class FakeVLLM(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path != "/v1/models":
+            return self._reply(404, {"error": {"message": f"no route {self.path}"}})
+        self._reply(200, {"object": "list", "data": [{"id": MODEL, "object": "model", "max_model_len": 128}]})
+
+    def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.requests.append(body)
         if self.path != "/v1/completions":
@@ -235,6 +241,51 @@ def test_load_backend_picks_the_implementation_by_config(hf: HFBackend, server, 
     assert serve_command(tmp_path, MODEL)[:5] == ["vllm", "serve", str(tmp_path), "--served-model-name", MODEL]
     with pytest.raises(ValueError, match="valid backends: hf, vllm"):
         load_backend("tgi", tmp_path, MODEL)  # type: ignore[arg-type]
+
+
+FAKE_VLLM_COMMAND = """#!{python}
+# A stand-in for the vllm command: `vllm serve DIR --served-model-name NAME --port P ...`.
+import sys
+from http.server import ThreadingHTTPServer
+sys.path.insert(0, {tests!r})
+from test_backend_vllm import FakeVLLM
+from prefloop.backends.hf import HFBackend
+args = sys.argv[1:]
+assert args[0] == "serve" and args[args.index("--served-model-name") + 1] == {model!r}
+handler = type("Handler", (FakeVLLM,), {{"backend": HFBackend.from_directory(args[1]), "requests": []}})
+ThreadingHTTPServer(("127.0.0.1", int(args[args.index("--port") + 1])), handler).serve_forever()
+"""
+
+
+@pytest.mark.slow  # the stand-in server is a fresh Python process importing torch (~30-60 s here)
+def test_backend_starts_and_stops_its_own_server(hf: HFBackend, tmp_path, monkeypatch) -> None:
+    model_dir = tmp_path / "model"
+    hf.model.save_pretrained(model_dir)
+    hf.tokenizer.save_pretrained(model_dir)
+    executable = tmp_path / "vllm"
+    executable.write_text(FAKE_VLLM_COMMAND.format(python=sys.executable, tests=str(Path(__file__).parent), model=MODEL))
+    executable.chmod(0o755)
+    monkeypatch.delenv("PREFLOOP_VLLM_URL", raising=False)
+    monkeypatch.setenv("PREFLOOP_VLLM_BIN", str(executable))
+    backend = load_backend("vllm", model_dir, MODEL)
+    assert isinstance(backend, VLLMBackend) and backend.server is not None
+    process = backend.server
+    try:
+        params = GenerationParams(n=2, max_new_tokens=6, seed=9)
+        assert backend.generate(PROMPTS[:1], params) == hf.generate(PROMPTS[:1], params)
+    finally:
+        backend.close()
+    assert process.poll() is not None and backend.server is None
+
+
+def test_no_server_and_no_vllm_command_is_a_clear_error(hf: HFBackend, tmp_path, monkeypatch) -> None:
+    hf.model.save_pretrained(tmp_path)
+    hf.tokenizer.save_pretrained(tmp_path)
+    monkeypatch.delenv("PREFLOOP_VLLM_URL", raising=False)
+    monkeypatch.delenv("PREFLOOP_VLLM_BIN", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(VLLMServerError, match="PREFLOOP_VLLM_BIN=/path/to/venv/bin/vllm"):
+        load_backend("vllm", tmp_path, MODEL)
 
 
 # --- the contract against a real vLLM server -------------------------------------------------------------

@@ -117,6 +117,9 @@ class HFBackend:
         window = getattr(model.config, "max_position_embeddings", None)
         self.context_window: int | None = int(window) if window else None
 
+    def close(self) -> None:
+        """Nothing to release (the model lives in this process); present so stages close any backend."""
+
     def prompt_lengths(self, prompts: list[str]) -> list[int]:
         """Tokens of each prompt as generation sees it (special tokens included)."""
         return [len(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]) for prompt in prompts]

@@ -3,10 +3,15 @@
 vLLM runs in its own environment and process (its torch/fastapi pins conflict with Prefect's): a
 GPU host serves a model artifact's directory with vLLM's OpenAI-compatible server, and stages talk
 to it over HTTP through the same :class:`~prefloop.backends.base.PolicyBackend` interface as
-``HFBackend`` — the stage code is identical, only ``backend: vllm`` in its config differs. Start
-the server with the command :func:`serve_command` prints (see infra/README.md)::
+``HFBackend`` — the stage code is identical, only ``backend: vllm`` in its config differs. Either
+a server is already running (``$PREFLOOP_VLLM_URL``), started with the command :func:`serve_command`
+prints (see infra/README.md)::
 
     vllm serve <artifact>/files --served-model-name <artifact id> --max-logprobs 1 --seed 0
+
+or, without ``$PREFLOOP_VLLM_URL``, the backend starts that command itself from the vLLM
+environment (``$PREFLOOP_VLLM_BIN``, else ``vllm`` on PATH) on a free local port, waits until it
+answers, and stops it on :meth:`VLLMBackend.close` (:func:`start_server`).
 
 The client loads only the artifact's tokenizer (no weights) and sends token ids, so prompts are
 tokenised exactly as by ``HFBackend`` (bos included) and scored continuations are the same tokens.
@@ -29,6 +34,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
+import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -39,6 +48,7 @@ from prefloop.backends.base import Completion, ContextWindowError, GenerationPar
 
 DEFAULT_URL = "http://127.0.0.1:8000/v1"
 URL_ENVIRONMENT_VARIABLE = "PREFLOOP_VLLM_URL"
+BIN_ENVIRONMENT_VARIABLE = "PREFLOOP_VLLM_BIN"
 
 
 class VLLMServerError(RuntimeError):
@@ -59,20 +69,44 @@ class VLLMBackend:
         self.context_window = context_window
         self.timeout_s = timeout_s
         self.api_key = api_key or os.environ.get("PREFLOOP_VLLM_API_KEY")
+        self.server: subprocess.Popen | None = None  # set when this backend started its own server
 
     @classmethod
     def from_directory(cls, path: str | Path, model: str, base_url: str | None = None,
-                       batch_size: int = 256) -> VLLMBackend:
+                       batch_size: int = 256, start: bool = True) -> VLLMBackend:
         """A client for the server that serves the model directory ``path`` under the name ``model``.
 
-        Only the tokenizer and config are read here (the weights stay on the server).
+        Only the tokenizer and config are read here (the weights stay on the server). The server is
+        ``base_url``, else ``$PREFLOOP_VLLM_URL``; with neither (and ``start``), one is started here.
         """
         from transformers import AutoConfig, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
         config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
         window = getattr(config, "max_position_embeddings", None)
-        return cls(tokenizer, model, base_url, batch_size, int(window) if window else None)
+        server = None
+        if base_url is None and not os.environ.get(URL_ENVIRONMENT_VARIABLE) and start:
+            server, base_url = start_server(path, model)
+        backend = cls(tokenizer, model, base_url, batch_size, int(window) if window else None)
+        backend.server = server
+        return backend
+
+    def close(self) -> None:
+        """Stop the server this backend started (if any); a server found at a URL is left running."""
+        if self.server is not None and self.server.poll() is None:
+            self.server.terminate()
+            try:
+                self.server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait()
+        self.server = None
+
+    def __enter__(self) -> VLLMBackend:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # --- the PolicyBackend interface ---------------------------------------------------------------
 
@@ -219,6 +253,44 @@ def serve_command(model_dir: str | Path, model_name: str, port: int = 8000) -> l
     """The ``vllm serve`` command (run in the vLLM environment) that serves a model artifact for this client."""
     return ["vllm", "serve", str(model_dir), "--served-model-name", model_name, "--port", str(port),
             "--max-logprobs", "1", "--seed", "0", "--generation-config", "vllm"]
+
+
+def vllm_executable() -> str:
+    """The ``vllm`` command of the vLLM environment: ``$PREFLOOP_VLLM_BIN``, else ``vllm`` on PATH."""
+    found = os.environ.get(BIN_ENVIRONMENT_VARIABLE) or shutil.which("vllm")
+    if not found:
+        raise VLLMServerError(
+            f"backend 'vllm' needs a running server ({URL_ENVIRONMENT_VARIABLE}=http://HOST:PORT/v1) or the vllm "
+            f"command of a vLLM environment to start one ({BIN_ENVIRONMENT_VARIABLE}=/path/to/venv/bin/vllm); "
+            "neither is set here. Create the environment with infra/vllm/requirements.txt on a GPU host, "
+            "or use 'backend: hf'."
+        )
+    return found
+
+
+def start_server(model_dir: str | Path, model_name: str, startup_timeout_s: float = 900.0,
+                 extra_args: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``vllm serve`` on a model directory in its own process; return it and its URL once it answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [vllm_executable(), *serve_command(model_dir, model_name, port)[1:], "--host", "127.0.0.1",
+               *(extra_args or [])]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + startup_timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/models", timeout=5):
+                return process, url
+        except OSError:
+            if process.poll() is not None:
+                raise VLLMServerError(f"vllm serve exited with code {process.returncode} before answering "
+                                      f"(command: {' '.join(command)}); see its output above") from None
+            if time.monotonic() > deadline:
+                process.terminate()
+                raise VLLMServerError(f"vllm serve did not answer at {url} within {startup_timeout_s:.0f} s") from None
+            time.sleep(1.0)
 
 
 def _main(argv: list[str] | None = None) -> None:
