@@ -201,9 +201,16 @@ class SearchTree:
 
 
 def room_needed(config: MCTSConfig) -> int:
-    """Tokens a node needs after its text: one step and a self-evaluation answer (a token is at least
-    one character, so the answers' character counts bound their token counts)."""
+    """Tokens a node needs after its text: one step, and a self-evaluation answer when self-evaluation is
+    on (a token is at least one character, so the answers' character counts bound their token counts)."""
+    if config.self_eval_weight == 0.0:
+        return config.max_step_tokens
     return config.max_step_tokens + max(len(config.self_eval_yes), len(config.self_eval_no))
+
+
+def self_eval_overhead(config: MCTSConfig) -> str:
+    """The text the self-evaluation prompt adds to a node's text (none when self-evaluation is off)."""
+    return "" if config.self_eval_weight == 0.0 else config.self_eval_template.format(prompt="", steps="")
 
 
 def length_normalised_prior(sum_logprob: float, num_tokens: int, power: float) -> float:
@@ -301,7 +308,7 @@ class TreeSearch:
         self.fits = fits
         self.counters = SearchCounters()
         self._calls = 0
-        self._eval_overhead = config.self_eval_template.format(prompt="", steps="")
+        self._eval_overhead = self_eval_overhead(config)
 
     def run(self, trees: list[SearchTree], progress: Callable[[int], None] | None = None) -> list[SearchTree]:
         """Search every tree to the end of its committed path, ``trees_per_batch`` trees at a time."""
@@ -558,7 +565,7 @@ def compute(ctx: StageContext) -> StageOutput:
     prompts = select_prompts(ctx.read("prompts", PROMPTS), config.split, config.max_prompts, block)
     model_dir = ctx.model_dir("policy")
     fits = _context_limits(model_dir, config)
-    eval_overhead = config.self_eval_template.format(prompt="", steps="")
+    eval_overhead = self_eval_overhead(config)
     trees: list[SearchTree] = []
     dropped: list[int] = []
     reasons: list[str] = []
@@ -575,7 +582,10 @@ def compute(ctx: StageContext) -> StageOutput:
     if not trees:
         raise ValueError(
             f"no prompt of split '{config.split}' can be searched ({dict(Counter(reasons))}): prompts need a "
-            "reference answer, and room in the model's context window for a step and its self-evaluation")
+            f"reference answer, and room in the model's context window for a step of max_step_tokens "
+            f"({config.max_step_tokens})" + (" and the self-evaluation prompt (self_eval_template) with its answer"
+                                              if config.self_eval_weight else "")
+            + ": shorten the prompts or the template, lower max_step_tokens, or use a model with a longer context")
     search = TreeSearch(load_backend(model_dir, config), config, answer_line(config.answer_prefix), fits)
     with ctx.progress(len(trees), "trees") as advance:
         search.run(trees, progress=advance)

@@ -20,8 +20,8 @@ truncated (``require_correct``); every other tree is recorded in ``drops`` with 
 Rules (``rule``): ``committed_path`` (the paper's), or ``all_expanded`` — the same highest-vs-lowest
 pair at every expanded node of the tree, committed or not. ``completion``: ``step`` (the paper's
 single step, with its newline unless it is the answer line) or ``to_leaf`` (each side continued along
-its most-visited descendants to a leaf, so a pair ending in answers compares whole continuations —
-useful with trainers that append eos to every completion).
+its most-visited finished descendants to a leaf, so a pair ending in answers compares whole
+continuations — useful with trainers that append eos to every completion).
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ def completion_text(tree: SearchTree, index: int, completion: str = "step") -> s
     """A node's step (with its newline unless terminal), continued to a leaf for ``to_leaf``."""
     steps = [index]
     if completion == "to_leaf":
-        while tree.nodes[steps[-1]].children:
-            children = [tree.nodes[c] for c in tree.nodes[steps[-1]].children]
+        # Only through finished steps: a truncated or empty step never enters a pair's text.
+        while children := [tree.nodes[c] for c in tree.nodes[steps[-1]].children
+                           if tree.nodes[c].invalid_reason is None]:
             steps.append(max(children, key=lambda n: (n.visits, n.q_value, -n.child_index)).index)
     elif completion != "step":
         raise ValueError(f"unknown completion '{completion}'; completions: step, to_leaf")

@@ -19,7 +19,6 @@ from prefloop.stage import StageConfig, StageOutput, StageSpec, execute
 from prefloop.tasks import mcts, pair_trees
 from prefloop.tasks.mcts import MCTSConfig, Node, SearchTree, TreeSearch
 
-
 # ---------------------------------------------------------------------------------------------
 # A scripted policy: per kind of sample, the right next step from the running value so far, the same
 # step off by one (so it leads to a wrong answer), an empty step, or a truncated one. Self-evaluation
@@ -267,9 +266,14 @@ def test_empty_and_truncated_siblings_are_never_paired():
     assert tree.status == "correct"
     reasons = {n.invalid_reason for n in tree.nodes}
     assert {mcts.EMPTY_STEP, mcts.TRUNCATED_STEP} <= reasons
-    for pair in pair_trees.step_pairs(tree, "all_expanded", max_pairs=100):
+    pairs = pair_trees.step_pairs(tree, "all_expanded", max_pairs=100)
+    assert pairs
+    for pair in pairs:
         for index in (pair.chosen, pair.rejected):
             assert tree.nodes[index].invalid_reason is None and tree.nodes[index].step.strip()
+    for row in pair_trees.pair_rows(tree, pairs, "to_leaf", 1, "m"):  # continuations skip them too
+        assert "\n\n" not in row["chosen"] + row["rejected"]
+        assert all(line.strip() and len(line) > 2 for line in (row["chosen"] + row["rejected"]).split("\n") if line)
 
 
 def test_context_window_and_max_depth_end_trees():
