@@ -17,6 +17,10 @@ STAGE_MODULES = {
     "reference": "prefloop.tasks.training.reference",
     "train": "prefloop.tasks.training.preference",
     "evaluate": "prefloop.tasks.evaluation",
+    "train-rm": "prefloop.tasks.reward_model",
+    "label-rm": "prefloop.tasks.reward_labels",
+    "label-judge": "prefloop.tasks.judge",
+    "label-reference": "prefloop.tasks.reference_reward",
 }
 
 # The section of a loop config (configs/*.yaml) that configures each stage.
@@ -32,6 +36,10 @@ CONFIG_SECTIONS = {
     "reference": "reference",  # no loop-config section: the flow derives it from train (defaults on the CLI)
     "train": "train",
     "evaluate": "evaluation",
+    "train-rm": "reward_model",
+    "label-rm": "reward_labels",
+    "label-judge": "judge",
+    "label-reference": "reference_reward",
 }
 
 

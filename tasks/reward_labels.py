@@ -1,0 +1,141 @@
+"""Stage ``label-rm``: label samples or pairs with a reward model, or with every member of an
+ensemble plus their aggregate.
+
+Targets:
+
+* ``samples`` → one row per sample and labeler, score = r(x, y) (``target_kind = "sample"``,
+  ``target_id`` = sample id): what ``construct`` ranks and what ensemble filters read per member;
+* ``preferences`` → one row per pair and labeler, score = the margin r(x, y_w) − r(x, y_l)
+  (``target_kind = "pair"``, ``target_id`` = pair id): the preference strength of "Secrets of RLHF II"
+  when read across members.
+
+Labelers (each row carries its labeler id and version):
+
+* one reward model: ``rm:<model-id>``;
+* an ensemble of k: ``rm:<model-id>/member-<i>`` for each member, plus the aggregate
+  ``rm-ensemble:<model-id>/<aggregation>`` (``mean``, ``min``, or ``mean-<λ>var`` for the
+  uncertainty-weighted mean − λ·variance; see :func:`prefloop.tasks.reward_model.aggregate_rewards`).
+  ``aggregation: null`` writes the members only.
+
+A row for which any member returns NaN or inf is labelled by nobody: it goes to ``drops`` with the
+reason ``nonfinite_reward`` (an aggregate over a non-finite member would be meaningless).
+
+This is its own stage rather than a labeler inside ``label``: it needs a model artifact as input and
+can label pairs as well as samples, which the ``label`` stage's samples + prompts inputs do not cover.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from prefloop.datasets_spec import LABELS, PREFERENCES, SAMPLES, make_drops
+from prefloop.ids import content_id
+from prefloop.orchestration import stage_task
+from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, execute
+from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.tasks.reward_model import Aggregation, aggregate_rewards, aggregation_name, score_with_members
+
+LABELER_VERSION = "1"
+
+
+class RewardLabelConfig(StageConfig):
+    aggregation: Aggregation | None = Field(
+        "mean", description="ensemble aggregate written next to the members (null: members only)")
+    uncertainty_penalty: float = Field(0.5, ge=0.0, description="λ of uncertainty_weighted: mean − λ·variance")
+    batch_size: int = Field(64, ge=1)
+
+
+SPEC = StageSpec(
+    name="label-rm",
+    version="1",
+    config_model=RewardLabelConfig,
+    output_kind="labels",
+    inputs={"reward_model": "model", "samples": "samples", "preferences": "preferences"},
+    optional_inputs=frozenset({"samples", "preferences"}),
+    output_table=LABELS,
+    description="Score samples (reward) or pairs (margin r_w − r_l) with a reward model, or with each member of "
+                "an ensemble plus their aggregate.",
+    pool="gpu",
+)
+
+
+def member_labelers(model_id: str, members: int) -> list[str]:
+    """Labeler ids: ``rm:<model-id>`` for one model, ``rm:<model-id>/member-<i>`` for ensemble members."""
+    return [f"rm:{model_id}"] if members == 1 else [f"rm:{model_id}/member-{i}" for i in range(members)]
+
+
+def aggregate_labeler(model_id: str, aggregation: Aggregation, uncertainty_penalty: float) -> str:
+    """Labeler id of an ensemble aggregate, e.g. ``rm-ensemble:<model-id>/mean``."""
+    return f"rm-ensemble:{model_id}/{aggregation_name(aggregation, uncertainty_penalty)}"
+
+
+def label_rows(target_ids: list[str], prompt_ids: list[str | None], kind: str, labeler: str,
+               scores: np.ndarray) -> dict[str, list]:
+    """LABELS columns for one labeler's scores of the given targets."""
+    count = len(target_ids)
+    return {
+        "label_id": [content_id(labeler, LABELER_VERSION, kind, target) for target in target_ids],
+        "target_id": list(target_ids),
+        "target_kind": [kind] * count,
+        "prompt_id": list(prompt_ids),
+        "labeler": [labeler] * count,
+        "labeler_version": [LABELER_VERSION] * count,
+        "score": [float(s) for s in scores],
+        "verdict": [None] * count,
+        "extracted_answer": [None] * count,
+    }
+
+
+def compute(ctx: StageContext) -> StageOutput:
+    config: RewardLabelConfig = ctx.config
+    if ctx.has("samples") == ctx.has("preferences"):
+        raise ValueError("label-rm scores either samples (--input samples=REF) or pairs (--input preferences=REF): "
+                         "give exactly one of them")
+    model_dir = ctx.model_dir("reward_model")
+    model_id = ctx.inputs["reward_model"].id
+    role = "samples" if ctx.has("samples") else "preferences"
+    table = ctx.read(role, SAMPLES if role == "samples" else PREFERENCES)
+    if table.num_rows == 0:
+        raise ValueError(f"{role} {ctx.inputs[role]} is empty: there is nothing to score")
+    prompts = table.column("prompt").to_pylist()
+    if role == "samples":
+        kind, target_ids = "sample", table.column("sample_id").to_pylist()
+        rewards = score_with_members(model_dir, prompts, table.column("completion").to_pylist(), config.batch_size)
+    else:
+        kind, target_ids = "pair", table.column("pair_id").to_pylist()
+        rewards = (score_with_members(model_dir, prompts, table.column("chosen").to_pylist(), config.batch_size)
+                   - score_with_members(model_dir, prompts, table.column("rejected").to_pylist(), config.batch_size))
+    finite = np.isfinite(rewards).all(axis=0)
+    bad = np.flatnonzero(~finite)
+    drops = make_drops(table, bad, ["nonfinite_reward"] * len(bad), role,
+                       detail="a reward-model member gave NaN or inf for this row, so no labeler labels it")
+    kept = np.flatnonzero(finite)
+    kept_ids = [target_ids[i] for i in kept]
+    prompt_ids = table.column("prompt_id").to_pylist()
+    kept_prompts = [prompt_ids[i] for i in kept]
+    members = rewards.shape[0]
+    labelers = member_labelers(model_id, members)
+    parts = [label_rows(kept_ids, kept_prompts, kind, labeler, rewards[index, kept])
+             for index, labeler in enumerate(labelers)]
+    if members > 1 and config.aggregation is not None and len(kept):
+        labelers.append(aggregate_labeler(model_id, config.aggregation, config.uncertainty_penalty))
+        combined = aggregate_rewards(rewards[:, kept], config.aggregation, config.uncertainty_penalty)
+        parts.append(label_rows(kept_ids, kept_prompts, kind, labelers[-1], combined))
+    columns = {name: [value for part in parts for value in part[name]] for name in LABELS.column_names}
+    metrics: dict[str, object] = {"targets": table.num_rows, "target_kind": kind, "labeled": int(len(kept)),
+                                  "nonfinite_reward": int(len(bad)), "members": members, "labelers": labelers}
+    if len(kept):
+        metrics["mean_score"] = float(rewards[:, kept].mean())
+        if members > 1:
+            metrics["mean_member_std"] = float(rewards[:, kept].std(axis=0).mean())
+    return StageOutput(table=pa.table(columns, schema=LABELS.schema), drops=drops, metrics=metrics)
+
+
+def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
+    return execute(SPEC, compute, inputs, config, store, name)
+
+
+# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
+prefect_task = stage_task(SPEC, run)

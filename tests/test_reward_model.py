@@ -1,0 +1,244 @@
+"""Reward models: Bradley–Terry loss and ensemble aggregation by hand, accuracies, and the train-rm →
+label-rm → evaluate round trip on a tiny Llama."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from prefloop.datasets_spec import PREFERENCES, SAMPLES
+from prefloop.embedded.model import TinyLlamaConfig, build_model
+from prefloop.embedded.tokenizer import build_tokenizer
+from prefloop.stage import StageConfig, StageInputError, StageOutput, StageSpec, execute
+from prefloop.tasks import evaluation, reward_labels, reward_model
+from prefloop.tasks.reward_model import (
+    aggregate_rewards,
+    best_of_n_accuracy,
+    best_of_n_sets,
+    bradley_terry_loss,
+    pairwise_accuracy,
+)
+from prefloop.tasks.training.artifacts import save_model_dir
+
+TINY_MODEL = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+              "max_position_embeddings": 64}
+
+
+class Empty(StageConfig):
+    pass
+
+
+def put(store, kind, table_spec, table, name="x"):
+    """Write a hand-made table as if a stage had made it."""
+    spec = StageSpec(f"hand-{kind}-{name}", "1", Empty, kind, {}, table_spec)
+    return execute(spec, lambda ctx: StageOutput(table=table), {}, {}, store, name).output
+
+
+def pairs_table(rows):
+    """(prompt, chosen, rejected) rows; chosen scored 1, rejected 0."""
+    return pa.table({
+        "pair_id": [f"p{i}" for i in range(len(rows))], "prompt_id": [r[0] for r in rows],
+        "prompt": [r[0] for r in rows], "chosen": [r[1] for r in rows], "rejected": [r[2] for r in rows],
+        "score_chosen": [1.0] * len(rows), "score_rejected": [0.0] * len(rows),
+    })
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-derived numbers
+# ----------------------------------------------------------------------------------------------
+def test_bradley_terry_loss_by_hand() -> None:
+    chosen = torch.tensor([2.0, 0.0, 1.0])
+    rejected = torch.tensor([0.0, 1.0, 1.0])
+    # −log σ(z) = log(1 + e^−z): z = 2 → log(1 + e^−2); z = −1 → log(1 + e); z = 0 → log 2.
+    expected = [math.log(1 + math.exp(-2)), math.log(1 + math.e), math.log(2)]
+    assert bradley_terry_loss(chosen, rejected).tolist() == pytest.approx(expected, abs=1e-6)
+    # Centring adds c·(r_w + r_l)²: with c = 0.1 the pairs get +0.4, +0.1 and +0.4.
+    centred = bradley_terry_loss(chosen, rejected, center_coefficient=0.1).tolist()
+    assert centred == pytest.approx([expected[0] + 0.4, expected[1] + 0.1, expected[2] + 0.4], abs=1e-6)
+
+
+def test_bradley_terry_gradient_pushes_chosen_up_and_rejected_down() -> None:
+    chosen = torch.tensor([0.0], requires_grad=True)
+    rejected = torch.tensor([0.0], requires_grad=True)
+    bradley_terry_loss(chosen, rejected).sum().backward()
+    # d/dr_w of −log σ(r_w − r_l) at 0 is −σ(0) = −0.5, and +0.5 for r_l.
+    assert chosen.grad.item() == pytest.approx(-0.5) and rejected.grad.item() == pytest.approx(0.5)
+
+
+def test_ensemble_aggregation_by_hand() -> None:
+    # Three members (rows) scoring two targets (columns).
+    rewards = [[1.0, 4.0], [2.0, 0.0], [6.0, 2.0]]
+    assert aggregate_rewards(rewards, "mean").tolist() == pytest.approx([3.0, 2.0])
+    assert aggregate_rewards(rewards, "min").tolist() == pytest.approx([1.0, 0.0])
+    # Population variances: (4 + 1 + 9)/3 = 14/3 and (4 + 4 + 0)/3 = 8/3.
+    assert aggregate_rewards(rewards, "uncertainty_weighted", 1.0).tolist() == pytest.approx([3 - 14 / 3, 2 - 8 / 3])
+    assert aggregate_rewards(rewards, "uncertainty_weighted", 0.5).tolist() == pytest.approx([3 - 7 / 3, 2 - 4 / 3])
+    assert aggregate_rewards(rewards, "uncertainty_weighted", 0.0).tolist() == pytest.approx([3.0, 2.0])
+
+
+def test_aggregation_refuses_non_finite_rewards_and_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="non-finite rewards for 1 target"):
+        aggregate_rewards([[1.0, float("nan")], [2.0, 3.0]], "mean")
+    with pytest.raises(ValueError, match="non-finite"):
+        aggregate_rewards([[float("inf")]], "min")
+    with pytest.raises(ValueError, match="members, targets"):
+        aggregate_rewards([1.0, 2.0], "mean")
+    with pytest.raises(ValueError, match="unknown aggregation 'median'"):
+        aggregate_rewards([[1.0]], "median")
+
+
+def test_pairwise_and_best_of_4_accuracy_by_hand() -> None:
+    # Wins, a loss, a tie (counts as wrong) and a win: 2/4, SE sqrt(0.5·0.5/4) = 0.25.
+    accuracy, stderr, n = pairwise_accuracy([1.0, 2.0, 3.0, 4.0], [0.0, 3.0, 3.0, 1.0])
+    assert (accuracy, stderr, n) == (0.5, pytest.approx(0.25), 4)
+    # Set 1: 5 beats 1, 2, 3; set 2: 1 ties the best wrong answer (wrong); set 3: 2 beats all.
+    hit, hit_stderr, sets = best_of_n_accuracy([5.0, 1.0, 2.0], [[1.0, 2.0, 3.0], [0.0, 1.0, 0.5], [1.9, -1.0, 0.0]])
+    assert (hit, sets) == (pytest.approx(2 / 3), 3)
+    assert hit_stderr == pytest.approx(math.sqrt(2 / 3 * 1 / 3 / 3))
+    with pytest.raises(ValueError, match="no held-out pairs"):
+        pairwise_accuracy([], [])
+
+
+def test_best_of_4_sets_need_one_top_and_three_lower_completions() -> None:
+    table = pairs_table([("q1", "good", "bad1"), ("q1", "good", "bad2"), ("q1", "good", "bad3"),
+                         ("q2", "good", "bad1"), ("q2", "good", "bad2")])
+    sets = best_of_n_sets(table)
+    assert len(sets) == 1
+    assert sets[0].prompt == "q1" and sets[0].correct == "good" and sorted(sets[0].wrong) == ["bad1", "bad2", "bad3"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages on a tiny model
+# ----------------------------------------------------------------------------------------------
+def _toy_pairs(prompts):
+    """A learnable preference: chosen ends in 'A:1', rejected in 'A:2' (or 'A:3', 'A:4' for best-of-4)."""
+    return [(f"{i}+0=?\n", "A:1", f"A:{wrong}") for i in prompts for wrong in (2, 3, 4)]
+
+
+TRAIN_CONFIG = {"model": TINY_MODEL, "training": {"learning_rate": 1e-2, "batch_size": 8, "max_steps": 40,
+                                                  "warmup_steps": 0}}
+
+
+@pytest.fixture
+def trained(store):
+    train = put(store, "preferences", PREFERENCES, pairs_table(_toy_pairs(range(1, 9))), "train")
+    heldout = put(store, "preferences", PREFERENCES, pairs_table(_toy_pairs(range(11, 17))), "heldout")
+    return train, heldout
+
+
+def test_train_rm_learns_and_reports_heldout_accuracies(store, trained) -> None:
+    train, heldout = trained
+    result = reward_model.run({"preferences": train, "heldout": heldout}, TRAIN_CONFIG, store)
+    metrics = result.metrics
+    assert result.ref.kind == "model" and metrics["ensemble_size"] == 1 and metrics["initialised_from"] == "fresh"
+    assert metrics["heldout_pairs"] == 18 and metrics["heldout_best_of_4_sets"] == 6
+    assert metrics["heldout_pairwise_accuracy"] == 1.0 and metrics["heldout_best_of_4_accuracy"] == 1.0
+    assert metrics["final_loss"] < 0.1
+    assert "train_log" in store.read_manifest(result.ref).tables
+
+
+def test_single_reward_model_artifact_is_what_evaluate_reads(store, trained) -> None:
+    train, heldout = trained
+    ref = reward_model.run({"preferences": train, "heldout": heldout}, TRAIN_CONFIG, store).ref
+    model_dir = store.local_files(ref)
+    prompts, completions = ["3+0=?\n", "3+0=?\n", "12+0=?\n"], ["A:1", "A:2", "A:1"]
+    ours = reward_model.score_with_members(model_dir, prompts, completions)
+    theirs = evaluation.score_rewards(model_dir, prompts, completions, batch_size=2)
+    assert ours.shape == (1, 3)
+    assert ours[0].tolist() == pytest.approx(theirs, abs=1e-5)
+    assert theirs[0] > theirs[1]
+
+
+def test_ensemble_members_differ_and_label_rm_writes_members_plus_aggregate(store, trained) -> None:
+    train, heldout = trained
+    config = {**TRAIN_CONFIG, "ensemble_size": 2}
+    result = reward_model.run({"preferences": train, "heldout": heldout}, config, store)
+    assert result.metrics["member_seeds"] == [0, 1]
+    assert set(result.metrics["heldout_by_scorer"]) == {"member_0", "member_1", "mean", "min", "uncertainty_weighted"}
+    samples = put(store, "samples", SAMPLES, pa.table({
+        "sample_id": ["s1", "s2", "s3"], "prompt_id": ["q", "q", "r"], "prompt": ["5+0=?\n", "5+0=?\n", "6+0=?\n"],
+        "completion": ["A:1", "A:2", "A:1"]}), "samples")
+    labels = reward_labels.run({"reward_model": result.output, "samples": samples},
+                               {"aggregation": "uncertainty_weighted", "uncertainty_penalty": 1.0}, store)
+    table = store.read_table(labels.ref).to_pylist()
+    model_id = result.ref.id
+    by_labeler = {}
+    for row in table:
+        by_labeler.setdefault(row["labeler"], {})[row["target_id"]] = row["score"]
+        assert row["labeler_version"] == "1" and row["target_kind"] == "sample"
+    member_0, member_1 = f"rm:{model_id}/member-0", f"rm:{model_id}/member-1"
+    aggregate = f"rm-ensemble:{model_id}/mean-1var"
+    assert set(by_labeler) == {member_0, member_1, aggregate}
+    assert by_labeler[member_0] != by_labeler[member_1]
+    for sample in ("s1", "s2", "s3"):
+        a, b = by_labeler[member_0][sample], by_labeler[member_1][sample]
+        # mean − 1·population variance of two values = (a + b)/2 − ((a − b)/2)².
+        assert by_labeler[aggregate][sample] == pytest.approx((a + b) / 2 - ((a - b) / 2) ** 2, abs=1e-6)
+
+
+def test_label_rm_on_pairs_scores_the_margin_and_names_one_model(store, trained) -> None:
+    train, heldout = trained
+    ref = reward_model.run({"preferences": train, "heldout": heldout}, TRAIN_CONFIG, store).ref
+    labels = reward_labels.run({"reward_model": str(ref), "preferences": heldout}, {}, store)
+    rows = store.read_table(labels.ref).to_pylist()
+    assert len(rows) == 18 and {r["labeler"] for r in rows} == {f"rm:{ref.id}"}
+    assert all(r["target_kind"] == "pair" and r["score"] > 0 for r in rows)
+    pairs = store.read_table(ArtifactRefOf(heldout))
+    rewards = reward_model.score_with_members(store.local_files(ref), pairs.column("prompt").to_pylist(),
+                                              pairs.column("chosen").to_pylist())[0] \
+        - reward_model.score_with_members(store.local_files(ref), pairs.column("prompt").to_pylist(),
+                                          pairs.column("rejected").to_pylist())[0]
+    by_pair = {r["target_id"]: r["score"] for r in rows}
+    assert [by_pair[p] for p in pairs.column("pair_id").to_pylist()] == pytest.approx(rewards.tolist(), abs=1e-6)
+
+
+def ArtifactRefOf(text):  # noqa: N802 - reads like a constructor
+    from prefloop.storage import ArtifactRef
+
+    return ArtifactRef.parse(text)
+
+
+def test_label_rm_drops_non_finite_rewards_with_a_named_reason(store, trained, monkeypatch) -> None:
+    train, heldout = trained
+    ref = reward_model.run({"preferences": train, "heldout": heldout}, {**TRAIN_CONFIG, "ensemble_size": 2}, store).ref
+    samples = put(store, "samples", SAMPLES, pa.table({
+        "sample_id": ["s1", "s2"], "prompt_id": ["q", "q"], "prompt": ["5+0=?\n"] * 2, "completion": ["A:1", "A:2"]}),
+        "samples")
+
+    def broken(model_dir, prompts, completions, batch_size=64):
+        return np.array([[0.5, float("nan")], [0.25, 1.0]])
+
+    monkeypatch.setattr(reward_labels, "score_with_members", broken)
+    result = reward_labels.run({"reward_model": str(ref), "samples": samples}, {}, store)
+    assert result.drops == {"nonfinite_reward": 1}
+    rows = store.read_table(result.ref).to_pylist()
+    assert {r["target_id"] for r in rows} == {"s1"} and len(rows) == 3  # two members + the mean
+    assert [r["score"] for r in rows if r["labeler"].startswith("rm-ensemble:")] == [0.375]
+
+
+def test_bad_inputs_get_clear_errors(store, trained) -> None:
+    train, heldout = trained
+    empty = put(store, "preferences", PREFERENCES, PREFERENCES.schema.empty_table(), "empty")
+    with pytest.raises(ValueError, match="is empty: a reward model needs pairs"):
+        reward_model.run({"preferences": empty}, TRAIN_CONFIG, store)
+    ref = reward_model.run({"preferences": train, "heldout": heldout}, TRAIN_CONFIG, store).ref
+    with pytest.raises(ValueError, match="either samples .* or pairs"):
+        reward_labels.run({"reward_model": str(ref)}, {}, store)
+    with pytest.raises(ValueError, match="is empty: there is nothing to score"):
+        reward_labels.run({"reward_model": str(ref), "preferences": empty}, {}, store)
+    with pytest.raises(StageInputError, match="ensemble_size"):
+        reward_model.run({"preferences": train}, {**TRAIN_CONFIG, "ensemble_size": 0}, store)
+
+
+def test_reward_model_from_a_policy_keeps_its_backbone(tmp_path) -> None:
+    tokenizer = build_tokenizer()
+    policy = build_model(TinyLlamaConfig(**TINY_MODEL), len(tokenizer), 3, tokenizer)
+    policy_dir = save_model_dir(policy, tokenizer)
+    model = reward_model.build_reward_model(tokenizer, seed=0, policy_dir=policy_dir)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
+    assert torch.equal(model.model.embed_tokens.weight, policy.model.embed_tokens.weight)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, policy.model.layers[0].mlp.up_proj.weight)
+    other_head = reward_model.build_reward_model(tokenizer, seed=1, policy_dir=policy_dir)
+    assert not torch.equal(model.score.weight, other_head.score.weight)
