@@ -25,6 +25,10 @@ def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 
 
 def load_policy(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a model directory: safetensors weights only (pickles are refused), never custom model code."""
+    from prefloop.tasks.importing import check_model_dir
+
+    check_model_dir(path)
     backend = HFBackend.from_directory(path)
     return backend.model, backend.tokenizer
 
