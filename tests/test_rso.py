@@ -150,3 +150,13 @@ def test_rso_stage_builds_pairs_from_accepted_samples(store) -> None:
     assert all(sum(p["prompt_id"] == prompt for p in pairs) <= 4 for prompt in per_prompt)
     again = construct.run({"samples": samples_ref.output, "labels": labels_ref.output}, config, store)
     assert again.cached and again.output == result.output
+
+
+def test_rso_config_loads_and_draws_more_candidates_than_it_accepts() -> None:
+    from pathlib import Path
+
+    from prefloop.config import load_loop_config
+
+    config = load_loop_config(Path(__file__).parent.parent / "configs" / "rso.yaml")
+    assert config.construction.method == "rso" and config.rounds >= 2
+    assert config.sampling.n > config.construction.rso.num_accepted
