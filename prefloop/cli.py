@@ -91,6 +91,9 @@ def run(
     store: StoreOption = None,
 ) -> None:
     """Run the whole multi-round loop as a Prefect flow; finished stages are looked up, not recomputed."""
+    from prefloop.orchestration import local_flow_settings, start_ephemeral_server_early
+
+    start_ephemeral_server_early()  # overlaps the imports below
     from prefloop.config import load_loop_config
     from prefloop.flows.loop import loop_flow
 
@@ -99,7 +102,8 @@ def run(
         target = _store(store)
         _install_progress()
         reward_ref = str(target.resolve(reward_model)) if reward_model else None
-        summary = loop_flow(loop_config, store=target.uri, reward_model=reward_ref)
+        with local_flow_settings():
+            summary = loop_flow(loop_config, store=target.uri, reward_model=reward_ref)
     stages = summary.stages
     cached = sum(s.cached for s in stages)
     console.print(round_table(target, loop_config.name))

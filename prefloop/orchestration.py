@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -133,14 +134,15 @@ def stage_task(spec: StageSpec, run: RunFunction, retries: int = 0):
         status = "cached" if result.cached else f"computed in {result.seconds:.1f}s"
         logger.info("%s -> %s (%s, %d rows%s)", spec.name, name or result.output, status, result.rows,
                     f", dropped {sum(result.drops.values())}" if result.drops else "")
+        if result.cached:
+            # The store, not Prefect's result cache, decides what is done; a lookup is shown in the
+            # UI as a "Cached" completed state. Its table artifact (same key) was published by the
+            # run that computed it, so a lookup does not publish it again.
+            return Completed(data=result, name="Cached", message=f"found {result.output} in the store")
         rows = stage_result_table(result)
         if rows:
             _publish("table", lambda: create_table_artifact(
                 rows, key=artifact_key(key), description=f"{spec.name}: {result.output} ({status}, {result.rows} rows)"))
-        if result.cached:
-            # The store, not Prefect's result cache, decides what is done; a lookup is shown in the
-            # UI as a "Cached" completed state.
-            return Completed(data=result, name="Cached", message=f"found {result.output} in the store")
         return result
 
     return stage
@@ -204,6 +206,29 @@ def run_stage_deployment(spec: StageSpec, inputs: Mapping[str, str], config: Map
     return result.model_copy(update={"cached": False, "seconds": time.perf_counter() - started})
 
 
+_early_server: list[threading.Thread] = []
+
+
+def start_ephemeral_server_early() -> None:
+    """Start Prefect's ephemeral API server in a background thread, so its start-up (seconds) overlaps
+    whatever the caller does next (importing torch, reading configs). No-op against a real server
+    (``PREFECT_API_URL`` set). :func:`local_flow_settings` waits for it before any flow runs."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value() or _early_server:
+        return
+
+    def start() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        with contextlib.suppress(Exception):  # a failed early start is retried, and reported, by Prefect itself
+            SubprocessASGIServer().start()
+
+    thread = threading.Thread(target=start, name="prefloop-prefect-server", daemon=True)
+    thread.start()
+    _early_server.append(thread)
+
+
 @contextlib.contextmanager
 def local_flow_settings() -> Iterator[None]:
     """Settings for running flows in this process against Prefect's ephemeral server.
@@ -215,6 +240,8 @@ def local_flow_settings() -> Iterator[None]:
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
+    for thread in _early_server:
+        thread.join()
     if PREFECT_API_URL.value():
         yield
         return

@@ -1,10 +1,10 @@
-"""A real local Prefect server: register the deployments, start a cpu worker, trigger the smoke
-loop through the API, wait for it, and check the store and the run. Stops all it started."""
+"""A real local Prefect server: register the deployments, start a cpu and a gpu worker, trigger
+the smoke loop through the API, wait for it, and check the store and where each stage ran (the
+GPU-heavy stages as their own deployments on the gpu pool). Stops all it started."""
 
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -46,20 +46,34 @@ def server(tmp_path, monkeypatch):
 def test_deployments_run_on_a_worker(server):
     url, tmp_path = server
     deploy.deploy_all(url)
-    worker = deploy.start_worker("cpu", url, log=tmp_path / "worker.log")
+    workers = [deploy.start_worker(pool, url, log=tmp_path / f"worker-{pool}.log") for pool in ("cpu", "gpu")]
     try:
+        from prefect import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
         from prefect.deployments import run_deployment
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         config = yaml.safe_load((ROOT / "configs/smoke.yaml").read_text()) | {"rounds": 1}
         store = tmp_path / "store"
         with temporary_settings({PREFECT_API_URL: url}):
-            started = time.monotonic()
+            # The deployment's own parameters (prefect.yaml) choose dispatch "pools".
             run = run_deployment("prefloop-loop/loop", parameters={"config": config, "store": str(store)},
-                                 timeout=600)
-        assert run.state.is_completed(), (run.state, (tmp_path / "worker.log").read_text()[-3000:])
-        assert time.monotonic() - started < 600
+                                 timeout=900)
+            logs = "\n".join((tmp_path / f"worker-{pool}.log").read_text()[-2000:] for pool in ("cpu", "gpu"))
+            assert run.state.is_completed(), (run.state, logs)
+            assert run.work_pool_name == "cpu"
+            with get_client(sync_client=True) as client:
+                children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
         refs = ArtifactStore(store).refs("smoke/")
         assert "smoke/round-1/metrics" in refs and "smoke/round-1/policy" in refs
+        # sft, the round-0 evaluation, sample, train and the round-1 evaluation each ran as their
+        # stage deployment on the gpu pool; prompts, label, construct and filter ran in the loop's run.
+        dispatched = sorted(child.parameters["name"] for child in children)
+        assert dispatched == sorted(["smoke/round-0/policy", "smoke/round-0/metrics", "smoke/round-1/samples",
+                                     "smoke/round-1/policy", "smoke/round-1/metrics"]), dispatched
+        assert {child.work_pool_name for child in children} == {"gpu"}
+        assert all(child.state.is_completed() for child in children)
     finally:
-        stop(worker)
+        for worker in workers:
+            stop(worker)
