@@ -113,11 +113,10 @@ def main() -> None:
             return pairs, result, kept
 
         filter_s, (pairs, result, kept) = best_of(read_and_filter, args.repeats)
-        dropped = np.flatnonzero(~result.keep)
-        drops_s, _ = best_of(lambda: make_drops(pairs, dropped, [result.reasons[i] for i in dropped], "preferences"),
-                             1)
+        dropped, reasons = result.dropped()
+        drops_s, _ = best_of(lambda: make_drops(pairs, dropped, reasons, "preferences"), 1)
 
-    counts = Counter(r for r in result.reasons if r is not None)
+    counts = Counter(reasons)
     print(f"plain pyarrow read:                 {read_s:7.2f} s")
     print(f"read + rule-based filters + split:  {filter_s:7.2f} s   ({filter_s / read_s:.1f}x the plain read)")
     print(f"drops table ({len(dropped):,} rows as JSON): {drops_s:7.2f} s")

@@ -194,19 +194,26 @@ def normalise_strongly(column: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def first_occurrences(keys: Sequence[pa.Array], alive: np.ndarray) -> np.ndarray:
-    """True for alive rows whose key tuple already appeared in an earlier alive row (the first is kept)."""
+    """True for alive rows whose key tuple already appeared in an earlier alive row (the first is kept).
+
+    Keys are hashed one column at a time (dictionary codes), and a column is only hashed for the rows
+    whose earlier columns already repeat — put the cheapest, most selective key first (the prompt).
+    """
     rows = np.flatnonzero(alive)
+    group = np.zeros(len(rows), dtype=np.int64)
+    for key in keys:
+        if len(rows) == 0:
+            break
+        codes = _array(pc.dictionary_encode(key.take(pa.array(rows)))).indices
+        codes = _array(pc.fill_null(codes, -1)).to_numpy().astype(np.int64) + 1
+        _, group, counts = np.unique(group * (int(codes.max()) + 1) + codes, return_inverse=True,
+                                     return_counts=True)
+        shared = counts[group] > 1
+        rows, group = rows[shared], group[shared]
     repeated = np.zeros(len(alive), dtype=bool)
-    if len(rows) == 0:
-        return repeated
-    take = pa.array(rows)
-    # Hash each text once (dictionary codes), then group the small integer tuples.
-    columns = {f"k{i}": _array(pc.dictionary_encode(key.take(take))).indices for i, key in enumerate(keys)}
-    table = pa.table({**columns, "row": pa.array(np.arange(len(rows)))})
-    first = table.group_by(list(columns), use_threads=False).aggregate([("row", "min")]).column("row_min")
-    keep = np.zeros(len(rows), dtype=bool)
-    keep[first.to_numpy()] = True
-    repeated[rows[~keep]] = True
+    first = np.zeros(len(rows), dtype=bool)
+    first[np.unique(group, return_index=True)[1]] = True  # rows are in table order: the earliest of each
+    repeated[rows[~first]] = True
     return repeated
 
 
@@ -425,12 +432,22 @@ class FilterResult:
     """The outcome of the filter chain on one table."""
 
     table: pa.Table  # the input after flips (same rows, same order)
-    reasons: list[str | None]  # per row: the reason it is dropped, or None to keep it
+    codes: np.ndarray  # per row: index into FILTER_REASONS of the reason it is dropped, −1 to keep it
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def keep(self) -> np.ndarray:
-        return np.array([r is None for r in self.reasons], dtype=bool)
+        return self.codes < 0
+
+    @property
+    def reasons(self) -> list[str | None]:
+        """Per row: the reason it is dropped, or None to keep it."""
+        return [None if c < 0 else FILTER_REASONS[c] for c in self.codes.tolist()]
+
+    def dropped(self) -> tuple[np.ndarray, list[str]]:
+        """The dropped rows' indices and their reasons."""
+        rows = np.flatnonzero(self.codes >= 0)
+        return rows, [FILTER_REASONS[c] for c in self.codes[rows].tolist()]
 
 
 def _margins(pairs: pa.Table) -> np.ndarray:
@@ -537,8 +554,12 @@ def apply_filters(pairs: pa.Table, config: FilterConfig, eval_prompts: pa.Array 
         bad = _array(pc.utf8_length(pairs.column("rejected"))).to_numpy(zero_copy_only=False)
         reject("length_ratio", good > config.max_length_ratio * np.maximum(bad, 1))
     if eval_prompts is not None and config.decontamination_ngram is not None and n:
-        overlap, _ = contamination_overlap(pairs.column("prompt"), eval_prompts, config.decontamination_ngram)
-        reject("contaminated", overlap >= config.decontamination_min_overlap)
+        # Pairs share prompts (several per prompt): measure each distinct prompt once.
+        prompts = _array(pc.dictionary_encode(pairs.column("prompt")))
+        overlap, _ = contamination_overlap(prompts.dictionary, eval_prompts, config.decontamination_ngram)
+        contaminated = np.append(overlap >= config.decontamination_min_overlap, False)  # a null prompt: False
+        index = _array(pc.fill_null(prompts.indices, len(prompts.dictionary))).to_numpy()
+        reject("contaminated", contaminated[index])
         metrics["eval_prompts"] = len(eval_prompts)
     if config.drop_duplicates:
         reject("duplicate_pair", first_occurrences([normalise_whitespace(pairs.column("prompt")), chosen, rejected],
@@ -581,8 +602,7 @@ def apply_filters(pairs: pa.Table, config: FilterConfig, eval_prompts: pa.Array 
         if len(confidence):
             metrics["estimated_flip_rate"] = float(np.mean(1.0 - confidence))
             metrics["flip_rate_estimator"] = "mean(1 - confidence) of kept pairs"
-    reasons = [None if c < 0 else FILTER_REASONS[c] for c in code.tolist()]
-    return FilterResult(table=pairs, reasons=reasons, metrics={k: v for k, v in metrics.items() if v is not None})
+    return FilterResult(table=pairs, codes=code, metrics={k: v for k, v in metrics.items() if v is not None})
 
 
 def _beyond_first(keys: pa.Array, alive: np.ndarray, limit: int) -> np.ndarray:
@@ -639,11 +659,9 @@ def compute(ctx: StageContext) -> StageOutput:
         ensemble_labels=ctx.read("ensemble_labels", LABELS) if ctx.has("ensemble_labels") else None,
         ches=_ches_from_policy(ctx, config) if ctx.has("policy") and config.ches_top_fraction is not None else None,
     )
-    keep = result.keep
-    dropped = np.flatnonzero(~keep)
-    drops = make_drops(result.table, dropped, [result.reasons[i] for i in dropped], "preferences",
-                       detail="filter stage")
-    kept = result.table.filter(pa.array(keep))
+    dropped, reasons = result.dropped()
+    drops = make_drops(result.table, dropped, reasons, "preferences", detail="filter stage")
+    kept = result.table.filter(pa.array(result.keep))
     metrics = {"pairs_in": pairs.num_rows, "pairs_kept": kept.num_rows, "pairs_dropped": int(len(dropped)),
                **result.metrics}
     return StageOutput(table=kept, drops=drops, metrics=metrics)
