@@ -39,18 +39,17 @@ re-derive them with another rule — without searching again.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from prefloop.backends import BackendKind, load_backend
 from prefloop.backends.base import GenerationParams, PolicyBackend
 from prefloop.datasets_spec import PROMPTS, TREES, make_drops
 from prefloop.ids import content_id
@@ -94,7 +93,8 @@ class MCTSConfig(StageConfig):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_step_tokens: int = Field(32, ge=1, description="token budget of one step")
-    context_window: int | None = Field(None, ge=1, description="tokens the policy can attend to (None: the model's config)")
+    context_window: int | None = Field(None, ge=1, description="tokens the policy can attend to (None: the backend's)")
+    backend: BackendKind = Field("hf", description="hf: transformers in-process (CPU); vllm: a vllm serve process (GPU)")
     trees_per_batch: int | None = Field(None, ge=1, description="trees advanced together (None: all; 1: one at a time)")
     batch_size: int = Field(64, ge=1, description="sequences per forward pass of the backend")
     seed: int = 0
@@ -296,12 +296,12 @@ class SearchCounters:
 class TreeSearch:
     """Runs MCTS on many trees with one policy backend; see the module docstring for the algorithm.
 
-    ``fits(text, extra_tokens)`` says whether ``text`` plus ``extra_tokens`` more tokens fit in the
-    policy's context window (None: no limit known).
+    ``fits(texts, extra_tokens)`` says for each text whether it plus ``extra_tokens`` more tokens fits in
+    the policy's context window (None: no limit known); it is called once per round of expansions.
     """
 
     def __init__(self, backend: PolicyBackend, config: MCTSConfig, extract_answer: Callable[[str], str | None],
-                 fits: Callable[[str, int], bool] | None = None):
+                 fits: Callable[[list[str], int], list[bool]] | None = None):
         self.backend = backend
         self.config = config
         self.extract_answer = extract_answer
@@ -359,17 +359,29 @@ class TreeSearch:
         groups = self.backend.generate(prefixes, params)
         self.counters.generate_calls += 1
         self.counters.sequences_generated += len(prefixes) * config.children_per_node
-        to_evaluate: list[tuple[SearchTree, int]] = []
+        children: list[tuple[SearchTree, Node]] = []
         for (tree, path), group in zip(expanding, groups, strict=True):
             leaf = tree.nodes[path[-1]]
             leaf.expanded = True
-            for completion in self._distinct(group):
-                child = self._add_child(tree, leaf, completion)
-                if child.terminal:
-                    set_evaluation(tree, child.index, 1.0 if child.correct else -1.0)
-                else:
-                    to_evaluate.append((tree, child.index))
+            children.extend((tree, self._add_child(tree, leaf, completion)) for completion in self._distinct(group))
+        self._check_context([(tree, child) for tree, child in children if not child.terminal])
+        to_evaluate: list[tuple[SearchTree, int]] = []
+        for tree, child in children:
+            if child.terminal:
+                set_evaluation(tree, child.index, 1.0 if child.correct else -1.0)
+            else:
+                to_evaluate.append((tree, child.index))
         self._evaluate(to_evaluate)
+
+    def _check_context(self, open_children: list[tuple[SearchTree, Node]]) -> None:
+        """A node without room for another step (and its self-evaluation) ends its solution: truncated."""
+        if self.fits is None or not open_children:
+            return
+        texts = [tree.prefix(child.index) + self._eval_overhead for tree, child in open_children]
+        for (_, child), fits in zip(open_children, self.fits(texts, room_needed(self.config)), strict=True):
+            if not fits:
+                child.invalid_reason = CONTEXT_WINDOW
+                child.terminal, child.correct = True, False
 
     @staticmethod
     def _distinct(group):
@@ -402,9 +414,6 @@ class TreeSearch:
                 return child
             if child.depth >= config.max_depth:
                 child.invalid_reason = MAX_DEPTH
-            elif self.fits is not None and not self.fits(tree.prefix(child.index) + self._eval_overhead,
-                                                         room_needed(config)):
-                child.invalid_reason = CONTEXT_WINDOW
         if child.invalid_reason is not None:
             child.terminal = True
             child.correct = False
@@ -522,29 +531,18 @@ def answer_line(prefix: str) -> Callable[[str], str | None]:
     return extract
 
 
-def _context_limits(model_dir: Path, config: MCTSConfig) -> Callable[[str, int], bool] | None:
-    """``fits(text, extra_tokens)`` from the model directory's tokenizer and context window."""
-    window = config.context_window
-    if window is None:
-        config_file = model_dir / "config.json"
-        if config_file.exists():
-            window = json.loads(config_file.read_text(encoding="utf-8")).get("max_position_embeddings")
-    if window is None:
+def context_fits(backend: PolicyBackend, window: int | None) -> Callable[[list[str], int], list[bool]] | None:
+    """``fits(texts, extra_tokens)`` from the backend's token counts (``prompt_lengths``) and context window
+    (``window``, else the backend's ``context_window``); None when either is unknown."""
+    window = window or getattr(backend, "context_window", None)
+    counter = getattr(backend, "prompt_lengths", None)
+    if window is None or counter is None:
         return None
-    from transformers import AutoTokenizer  # the tokenizer files of a model artifact; no model weights
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
-
-    def fits(text: str, extra_tokens: int) -> bool:
-        return len(tokenizer(text, add_special_tokens=True)["input_ids"]) + extra_tokens <= window
+    def fits(texts: list[str], extra_tokens: int) -> list[bool]:
+        return [length + extra_tokens <= window for length in counter(texts)]
 
     return fits
-
-
-def load_backend(model_dir: Path, config: MCTSConfig) -> PolicyBackend:
-    from prefloop.backends.hf import HFBackend
-
-    return HFBackend.from_directory(model_dir, batch_size=config.batch_size)
 
 
 def search_metrics(trees: Sequence[SearchTree], search: TreeSearch) -> dict:
@@ -563,17 +561,26 @@ def compute(ctx: StageContext) -> StageOutput:
     config: MCTSConfig = ctx.config
     block = max(config.round - 1, 0) if config.new_prompts_each_round else 0
     prompts = select_prompts(ctx.read("prompts", PROMPTS), config.split, config.max_prompts, block)
-    model_dir = ctx.model_dir("policy")
-    fits = _context_limits(model_dir, config)
+    backend = load_backend(config.backend, ctx.model_dir("policy"), ctx.inputs["policy"].id, config.batch_size)
+    try:
+        return _search(ctx, config, prompts, backend)
+    finally:
+        backend.close()  # a vLLM server this stage started is stopped; HF: nothing to do
+
+
+def _search(ctx: StageContext, config: MCTSConfig, prompts: pa.Table, backend: PolicyBackend) -> StageOutput:
+    fits = context_fits(backend, config.context_window)
     eval_overhead = self_eval_overhead(config)
+    rows = prompts.select(["prompt_id", "prompt", "reference_answer"]).to_pylist()
+    room = fits([row["prompt"] + eval_overhead for row in rows], room_needed(config)) if fits else [True] * len(rows)
     trees: list[SearchTree] = []
     dropped: list[int] = []
     reasons: list[str] = []
-    for index, row in enumerate(prompts.select(["prompt_id", "prompt", "reference_answer"]).to_pylist()):
+    for index, (row, fits_window) in enumerate(zip(rows, room, strict=True)):
         if row["reference_answer"] is None or not row["reference_answer"].strip():
             dropped.append(index)
             reasons.append("missing_reference_answer")
-        elif fits is not None and not fits(row["prompt"] + eval_overhead, room_needed(config)):
+        elif not fits_window:
             dropped.append(index)
             reasons.append("prompt_exceeds_context_window")
         else:
@@ -586,7 +593,7 @@ def compute(ctx: StageContext) -> StageOutput:
             f"({config.max_step_tokens})" + (" and the self-evaluation prompt (self_eval_template) with its answer"
                                               if config.self_eval_weight else "")
             + ": shorten the prompts or the template, lower max_step_tokens, or use a model with a longer context")
-    search = TreeSearch(load_backend(model_dir, config), config, answer_line(config.answer_prefix), fits)
+    search = TreeSearch(backend, config, answer_line(config.answer_prefix), fits)
     with ctx.progress(len(trees), "trees") as advance:
         search.run(trees, progress=advance)
     table = trees_to_table(trees, config.round, ctx.inputs["policy"].id)

@@ -277,7 +277,9 @@ def test_empty_and_truncated_siblings_are_never_paired():
 
 
 def test_context_window_and_max_depth_end_trees():
-    fits = lambda text, extra: len(text) + extra <= 30  # noqa: E731
+    def fits(texts, extra):
+        return [len(text) + extra <= 30 for text in texts]
+
     tree = TreeSearch(ScriptedPolicy(), MCTSConfig(**SCRIPT_CONFIG | {"max_step_tokens": 10}), extract_answer,
                       fits).run([_tree("1+2+3+4+5+6=?\n", "21")])[0]
     assert tree.status == mcts.CONTEXT_WINDOW
