@@ -41,6 +41,7 @@ STOP_TOKEN_LOGPROB = -0.25  # what the fake reports for a stop-string or eos tok
 class FakeVLLM(BaseHTTPRequestHandler):
     backend: HFBackend
     requests: list[dict]
+    model_name: str = MODEL
 
     def log_message(self, *args) -> None:  # keep test output quiet
         pass
@@ -56,14 +57,14 @@ class FakeVLLM(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path != "/v1/models":
             return self._reply(404, {"error": {"message": f"no route {self.path}"}})
-        self._reply(200, {"object": "list", "data": [{"id": MODEL, "object": "model", "max_model_len": 128}]})
+        self._reply(200, {"object": "list", "data": [{"id": self.model_name, "object": "model", "max_model_len": 128}]})
 
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.requests.append(body)
         if self.path != "/v1/completions":
             return self._reply(404, {"error": {"message": f"no route {self.path}"}})
-        if body["model"] != MODEL:
+        if body["model"] != self.model_name:
             return self._reply(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
         choices = self._echo(body) if body.get("echo") else self._generate(body)
         random.Random(0).shuffle(choices)  # clients must order by index, not by position
