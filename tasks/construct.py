@@ -6,8 +6,8 @@ ties make no pair (elsewhere, all-tied ratings make chosen == rejected).
 
 Methods:
 
-* ``best_vs_worst`` / ``best_vs_random`` — the best-of-n family (PF-PPO, Zhang et al. 2024, "Policy
-  Filtration in RLHF"): chosen = the highest-scored sample, rejected = the lowest-scored one, or one
+* ``best_vs_worst`` / ``best_vs_random`` — the best-of-n family (PF-PPO's best-worst and
+  best-random, "Policy Filtration in RLHF to Fine-Tune LLM for Code Generation", 2024): chosen = the highest-scored sample, rejected = the lowest-scored one, or one
   drawn uniformly among those scored below the best by more than ``min_margin``. Several samples
   sharing the top (or bottom) score: one is drawn with the stage's seed.
 * ``all_pairs`` — every pair of distinct completions whose scores differ by more than
