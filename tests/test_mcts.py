@@ -396,3 +396,28 @@ def test_prompts_longer_than_the_context_window_are_dropped_or_refused(store, ti
         assert result.drops["prompt_exceeds_context_window"] == sum(n > lengths[0] for n in lengths)
     with pytest.raises(ValueError, match="context window"):
         mcts.run({"policy": policy, "prompts": prompts_ref}, SEARCH | {"context_window": 5}, store)
+
+
+@pytest.mark.slow  # a whole (tiny) loop: SFT, search, pairs, filter, reference, train, evaluate (~30-60 s here)
+def test_loop_with_construction_mcts_runs_mcts_then_pair_trees(store):
+    from prefloop.config import LoopConfig
+    from prefloop.flows.loop import run_loop
+
+    task = {"min_ops": 1, "max_ops": 2}
+    config = LoopConfig.model_validate({
+        "name": "tiny-mcts", "rounds": 1,
+        "sft_prompts": {"n_train": 16, "n_heldout": 0, "task": task},
+        "prompts": {"n_train": 8, "n_heldout": 4, "task": task},
+        "sft": {"model": TINY_MODEL, "training": {"max_steps": 3, "batch_size": 8}},
+        "construction": {"method": "mcts"},
+        "mcts": SEARCH, "pair_trees": {"require_correct": False, "completion": "to_leaf"},
+        "train": {"training": {"batch_size": 4, "max_steps": 1}},
+        "evaluation": {"max_prompts": 4, "max_new_tokens": 16, "samples_per_prompt": 2, "sampled_prompts": 2,
+                       "pass_k": [1, 2]},
+    })
+    summary = run_loop(config, str(store.base))
+    names = [stage.stage for stage in summary.rounds[1].stages]
+    assert names[:3] == ["mcts", "pair-trees", "filter"] and "sample" not in names and "construct" not in names
+    trees = store.resolve("tiny-mcts/round-1/trees")
+    pairs = store.read_table(store.resolve("tiny-mcts/round-1/preferences"))
+    assert trees.kind == "trees" and set(pairs.column("method").to_pylist()) <= {"mcts_step"}
