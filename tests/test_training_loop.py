@@ -13,6 +13,10 @@ from prefloop.tasks.training.loop import (
     SFTConfig,
     collate,
     encode_examples,
+    grouped_sequence_logprobs,
+    length_groups,
+    pair_sequence_logprobs,
+    prepare_pairs,
     sequence_logprobs,
     train_dpo,
     train_sft,
@@ -93,3 +97,45 @@ def test_dpo_rejects_a_non_preference_loss_and_empty_pairs(tokenizer) -> None:
         train_dpo(model, model, tokenizer, _pairs(2), DPOConfig(loss="nope"))
     with pytest.raises(ValueError, match="no pairs"):
         train_dpo(model, model, tokenizer, [], DPOConfig())
+
+
+def test_grouped_and_prompt_sharing_forward_passes_match_a_padded_batch(tokenizer) -> None:
+    model = build_model(TINY, len(tokenizer), seed=0, tokenizer=tokenizer)
+    pairs = _pairs(12)
+    prepared = prepare_pairs(tokenizer, pairs)
+    with torch.no_grad():
+        padded = sequence_logprobs(model, collate(prepared.chosen + prepared.rejected, tokenizer.pad_token_id))
+        grouped = grouped_sequence_logprobs(model, prepared.chosen + prepared.rejected, tokenizer.pad_token_id,
+                                            max_tokens=64)
+        chosen, rejected = pair_sequence_logprobs(model, prepared.chosen, prepared.rejected, tokenizer.pad_token_id,
+                                                  max_tokens=100)
+    assert len(length_groups([len(e.token_ids) for e in prepared.chosen], 64)) > 1  # several groups were run
+    torch.testing.assert_close(grouped, padded, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.cat([chosen, rejected]), padded, rtol=0, atol=1e-4)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tokenizer) -> None:
+    def trained(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+        model = build_model(TINY, len(tokenizer), seed=0, tokenizer=tokenizer)
+        config = SFTConfig(max_steps=3, batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                           learning_rate=1e-2, warmup_steps=0)
+        history = train_sft(model, tokenizer, _examples(24), config)
+        assert len(history) == 3
+        return model.state_dict()
+
+    whole, accumulated, small = trained(8, 1), trained(4, 2), trained(4, 1)
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=0, atol=1e-5)
+    assert not all(torch.allclose(small[name], whole[name], atol=1e-5) for name in whole)
+
+
+def test_dpo_logs_a_kl_estimate_and_truncates_to_max_length(tokenizer) -> None:
+    model = build_model(TINY, len(tokenizer), seed=0, tokenizer=tokenizer)
+    history = train_dpo(copy.deepcopy(model), model, tokenizer, _pairs(8),
+                        DPOConfig(max_steps=2, batch_size=4, learning_rate=1e-2, max_length=20))
+    assert history[0]["kl_estimate"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 1
+    assert history[1]["kl_estimate"] != pytest.approx(0.0, abs=1e-5)
+    encoded = encode_examples(tokenizer, ["1+2=?\n"], ["1+2=3\nA:3"], max_length=10)
+    assert len(encoded[0].token_ids) == 10 and encoded[0].prompt_length == 7
+    with pytest.raises(ValueError, match="prompt alone has 7 tokens"):
+        encode_examples(tokenizer, ["1+2=?\n"], ["1+2=3\nA:3"], max_length=7)

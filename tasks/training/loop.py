@@ -184,8 +184,10 @@ def sequence_logprobs(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
 
 # Padded tokens per forward pass when a batch is split into length groups. Smaller groups waste less
 # on padding but pay Python and kernel-launch overhead per pass; on the embedded model, 1024 tokens
-# (3-4 passes for 32 pairs) is the measured sweet spot (benchmarks/trainer_vs_trl.py).
+# for single rows and 512 for prompt-sharing pair rows (32 pairs: 4-6 passes) measured fastest
+# (fwd + bwd of one batch; benchmarks/trainer_vs_trl.py times whole runs).
 GROUP_TOKENS = 1024
+PAIR_GROUP_TOKENS = 512
 INFERENCE_GROUP_TOKENS = 8192
 
 
@@ -228,6 +230,66 @@ def grouped_sequence_logprobs(
     position = torch.empty(len(examples), dtype=torch.long)
     position[torch.tensor([index for group in groups for index in group])] = torch.arange(len(examples))
     return flat[position]
+
+
+def pair_sequence_logprobs(
+    model: PreTrainedModel,
+    chosen: Sequence[EncodedExample],
+    rejected: Sequence[EncodedExample],
+    pad_id: int,
+    max_tokens: int = PAIR_GROUP_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ log π over the chosen and over the rejected completion of each pair, the shared prompt run once.
+
+    Each pair is one row ``prompt + chosen + rejected``. The rejected tokens take the positions that
+    follow the prompt (position ids P, P+1, … like the chosen ones) and a 4-D attention mask keeps them
+    from attending to the chosen tokens, so each completion sees exactly prompt + itself, as in two
+    separate rows, while the prompt's tokens are computed once. The first rejected token is predicted
+    from the prompt's last position. Rows run in length groups (:func:`length_groups`). Differentiable.
+    """
+    implementation = getattr(model.config, "_attn_implementation", "sdpa")
+    if implementation not in ("sdpa", "eager"):
+        # Kernels without arbitrary masks (flash attention): one row per completion instead.
+        scores = grouped_sequence_logprobs(model, [*chosen, *rejected], pad_id, 2 * max_tokens)
+        return scores[: len(chosen)], scores[len(chosen) :]
+    lengths = [len(c.token_ids) + r.completion_length for c, r in zip(chosen, rejected, strict=True)]
+    groups = length_groups(lengths, max_tokens)
+    chosen_parts, rejected_parts = [], []
+    for group in groups:
+        width = lengths[group[0]]
+        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        segment = torch.full((len(group), width), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 pad
+        position_ids = torch.zeros((len(group), width), dtype=torch.long)
+        source = torch.zeros((len(group), width), dtype=torch.long)  # the position whose logits predict each token
+        for row, index in enumerate(group):
+            first, second = chosen[index], rejected[index]
+            prompt = first.prompt_length
+            if second.prompt_length != prompt or second.token_ids[:prompt] != first.token_ids[:prompt]:
+                raise ValueError(f"pair {index}: chosen and rejected do not share their prompt tokens")
+            end_chosen, end = len(first.token_ids), lengths[index]
+            input_ids[row, :end] = torch.tensor(first.token_ids + second.token_ids[prompt:], dtype=torch.long)
+            segment[row, :prompt], segment[row, prompt:end_chosen], segment[row, end_chosen:end] = 0, 1, 2
+            position_ids[row, :end_chosen] = torch.arange(end_chosen)
+            position_ids[row, end_chosen:end] = torch.arange(prompt, prompt + end - end_chosen)
+            source[row, 1:end] = torch.arange(end - 1)
+            source[row, end_chosen] = prompt - 1
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        # Pads come last, so causality already hides them from real tokens; pad rows still see earlier
+        # tokens, which keeps every softmax row finite.
+        attention_mask = (causal & ~((segment[:, :, None] == 2) & (segment[:, None, :] == 1)))[:, None]
+        if implementation == "eager":  # eager attention adds the mask to the scores
+            blocked = torch.finfo(model.dtype).min
+            attention_mask = torch.zeros(attention_mask.shape, dtype=model.dtype).masked_fill(~attention_mask, blocked)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        rows = torch.arange(len(group))[:, None]
+        token_logprobs = log_probs[rows, source, input_ids]
+        chosen_parts.append((token_logprobs * (segment == 1)).sum(dim=-1))
+        rejected_parts.append((token_logprobs * (segment == 2)).sum(dim=-1))
+    position = torch.empty(len(lengths), dtype=torch.long)
+    position[torch.tensor([index for group in groups for index in group])] = torch.arange(len(lengths))
+    return torch.cat(chosen_parts)[position], torch.cat(rejected_parts)[position]
 
 
 def completion_lengths(examples: Sequence[EncodedExample]) -> torch.Tensor:
@@ -482,10 +544,9 @@ def reference_logprobs(
     """Sequence log-probs of every pair's chosen and rejected completion under the frozen reference,
     computed once (no gradients), all rows in length groups across the whole data set."""
     reference.eval()
-    rows = prepared.chosen + prepared.rejected
     with torch.inference_mode():
-        scores = grouped_sequence_logprobs(reference, rows, pad_id, max_tokens)
-    return ReferenceLogps(chosen=scores[: len(prepared)].clone(), rejected=scores[len(prepared) :].clone())
+        chosen, rejected = pair_sequence_logprobs(reference, prepared.chosen, prepared.rejected, pad_id, max_tokens)
+    return ReferenceLogps(chosen=chosen.clone(), rejected=rejected.clone())
 
 
 def geometric_mixture(first: ReferenceLogps, second: ReferenceLogps, first_weight: float) -> ReferenceLogps:
@@ -617,14 +678,14 @@ def train_dpo(
             batch = collate(rows, pad_id)
             policy_logps, kl = _logps_and_kl_to_reference(policy, reference, batch)
         else:
-            policy_logps = grouped_sequence_logprobs(policy, rows, pad_id)
+            policy_logps = torch.cat(pair_sequence_logprobs(policy, rows[:count], rows[count:], pad_id))
         lengths = completion_lengths(rows)
         if reference_logps is not None:
             reference_chosen, reference_rejected = reference_logps.chosen[indices], reference_logps.rejected[indices]
         elif loss_spec.needs_reference:
             with torch.no_grad():
-                scores = grouped_sequence_logprobs(reference, rows, pad_id)
-            reference_chosen, reference_rejected = scores[:count], scores[count:]
+                reference_chosen, reference_rejected = pair_sequence_logprobs(reference, rows[:count], rows[count:],
+                                                                              pad_id)
         else:
             reference_chosen = reference_rejected = None
         logps = SequenceLogps(
