@@ -41,12 +41,10 @@ evaluate_flow = _stage_flow("evaluate")
 train_rm_flow = _stage_flow("train-rm")
 label_rm_flow = _stage_flow("label-rm")
 label_judge_flow = _stage_flow("label-judge")
-label_reference_flow = _stage_flow("label-reference")
 
 STAGE_FLOWS = {
     "prompts": prompts_flow, "sft": sft_flow, "sample": sample_flow, "label": label_flow,
     "construct": construct_flow, "mcts": mcts_flow, "pair-trees": pair_trees_flow, "filter": filter_flow,
     "reference": reference_flow, "train": train_flow, "evaluate": evaluate_flow,
     "train-rm": train_rm_flow, "label-rm": label_rm_flow, "label-judge": label_judge_flow,
-    "label-reference": label_reference_flow,
 }

@@ -257,3 +257,8 @@ def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name
 
 # The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
 prefect_task = stage_task(SPEC, run)
+
+# Labelers kept in their own modules register themselves when imported: reference-based rewards
+# (bleu, chrf) and reward models (reward_model). Imported last, so the registry above exists.
+from prefloop.tasks import reference_reward as _reference_reward  # noqa: E402, F401
+from prefloop.tasks import reward_labels as _reward_labels  # noqa: E402, F401

@@ -20,7 +20,6 @@ STAGE_MODULES = {
     "train-rm": "prefloop.tasks.reward_model",
     "label-rm": "prefloop.tasks.reward_labels",
     "label-judge": "prefloop.tasks.judge",
-    "label-reference": "prefloop.tasks.reference_reward",
 }
 
 # The section of a loop config (configs/*.yaml) that configures each stage.
@@ -39,7 +38,6 @@ CONFIG_SECTIONS = {
     "train-rm": "reward_model",
     "label-rm": "reward_labels",
     "label-judge": "judge",
-    "label-reference": "reference_reward",
 }
 
 

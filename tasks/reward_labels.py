@@ -20,21 +20,26 @@ Labelers (each row carries its labeler id and version):
 A row for which any member returns NaN or inf is labelled by nobody: it goes to ``drops`` with the
 reason ``nonfinite_reward`` (an aggregate over a non-finite member would be meaningless).
 
-This is its own stage rather than a labeler inside ``label``: it needs a model artifact as input and
-can label pairs as well as samples, which the ``label`` stage's samples + prompts inputs do not cover.
+This is its own stage rather than a labeler inside ``label``: it writes several labelers (one per
+member, plus the aggregate) into one artifact and can label pairs as well as samples, where a ``label``
+labeler writes one score per sample under one name. For that simpler case the module also registers
+the labeler ``reward_model`` with the ``label`` stage (``label: {labeler: reward_model, settings:
+{aggregation: mean}}`` and ``--input model=REF``): one score per sample — the single model's reward,
+or the ensemble aggregate.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from prefloop.datasets_spec import LABELS, PREFERENCES, SAMPLES, make_drops
 from prefloop.ids import content_id
 from prefloop.orchestration import stage_task
 from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, execute
 from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.tasks.labeling import LabelBatch, Labeler, LabelRequest, register_labeler
 from prefloop.tasks.reward_model import Aggregation, aggregate_rewards, aggregation_name, score_with_members
 
 LABELER_VERSION = "1"
@@ -139,3 +144,45 @@ def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name
 
 # The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
 prefect_task = stage_task(SPEC, run)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ``reward_model`` labeler of the ``label`` stage
+# ---------------------------------------------------------------------------------------------
+class RewardModelSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    aggregation: Aggregation = Field("mean", description="how an ensemble's member rewards become one score")
+    uncertainty_penalty: float = Field(0.5, ge=0.0, description="λ of uncertainty_weighted: mean − λ·variance")
+    batch_size: int = Field(64, ge=1)
+
+
+def label_with_reward_model(request: LabelRequest) -> LabelBatch:
+    """One score per sample: r(x, y) of a single reward model, or the aggregate of an ensemble's members.
+
+    A sample for which a member returns NaN or inf is dropped as ``nonfinite_reward``.
+    """
+    settings = request.settings or RewardModelSettings()
+    samples = request.samples
+    rewards = score_with_members(request.ctx.model_dir("model"), samples.column("prompt").to_pylist(),
+                                 samples.column("completion").to_pylist(), settings.batch_size)
+    finite = np.isfinite(rewards).all(axis=0)
+    kept = np.flatnonzero(finite)
+    scores = rewards[0, kept] if rewards.shape[0] == 1 else \
+        aggregate_rewards(rewards[:, kept], settings.aggregation, settings.uncertainty_penalty)
+    batch = LabelBatch()
+    sample_ids, prompt_ids = samples.column("sample_id").to_pylist(), samples.column("prompt_id").to_pylist()
+    for index, score in zip(kept, scores, strict=True):
+        batch.add(sample_ids[index], prompt_ids[index], float(score))
+    for index in np.flatnonzero(~finite):
+        batch.drop(int(index), "nonfinite_reward", "a reward-model member gave NaN or inf for this sample")
+    batch.metrics = {"members": int(rewards.shape[0]), "nonfinite_reward": int((~finite).sum())}
+    if rewards.shape[0] > 1:
+        batch.metrics["aggregation"] = aggregation_name(settings.aggregation, settings.uncertainty_penalty)
+    return batch
+
+
+REWARD_MODEL_LABELER = register_labeler(Labeler(
+    name="reward_model", version=LABELER_VERSION, label=label_with_reward_model, settings_model=RewardModelSettings,
+    needs=frozenset({"model"}),
+    description="a train-rm reward model (input 'model'): its reward, or its ensemble's aggregate reward"))

@@ -1,4 +1,4 @@
-"""Reference-based reward (BLEU / chrF via sacrebleu): hand cases and the label-reference stage."""
+"""Reference-based reward (BLEU / chrF via sacrebleu): hand cases, and the labelers in the label stage."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 
 from prefloop.datasets_spec import PROMPTS, SAMPLES
 from prefloop.stage import StageConfig, StageOutput, StageSpec, execute
-from prefloop.tasks import reference_reward
+from prefloop.tasks import labeling
 from prefloop.tasks.reference_reward import reference_rewards
 
 REFERENCE = "the cat sat on the mat"
@@ -34,7 +34,7 @@ class Empty(StageConfig):
     pass
 
 
-def test_label_reference_stage_scores_samples_and_drops_those_without_reference(store) -> None:
+def test_label_stage_with_chrf_scores_samples_and_drops_those_without_reference(store) -> None:
     prompts = pa.table({"prompt_id": ["q1", "q2"], "prompt": ["1+1=?\n", "2+2=?\n"],
                         "reference_solution": ["1+1=2\nA:2", None], "split": ["train", "train"]})
     samples = pa.table({"sample_id": ["s1", "s2", "s3", "s4"], "prompt_id": ["q1", "q1", "q2", "zz"],
@@ -44,11 +44,11 @@ def test_label_reference_stage_scores_samples_and_drops_those_without_reference(
                           lambda ctx: StageOutput(table=prompts), {}, {}, store).output
     samples_ref = execute(StageSpec("hand-samples", "1", Empty, "samples", {}, SAMPLES),
                           lambda ctx: StageOutput(table=samples), {}, {}, store).output
-    result = reference_reward.run({"samples": samples_ref, "prompts": prompts_ref}, {"metric": "chrf"}, store)
+    result = labeling.run({"samples": samples_ref, "prompts": prompts_ref}, {"labeler": "chrf"}, store)
     rows = {r["target_id"]: r for r in store.read_table(result.ref).to_pylist()}
     assert set(rows) == {"s1", "s2"}
     assert rows["s1"]["score"] == pytest.approx(1.0) and 0.0 <= rows["s2"]["score"] < 1.0
-    assert rows["s1"]["labeler"] == "chrf" and rows["s1"]["labeler_version"].startswith("1+") and "nc:6" in rows["s1"]["labeler_version"]
+    assert rows["s1"]["labeler"] == "chrf" and "nc:6" in rows["s1"]["labeler_version"]
     assert result.drops == {"missing_reference": 1, "unknown_prompt_id": 1}
     drops = store.read_table(result.ref, "drops").to_pylist()
     assert {(d["row_id"], d["reason"]) for d in drops} == {("s3", "missing_reference"), ("s4", "unknown_prompt_id")}
@@ -61,5 +61,23 @@ def test_no_sample_with_a_reference_is_a_clear_error(store) -> None:
                           lambda ctx: StageOutput(table=prompts), {}, {}, store).output
     samples_ref = execute(StageSpec("hand-samples", "1", Empty, "samples", {}, SAMPLES),
                           lambda ctx: StageOutput(table=samples), {}, {}, store).output
-    with pytest.raises(ValueError, match="no sample .* has a reference"):
-        reference_reward.run({"samples": samples_ref, "prompts": prompts_ref}, {}, store)
+    with pytest.raises(ValueError, match="no sample has a reference"):
+        labeling.run({"samples": samples_ref, "prompts": prompts_ref}, {"labeler": "bleu"}, store)
+
+
+def test_bleu_reads_the_reference_column_named_in_settings(store) -> None:
+    prompts = pa.table({"prompt_id": ["q1"], "prompt": ["1+1=?\n"], "reference_solution": ["1+1=2\nA:2"],
+                        "reference_answer": ["A:2"], "split": ["train"]})
+    samples = pa.table({"sample_id": ["s1"], "prompt_id": ["q1"], "prompt": ["1+1=?\n"], "completion": ["A:2"]})
+    prompts_ref = execute(StageSpec("hand-prompts", "1", Empty, "prompts", {}, PROMPTS),
+                          lambda ctx: StageOutput(table=prompts), {}, {}, store).output
+    samples_ref = execute(StageSpec("hand-samples", "1", Empty, "samples", {}, SAMPLES),
+                          lambda ctx: StageOutput(table=samples), {}, {}, store).output
+    inputs = {"samples": samples_ref, "prompts": prompts_ref}
+    against_answer = labeling.run(inputs, {"labeler": "bleu", "settings": {"reference": "reference_answer"}}, store)
+    against_solution = labeling.run(inputs, {"labeler": "bleu"}, store)
+    score = store.read_table(against_answer.ref).column("score").to_pylist()
+    assert score == [pytest.approx(1.0)]
+    assert store.read_table(against_solution.ref).column("score").to_pylist()[0] < 1.0
+    row = store.read_table(against_answer.ref).to_pylist()[0]
+    assert row["labeler"] == "bleu" and row["labeler_version"].startswith("1+") and "tok:13a" in row["labeler_version"]

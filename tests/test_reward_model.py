@@ -2,6 +2,7 @@
 label-rm → evaluate round trip on a tiny Llama."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +13,8 @@ from prefloop.datasets_spec import PREFERENCES, SAMPLES
 from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.stage import StageConfig, StageInputError, StageOutput, StageSpec, execute
-from prefloop.tasks import evaluation, reward_labels, reward_model
+from prefloop.storage import ArtifactRef
+from prefloop.tasks import evaluation, labeling, reward_labels, reward_model
 from prefloop.tasks.reward_model import (
     aggregate_rewards,
     best_of_n_accuracy,
@@ -121,28 +123,36 @@ TRAIN_CONFIG = {"model": TINY_MODEL, "training": {"learning_rate": 1e-2, "batch_
                                                   "warmup_steps": 0}}
 
 
-@pytest.fixture
-def trained(store):
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One store for the module: toy pairs, a single reward model and a 2-member ensemble, trained once."""
+    from prefloop.storage import ArtifactStore
+
+    store = ArtifactStore(tmp_path_factory.mktemp("reward-models") / "store")
     train = put(store, "preferences", PREFERENCES, pairs_table(_toy_pairs(range(1, 9))), "train")
     heldout = put(store, "preferences", PREFERENCES, pairs_table(_toy_pairs(range(11, 17))), "heldout")
-    return train, heldout
+    single = reward_model.run({"preferences": train, "heldout": heldout}, TRAIN_CONFIG, store)
+    ensemble = reward_model.run({"preferences": train, "heldout": heldout}, {**TRAIN_CONFIG, "ensemble_size": 2}, store)
+    samples = put(store, "samples", SAMPLES, pa.table({
+        "sample_id": ["s1", "s2", "s3"], "prompt_id": ["q", "q", "r"], "prompt": ["5+0=?\n", "5+0=?\n", "6+0=?\n"],
+        "completion": ["A:1", "A:2", "A:1"]}), "samples")
+    return SimpleNamespace(store=store, train=train, heldout=heldout, single=single, ensemble=ensemble, samples=samples)
 
 
-def test_train_rm_learns_and_reports_heldout_accuracies(store, trained) -> None:
-    train, heldout = trained
-    result = reward_model.run({"preferences": train, "heldout": heldout}, TRAIN_CONFIG, store)
+def test_train_rm_learns_and_reports_heldout_accuracies(shared) -> None:
+    result = shared.single
     metrics = result.metrics
     assert result.ref.kind == "model" and metrics["ensemble_size"] == 1 and metrics["initialised_from"] == "fresh"
     assert metrics["heldout_pairs"] == 18 and metrics["heldout_best_of_4_sets"] == 6
     assert metrics["heldout_pairwise_accuracy"] == 1.0 and metrics["heldout_best_of_4_accuracy"] == 1.0
     assert metrics["final_loss"] < 0.1
-    assert "train_log" in store.read_manifest(result.ref).tables
+    assert "train_log" in shared.store.read_manifest(result.ref).tables
+    again = reward_model.run({"preferences": shared.train, "heldout": shared.heldout}, TRAIN_CONFIG, shared.store)
+    assert again.cached and again.output == result.output
 
 
-def test_single_reward_model_artifact_is_what_evaluate_reads(store, trained) -> None:
-    train, heldout = trained
-    ref = reward_model.run({"preferences": train, "heldout": heldout}, TRAIN_CONFIG, store).ref
-    model_dir = store.local_files(ref)
+def test_single_reward_model_artifact_is_what_evaluate_reads(shared) -> None:
+    model_dir = shared.store.local_files(shared.single.ref)
     prompts, completions = ["3+0=?\n", "3+0=?\n", "12+0=?\n"], ["A:1", "A:2", "A:1"]
     ours = reward_model.score_with_members(model_dir, prompts, completions)
     theirs = evaluation.score_rewards(model_dir, prompts, completions, batch_size=2)
@@ -151,21 +161,15 @@ def test_single_reward_model_artifact_is_what_evaluate_reads(store, trained) -> 
     assert theirs[0] > theirs[1]
 
 
-def test_ensemble_members_differ_and_label_rm_writes_members_plus_aggregate(store, trained) -> None:
-    train, heldout = trained
-    config = {**TRAIN_CONFIG, "ensemble_size": 2}
-    result = reward_model.run({"preferences": train, "heldout": heldout}, config, store)
+def test_ensemble_members_differ_and_label_rm_writes_members_plus_aggregate(shared) -> None:
+    result = shared.ensemble
     assert result.metrics["member_seeds"] == [0, 1]
     assert set(result.metrics["heldout_by_scorer"]) == {"member_0", "member_1", "mean", "min", "uncertainty_weighted"}
-    samples = put(store, "samples", SAMPLES, pa.table({
-        "sample_id": ["s1", "s2", "s3"], "prompt_id": ["q", "q", "r"], "prompt": ["5+0=?\n", "5+0=?\n", "6+0=?\n"],
-        "completion": ["A:1", "A:2", "A:1"]}), "samples")
-    labels = reward_labels.run({"reward_model": result.output, "samples": samples},
-                               {"aggregation": "uncertainty_weighted", "uncertainty_penalty": 1.0}, store)
-    table = store.read_table(labels.ref).to_pylist()
+    labels = reward_labels.run({"reward_model": result.output, "samples": shared.samples},
+                               {"aggregation": "uncertainty_weighted", "uncertainty_penalty": 1.0}, shared.store)
     model_id = result.ref.id
     by_labeler = {}
-    for row in table:
+    for row in shared.store.read_table(labels.ref).to_pylist():
         by_labeler.setdefault(row["labeler"], {})[row["target_id"]] = row["score"]
         assert row["labeler_version"] == "1" and row["target_kind"] == "sample"
     member_0, member_1 = f"rm:{model_id}/member-0", f"rm:{model_id}/member-1"
@@ -176,60 +180,68 @@ def test_ensemble_members_differ_and_label_rm_writes_members_plus_aggregate(stor
         a, b = by_labeler[member_0][sample], by_labeler[member_1][sample]
         # mean − 1·population variance of two values = (a + b)/2 − ((a − b)/2)².
         assert by_labeler[aggregate][sample] == pytest.approx((a + b) / 2 - ((a - b) / 2) ** 2, abs=1e-6)
+    members_only = reward_labels.run({"reward_model": result.output, "samples": shared.samples},
+                                     {"aggregation": None}, shared.store)
+    assert set(shared.store.read_table(members_only.ref).column("labeler").to_pylist()) == {member_0, member_1}
 
 
-def test_label_rm_on_pairs_scores_the_margin_and_names_one_model(store, trained) -> None:
-    train, heldout = trained
-    ref = reward_model.run({"preferences": train, "heldout": heldout}, TRAIN_CONFIG, store).ref
-    labels = reward_labels.run({"reward_model": str(ref), "preferences": heldout}, {}, store)
-    rows = store.read_table(labels.ref).to_pylist()
+def test_label_stage_reward_model_labeler_scores_samples_with_the_aggregate(shared) -> None:
+    inputs = {"samples": shared.samples, "model": shared.ensemble.output}
+    result = labeling.run(inputs, {"labeler": "reward_model", "settings": {"aggregation": "min"}}, shared.store)
+    rows = shared.store.read_table(result.ref).to_pylist()
+    members = reward_model.score_with_members(shared.store.local_files(shared.ensemble.ref),
+                                              ["5+0=?\n", "5+0=?\n", "6+0=?\n"], ["A:1", "A:2", "A:1"])
+    assert [r["score"] for r in rows] == pytest.approx(members.min(axis=0).tolist(), abs=1e-6)
+    assert {r["labeler"] for r in rows} == {"reward_model"} and result.metrics["members"] == 2
+    with pytest.raises(StageInputError, match="needs the input"):
+        labeling.run({"samples": shared.samples}, {"labeler": "reward_model"}, shared.store)
+
+
+def test_label_rm_on_pairs_scores_the_margin_and_names_one_model(shared) -> None:
+    ref = shared.single.ref
+    labels = reward_labels.run({"reward_model": str(ref), "preferences": shared.heldout}, {}, shared.store)
+    rows = shared.store.read_table(labels.ref).to_pylist()
     assert len(rows) == 18 and {r["labeler"] for r in rows} == {f"rm:{ref.id}"}
     assert all(r["target_kind"] == "pair" and r["score"] > 0 for r in rows)
-    pairs = store.read_table(ArtifactRefOf(heldout))
-    rewards = reward_model.score_with_members(store.local_files(ref), pairs.column("prompt").to_pylist(),
-                                              pairs.column("chosen").to_pylist())[0] \
-        - reward_model.score_with_members(store.local_files(ref), pairs.column("prompt").to_pylist(),
-                                          pairs.column("rejected").to_pylist())[0]
+    pairs = shared.store.read_table(ArtifactRef.parse(shared.heldout))
+    model_dir = shared.store.local_files(ref)
+    prompts = pairs.column("prompt").to_pylist()
+    margins = (reward_model.score_with_members(model_dir, prompts, pairs.column("chosen").to_pylist())[0]
+               - reward_model.score_with_members(model_dir, prompts, pairs.column("rejected").to_pylist())[0])
     by_pair = {r["target_id"]: r["score"] for r in rows}
-    assert [by_pair[p] for p in pairs.column("pair_id").to_pylist()] == pytest.approx(rewards.tolist(), abs=1e-6)
+    assert [by_pair[p] for p in pairs.column("pair_id").to_pylist()] == pytest.approx(margins.tolist(), abs=1e-6)
 
 
-def ArtifactRefOf(text):  # noqa: N802 - reads like a constructor
-    from prefloop.storage import ArtifactRef
-
-    return ArtifactRef.parse(text)
-
-
-def test_label_rm_drops_non_finite_rewards_with_a_named_reason(store, trained, monkeypatch) -> None:
-    train, heldout = trained
-    ref = reward_model.run({"preferences": train, "heldout": heldout}, {**TRAIN_CONFIG, "ensemble_size": 2}, store).ref
-    samples = put(store, "samples", SAMPLES, pa.table({
-        "sample_id": ["s1", "s2"], "prompt_id": ["q", "q"], "prompt": ["5+0=?\n"] * 2, "completion": ["A:1", "A:2"]}),
-        "samples")
-
+def test_non_finite_rewards_are_dropped_with_a_named_reason(shared, monkeypatch) -> None:
     def broken(model_dir, prompts, completions, batch_size=64):
-        return np.array([[0.5, float("nan")], [0.25, 1.0]])
+        return np.array([[0.5, float("nan"), 1.0], [0.25, 1.0, float("inf")]])
 
     monkeypatch.setattr(reward_labels, "score_with_members", broken)
-    result = reward_labels.run({"reward_model": str(ref), "samples": samples}, {}, store)
-    assert result.drops == {"nonfinite_reward": 1}
-    rows = store.read_table(result.ref).to_pylist()
+    result = reward_labels.run({"reward_model": shared.ensemble.output, "samples": shared.samples}, {}, shared.store)
+    assert result.drops == {"nonfinite_reward": 2}
+    rows = shared.store.read_table(result.ref).to_pylist()
     assert {r["target_id"] for r in rows} == {"s1"} and len(rows) == 3  # two members + the mean
     assert [r["score"] for r in rows if r["labeler"].startswith("rm-ensemble:")] == [0.375]
+    labeled = labeling.run({"samples": shared.samples, "model": shared.ensemble.output},
+                           {"labeler": "reward_model"}, shared.store)
+    assert labeled.drops == {"nonfinite_reward": 2}
+    assert shared.store.read_table(labeled.ref).column("score").to_pylist() == [0.375]
 
 
-def test_bad_inputs_get_clear_errors(store, trained) -> None:
-    train, heldout = trained
+def test_bad_inputs_get_clear_errors(shared, tmp_path) -> None:
+    store = shared.store
     empty = put(store, "preferences", PREFERENCES, PREFERENCES.schema.empty_table(), "empty")
     with pytest.raises(ValueError, match="is empty: a reward model needs pairs"):
         reward_model.run({"preferences": empty}, TRAIN_CONFIG, store)
-    ref = reward_model.run({"preferences": train, "heldout": heldout}, TRAIN_CONFIG, store).ref
+    ref = shared.single.output
     with pytest.raises(ValueError, match="either samples .* or pairs"):
-        reward_labels.run({"reward_model": str(ref)}, {}, store)
+        reward_labels.run({"reward_model": ref}, {}, store)
     with pytest.raises(ValueError, match="is empty: there is nothing to score"):
-        reward_labels.run({"reward_model": str(ref), "preferences": empty}, {}, store)
+        reward_labels.run({"reward_model": ref, "preferences": empty}, {}, store)
     with pytest.raises(StageInputError, match="ensemble_size"):
-        reward_model.run({"preferences": train}, {**TRAIN_CONFIG, "ensemble_size": 0}, store)
+        reward_model.run({"preferences": shared.train}, {**TRAIN_CONFIG, "ensemble_size": 0}, store)
+    with pytest.raises(ValueError, match="neither a model .* nor an ensemble"):
+        reward_model.reward_model_members(tmp_path)
 
 
 def test_reward_model_from_a_policy_keeps_its_backbone(tmp_path) -> None:
