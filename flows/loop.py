@@ -109,10 +109,10 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
         pairs = call(construct, {"samples": samples.output, "labels": labels.output},
                      _seeded(config.construction, config, round_index), store, f"{prefix}/preferences")
         built = [samples, labels, pairs]
-    # Decontaminated against the prompts this round evaluates on (their held-out split); CHES, when
-    # configured, reads the hidden states of the policy about to be trained.
+    # Decontaminated against the prompts this round evaluates on (their held-out split); CHES and the
+    # embedding similarity, when configured, read the hidden states of the policy about to be trained.
     filter_inputs = {"preferences": pairs.output, "eval_prompts": prompts_ref}
-    if config.filter.ches_top_fraction is not None:
+    if config.filter.ches_top_fraction is not None or config.filter.near_duplicate_similarity is not None:
         filter_inputs["policy"] = policy
     kept = call(filtering, filter_inputs, config.filter.model_dump(), store, f"{prefix}/preferences-filtered")
     stages = [*built, kept]

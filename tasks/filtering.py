@@ -26,6 +26,10 @@ rejected``             teach nothing and make DPO's h = 0 (``drop_chosen_equals_
 ``near_duplicate_      the same after a stronger normalisation — NFKC, lower case, every character that
 pair``                 is not a letter or digit removed (``drop_near_duplicates``; off: it would merge
                        ``1+2`` and ``1-2``)
+``similar_pair``       cosine similarity ≥ ``near_duplicate_similarity`` to an earlier pair still in the
+                       running, in the policy's embedding (input ``policy``): the mean last hidden state
+                       over chosen and over rejected, concatenated; all pairs compared (O(n²)), for a
+                       round's few thousand pairs; off by default
 ``duplicate_prompt``   more than ``max_pairs_per_prompt`` pairs share a prompt (normalised as for
                        ``near_duplicate_pair``); the first ones are kept
 ``strength_negative``  ensemble preference strength s ≤ −``strong_negative_strength`` and
@@ -114,7 +118,7 @@ _NOT_ALPHANUMERIC = r"[^\p{L}\p{N}]+"
 
 FILTER_REASONS: tuple[str, ...] = (
     "nonfinite_score", "nonfinite_margin", "chosen_equals_rejected", "tie", "length_ratio", "contaminated",
-    "duplicate_pair", "near_duplicate_pair", "duplicate_prompt", "strength_negative", "strength_ambiguous",
+    "duplicate_pair", "near_duplicate_pair", "similar_pair", "duplicate_prompt", "strength_negative", "strength_ambiguous",
     "ensemble_disagreement", "high_ches",
 )
 """Every reason this stage can give, in the order the filters run."""
@@ -132,6 +136,8 @@ class FilterConfig(StageConfig):
     eval_split: str | None = Field("heldout", description="rows of eval_prompts that are evaluation prompts (None: all)")
     drop_duplicates: bool = True
     drop_near_duplicates: bool = Field(False, description="also drop pairs equal after removing case and punctuation")
+    near_duplicate_similarity: float | None = Field(
+        None, gt=0.0, le=1.0, description="drop pairs this cosine-similar to an earlier pair (needs input policy)")
     max_pairs_per_prompt: int | None = Field(None, ge=1, description="keep at most this many pairs per prompt text")
     strong_negative_strength: float | None = Field(
         None, ge=0.0, description="ensemble strength <= -this is strongly negative (flipped or dropped); None: off")
@@ -141,7 +147,7 @@ class FilterConfig(StageConfig):
     ches_top_fraction: float | None = Field(
         None, gt=0.0, lt=1.0, description="drop this fraction of pairs with the highest CHES (needs input policy)")
     ches_length_normalised: bool = True
-    ches_batch_size: int = Field(32, ge=1)
+    policy_batch_size: int = Field(32, ge=1, description="pairs per forward pass of the policy (CHES, similarity)")
 
 
 SPEC = StageSpec(
@@ -391,37 +397,76 @@ def estimate_flip_rate(strength: np.ndarray, standard_error: float) -> float | N
 # ---------------------------------------------------------------------------------------------
 # CHES (Razin et al. 2024)
 # ---------------------------------------------------------------------------------------------
-def ches_scores(model: Any, tokenizer: Any, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
-                batch_size: int = 32, length_normalised: bool = True,
-                progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """CHES(x, y+, y−) per pair from the model's last hidden states, batched (see the module docstring)."""
+def completion_hidden_states(model: Any, tokenizer: Any, prompts: Sequence[str], chosen: Sequence[str],
+                             rejected: Sequence[str], batch_size: int = 32,
+                             progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, ...]:
+    """Per pair: Σ_t h_{x,y<t} over the positions that predict the tokens of y (eos appended, as the trainer
+    does) for y = chosen and y = rejected, and the number of those positions: (sum+, n+, sum−, n−)."""
     import torch
 
     from prefloop.backends.hf import encode_completion, pad_right
 
-    def summed_hidden_states(texts: Sequence[str], batch_prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def summed(texts: Sequence[str], batch_prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         encoded = [encode_completion(tokenizer, p, t, append_eos=True) for p, t in zip(batch_prompts, texts, strict=True)]
         input_ids, attention_mask, completion_mask = pad_right(
             [ids for ids, _ in encoded], [length for _, length in encoded], int(tokenizer.pad_token_id))
         output = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        hidden = output.hidden_states[-1].float()
+        hidden = output.hidden_states[-1].double()
         # Position t−1 predicts completion token t: shift the completion mask one to the left.
-        predicts = torch.zeros_like(completion_mask)
+        predicts = torch.zeros_like(completion_mask, dtype=hidden.dtype)
         predicts[:, :-1] = completion_mask[:, 1:]
         return (hidden * predicts.unsqueeze(-1)).sum(dim=1), predicts.sum(dim=1)
 
-    scores: list[np.ndarray] = []
+    parts: list[tuple[torch.Tensor, ...]] = []
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
             end = start + batch_size
-            good, good_tokens = summed_hidden_states(chosen[start:end], prompts[start:end])
-            bad, bad_tokens = summed_hidden_states(rejected[start:end], prompts[start:end])
-            if length_normalised:
-                good, bad = good / good_tokens.unsqueeze(-1), bad / bad_tokens.unsqueeze(-1)
-            scores.append(((good * bad).sum(dim=-1) - (good * good).sum(dim=-1)).double().numpy())
+            parts.append((*summed(chosen[start:end], prompts[start:end]), *summed(rejected[start:end], prompts[start:end])))
             if progress is not None:
-                progress(len(scores[-1]))
-    return np.concatenate(scores) if scores else np.zeros(0)
+                progress(len(parts[-1][1]))
+    if not parts:
+        return np.zeros((0, 0)), np.zeros(0), np.zeros((0, 0)), np.zeros(0)
+    return tuple(torch.cat([part[i] for part in parts]).numpy() for i in range(4))
+
+
+def ches_from_hidden_states(good: np.ndarray, good_tokens: np.ndarray, bad: np.ndarray, bad_tokens: np.ndarray,
+                            length_normalised: bool = True) -> np.ndarray:
+    """CHES = ⟨Σh+, Σh−⟩ − ‖Σh+‖² per pair (each sum divided by its token count when length-normalised)."""
+    if length_normalised:
+        good, bad = good / good_tokens[:, None], bad / bad_tokens[:, None]
+    return np.einsum("ij,ij->i", good, bad) - np.einsum("ij,ij->i", good, good)
+
+
+def ches_scores(model: Any, tokenizer: Any, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
+                batch_size: int = 32, length_normalised: bool = True,
+                progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """CHES(x, y+, y−) per pair from the model's last hidden states, batched (see the module docstring)."""
+    states = completion_hidden_states(model, tokenizer, prompts, chosen, rejected, batch_size, progress)
+    return ches_from_hidden_states(*states, length_normalised=length_normalised)
+
+
+def pair_embeddings(good: np.ndarray, good_tokens: np.ndarray, bad: np.ndarray, bad_tokens: np.ndarray) -> np.ndarray:
+    """A pair's embedding: the policy's mean hidden state over chosen, then over rejected, concatenated and
+    scaled to unit length (so a dot product is the cosine similarity)."""
+    if len(good) == 0:
+        return np.zeros((0, 0))
+    vectors = np.concatenate([good / good_tokens[:, None], bad / bad_tokens[:, None]], axis=1)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def similar_to_earlier(embeddings: np.ndarray, threshold: float, block: int = 1024) -> np.ndarray:
+    """True for each row whose cosine similarity to some earlier row is at least ``threshold``.
+
+    All pairs are compared (O(n²) dot products, in blocks): meant for a round's few thousand pairs.
+    """
+    rows = len(embeddings)
+    similar = np.zeros(rows, dtype=bool)
+    for start in range(0, rows, block):
+        stop = min(start + block, rows)
+        scores = embeddings[start:stop] @ embeddings[:stop].T  # this block against itself and every earlier row
+        earlier = np.arange(stop)[None, :] < np.arange(start, stop)[:, None]
+        similar[start:stop] = ((scores >= threshold) & earlier).any(axis=1)
+    return similar
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,10 +541,11 @@ def _check_inputs(config: FilterConfig, pairs: pa.Table, ensemble_labels: pa.Tab
         raise StageInputError(
             f"filter: {', '.join(ensemble_keys)} need the ensemble's scores, but no input ensemble_labels was given: "
             "pass ensemble_labels=REF (a labels artifact, one labeler per member) or unset those keys.")
-    if config.ches_top_fraction is not None and not have_policy:
+    policy_keys = [k for k in ("near_duplicate_similarity", "ches_top_fraction") if getattr(config, k) is not None]
+    if policy_keys and not have_policy:
         raise StageInputError(
-            "filter: ches_top_fraction needs the policy's hidden states, but no input policy was given: "
-            "pass policy=REF (the model about to be trained) or unset ches_top_fraction.")
+            f"filter: {', '.join(policy_keys)} needs the policy's hidden states, but no input policy was given: "
+            "pass policy=REF (the model about to be trained) or unset it.")
     missing = [c for c in PREFERENCES.column_names if c not in pairs.column_names]
     if missing:
         raise StageInputError(f"filter: the pairs table lacks column(s) {missing}; conform it to "
@@ -508,20 +554,31 @@ def _check_inputs(config: FilterConfig, pairs: pa.Table, ensemble_labels: pa.Tab
 
 def apply_filters(pairs: pa.Table, config: FilterConfig, eval_prompts: pa.Array | pa.ChunkedArray | None = None,
                   ensemble_labels: pa.Table | None = None,
-                  ches: Callable[[pa.Table], np.ndarray] | None = None) -> FilterResult:
+                  hidden_states: Callable[[pa.Table], tuple[np.ndarray, ...]] | None = None) -> FilterResult:
     """Run the filter chain on a conformed preferences table.
 
     ``eval_prompts``: the evaluation prompt texts (decontamination; None: off). ``ensemble_labels``: a
-    labels table of the ensemble (None: no ensemble filters, no ensemble estimate). ``ches``: computes
-    the CHES score of each row of the table it is given (None: no CHES filter).
+    labels table of the ensemble (None: no ensemble filters, no ensemble estimate). ``hidden_states``:
+    the policy's :func:`completion_hidden_states` of the rows of the table it is given (None: no CHES,
+    no embedding similarity).
     """
-    _check_inputs(config, pairs, ensemble_labels, ches is not None)
+    _check_inputs(config, pairs, ensemble_labels, hidden_states is not None)
     n = pairs.num_rows
     code = np.full(n, -1, dtype=np.int16)  # index into FILTER_REASONS; -1 keeps the row
     metrics: dict[str, Any] = {}
 
     def reject(reason: str, mask: np.ndarray) -> None:
         code[mask & (code < 0)] = FILTER_REASONS.index(reason)
+
+    computed: dict[str, Any] = {}
+
+    def states_of(rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The policy's hidden-state sums of ``rows`` (sorted), each row computed once."""
+        assert hidden_states is not None
+        if "rows" not in computed or not np.isin(rows, computed["rows"]).all():
+            computed.update(rows=rows, states=hidden_states(pairs.take(pa.array(rows))))
+        position = np.searchsorted(computed["rows"], rows)
+        return tuple(values[position] for values in computed["states"])
 
     ensemble: Ensemble | None = None
     standard_error = 0.0
@@ -569,6 +626,11 @@ def apply_filters(pairs: pa.Table, config: FilterConfig, eval_prompts: pa.Array 
         strong_prompt = normalise_strongly(pairs.column("prompt"))
         keys = [strong_prompt, normalise_strongly(pairs.column("chosen")), normalise_strongly(pairs.column("rejected"))]
         reject("near_duplicate_pair", first_occurrences(keys, code < 0))
+    if config.near_duplicate_similarity is not None and hidden_states is not None:
+        alive = np.flatnonzero(code < 0)
+        similar = np.zeros(n, dtype=bool)
+        similar[alive] = similar_to_earlier(pair_embeddings(*states_of(alive)), config.near_duplicate_similarity)
+        reject("similar_pair", similar)
     if config.max_pairs_per_prompt is not None:
         prompt_key = strong_prompt if strong_prompt is not None else normalise_strongly(pairs.column("prompt"))
         reject("duplicate_prompt", _beyond_first(prompt_key, code < 0, config.max_pairs_per_prompt))
@@ -580,11 +642,11 @@ def apply_filters(pairs: pa.Table, config: FilterConfig, eval_prompts: pa.Array 
             reject("strength_ambiguous", scored & (np.abs(strength) < config.ambiguous_strength))
         if config.max_ensemble_std is not None:
             reject("ensemble_disagreement", scored & (spread > config.max_ensemble_std))
-    if ches is not None and config.ches_top_fraction is not None:
+    if hidden_states is not None and config.ches_top_fraction is not None:
         alive = np.flatnonzero(code < 0)
         drop_count = int(config.ches_top_fraction * len(alive))
         if drop_count:
-            scores = np.asarray(ches(pairs.take(pa.array(alive))), dtype=np.float64)
+            scores = ches_from_hidden_states(*states_of(alive), length_normalised=config.ches_length_normalised)
             order = np.argsort(-scores, kind="stable")
             highest = np.zeros(n, dtype=bool)
             highest[alive[order[:drop_count]]] = True
@@ -637,17 +699,17 @@ def _eval_prompt_texts(ctx: StageContext, config: FilterConfig) -> pa.ChunkedArr
     return prompts.column("prompt")
 
 
-def _ches_from_policy(ctx: StageContext, config: FilterConfig) -> Callable[[pa.Table], np.ndarray]:
-    def score(rows: pa.Table) -> np.ndarray:
+def _policy_hidden_states(ctx: StageContext, config: FilterConfig) -> Callable[[pa.Table], tuple[np.ndarray, ...]]:
+    def states(rows: pa.Table) -> tuple[np.ndarray, ...]:
         from prefloop.tasks.training.artifacts import load_policy
 
         model, tokenizer = load_policy(ctx.model_dir("policy"))
-        with ctx.progress(rows.num_rows, "CHES scores") as advance:
-            return ches_scores(model, tokenizer, rows.column("prompt").to_pylist(), rows.column("chosen").to_pylist(),
-                               rows.column("rejected").to_pylist(), config.ches_batch_size,
-                               config.ches_length_normalised, advance)
+        with ctx.progress(rows.num_rows, "policy hidden states") as advance:
+            return completion_hidden_states(model, tokenizer, rows.column("prompt").to_pylist(),
+                                            rows.column("chosen").to_pylist(), rows.column("rejected").to_pylist(),
+                                            config.policy_batch_size, advance)
 
-    return score
+    return states
 
 
 def compute(ctx: StageContext) -> StageOutput:
@@ -657,7 +719,7 @@ def compute(ctx: StageContext) -> StageOutput:
         pairs, config,
         eval_prompts=_eval_prompt_texts(ctx, config) if ctx.has("eval_prompts") else None,
         ensemble_labels=ctx.read("ensemble_labels", LABELS) if ctx.has("ensemble_labels") else None,
-        ches=_ches_from_policy(ctx, config) if ctx.has("policy") and config.ches_top_fraction is not None else None,
+        hidden_states=_policy_hidden_states(ctx, config) if ctx.has("policy") else None,
     )
     dropped, reasons = result.dropped()
     drops = make_drops(result.table, dropped, reasons, "preferences", detail="filter stage")

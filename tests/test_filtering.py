@@ -303,6 +303,26 @@ def test_ches_is_hand_derived_on_known_hidden_states():
     assert normalised.tolist() == pytest.approx([17.75 * 18 + 1 - (17.75 ** 2 + 1)])
 
 
+def test_similar_pairs_by_policy_embedding_are_dropped():
+    # Hidden-state sums (chosen, rejected) with their token counts; embeddings are the concatenated means.
+    sums = {"p0": ([1.0, 0.0], 1, [0.0, 1.0], 1),   # e0 = [1, 0, 0, 1] / √2
+            "p1": ([2.0, 0.0], 2, [0.0, 3.0], 3),   # the same means as p0: cosine 1
+            "p2": ([0.0, 1.0], 1, [1.0, 0.0], 1),   # orthogonal to p0: cosine 0
+            "p3": ([1.0, 0.1], 1, [0.0, 1.0], 1)}   # cosine with p0 = 2 / (√2 · √2.01) = 0.99751
+
+    def hidden_states(rows: pa.Table):
+        picked = [sums[pair] for pair in rows.column("pair_id").to_pylist()]
+        return tuple(np.array([p[i] for p in picked], dtype=float) for i in range(4))
+
+    table = pairs_table([{}] * 4)
+    loose = apply_filters(table, FilterConfig(near_duplicate_similarity=0.99), hidden_states=hidden_states)
+    assert loose.reasons == [None, "similar_pair", None, "similar_pair"]
+    strict = apply_filters(table, FilterConfig(near_duplicate_similarity=0.999), hidden_states=hidden_states)
+    assert strict.reasons == [None, "similar_pair", None, None]
+    with pytest.raises(StageInputError, match="near_duplicate_similarity needs the policy"):
+        apply_filters(table, FilterConfig(near_duplicate_similarity=0.9))
+
+
 @pytest.fixture(scope="module")
 def tiny_policy():
     from prefloop.embedded.model import TinyLlamaConfig, build_model
