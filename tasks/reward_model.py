@@ -13,7 +13,7 @@ with human feedback", eq. 1): with r_w = r(x, y_w) and r_l = r(x, y_l),
     loss = −log σ(r_w − r_l)  [+ c · (r_w + r_l)²,  the optional reward-centring term of
                                Eisenstein et al. 2023, "Helping or Herding?"; c = 0 by default]
 
-optimised by the shared training loop (:func:`prefloop.tasks.training.loop._optimise`).
+optimised by the shared training loop (:func:`prefloop.tasks.training.loop.optimise`).
 
 Ensembles (Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization"; Eisenstein
 et al. 2023): k members that differ in the seed of the head initialisation and of the data order,
@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -69,8 +69,7 @@ from prefloop.orchestration import stage_task
 from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
 from prefloop.storage import ArtifactRef, ArtifactStore
 from prefloop.tasks.training.artifacts import TIMING_METRICS, train_log_table
-from prefloop.tasks.training.loop import EncodedExample, OptimizationConfig, collate
-from prefloop.tasks.training.loop import _optimise as optimise
+from prefloop.tasks.training.loop import EncodedExample, OptimizationConfig, collate, num_steps_for, optimise
 
 Aggregation = Literal["mean", "min", "uncertainty_weighted"]
 ENSEMBLE_FILE = "ensemble.json"
@@ -261,6 +260,13 @@ class RewardModelTrainingConfig(OptimizationConfig):
     center_rewards_coefficient: float = Field(
         0.0, ge=0.0, description="c of the reward-centring term c·(r_w + r_l)² (Eisenstein et al. 2023); 0: off")
 
+    @model_validator(mode="after")
+    def _no_truncation(self) -> RewardModelTrainingConfig:
+        if self.max_length is not None:
+            raise ValueError("max_length is not supported for reward models: the reward is read on the last token, "
+                             "which cutting the sequence would remove; leave max_length unset")
+        return self
+
 
 def train_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                        pairs: Sequence[tuple[str, str, str]], config: RewardModelTrainingConfig,
@@ -282,8 +288,8 @@ def train_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         chosen_rewards, rejected_rewards = rewards[: len(indices)], rewards[len(indices):]
         losses = bradley_terry_loss(chosen_rewards, rejected_rewards, config.center_rewards_coefficient)
         margin = (chosen_rewards - rejected_rewards).detach()
-        return losses.mean(), {"reward_margin": margin.mean().item(),
-                               "reward_accuracy": (margin > 0).float().mean().item()}
+        # Tensors, not floats: the shared loop converts them at the end, so no step waits on a sync.
+        return losses.mean(), {"reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean()}
 
     return optimise(model, len(pairs), config, loss_for_batch, progress)
 
@@ -449,8 +455,7 @@ def compute_train(ctx: StageContext) -> StageOutput:
     triples = _pair_triples(train)
     seeds = [config.seed + i for i in range(config.ensemble_size)]
     models, logs = [], []
-    steps_per_member = config.training.max_steps or max(
-        1, math.ceil(config.training.epochs * len(triples) / config.training.batch_size))
+    steps_per_member = num_steps_for(len(triples), config.training)
     with ctx.progress(steps_per_member * len(seeds), "steps") as advance:
         report = done_total_callback(advance)
         for index, seed in enumerate(seeds):

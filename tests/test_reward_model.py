@@ -242,6 +242,8 @@ def test_bad_inputs_get_clear_errors(shared, tmp_path) -> None:
         reward_model.run({"preferences": shared.train}, {**TRAIN_CONFIG, "ensemble_size": 0}, store)
     with pytest.raises(ValueError, match="neither a model .* nor an ensemble"):
         reward_model.reward_model_members(tmp_path)
+    with pytest.raises(StageInputError, match="max_length is not supported for reward models"):
+        reward_model.run({"preferences": shared.train}, {"training": {"max_length": 16}}, store)
 
 
 def test_reward_model_from_a_policy_keeps_its_backbone(tmp_path) -> None:
