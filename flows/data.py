@@ -16,6 +16,7 @@ import specs in the config (``samples: {source: completions.jsonl, map: {complet
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,7 +73,8 @@ class DataSummary(BaseModel):
     export_path: str | None = None
 
 
-ImportCaller = Any  # (kind, ImportSource, store, name) -> StageResult
+# (kind, import spec, store URI, ref name) -> the import's result; direct or as a Prefect task.
+ImportCaller = Callable[[str, ImportSource, str, str], StageResult]
 
 
 def direct_import(kind: str, spec: ImportSource, store: str, name: str) -> StageResult:

@@ -153,9 +153,12 @@ def test_mapping_errors_say_what_to_do(store, completions):
         import_table("prompts", completions, store, {"prompt": "question", "answer": "meta.fnal"})
     with pytest.raises(SourceImportError, match="must look like TARGET=SOURCE"):
         parse_map_options(["prompt"])
+    text_file = completions.with_suffix(".txt")
+    text_file.write_text("x")
     with pytest.raises(SourceImportError, match="cannot tell the format"):
-        import_table("prompts", completions.with_suffix(".txt").write_text("x") and completions.with_suffix(".txt"),
-                     store)
+        import_table("prompts", text_file, store)
+    with pytest.raises(SourceImportError, match="does not exist"):
+        import_table("prompts", completions.with_name("nowhere.jsonl"), store)
     assert not store.list()  # nothing was written by a refused import
 
 

@@ -111,3 +111,21 @@ def test_cli_imports_a_model(tmp_path, own_model_dir):
     assert result.exit_code == 0, result.output
     assert "model.safetensors" in result.output and "training_args.bin" in result.output
     assert ArtifactStore(tmp_path / "store").resolve("mine/policy").kind == "model"
+
+
+def test_a_tokenizer_without_pad_token_gets_eos_as_pad(tmp_path, own_model_dir):
+    from transformers import AutoTokenizer
+
+    no_pad = tmp_path / "no-pad"
+    no_pad.mkdir()
+    for path in own_model_dir.iterdir():
+        (no_pad / path.name).write_bytes(path.read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(no_pad)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(no_pad)
+    store = ArtifactStore(tmp_path / "store")
+    model = import_model(no_pad, store)
+    assert model.metrics["pad_token_set_to_eos"] is True
+    loaded, imported_tokenizer = load_policy(store.local_files(model.ref))
+    assert imported_tokenizer.pad_token_id == imported_tokenizer.eos_token_id
+    assert AutoTokenizer.from_pretrained(no_pad).pad_token is None  # the source is left as it was
