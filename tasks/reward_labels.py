@@ -12,10 +12,11 @@ Targets:
 Labelers (each row carries its labeler id and version):
 
 * one reward model: ``rm:<model-id>``;
-* an ensemble of k: ``rm:<model-id>/member-<i>`` for each member, plus the aggregate
-  ``rm-ensemble:<model-id>/<aggregation>`` (``mean``, ``min``, or ``mean-<λ>var`` for the
-  uncertainty-weighted mean − λ·variance; see :func:`prefloop.tasks.reward_model.aggregate_rewards`).
-  ``aggregation: null`` writes the members only.
+* an ensemble of k: ``rm:<model-id>/member-<i>`` for each member — by default nothing else, which is
+  what the ``filter`` stage's ``ensemble_labels`` input expects (every labeler in it is a member);
+  with ``aggregation`` set, also the aggregate ``rm-ensemble:<model-id>/<aggregation>`` (``mean``,
+  ``min``, or ``mean-<λ>var`` for the uncertainty-weighted mean − λ·variance; see
+  :func:`prefloop.tasks.reward_model.aggregate_rewards`).
 
 A row for which any member returns NaN or inf is labelled by nobody: it goes to ``drops`` with the
 reason ``nonfinite_reward`` (an aggregate over a non-finite member would be meaningless).
@@ -47,7 +48,8 @@ LABELER_VERSION = "1"
 
 class RewardLabelConfig(StageConfig):
     aggregation: Aggregation | None = Field(
-        "mean", description="ensemble aggregate written next to the members (null: members only)")
+        None, description="also write this ensemble aggregate next to the members (null: members only, the form "
+                          "the filter stage's ensemble_labels input expects)")
     uncertainty_penalty: float = Field(0.5, ge=0.0, description="λ of uncertainty_weighted: mean − λ·variance")
     batch_size: int = Field(64, ge=1)
 
@@ -110,8 +112,10 @@ def compute(ctx: StageContext) -> StageOutput:
         rewards = score_with_members(model_dir, prompts, table.column("completion").to_pylist(), config.batch_size)
     else:
         kind, target_ids = "pair", table.column("pair_id").to_pylist()
-        rewards = (score_with_members(model_dir, prompts, table.column("chosen").to_pylist(), config.batch_size)
-                   - score_with_members(model_dir, prompts, table.column("rejected").to_pylist(), config.batch_size))
+        # Chosen and rejected in one call, so each member is loaded once.
+        both = score_with_members(model_dir, prompts + prompts, table.column("chosen").to_pylist()
+                                  + table.column("rejected").to_pylist(), config.batch_size)
+        rewards = both[:, : len(prompts)] - both[:, len(prompts):]
     finite = np.isfinite(rewards).all(axis=0)
     bad = np.flatnonzero(~finite)
     drops = make_drops(table, bad, ["nonfinite_reward"] * len(bad), role,

@@ -180,8 +180,7 @@ def test_ensemble_members_differ_and_label_rm_writes_members_plus_aggregate(shar
         a, b = by_labeler[member_0][sample], by_labeler[member_1][sample]
         # mean − 1·population variance of two values = (a + b)/2 − ((a − b)/2)².
         assert by_labeler[aggregate][sample] == pytest.approx((a + b) / 2 - ((a - b) / 2) ** 2, abs=1e-6)
-    members_only = reward_labels.run({"reward_model": result.output, "samples": shared.samples},
-                                     {"aggregation": None}, shared.store)
+    members_only = reward_labels.run({"reward_model": result.output, "samples": shared.samples}, {}, shared.store)
     assert set(shared.store.read_table(members_only.ref).column("labeler").to_pylist()) == {member_0, member_1}
 
 
@@ -217,7 +216,8 @@ def test_non_finite_rewards_are_dropped_with_a_named_reason(shared, monkeypatch)
         return np.array([[0.5, float("nan"), 1.0], [0.25, 1.0, float("inf")]])
 
     monkeypatch.setattr(reward_labels, "score_with_members", broken)
-    result = reward_labels.run({"reward_model": shared.ensemble.output, "samples": shared.samples}, {}, shared.store)
+    result = reward_labels.run({"reward_model": shared.ensemble.output, "samples": shared.samples},
+                               {"aggregation": "mean"}, shared.store)
     assert result.drops == {"nonfinite_reward": 2}
     rows = shared.store.read_table(result.ref).to_pylist()
     assert {r["target_id"] for r in rows} == {"s1"} and len(rows) == 3  # two members + the mean
