@@ -50,7 +50,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from prefloop.backends import BackendKind, load_backend
-from prefloop.backends.base import GenerationParams, PolicyBackend
+from prefloop.backends.base import GenerationParams, PolicyBackend, yes_probability
 from prefloop.datasets_spec import PROMPTS, TREES, make_drops
 from prefloop.ids import content_id
 from prefloop.orchestration import stage_task
@@ -431,12 +431,11 @@ class TreeSearch:
         prompts = [config.self_eval_template.format(
             prompt=tree.prompt, steps="".join(step + STEP_SEPARATOR for step in tree.steps_to(index)))
             for tree, index in nodes]
-        scores = self.backend.score_logprobs(
-            prompts + prompts, [config.self_eval_yes] * len(prompts) + [config.self_eval_no] * len(prompts))
+        # One score_logprobs call for both answers of every prompt: P(yes) = σ(log π(yes|e) − log π(no|e)).
+        probabilities = yes_probability(self.backend, prompts, config.self_eval_yes, config.self_eval_no)
         self.counters.score_calls += 1
         self.counters.sequences_scored += 2 * len(prompts)
-        for (tree, index), yes, no in zip(nodes, scores[: len(prompts)], scores[len(prompts):], strict=True):
-            probability = 1.0 / (1.0 + math.exp(min(no - yes, 700.0)))  # σ(log π(yes) − log π(no))
+        for (tree, index), probability in zip(nodes, probabilities, strict=True):
             tree.nodes[index].self_eval = probability
             set_evaluation(tree, index, config.self_eval_weight * (2.0 * probability - 1.0))
 

@@ -234,9 +234,22 @@ def test_search_finds_the_right_path_and_batches_every_call():
     # One generate and at most one score call per round of simulations, each covering several trees.
     assert len(policy.generate_calls) == search.counters.generate_calls
     assert max(policy.generate_calls) == 3 and len(policy.score_calls) <= len(policy.generate_calls)
-    # Every node has a visit except unvisited fresh children; visits of the root = simulations of its decision
-    # plus those below it on the committed path.
-    assert trees[0].nodes[0].visits == search.counters.simulations // 3 or trees[0].nodes[0].visits > 0
+    # The root's visits are the first decision's simulations (later ones back up to later decision roots).
+    assert [t.nodes[0].visits for t in trees] == [4, 4, 4]
+
+
+def test_self_evaluation_values_by_hand():
+    tree = TreeSearch(ScriptedPolicy(), MCTSConfig(**SCRIPT_CONFIG), extract_answer).run([_tree("3+4-2=?\n", "5")])[0]
+    right, wrong = (tree.nodes[c] for c in tree.nodes[0].children)
+    # P(yes) = σ(log π(Y) − log π(N)): σ(−0.1 + 1) for the right step, σ(−2 + 1) for the wrong one;
+    # R = w·(2·P(yes) − 1) with w = 0.5.
+    sigmoid = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    assert (right.self_eval, wrong.self_eval) == pytest.approx((sigmoid(0.9), sigmoid(-1.0)))
+    assert (right.evaluation, wrong.evaluation) == pytest.approx((0.5 * (2 * sigmoid(0.9) - 1), 0.5 * (2 * sigmoid(-1.0) - 1)))
+    assert (right.step, wrong.step) == ("3+4=7", "3+4=8")
+    # The answer lines are scored by the verifier, not by self-evaluation.
+    answers = [n for n in tree.nodes if n.terminal]
+    assert answers and all(n.self_eval is None and n.evaluation == (1.0 if n.correct else -1.0) for n in answers)
 
 
 def test_batched_and_one_tree_at_a_time_build_the_same_trees():
