@@ -170,6 +170,18 @@ def test_ensemble_strength_and_disagreement_are_hand_derived():
     assert ensemble.disagreement.tolist() == pytest.approx([1.0, 1.0, 0.2, 2.0])
 
 
+def test_pair_labels_and_an_aggregate_labeler_as_label_rm_writes_them():
+    # label-rm on pairs: one row per pair and member, score = that member's margin; plus an aggregate.
+    rows = [{"label_id": f"{m}-{i}", "target_id": f"p{i}", "target_kind": "pair", "labeler": f"rm:x/member-{m}",
+             "score": values[m]} for i, values in enumerate(MARGINS.values()) for m in range(3)]
+    rows += [{"label_id": f"agg-{i}", "target_id": f"p{i}", "target_kind": "pair", "labeler": "rm-ensemble:x/mean",
+              "score": 99.0} for i in range(4)]
+    labels = conform(pa.Table.from_pylist(rows), LABELS)[0]
+    ensemble = filtering.ensemble_margins(pairs_table([{}] * 4), labels)
+    assert ensemble.members == ["rm:x/member-0", "rm:x/member-1", "rm:x/member-2"]
+    assert ensemble.strength.tolist() == pytest.approx([2.0, -3.0, 0.1, 1.0])
+
+
 def test_ensemble_filters_drop_with_their_reasons():
     table, labels = pairs_table([{}] * 4), ensemble_labels(MARGINS)
     config = FilterConfig(strong_negative_strength=2.0, negative_strength_action="drop", ambiguous_strength=0.5,
@@ -213,10 +225,10 @@ def test_ensemble_input_errors_say_what_to_do():
     table, labels = pairs_table([{}] * 2), ensemble_labels({"p0": [1, 1, 1], "p1": [1, 1, 1]})
     with pytest.raises(StageInputError, match="several scores for the same sample by labeler 'rm0'"):
         apply_filters(table, FilterConfig(), ensemble_labels=pa.concat_tables([labels, labels.slice(0, 1)]))
-    pair_kind = labels.set_column(labels.column_names.index("target_kind"), "target_kind",
-                                  pa.array(["pair"] * labels.num_rows))
-    with pytest.raises(StageInputError, match="must score samples"):
-        apply_filters(table, FilterConfig(), ensemble_labels=pair_kind)
+    other_kind = labels.set_column(labels.column_names.index("target_kind"), "target_kind",
+                                   pa.array(["turn"] * labels.num_rows))
+    with pytest.raises(StageInputError, match="must score samples or pairs"):
+        apply_filters(table, FilterConfig(), ensemble_labels=other_kind)
     no_ids = pairs_table([{"chosen_sample_id": None, "rejected_sample_id": None}] * 2)
     with pytest.raises(StageInputError, match="no chosen_sample_id"):
         apply_filters(no_ids, FilterConfig(), ensemble_labels=labels)
