@@ -79,7 +79,7 @@ ImportCaller = Callable[[str, ImportSource, str, str], StageResult]
 
 def direct_import(kind: str, spec: ImportSource, store: str, name: str) -> StageResult:
     return importing.import_table(kind, spec.source, ArtifactStore(store), spec.map, spec.dataset_split, spec.split,
-                                  spec.policy_name, name)
+                                  spec.policy_name, name, spec.explode)
 
 
 def prefect_import(kind: str, spec: ImportSource, store: str, name: str) -> StageResult:

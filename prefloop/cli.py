@@ -257,6 +257,9 @@ def import_command(
     prompt_split: Annotated[str, typer.Option("--prompt-split", help="prompts: train or heldout, for rows "
                                               "without a split field")] = "train",
     policy: Annotated[str | None, typer.Option("--policy", help="samples: policy name for rows without one")] = None,
+    explode: Annotated[str | None, typer.Option("--explode", help="a field holding a list (or a mapping) of "
+                                                "completions: each item becomes a row, addressed by the same "
+                                                "path in --map (completion=outputs.text)")] = None,
     store: StoreOption = None,
 ) -> None:
     """Import prompts, completions (samples), preference pairs or a model into the store.
@@ -268,12 +271,12 @@ def import_command(
     with _friendly_errors():
         target = _store(store)
         if kind == "model":
-            if maps or split:
-                fail("--map and --split do not apply to 'import model'")
+            if maps or split or explode:
+                fail("--map, --split and --explode do not apply to 'import model'")
             result = importing.import_model(source, target, output_name)
         else:
             result = importing.import_table(kind, source, target, importing.parse_map_options(maps or []), split,
-                                            prompt_split, policy, output_name)
+                                            prompt_split, policy, output_name, explode)
     status = "[green]cached: this data was imported before[/]" if result.cached else "imported"
     console.print(f"{kind}: {source} -> {result.output} ({status})")
     if kind == "model":

@@ -105,6 +105,7 @@ class ImportConfig(StageConfig):
     dataset_split: str | None = Field(None, description="the split of a saved DatasetDict")
     split: Literal["train", "heldout"] = Field("train", description="prompts: split of rows without a split field")
     policy_name: str | None = Field(None, description="samples: policy name of rows without a policy field")
+    explode: str | None = Field(None, description="a field holding a list (or a mapping) of items, each made a row")
 
 
 class ImportSource(StageConfig):
@@ -115,11 +116,12 @@ class ImportSource(StageConfig):
     dataset_split: str | None = Field(None, description="the split of a saved DatasetDict")
     split: Literal["train", "heldout"] = Field("train", description="prompts: split of rows without a split field")
     policy_name: str | None = Field(None, description="samples: policy name of rows without a policy field")
+    explode: str | None = Field(None, description="a field holding a list (or a mapping) of items, each made a row")
 
     def task_config(self) -> dict[str, Any]:
         """The mapping an import task takes (see :data:`prefect_tasks`)."""
         return {"source": self.source, "mapping": self.map, "dataset_split": self.dataset_split,
-                "split": self.split, "policy_name": self.policy_name}
+                "split": self.split, "policy_name": self.policy_name, "explode": self.explode}
 
 
 def _spec(kind: ImportKind) -> StageSpec:
@@ -392,17 +394,15 @@ def _build_rows(kind: ImportKind, rows: Iterator[SourceRow], config: ImportConfi
     problems: list[tuple[int, str, str, str]] = []  # (source index, reason, detail, raw row)
     found: Counter = Counter()  # how many rows had each mapped source field
     seen_fields: set[str] = set()
-    for row in rows:
-        if row.record is None:
-            reason, detail = row.problem
-            problems.append((row.index, reason, detail, row.raw))
-            continue
+    for row, item_index in _explode(rows, config.explode, problems):
         seen_fields.update(row.record)
         values: dict[str, Any] = {}
         try:
             for target in targets:
                 path = mapping.get(target.name, target.name)
                 value = lookup(row.record, path)
+                if target.name == "sample_index" and value is _MISSING and item_index is not None:
+                    value = item_index
                 if value is not _MISSING and target.name in mapping:
                     found[target.name] += 1
                 values[target.name] = _convert(target, value)
@@ -421,6 +421,50 @@ def _build_rows(kind: ImportKind, rows: Iterator[SourceRow], config: ImportConfi
         out.source_index.append(row.index)
         out.raw.append(row.raw or _json(row.record))
     return out, problems, found, seen_fields
+
+
+def _explode(rows: Iterator[SourceRow], path: str | None, problems: list[tuple[int, str, str, str]]
+             ) -> Iterator[tuple[SourceRow, int | None]]:
+    """Readable rows (unreadable ones go to ``problems``); with ``path``, one row per item of that field.
+
+    A list field gives its items; a mapping gives ``{"key": …, "value": …}`` items (e.g. policy name ->
+    completion). In ``--map`` the item is addressed by the same path (``completion=outputs.text``).
+    """
+    for row in rows:
+        if row.record is None:
+            reason, detail = row.problem
+            problems.append((row.index, reason, detail, row.raw))
+            continue
+        if path is None:
+            yield row, None
+            continue
+        items = lookup(row.record, path)
+        if isinstance(items, dict):
+            items = [{"key": key, "value": value} for key, value in items.items()]
+        raw = row.raw or _json(row.record)
+        if not isinstance(items, list):
+            what = "missing" if items is _MISSING or items is None else f"a {type(items).__name__}"
+            problems.append((row.index, "invalid_value", f"--explode {path}: the field is {what}, not a list", raw))
+            continue
+        if not items:
+            problems.append((row.index, "no_items", f"--explode {path}: the list is empty", raw))
+            continue
+        for item_index, item in enumerate(items):
+            yield SourceRow(row.index, _replace(row.record, path, item), raw=raw), item_index
+
+
+def _replace(record: dict[str, Any], path: str, item: Any) -> dict[str, Any]:
+    """A shallow copy of ``record`` whose field at ``path`` (found by :func:`lookup`) is ``item``."""
+    if path in record:
+        return {**record, path: item}
+    head, _, rest = path.partition(".")
+    inner = record[head]
+    if isinstance(inner, list):
+        index, _, rest = rest.partition(".")
+        copy = list(inner)
+        copy[int(index)] = item if not rest else _replace(copy[int(index)], rest, item)
+        return {**record, head: copy}
+    return {**record, head: _replace(inner, rest, item)}
 
 
 def _json(record: dict[str, Any]) -> str:
@@ -528,7 +572,7 @@ def _import_compute(kind: ImportKind, source: Path):
 
 def import_table(kind: ImportKind, source: str | Path, store: ArtifactStore, mapping: dict[str, str] | None = None,
                  dataset_split: str | None = None, split: str = "train", policy_name: str | None = None,
-                 name: str | None = None) -> StageResult:
+                 name: str | None = None, explode: str | None = None) -> StageResult:
     """Import ``source`` as a ``kind`` artifact (a lookup when the same content and mapping were imported)."""
     if kind not in SPECS:
         raise SourceImportError(f"cannot import '{kind}': importable tables are {', '.join(SPECS)} (and 'model')")
@@ -536,7 +580,7 @@ def import_table(kind: ImportKind, source: str | Path, store: ArtifactStore, map
     fmt = detect_format(path)
     config = {"source_sha256": source_digest(path), "source_format": fmt,
               "mapping": resolve_mapping(kind, dict(mapping or {})), "dataset_split": dataset_split,
-              "split": split, "policy_name": policy_name}
+              "split": split, "policy_name": policy_name, "explode": explode}
     return execute(SPECS[kind], _import_compute(kind, path), {}, config, store, name)
 
 

@@ -189,3 +189,25 @@ def test_cli_import_prints_the_summary(tmp_path, completions):
     assert "cached" in again.output and again.exit_code == 0
     bad = runner.invoke(app, ["import", "samples", str(completions), "--map", "nope=x", "--store", str(store_path)])
     assert bad.exit_code == 2 and "'nope' is not a column of samples" in bad.output
+
+
+def test_several_completions_per_row_are_exploded(store, tmp_path):
+    rows = [
+        {"q": "1+1?", "outputs": [{"model": "alpha", "text": "2"}, {"model": "beta", "text": "3"}]},
+        {"q": "2+2?", "outputs": []},
+        {"q": "3+3?", "outputs": "6"},
+    ]
+    listed = import_table("samples", write_jsonl(tmp_path / "wide.jsonl", rows), store,
+                          {"prompt": "q", "completion": "outputs.text", "policy": "outputs.model"}, explode="outputs")
+    table = store.read_table(listed.ref)
+    assert table.column("completion").to_pylist() == ["2", "3"]
+    assert table.column("policy_name").to_pylist() == ["alpha", "beta"]
+    assert table.column("sample_index").to_pylist() == [0, 1]
+    assert listed.drops == {"no_items": 1, "invalid_value": 1}
+    by_policy = [{"q": "1+1?", "meta": {"answers": {"alpha": "2", "beta": "3"}}}]
+    mapped = import_table("samples", write_jsonl(tmp_path / "by-policy.jsonl", by_policy), store,
+                          {"prompt": "q", "completion": "meta.answers.value", "policy": "meta.answers.key"},
+                          explode="meta.answers")
+    table = store.read_table(mapped.ref)
+    assert list(zip(table.column("policy_name").to_pylist(), table.column("completion").to_pylist(), strict=True)) \
+        == [("alpha", "2"), ("beta", "3")]
