@@ -102,7 +102,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
-from scipy.special import ndtr
 
 from prefloop.datasets_spec import LABELS, PREFERENCES, PROMPTS, make_drops
 from prefloop.orchestration import stage_task
@@ -414,6 +413,8 @@ def estimate_flip_rate(strength: np.ndarray, standard_error: float) -> float | N
     ``strength``: the ensemble strength s_i of each pair (finite values only); ``standard_error``: se
     of a strength under the noise model (0: the ensemble is taken as exact). None for no pairs.
     """
+    from scipy.special import ndtr  # the standard normal CDF Φ (imported here: the CLI starts faster)
+
     if len(strength) == 0:
         return None
     disagreement = float(np.mean(strength < 0) + 0.5 * np.mean(strength == 0))
