@@ -8,7 +8,10 @@ pair carries the confidence of its label from the visit counts,
 
     conf = 1 / (1 + N_l / max(1, N_w)),
 
-which a conservative-DPO trainer turns into a per-pair ε = min(1 − conf, 0.5). Siblings with equal Q
+which a conservative-DPO trainer turns into a per-pair ε = min(1 − conf, 0.5). N are the trees' final
+visit counts: the search reuses the subtree of a committed step, so that step keeps gaining visits in
+later decisions while its siblings do not, and a pair whose chosen step was committed is the more
+confident the longer the search went on below it. Siblings with equal Q
 make no pair (nothing to prefer), nor do steps the policy could not finish (truncated, empty, out of
 context): pairing them would teach a wrong preference silently.
 
