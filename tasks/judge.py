@@ -25,15 +25,14 @@ and the mean position bias (mean of P(A) over both orders − 0.5).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from prefloop.backends.base import PolicyBackend
-from prefloop.backends.hf import HFBackend
+from prefloop.backends import BackendKind, load_backend
+from prefloop.backends.base import PolicyBackend, yes_probability
 from prefloop.datasets_spec import LABELS, PREFERENCES, make_drops
 from prefloop.ids import content_id
 from prefloop.orchestration import stage_task
@@ -45,10 +44,13 @@ DEFAULT_TEMPLATE = "{prompt}\nAnswer A:\n{answer_a}\nAnswer B:\n{answer_b}\nBett
 
 
 class JudgeConfig(StageConfig):
-    template: str = Field(DEFAULT_TEMPLATE, description="judge prompt; must contain {prompt}, {answer_a}, {answer_b}")
+    template: str = Field(DEFAULT_TEMPLATE, description="judge prompt; must contain {prompt}, {answer_a}, {answer_b} "
+                          "(and use only characters the judge's tokenizer knows)")
     option_a: str = Field(" A", description="continuation that names answer A")
     option_b: str = Field(" B", description="continuation that names answer B")
     batch_size: int = Field(64, ge=1)
+    backend: BackendKind = Field("hf", description="hf: transformers in-process (CPU); vllm: a vllm serve process "
+                                 "at $PREFLOOP_VLLM_URL serving the judge artifact (GPU)")
 
     @field_validator("template")
     @classmethod
@@ -76,14 +78,6 @@ def judge_prompt(template: str, prompt: str, answer_a: str, answer_b: str) -> st
     return template.format(prompt=prompt, answer_a=answer_a, answer_b=answer_b)
 
 
-def probability_of_a(logprob_a: float, logprob_b: float) -> float:
-    """P(A) = σ(lp_A − lp_B): the two options' probabilities renormalised to sum to one."""
-    difference = logprob_a - logprob_b
-    if math.isnan(difference):
-        return math.nan
-    return 1.0 / (1.0 + math.exp(-difference)) if difference >= 0 else math.exp(difference) / (1.0 + math.exp(difference))
-
-
 def judge_pairs(backend: PolicyBackend, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
                 config: JudgeConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(p₁, p₂) per pair: the judge's probability that chosen is better with chosen shown first, and second.
@@ -93,12 +87,9 @@ def judge_pairs(backend: PolicyBackend, prompts: Sequence[str], chosen: Sequence
     config = config or JudgeConfig()
     first = [judge_prompt(config.template, p, c, r) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
     second = [judge_prompt(config.template, p, r, c) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
-    judged = first + second
-    scores = backend.score_logprobs(judged + judged, [config.option_a] * len(judged) + [config.option_b] * len(judged))
-    if len(scores) != 2 * len(judged):
-        raise ValueError(f"the judge backend returned {len(scores)} log-probs for {2 * len(judged)} scorings")
-    logprob_a, logprob_b = scores[: len(judged)], scores[len(judged):]
-    p_a = np.array([probability_of_a(a, b) for a, b in zip(logprob_a, logprob_b, strict=True)], dtype=np.float64)
+    # P(A) = σ(log π(A|x) − log π(B|x)), the two options normalised against each other, in one batched call.
+    p_a = np.asarray(yes_probability(backend, first + second, yes=config.option_a, no=config.option_b),
+                     dtype=np.float64)
     n = len(prompts)
     return p_a[:n], 1.0 - p_a[n:]
 
@@ -155,11 +146,17 @@ def compute(ctx: StageContext) -> StageOutput:
     pairs = ctx.read("preferences", PREFERENCES)
     if pairs.num_rows == 0:
         raise ValueError(f"preferences {ctx.inputs['preferences']} is empty: there are no pairs to judge")
-    backend = HFBackend.from_directory(ctx.model_dir("judge"), batch_size=config.batch_size)
-    with ctx.progress(1, "judging") as advance:
-        p_first, p_second = judge_pairs(backend, pairs.column("prompt").to_pylist(), pairs.column("chosen").to_pylist(),
-                                        pairs.column("rejected").to_pylist(), config)
-        advance(1)
+    backend = load_backend(config.backend, ctx.model_dir("judge"), ctx.inputs["judge"].id, config.batch_size)
+    try:
+        with ctx.progress(1, "judging") as advance:
+            p_first, p_second = judge_pairs(backend, pairs.column("prompt").to_pylist(),
+                                            pairs.column("chosen").to_pylist(), pairs.column("rejected").to_pylist(),
+                                            config)
+            advance(1)
+    finally:
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()  # a vLLM server this stage started is stopped; HF: nothing to do
     return labels_output(pairs, f"judge:{ctx.inputs['judge'].id}", p_first, p_second)
 
 

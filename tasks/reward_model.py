@@ -395,7 +395,14 @@ def _split_pairs(pairs: pa.Table, fraction: float) -> tuple[pa.Table, pa.Table]:
 def evaluate_reward_models(models: Sequence[PreTrainedModel], tokenizer: PreTrainedTokenizerBase,
                            heldout: pa.Table, aggregation: Aggregation = "mean", uncertainty_penalty: float = 0.5,
                            batch_size: int = 64, seed: int = 0) -> dict[str, object]:
-    """Held-out pairwise and best-of-4 accuracy (± SE) of each member and of the ensemble aggregates."""
+    """Held-out pairwise and best-of-4 accuracy (± SE) of each member and of the ensemble aggregates.
+
+    The headline keys (``heldout_pairwise_accuracy``, ``heldout_best_of_4_accuracy`` and their
+    ``_stderr``) are the single model's, or the ``aggregation``'s for an ensemble; ``heldout_by_scorer``
+    holds every member and aggregate. The SE sqrt(p(1 − p)/n) treats pairs as independent: several
+    pairs of one prompt share it, so with many pairs per prompt the SE is somewhat optimistic
+    (benchmarks/reward_model.py uses one pair per prompt for that reason).
+    """
     metrics: dict[str, object] = {"heldout_pairs": heldout.num_rows}
     if heldout.num_rows == 0:
         return metrics | {"notes": ["no held-out pairs: raise heldout_fraction or pass a heldout input"]}
