@@ -2,6 +2,7 @@
 
 import contextlib
 import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -14,7 +15,7 @@ from prefloop.stage import StageConfig, StageInputError, StageOutput, StageSpec,
 from prefloop.storage import ArtifactStore, TamperedArtifactError
 from prefloop.tasks import prompts
 from prefloop.tasks.training import preference, reference, sft
-from prefloop.tasks.training.artifacts import CHECKPOINT_KIND
+from prefloop.tasks.training.artifacts import StoreCheckpointer
 
 TINY_MODEL = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
               "max_position_embeddings": 64}
@@ -100,28 +101,29 @@ def test_a_killed_training_resumes_and_ends_with_the_same_weights(copy_of) -> No
     assert "resumed_from_step" not in uninterrupted.metrics
 
     store, _ = copy_of("killed")
+    artifacts_before = store.list()
     with killed_after(5), pytest.raises(Killed):
         preference.run(train_inputs, TRAIN, store)
-    assert not store.exists(uninterrupted.ref)  # nothing published
-    checkpoints = store.list(CHECKPOINT_KIND)
-    assert [c.id for c in checkpoints] == [f"{uninterrupted.ref.id}-step-0000004"]  # keyed by the output id, older removed
+    assert store.list() == artifacts_before  # nothing published, and checkpoints are not artifacts
+    checkpoints = StoreCheckpointer(store, uninterrupted.ref.id, "train", preference.SPEC.version)
+    assert checkpoints.steps() == [4]  # keyed by the output id; step 2's checkpoint was removed
 
     resumed = preference.run(train_inputs, TRAIN, store)
     assert resumed.output == uninterrupted.output and not resumed.cached
     assert resumed.metrics["resumed_from_step"] == 4
     # Weights, tokenizer and the per-step log: bit-for-bit the uninterrupted run's.
     assert artifact_checksums(store, resumed.ref) == artifact_checksums(uninterrupted_store, uninterrupted.ref)
-    assert store.list(CHECKPOINT_KIND) == []  # superseded by the published model
+    assert checkpoints.steps() == [] and not store.fs.exists(f"{store.base}/checkpoints/{resumed.ref.id}")
 
 
 def test_a_damaged_checkpoint_is_refused_not_resumed(copy_of) -> None:
     store, train_inputs = copy_of()
     with killed_after(3), pytest.raises(Killed):
         preference.run(train_inputs, TRAIN, store)
-    (checkpoint,) = store.list(CHECKPOINT_KIND)
-    path = store.local_files(checkpoint) / "checkpoint.pt"
+    (step_dir,) = (Path(store.base) / "checkpoints").glob("*/step-0000002")
+    path = step_dir / "checkpoint.pt"
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
-    with pytest.raises(TamperedArtifactError, match="damaged"):
+    with pytest.raises(TamperedArtifactError, match="checkpoint .* is damaged"):
         preference.run(train_inputs, TRAIN, store)
 
 

@@ -1,18 +1,25 @@
-"""Models as artifacts: save a policy to a directory the store can publish, load it back, and keep\na training run's checkpoints in the store."""
+"""Models as artifacts: save a policy to a directory the store can publish, load it back, and keep
+a training run's checkpoints in the store."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
+import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefloop.backends.hf import HFBackend
-from prefloop.storage import ArtifactExistsError, ArtifactRef, ArtifactStore
+from prefloop.storage import ArtifactStore, TamperedArtifactError
 from prefloop.tasks.training.loop import Checkpoint
 
 
@@ -61,18 +68,26 @@ def summarize(steps: list[dict[str, float]]) -> dict[str, float]:
             if isinstance(v, int | float) and k not in TIMING_METRICS} | {"steps": len(steps)}
 
 
-CHECKPOINT_KIND = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_MANIFEST = "manifest.json"
+
+
+class CheckpointDamagedError(TamperedArtifactError):
+    pass
 
 
 class StoreCheckpointer:
     """Checkpoints of one training run in the artifact store, keyed by the train stage's output id.
 
-    Each checkpoint is an artifact of kind ``checkpoint`` with id ``<output id>-step-<k>``, holding one
-    ``checkpoint.pt`` (weights, optimizer, scheduler, step, metrics so far, extra modules) with its
-    sha256 in the manifest like any artifact, so a damaged checkpoint is refused, not resumed from.
-    A rerun of the same stage (same output id) finds the latest one and resumes. Writing checkpoint k
-    removes the older ones; :meth:`clear` removes the rest once the final model is published.
+    Layout: ``checkpoints/<output id>/step-<k>/checkpoint.pt`` (weights, optimizer, scheduler, step,
+    metrics so far, extra modules) and its ``manifest.json`` (sha256, size, step), written last like an
+    artifact's manifest: on a local store the step directory is staged under ``tmp/`` and renamed into
+    place, so a killed write leaves nothing a resume would read, and a checkpoint whose bytes do not
+    match its manifest is refused, not resumed from. Checkpoints live beside ``artifacts/`` rather than
+    in it: they are transient state of a run, not content a ref should name, so they stay out of
+    ``prefloop ls`` and artifact counts. A rerun of the same stage (same output id) resumes from the
+    latest; writing checkpoint k removes the older ones and :meth:`clear` removes the rest once the
+    final model is published.
     """
 
     def __init__(self, store: ArtifactStore, output_id: str, stage: str, stage_version: str):
@@ -81,21 +96,39 @@ class StoreCheckpointer:
         self.stage = stage
         self.stage_version = stage_version
         self.resumed_from: int | None = None
+        self.directory = f"{store.base}/checkpoints/{output_id}"
 
-    def _prefix(self) -> str:
-        return f"{self.output_id}-step-"
+    def steps(self) -> list[int]:
+        """Steps of this run's complete checkpoints (manifest written), oldest first."""
+        fs = self.store.fs
+        if not fs.exists(self.directory):
+            return []
+        found = []
+        for path in fs.ls(self.directory, detail=False):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("step-") and fs.exists(f"{path.rstrip('/')}/{CHECKPOINT_MANIFEST}"):
+                found.append(int(name[len("step-"):]))
+        return sorted(found)
 
-    def refs(self) -> list[ArtifactRef]:
-        """This run's checkpoints, oldest first."""
-        prefix = self._prefix()
-        found = [ref for ref in self.store.list(CHECKPOINT_KIND) if ref.id.startswith(prefix)]
-        return sorted(found, key=lambda ref: int(ref.id[len(prefix):]))
+    def _step_dir(self, step: int) -> str:
+        return f"{self.directory}/step-{step:07d}"
 
     def load(self) -> Checkpoint | None:
-        refs = self.refs()
-        if not refs:
+        steps = self.steps()
+        if not steps:
             return None
-        data = self.store.read_file(refs[-1], CHECKPOINT_FILE)  # checksum-verified
+        directory = self._step_dir(steps[-1])
+        with self.store.fs.open(f"{directory}/{CHECKPOINT_MANIFEST}", "rb") as handle:
+            manifest = json.loads(handle.read())
+        with self.store.fs.open(f"{directory}/{CHECKPOINT_FILE}", "rb") as handle:
+            data = handle.read()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != manifest["sha256"] or len(data) != manifest["bytes"]:
+            raise CheckpointDamagedError(
+                f"checkpoint {directory} is damaged: {CHECKPOINT_FILE} has sha256 {digest[:12]}… but its manifest "
+                f"says {manifest['sha256'][:12]}…; delete {directory} to resume from an earlier checkpoint or "
+                "from scratch"
+            )
         checkpoint = Checkpoint.from_dict(torch.load(io.BytesIO(data), weights_only=True))
         self.resumed_from = checkpoint.step
         return checkpoint
@@ -103,30 +136,36 @@ class StoreCheckpointer:
     def save(self, checkpoint: Checkpoint) -> None:
         buffer = io.BytesIO()
         torch.save(checkpoint.to_dict(), buffer)
-        artifact_id = f"{self._prefix()}{checkpoint.step:07d}"
-        try:
-            with self.store.writer(CHECKPOINT_KIND, artifact_id) as writer:
-                writer.add_file(CHECKPOINT_FILE, buffer.getvalue())
-                writer.commit(stage=f"{self.stage}-checkpoint", stage_version=self.stage_version,
-                              metrics={"step": checkpoint.step, "num_steps": checkpoint.num_steps,
-                                       "output_id": self.output_id})
-        except ArtifactExistsError:
-            pass  # a concurrent run of the same stage wrote this very checkpoint
-        for ref in self.refs():
-            if ref.id != artifact_id:
-                remove_artifact(self.store, ref)
+        data = buffer.getvalue()
+        manifest = {"output_id": self.output_id, "stage": self.stage, "stage_version": self.stage_version,
+                    "step": checkpoint.step, "num_steps": checkpoint.num_steps,
+                    "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        fs, final = self.store.fs, self._step_dir(checkpoint.step)
+        local = isinstance(fs, LocalFileSystem)
+        staging = f"{self.store.base}/tmp/checkpoint-{uuid.uuid4().hex[:12]}" if local else final
+        fs.makedirs(staging, exist_ok=True)
+        fs.pipe_file(f"{staging}/{CHECKPOINT_FILE}", data)
+        fs.pipe_file(f"{staging}/{CHECKPOINT_MANIFEST}", json.dumps(manifest, indent=2).encode("utf-8"))
+        if local:
+            fs.makedirs(self.directory, exist_ok=True)
+            try:
+                os.rename(staging, final)
+            except OSError:  # a concurrent run of the same stage wrote this very checkpoint
+                shutil.rmtree(staging, ignore_errors=True)
+        for step in self.steps():
+            if step != checkpoint.step:
+                self._remove(self._step_dir(step))
+
+    def _remove(self, directory: str) -> None:
+        # Manifest first, so a reader never takes a half-deleted checkpoint for a complete one.
+        with contextlib.suppress(FileNotFoundError):
+            self.store.fs.rm(f"{directory}/{CHECKPOINT_MANIFEST}")
+        with contextlib.suppress(FileNotFoundError):
+            self.store.fs.rm(directory, recursive=True)
 
     def clear(self) -> None:
         """Remove every checkpoint of this run (its final model is published: they are superseded)."""
-        for ref in self.refs():
-            remove_artifact(self.store, ref)
-
-
-def remove_artifact(store: ArtifactStore, ref: ArtifactRef) -> None:
-    """Delete an artifact that nothing references (a superseded checkpoint): manifest first, so a
-    reader never sees a published artifact with missing files, then the rest."""
-    directory = f"{store.base}/artifacts/{ref.kind}/{ref.id}"
-    with contextlib.suppress(FileNotFoundError):
-        store.fs.rm(f"{directory}/manifest.json")
-    with contextlib.suppress(FileNotFoundError):
-        store.fs.rm(directory, recursive=True)
+        for step in self.steps():
+            self._remove(self._step_dir(step))
+        with contextlib.suppress(FileNotFoundError, OSError):
+            self.store.fs.rm(self.directory, recursive=True)
