@@ -60,8 +60,8 @@ losses rDPO and cDPO should use — and ``estimated_flip_rate_input`` on the sco
 each member's margin is d_m = Δ + e_m with Δ the true reward gap in the direction of the label and
 e_m independent N(0, σ²) noise, the same σ for every pair; a label is flipped when Δ < 0. Then the
 ensemble mean disagrees with a label with probability q = Φ(−|Δ|/se), se = σ/√k, and the observed
-disagreement rate is d = ε(1 − q) + (1 − ε)q, so (the label-noise correction of Natarajan et al.
-2013, "Learning with Noisy Labels")
+disagreement rate is d = ε(1 − q) + (1 − ε)q — two independent symmetric label noises composed, the
+model of class-conditional noise in Natarajan et al. 2013, "Learning with Noisy Labels" — so
 
     ε̂ = (d̂ − q̂) / (1 − 2q̂),  clipped to [0, ½],
 
