@@ -436,6 +436,11 @@ class TreeSearch:
         self.counters.score_calls += 1
         self.counters.sequences_scored += 2 * len(prompts)
         for (tree, index), probability in zip(nodes, probabilities, strict=True):
+            if not math.isfinite(probability):
+                raise ValueError(
+                    f"self-evaluation of a node of tree {tree.tree_id} gave P(yes) = {probability}: the policy scored "
+                    f"neither {config.self_eval_yes!r} nor {config.self_eval_no!r} with a finite log-prob. Set "
+                    "self_eval_yes/self_eval_no to answers the tokenizer knows, or self_eval_weight: 0")
             tree.nodes[index].self_eval = probability
             set_evaluation(tree, index, config.self_eval_weight * (2.0 * probability - 1.0))
 

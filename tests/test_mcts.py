@@ -301,6 +301,15 @@ def test_context_window_and_max_depth_end_trees():
     assert deep.status == mcts.MAX_DEPTH
 
 
+def test_a_self_evaluation_without_finite_scores_is_a_clear_error():
+    class Unscorable(ScriptedPolicy):
+        def score_logprobs(self, prompts, continuations, progress=None):
+            return [-math.inf] * len(prompts)
+
+    with pytest.raises(ValueError, match="self_eval_yes/self_eval_no"):
+        TreeSearch(Unscorable(), MCTSConfig(**SCRIPT_CONFIG), extract_answer).run([_tree("3+4-2=?\n", "5")])
+
+
 def test_trees_round_trip_through_the_table():
     trees = TreeSearch(ScriptedPolicy(), MCTSConfig(**SCRIPT_CONFIG), extract_answer).run(
         [_tree("3+4-2=?\n", "5", "a"), _tree("2+2=?\n", "4", "b")])
