@@ -212,10 +212,10 @@ def _causal_completion_logprobs(model: PreTrainedModel, batch: Batch) -> torch.T
     padding is on the right; the pads' own outputs carry no loss. Leaving the mask out lets the
     attention kernel take its fast causal path instead of materialising a padding mask.
     """
-    logits = model(input_ids=batch.input_ids, use_cache=False).logits[:, :-1].float()
-    targets = batch.input_ids[:, 1:].unsqueeze(-1)
-    token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
-    return (token_logprobs * batch.completion_mask[:, 1:]).sum(dim=-1)
+    input_ids, completion_mask = batch.input_ids.to(model.device), batch.completion_mask.to(model.device)
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+    token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (token_logprobs * completion_mask[:, 1:]).sum(dim=-1)
 
 
 def grouped_sequence_logprobs(
@@ -229,7 +229,7 @@ def grouped_sequence_logprobs(
     flat = torch.cat(parts)
     position = torch.empty(len(examples), dtype=torch.long)
     position[torch.tensor([index for group in groups for index in group])] = torch.arange(len(examples))
-    return flat[position]
+    return flat[position.to(flat.device)]
 
 
 def pair_sequence_logprobs(
@@ -273,22 +273,26 @@ def pair_sequence_logprobs(
             position_ids[row, end_chosen:end] = torch.arange(prompt, prompt + end - end_chosen)
             source[row, 1:end] = torch.arange(end - 1)
             source[row, end_chosen] = prompt - 1
-        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        input_ids, segment, position_ids, source = (tensor.to(model.device)
+                                                    for tensor in (input_ids, segment, position_ids, source))
+        causal = torch.ones((width, width), dtype=torch.bool, device=model.device).tril()
         # Pads come last, so causality already hides them from real tokens; pad rows still see earlier
         # tokens, which keeps every softmax row finite.
         attention_mask = (causal & ~((segment[:, :, None] == 2) & (segment[:, None, :] == 1)))[:, None]
         if implementation == "eager":  # eager attention adds the mask to the scores
             blocked = torch.finfo(model.dtype).min
-            attention_mask = torch.zeros(attention_mask.shape, dtype=model.dtype).masked_fill(~attention_mask, blocked)
+            attention_mask = torch.zeros(attention_mask.shape, dtype=model.dtype, device=model.device).masked_fill(
+                ~attention_mask, blocked)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).logits
         log_probs = torch.log_softmax(logits.float(), dim=-1)
-        rows = torch.arange(len(group))[:, None]
+        rows = torch.arange(len(group), device=model.device)[:, None]
         token_logprobs = log_probs[rows, source, input_ids]
         chosen_parts.append((token_logprobs * (segment == 1)).sum(dim=-1))
         rejected_parts.append((token_logprobs * (segment == 2)).sum(dim=-1))
     position = torch.empty(len(lengths), dtype=torch.long)
     position[torch.tensor([index for group in groups for index in group])] = torch.arange(len(lengths))
+    position = position.to(model.device)
     return torch.cat(chosen_parts)[position], torch.cat(rejected_parts)[position]
 
 
@@ -499,7 +503,7 @@ def train_sft(
     def loss_for_batch(indices: list[int]) -> tuple[torch.Tensor, dict[str, MetricValue]]:
         rows = [encoded[i] for i in indices]
         logps = SequenceLogps(policy_chosen=grouped_sequence_logprobs(model, rows, pad_id),
-                              chosen_lengths=completion_lengths(rows))
+                              chosen_lengths=completion_lengths(rows).to(model.device))
         return sft(logps, hyperparameters).losses.mean(), {"tokens": float(sum(len(r.token_ids) for r in rows))}
 
     return optimise(model, len(encoded), config, loss_for_batch, progress, checkpointer=checkpointer)
@@ -665,6 +669,8 @@ def train_dpo(
         reference_logps = reference_logprobs(reference, prepared, pad_id)
     if reference_logps is not None and len(reference_logps) != len(pairs):
         raise ValueError(f"reference log-probs cover {len(reference_logps)} pairs but {len(pairs)} were given")
+    if reference_logps is not None:
+        reference_logps = ReferenceLogps(reference_logps.chosen.to(policy.device), reference_logps.rejected.to(policy.device))
     if per_step_reference:
         reference.eval()
     hyperparameters = config.loss_hyperparameters()
@@ -679,7 +685,7 @@ def train_dpo(
             policy_logps, kl = _logps_and_kl_to_reference(policy, reference, batch)
         else:
             policy_logps = torch.cat(pair_sequence_logprobs(policy, rows[:count], rows[count:], pad_id))
-        lengths = completion_lengths(rows)
+        lengths = completion_lengths(rows).to(policy.device)
         if reference_logps is not None:
             reference_chosen, reference_rejected = reference_logps.chosen[indices], reference_logps.rejected[indices]
         elif loss_spec.needs_reference:
