@@ -135,6 +135,10 @@ def test_csv_and_parquet_folders(store, tmp_path):
     assert store.read_table(result.ref).column("prompt").to_pylist() == ["1+1?"]
     # an empty CSV cell is no value; the data contract then drops chosen == rejected
     assert result.drops == {"missing_rejected": 1, "invalid_utf8": 1, "chosen_equals_rejected": 1}
+    from prefloop.datasets_spec.exporters import export_artifact
+
+    exported = pq.read_table(export_artifact(store, result.ref, tmp_path / "trl", "trl"))
+    assert exported.to_pylist() == [{"prompt": "1+1?", "chosen": "2", "rejected": "3"}]
     folder = tmp_path / "parts"
     folder.mkdir()
     for index in range(2):
