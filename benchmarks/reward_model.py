@@ -102,7 +102,7 @@ def pairs_table(rows: list[tuple[str, str, str]]) -> pa.Table:
 def show(name: str, metrics: dict, pairwise_key: str = "pairwise_accuracy", sets_key: str = "best_of_4_accuracy") -> None:
     pairwise, pairwise_se = metrics[pairwise_key], metrics[pairwise_key + "_stderr"]
     best, best_se = metrics[sets_key], metrics[sets_key + "_stderr"]
-    print(f"{name:<34} pairwise {pairwise:6.1%} ± {pairwise_se:5.1%} ({(pairwise - 0.5) / pairwise_se:5.1f} SE over "
+    print(f"{name:<38} pairwise {pairwise:6.1%} ± {pairwise_se:5.1%} ({(pairwise - 0.5) / pairwise_se:5.1f} SE over "
           f"chance)   best-of-4 {best:6.1%} ± {best_se:5.1%} ({(best - 0.25) / best_se:5.1f} SE over chance)")
 
 

@@ -256,3 +256,20 @@ def test_reward_model_from_a_policy_keeps_its_backbone(tmp_path) -> None:
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, policy.model.layers[0].mlp.up_proj.weight)
     other_head = reward_model.build_reward_model(tokenizer, seed=1, policy_dir=policy_dir)
     assert not torch.equal(model.score.weight, other_head.score.weight)
+
+
+def test_train_rm_from_a_policy_artifact_holds_out_whole_prompts(shared) -> None:
+    tokenizer = build_tokenizer()
+    policy = build_model(TinyLlamaConfig(**TINY_MODEL), len(tokenizer), 5, tokenizer)
+    policy_spec = StageSpec("hand-policy", "1", Empty, "model", {})
+    policy_ref = execute(policy_spec, lambda ctx: StageOutput(files_dir=save_model_dir(policy, tokenizer)), {}, {},
+                         shared.store).output
+    config = {"training": {"max_steps": 2, "batch_size": 4}, "heldout_fraction": 0.5}
+    result = reward_model.run({"preferences": shared.train, "policy": policy_ref}, config, shared.store)
+    metrics = result.metrics
+    assert metrics["initialised_from"] == "policy"
+    # 8 prompts × 3 pairs: a prompt's pairs are all trained on or all held out.
+    assert metrics["train_pairs"] + metrics["heldout_pairs"] == 24
+    assert metrics["train_pairs"] % 3 == 0 and 0 < metrics["heldout_pairs"] < 24
+    model, _ = reward_model.load_reward_model(shared.store.local_files(result.ref))
+    assert model.config.num_labels == 1 and model.config.hidden_size == TINY_MODEL["hidden_size"]
