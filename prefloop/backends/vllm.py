@@ -32,6 +32,7 @@ Mapping onto the OpenAI completions API (``POST {url}/completions``):
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -93,13 +94,8 @@ class VLLMBackend:
 
     def close(self) -> None:
         """Stop the server this backend started (if any); a server found at a URL is left running."""
-        if self.server is not None and self.server.poll() is None:
-            self.server.terminate()
-            try:
-                self.server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait()
+        if self.server is not None:
+            _stop(self.server)
         self.server = None
 
     def __enter__(self) -> VLLMBackend:
@@ -277,6 +273,8 @@ def start_server(model_dir: str | Path, model_name: str, startup_timeout_s: floa
     command = [vllm_executable(), *serve_command(model_dir, model_name, port)[1:], "--host", "127.0.0.1",
                *(extra_args or [])]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    # A caller that never closes its backend must not leave a GPU server running after it exits.
+    atexit.register(_stop, process)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + startup_timeout_s
     while True:
@@ -291,6 +289,16 @@ def start_server(model_dir: str | Path, model_name: str, startup_timeout_s: floa
                 process.terminate()
                 raise VLLMServerError(f"vllm serve did not answer at {url} within {startup_timeout_s:.0f} s") from None
             time.sleep(1.0)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _main(argv: list[str] | None = None) -> None:
