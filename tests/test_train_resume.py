@@ -209,3 +209,18 @@ def test_an_unknown_loss_is_refused_before_anything_runs(copy_of) -> None:
     with pytest.raises(StageInputError, match="unknown loss 'nope'.*sigmoid"):
         preference.run(train_inputs, {"training": {"loss": "nope"}}, store)
     assert _nothing_written(store, before)
+
+
+def test_a_killed_sft_run_resumes_too(copy_of) -> None:
+    """The SFT stage runs the same loop with the same store checkpoints."""
+    config = {"model": TINY_MODEL, "training": {"max_steps": 6, "batch_size": 8, "checkpoint_every": 2}}
+    whole_store, _ = copy_of("whole")
+    (prompts_ref,) = whole_store.list("prompts")
+    whole = sft.run({"prompts": str(prompts_ref)}, config, whole_store)
+    store, _ = copy_of("killed")
+    with killed_after(3), pytest.raises(Killed):
+        sft.run({"prompts": str(prompts_ref)}, config, store)
+    resumed = sft.run({"prompts": str(prompts_ref)}, config, store)
+    assert resumed.output == whole.output and resumed.metrics["resumed_from_step"] == 2
+    assert artifact_checksums(store, resumed.ref) == artifact_checksums(whole_store, whole.ref)
+    assert StoreCheckpointer(store, resumed.ref.id, "sft", sft.SPEC.version).steps() == []

@@ -40,6 +40,11 @@ def load_policy(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return backend.model, backend.tokenizer
 
 
+def training_device() -> torch.device:
+    """Where the trainers run: the GPU when there is one (forward passes in bf16 autocast), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 # Wall-clock readings differ between two runs of the same stage; keeping them out of stored tables
 # keeps an artifact's content a function of its inputs and config alone.
 TIMING_METRICS = frozenset({"elapsed_s"})

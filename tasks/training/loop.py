@@ -31,6 +31,7 @@ state is not used.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -444,6 +445,12 @@ def optimise(
         first_step = checkpoint.step
     max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
     model.train()
+    # On a GPU the forward passes run in bf16 autocast (weights and optimizer stay float32); on CPU in float32.
+    def autocast() -> contextlib.AbstractContextManager:
+        if model.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     started = time.perf_counter()
     for step in range(first_step, num_steps):
         learning_rate = scheduler.get_last_lr()[0]
@@ -452,7 +459,8 @@ def optimise(
         optimizer.zero_grad(set_to_none=True)
         totals: dict[str, MetricValue] = {}
         for micro_batch in micro_batches:
-            loss, metrics = loss_for_batch(micro_batch)
+            with autocast():
+                loss, metrics = loss_for_batch(micro_batch)
             (loss / len(micro_batches)).backward()
             for key, value in {"loss": loss.detach(), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + value / len(micro_batches)

@@ -43,6 +43,7 @@ from prefloop.tasks.training.artifacts import (
     save_model_dir,
     summarize,
     train_log_table,
+    training_device,
 )
 from prefloop.tasks.training.loop import (
     DPOConfig,
@@ -183,6 +184,7 @@ def compute(ctx: StageContext) -> StageOutput:
         margins = pairs_table.column("margin").to_pylist() if "margin" in pairs_table.column_names else [None]
         curriculum = margin_curriculum(margins, config.training.seed)
     policy, tokenizer = load_policy(ctx.model_dir("policy"))
+    policy.to(training_device())
     prepared = prepare_pairs(tokenizer, pairs, config.training.max_length)
     soft_sync = None
     reference_logps = None
@@ -207,11 +209,12 @@ def compute(ctx: StageContext) -> StageOutput:
     if (soft_sync is not None or reference_logps is None or missing
             or get_loss_spec(config.training.loss).needs_kl_to_reference):
         reference, _ = load_policy(ctx.model_dir("reference"))
+        reference.to(training_device())
     if missing:
         subset = PreparedPairs([prepared.chosen[i] for i in missing], [prepared.rejected[i] for i in missing])
         scored = reference_logprobs(reference, subset, tokenizer.pad_token_id)
-        reference_logps.chosen[missing] = scored.chosen
-        reference_logps.rejected[missing] = scored.rejected
+        reference_logps.chosen[missing] = scored.chosen.cpu()
+        reference_logps.rejected[missing] = scored.rejected.cpu()
     checkpointer = StoreCheckpointer(ctx.store, ctx.output_id, SPEC.name, SPEC.version)
     with ctx.progress(num_steps_for(len(pairs), config.training), "steps") as advance:
         steps = train_dpo(policy, reference, tokenizer, pairs, config.training, progress=done_total_callback(advance),

@@ -28,7 +28,7 @@ from prefloop.datasets_spec.schemas import REFERENCE_LOGPS
 from prefloop.orchestration import stage_task
 from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, execute
 from prefloop.storage import ArtifactRef, ArtifactStore
-from prefloop.tasks.training.artifacts import load_policy
+from prefloop.tasks.training.artifacts import load_policy, training_device
 from prefloop.tasks.training.loop import ReferenceLogps, geometric_mixture, prepare_pairs, reference_logprobs
 
 
@@ -83,10 +83,12 @@ def compute(ctx: StageContext) -> StageOutput:
     pairs = list(zip(*(pairs_table.column(name).to_pylist() for name in ("prompt", "chosen", "rejected")),
                      strict=True))
     reference, tokenizer = load_policy(ctx.model_dir("reference"))
+    reference.to(training_device())
     prepared = prepare_pairs(tokenizer, pairs, config.max_length)
     logps = reference_logprobs(reference, prepared, tokenizer.pad_token_id)
     if config.mixture_weight is not None:
         other, _ = load_policy(ctx.model_dir("mixture_with"))
+        other.to(training_device())
         logps = geometric_mixture(logps, reference_logprobs(other, prepared, tokenizer.pad_token_id),
                                   config.mixture_weight)
     return StageOutput(table=reference_table(pairs_table.column("pair_id").to_pylist(), logps, prepared),

@@ -17,7 +17,13 @@ from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.orchestration import stage_task
 from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
 from prefloop.storage import ArtifactRef, ArtifactStore
-from prefloop.tasks.training.artifacts import StoreCheckpointer, save_model_dir, summarize, train_log_table
+from prefloop.tasks.training.artifacts import (
+    StoreCheckpointer,
+    save_model_dir,
+    summarize,
+    train_log_table,
+    training_device,
+)
 from prefloop.tasks.training.loop import SFTConfig, train_sft
 
 
@@ -48,7 +54,7 @@ def compute(ctx: StageContext) -> StageOutput:
     examples = [(p, s) for p, s in zip(prompts.column("prompt").to_pylist(),
                                        prompts.column("reference_solution").to_pylist(), strict=True) if s]
     tokenizer = build_tokenizer()
-    model = build_model(config.model, len(tokenizer), config.seed, tokenizer)
+    model = build_model(config.model, len(tokenizer), config.seed, tokenizer).to(training_device())
     total = config.training.max_steps or 0
     checkpointer = StoreCheckpointer(ctx.store, ctx.output_id, SPEC.name, SPEC.version)
     with ctx.progress(total, "steps") as advance:
@@ -58,6 +64,8 @@ def compute(ctx: StageContext) -> StageOutput:
     parameters = sum(p.numel() for p in model.parameters())
     output = StageOutput(files_dir=out, extra_tables={"train_log": (train_log_table(steps), TRAIN_LOG)},
                          metrics={"examples": len(examples), "parameters": parameters, **summarize(steps)})
+    if checkpointer.resumed_from is not None:
+        output.metrics["resumed_from_step"] = checkpointer.resumed_from
     return output
 
 
