@@ -11,3 +11,15 @@ from prefloop.storage import ArtifactStore  # noqa: E402
 def store(tmp_path) -> ArtifactStore:
     return ArtifactStore(tmp_path / "store")
 
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_threads():
+    """Some modules pin torch's thread count for speed; restore it after each module. Float reductions
+    depend on the thread count, so a leaked setting would make this process's samples differ from a
+    subprocess's (the resume and concurrency tests compare the two byte for byte)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -71,8 +71,10 @@ def test_rerun_recomputes_nothing(smoke):
 
 def test_stage_runs_alone_and_is_cached(smoke):
     store_path, _ = smoke
+    # The loop's filter is decontaminated against the evaluation prompts: the same inputs here.
     result = cli("stage", "filter", "--config", ROOT / "configs/smoke.yaml", "--input",
-                 "preferences=smoke/round-1/preferences", "--name", "smoke/adhoc/filtered", "--store", store_path)
+                 "preferences=smoke/round-1/preferences", "--input", "eval_prompts=smoke/prompts",
+                 "--name", "smoke/adhoc/filtered", "--store", store_path)
     assert result.exit_code == 0, result.output
     assert "cached" in result.output  # same inputs and config as inside the loop
     store = ArtifactStore(store_path)
@@ -112,7 +114,7 @@ def test_inspection_commands(smoke):
     manifest = json.loads(shown.output)
     assert manifest["stage"] == "filter" and manifest["validation"]["data"]["suite"]["success"]
     lineage = cli("lineage", "smoke/round-1/policy", "--store", store_path)
-    assert lineage.exit_code == 0 and "sft@1" in lineage.output and "construct@1" in lineage.output
+    assert lineage.exit_code == 0 and "sft@1" in lineage.output and "construct@2" in lineage.output
     valid = cli("validate", "smoke/round-1/samples", "--store", store_path)
     assert valid.exit_code == 0 and "checksums: ok" in valid.output
     dry = cli("gc", "--dry-run", "--store", store_path)

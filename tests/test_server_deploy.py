@@ -67,11 +67,13 @@ def test_deployments_run_on_a_worker(server):
                     parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
         refs = ArtifactStore(store).refs("smoke/")
         assert "smoke/round-1/metrics" in refs and "smoke/round-1/policy" in refs
-        # sft, the round-0 evaluation, sample, train and the round-1 evaluation each ran as their
-        # stage deployment on the gpu pool; prompts, label, construct and filter ran in the loop's run.
+        # sft, the round-0 evaluation, sample, the reference log-probs, train and the round-1
+        # evaluation each ran as their stage deployment on the gpu pool; prompts, label, construct
+        # and filter ran in the loop's own run.
         dispatched = sorted(child.parameters["name"] for child in children)
         assert dispatched == sorted(["smoke/round-0/policy", "smoke/round-0/metrics", "smoke/round-1/samples",
-                                     "smoke/round-1/policy", "smoke/round-1/metrics"]), dispatched
+                                     "smoke/round-1/reference-logps", "smoke/round-1/policy",
+                                     "smoke/round-1/metrics"]), dispatched
         assert {child.work_pool_name for child in children} == {"gpu"}
         assert all(child.state.is_completed() for child in children)
     finally:
