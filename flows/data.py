@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefloop.config import ConfigFileError, read_yaml
 from prefloop.flows.loop import StageCaller, direct_caller, prefect_caller
-from prefloop.orchestration import call_stage_task
+from prefloop.orchestration import call_stage_task, wait_for_artifacts
 from prefloop.stage import StageResult
 from prefloop.storage import DEFAULT_STORE, ArtifactStore
 from prefloop.tasks import construct, filtering, importing, labeling
@@ -139,5 +139,8 @@ def run_data(config: DataConfig, store: str = DEFAULT_STORE, prompts: str | None
 def data_flow(config: DataConfig, store: str = DEFAULT_STORE, prompts: str | None = None, samples: str | None = None,
               out: str | None = None) -> DataSummary:
     """The data-only flow as a Prefect flow: imports and stages are tasks; see :func:`run_data`."""
-    return run_data(config, store, prompts, samples, out, call=prefect_caller, importer=prefect_import)
+    try:
+        return run_data(config, store, prompts, samples, out, call=prefect_caller, importer=prefect_import)
+    finally:
+        wait_for_artifacts()
 

@@ -21,6 +21,7 @@ from prefloop.orchestration import (
     publish_round_report,
     publish_run_report,
     run_stage_deployment,
+    wait_for_artifacts,
 )
 from prefloop.stage import StageResult
 from prefloop.storage import DEFAULT_STORE, ArtifactStore
@@ -146,8 +147,11 @@ def round_flow(config: LoopConfig, round_index: int, policy: str, sft_policy: st
                reward_model: str | None = None, dispatch: Dispatch = "local") -> RoundSummary:
     """One round as a Prefect flow (each stage a task); see :func:`run_round` and :func:`loop_flow`
     for ``dispatch``."""
-    return run_round(config, round_index, policy, sft_policy, prompts_ref, baseline, store, previous_metrics,
-                     reward_model, call=CALLERS[dispatch], publish=True)
+    try:
+        return run_round(config, round_index, policy, sft_policy, prompts_ref, baseline, store, previous_metrics,
+                         reward_model, call=CALLERS[dispatch], publish=True)
+    finally:
+        wait_for_artifacts()
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -214,4 +218,7 @@ def loop_flow(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str 
             the gpu pool (sft, sample, train, evaluate, ...) to their deployments, run by workers of
             the gpu pool, and runs the rest here.
     """
-    return run_loop(config, store, reward_model, call=CALLERS[dispatch], publish=True)
+    try:
+        return run_loop(config, store, reward_model, call=CALLERS[dispatch], publish=True)
+    finally:
+        wait_for_artifacts()

@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import flow
 
-from prefloop.orchestration import call_stage_task
+from prefloop.orchestration import call_stage_task, wait_for_artifacts
 from prefloop.stage import StageResult
 from prefloop.storage import DEFAULT_STORE
 from prefloop.tasks.registry import stage_module
@@ -22,7 +22,10 @@ def _stage_flow(stage: str):
     @flow(name=f"prefloop-stage-{stage}", description=module.SPEC.description)
     def run_stage(inputs: dict[str, str], config: dict[str, Any] | None = None, store: str = DEFAULT_STORE,
                   name: str | None = None) -> StageResult:
-        return call_stage_task(module.prefect_task, inputs, config or {}, store, name)
+        try:
+            return call_stage_task(module.prefect_task, inputs, config or {}, store, name)
+        finally:
+            wait_for_artifacts()
 
     return run_stage
 

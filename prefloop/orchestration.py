@@ -14,11 +14,13 @@ nothing of this: without Prefect they run exactly the same.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from prefect import State, task
@@ -55,13 +57,32 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("prefloop")
 
 
+_publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefloop-artifacts")
+_pending: list[Future] = []
+
+
 def _publish(what: str, create: Callable[[], Any]) -> None:
-    """Create a Prefect artifact; a UI artifact that cannot be written must not fail the data work,
-    so the failure is logged as a warning (with its cause) instead."""
-    try:
-        create()
-    except Exception as error:  # noqa: BLE001 - reporting only; the stage's artifact is already in the store
-        _logger().warning("could not publish the Prefect %s artifact: %s: %s", what, type(error).__name__, error)
+    """Create a Prefect artifact in the background, in order, with the caller's run context (so it
+    is attached to the right flow and task run): each one is an API round trip the stage's work
+    need not wait for. A UI artifact that cannot be written must not fail the data work, so a
+    failure is logged as a warning (with its cause) instead. Flows call
+    :func:`wait_for_artifacts` before they end."""
+    context = contextvars.copy_context()
+    logger = _logger()
+
+    def run() -> None:
+        try:
+            context.run(create)
+        except Exception as error:  # noqa: BLE001 - reporting only; the stage's artifact is already in the store
+            logger.warning("could not publish the Prefect %s artifact: %s: %s", what, type(error).__name__, error)
+
+    _pending.append(_publisher.submit(run))
+
+
+def wait_for_artifacts() -> None:
+    """Block until every artifact published so far has been written (flows call this last)."""
+    while _pending:
+        _pending.pop(0).result()
 
 
 def stage_result_table(result: StageResult) -> list[dict[str, Any]]:
@@ -83,9 +104,10 @@ def prefect_progress(key: str) -> Iterator[None]:
     """While active, every ``ctx.progress`` of a stage also drives a Prefect progress artifact
     (on top of whatever progress display was installed, e.g. the CLI's bars).
 
-    Each artifact call is a round trip to the API, so after its creation the artifact is updated
-    at most every ``PROGRESS_EVERY_SECONDS`` (and by at least ``PROGRESS_STEP_PERCENT``); it ends
-    at 100 % when the work does.
+    Each artifact call is a round trip to the API, so the artifact is created only once the work
+    has run for ``PROGRESS_EVERY_SECONDS`` (work that ends sooner shows no bar: it is over before
+    anyone could look), then updated at most that often (and by at least
+    ``PROGRESS_STEP_PERCENT``); it ends at 100 % when the work does.
     """
     outer = get_progress_factory()  # the installed display; restored on exit
 
@@ -95,22 +117,27 @@ def prefect_progress(key: str) -> Iterator[None]:
             if total <= 0:
                 yield advance_outer
                 return
-            artifact_id: list[Any] = []
-            _publish("progress", lambda: artifact_id.append(create_progress_artifact(
-                0.0, key=artifact_key(key, description, "progress"), description=description)))
-            done, shown, last = [0], [0.0], [time.monotonic()]
+            artifact_id: list[Any] = []  # filled in by the (background) creation
+            done, shown, last, created = [0], [0.0], [time.monotonic()], [False]
 
             def advance(step: int = 1) -> None:
                 advance_outer(step)
                 done[0] += step
                 now = time.monotonic()
+                if now - last[0] < PROGRESS_EVERY_SECONDS:
+                    return
                 percent = min(100.0, 100.0 * done[0] / total)
-                if artifact_id and percent - shown[0] >= PROGRESS_STEP_PERCENT and now - last[0] >= PROGRESS_EVERY_SECONDS:
+                if not created[0]:
+                    created[0] = True
+                    shown[0], last[0] = percent, now
+                    _publish("progress", lambda: artifact_id.append(create_progress_artifact(
+                        percent, key=artifact_key(key, description, "progress"), description=description)))
+                elif percent - shown[0] >= PROGRESS_STEP_PERCENT:
                     shown[0], last[0] = percent, now
                     _publish("progress", lambda: update_progress_artifact(artifact_id[0], percent))
 
             yield advance
-            if artifact_id and shown[0] < 100.0 and done[0] >= total:
+            if created[0] and shown[0] < 100.0 and done[0] >= total:
                 _publish("progress", lambda: update_progress_artifact(artifact_id[0], 100.0))
 
     set_progress_factory(factory)

@@ -34,7 +34,11 @@ def smoke(tmp_path_factory):
         "sft": config.sft.model_copy(update={"training": config.sft.training.model_copy(update={"max_steps": 30})}),
         "evaluation": config.evaluation.model_copy(update={"samples_per_prompt": 4, "pass_k": (1, 4)}),
     })
-    with prefect_test_harness(server_startup_timeout=120):
+    from prefloop import orchestration
+
+    with prefect_test_harness(server_startup_timeout=120), pytest.MonkeyPatch.context() as patch:
+        # The smoke stages are short: show progress from the first step (normally after 2 s).
+        patch.setattr(orchestration, "PROGRESS_EVERY_SECONDS", 0.0)
         loop_flow(config, store=store.uri)
         yield store, _read_prefect_artifacts()
 
