@@ -11,6 +11,7 @@ the training loop, so scoring and training see exactly the same tokens and posit
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,14 +220,16 @@ class HFBackend:
         rows = [_Row(max_new_tokens=limit) for limit in room]
         active = list(range(len(prompts)))  # batch position -> row index
         cache = DynamicCache()
+        # transformers >= 5.x names the KV-cache argument `cache` (`past_key_values` is deprecated there).
+        cache_argument = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         with torch.inference_mode():
             for _ in range(max(room)):
                 logits = self.model(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     position_ids=position_ids,
-                    past_key_values=cache,
                     use_cache=True,
+                    **{cache_argument: cache},
                 ).logits[:, -1, :].float()
                 next_tokens = _choose_tokens(logits, params, generator)
                 # Log-probs from the untempered logits: the policy's true probability of the sample.
