@@ -24,9 +24,9 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefloop.config import ConfigFileError, read_yaml
-from prefloop.flows.loop import StageCaller, direct_caller, prefect_caller
+from prefloop.flows.loop import direct_caller, prefect_caller
 from prefloop.orchestration import call_stage_task, wait_for_artifacts
-from prefloop.stage import StageResult
+from prefloop.stage import StageCaller, StageResult
 from prefloop.storage import DEFAULT_STORE, ArtifactStore
 from prefloop.tasks import construct, filtering, importing, labeling
 from prefloop.tasks.construct import ConstructConfig

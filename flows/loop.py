@@ -7,7 +7,6 @@ in its task (``prefloop.tasks``). Rerunning a finished run is a series of store 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Literal
 
@@ -23,7 +22,7 @@ from prefloop.orchestration import (
     run_stage_deployment,
     wait_for_artifacts,
 )
-from prefloop.stage import StageResult
+from prefloop.stage import StageCaller, StageResult
 from prefloop.storage import DEFAULT_STORE, ArtifactStore
 from prefloop.tasks import construct, evaluation, filtering, labeling, mcts, pair_trees, prompts, sampling
 from prefloop.tasks.training import sft
@@ -44,9 +43,6 @@ class LoopSummary(BaseModel):
     @property
     def stages(self) -> list[StageResult]:
         return [s for r in self.rounds for s in r.stages]
-
-
-StageCaller = Callable[[ModuleType, dict[str, str], dict[str, Any], str, str], StageResult]
 
 
 def prefect_caller(module: ModuleType, inputs: dict[str, str], config: dict[str, Any], store: str,

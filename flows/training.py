@@ -18,15 +18,11 @@ both stages.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
-from prefloop.stage import StageResult
+from prefloop.stage import StageCaller, StageResult
 from prefloop.storage import ArtifactNotFoundError, ArtifactStore
 from prefloop.tasks.training import preference, reference
-
-StageCaller = Callable[[ModuleType, dict[str, str], dict[str, Any], str, str], StageResult]
 
 
 def reference_model(reference_policy: str, policy: str, sft_policy: str) -> str:

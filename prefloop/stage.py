@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pyarrow as pa
@@ -91,6 +92,10 @@ class StageResult(BaseModel):
     def ref(self) -> ArtifactRef:
         return ArtifactRef.parse(self.output)
 
+
+StageCaller = Callable[[ModuleType, dict[str, str], dict[str, Any], str, str], "StageResult"]
+"""How a flow runs a stage: ``call(stage_module, inputs, config, store_uri, ref_name)`` — directly, as a
+Prefect task, or dispatched to a work pool (``prefloop.flows.loop``)."""
 
 ProgressFactory = Callable[[int, str], contextlib.AbstractContextManager[Callable[[int], None]]]
 

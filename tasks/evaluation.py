@@ -238,31 +238,13 @@ def sequence_logprobs(backend: HFBackend, prompts: Sequence[str], completions: S
 
 def score_rewards(model_dir: str | Path, prompts: Sequence[str], completions: Sequence[str],
                   batch_size: int = 64) -> list[float]:
-    """Scalar reward r(x, y) of each (prompt, completion) under a sequence-classification reward model.
+    """Scalar reward r(x, y) of each (prompt, completion) under a reward-model artifact written by the
+    ``train-rm`` stage (or any one-label sequence-classification model in that format): the label's
+    logit, or for an ensemble the members' mean. Loading and scoring are the reward-model stage's own
+    (:func:`prefloop.tasks.reward_model.score_with_members`)."""
+    from prefloop.tasks.reward_model import score_with_members
 
-    The model directory holds a transformers ``AutoModelForSequenceClassification`` with one label
-    (the TRL reward-model format) and its tokenizer; the reward is that label's logit.
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, trust_remote_code=False, local_files_only=True, use_safetensors=True, dtype=torch.float32).eval()
-    if model.config.num_labels != 1:
-        raise ValueError(f"the reward model at {model_dir} has {model.config.num_labels} labels; a reward model "
-                         "has exactly one (its logit is the reward). Was a classifier passed as reward_model?")
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    rewards: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [encode_completion(tokenizer, prompt, completion, append_eos=False)
-                   for prompt, completion in zip(prompts[start:start + batch_size],
-                                                 completions[start:start + batch_size], strict=True)]
-        input_ids, attention_mask, _ = pad_right([ids for ids, _ in encoded], [n for _, n in encoded],
-                                                 int(tokenizer.pad_token_id))
-        with torch.inference_mode():
-            rewards.extend(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().tolist())
-    return rewards
+    return score_with_members(model_dir, prompts, completions, batch_size).mean(axis=0).tolist()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -159,6 +159,11 @@ def test_single_reward_model_artifact_is_what_evaluate_reads(shared) -> None:
     assert ours.shape == (1, 3)
     assert ours[0].tolist() == pytest.approx(theirs, abs=1e-5)
     assert theirs[0] > theirs[1]
+    # an ensemble artifact is read too: the evaluation's reward is the members' mean
+    ensemble_dir = shared.store.local_files(shared.ensemble.ref)
+    members = reward_model.score_with_members(ensemble_dir, prompts, completions)
+    assert members.shape == (2, 3)
+    assert evaluation.score_rewards(ensemble_dir, prompts, completions) == pytest.approx(members.mean(axis=0).tolist())
 
 
 def test_ensemble_members_differ_and_label_rm_writes_members_plus_aggregate(shared) -> None:
