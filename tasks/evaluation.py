@@ -28,21 +28,26 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
-import torch
 from pydantic import Field, model_validator
 
 from prefloop.backends.base import Completion, GenerationParams
 from prefloop.backends.hf import HFBackend, completion_logprobs, encode_completion, pad_right
 from prefloop.datasets_spec import EVAL_RESULTS, METRICS, PREFERENCES, PROMPTS
 from prefloop.embedded import arithmetic
+from prefloop.lazy import deferred_import
 from prefloop.orchestration import stage_task
 from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
 from prefloop.storage import ArtifactRef, ArtifactStore
 from prefloop.tasks.sampling import select_prompts
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = deferred_import("torch")
 
 
 class EvaluationConfig(StageConfig):

@@ -43,21 +43,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
-import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForSequenceClassification,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
 
 from prefloop.backends.base import ProgressCallback
 from prefloop.backends.hf import encode_completion
@@ -65,11 +55,20 @@ from prefloop.datasets_spec import PREFERENCES, TRAIN_LOG
 from prefloop.embedded.model import TinyLlamaConfig
 from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.ids import content_id
+from prefloop.lazy import deferred_import
 from prefloop.orchestration import stage_task
 from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
 from prefloop.storage import ArtifactRef, ArtifactStore
 from prefloop.tasks.training.artifacts import TIMING_METRICS, train_log_table
 from prefloop.tasks.training.loop import EncodedExample, OptimizationConfig, collate, num_steps_for, optimise
+
+if TYPE_CHECKING:
+    import torch
+    import transformers
+    from transformers import LlamaForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+else:
+    torch = deferred_import("torch")
+    transformers = deferred_import("transformers")
 
 Aggregation = Literal["mean", "min", "uncertainty_weighted"]
 ENSEMBLE_FILE = "ensemble.json"
@@ -85,7 +84,7 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     ``logsigmoid`` keeps large margins finite. The centring term (Eisenstein et al. 2023) pins the
     rewards' mean near zero, which the BT loss alone leaves free (it sees only differences).
     """
-    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    losses = -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards)
     if center_coefficient:
         losses = losses + center_coefficient * (chosen_rewards + rejected_rewards) ** 2
     return losses
@@ -198,15 +197,15 @@ def build_reward_model(tokenizer: PreTrainedTokenizerBase, seed: int, policy_dir
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if policy_dir is not None:
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
                 policy_dir, num_labels=1, trust_remote_code=False, local_files_only=True, use_safetensors=True,
                 dtype=torch.float32)
-            if not isinstance(model, LlamaForSequenceClassification):
+            if not isinstance(model, transformers.LlamaForSequenceClassification):
                 raise ValueError(f"the policy at {policy_dir} is a {type(model).__name__}; train-rm builds Llama "
                                  "reward models (LlamaForSequenceClassification)")
         else:
             architecture = architecture or TinyLlamaConfig()
-            model = LlamaForSequenceClassification(LlamaConfig(
+            model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
                 vocab_size=len(tokenizer), hidden_size=architecture.hidden_size,
                 num_hidden_layers=architecture.num_hidden_layers,
                 num_attention_heads=architecture.num_attention_heads,
@@ -326,8 +325,8 @@ def reward_model_members(model_dir: str | Path) -> list[Path]:
 
 def load_reward_model(member_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load one member (safetensors only, never remote code); it must have exactly one label."""
-    tokenizer = AutoTokenizer.from_pretrained(member_dir, trust_remote_code=False, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    tokenizer = transformers.AutoTokenizer.from_pretrained(member_dir, trust_remote_code=False, local_files_only=True)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
         member_dir, trust_remote_code=False, local_files_only=True, use_safetensors=True, dtype=torch.float32)
     if model.config.num_labels != 1:
         raise ValueError(f"the model at {member_dir} has {model.config.num_labels} labels; a reward model has "
@@ -459,7 +458,7 @@ def compute_train(ctx: StageContext) -> StageOutput:
             raise ValueError(f"every pair of {source} fell into the held-out share ({config.heldout_fraction}); "
                              "lower heldout_fraction or pass a separate heldout input")
     policy_dir = ctx.model_dir("policy") if ctx.has("policy") else None
-    tokenizer = (AutoTokenizer.from_pretrained(policy_dir, trust_remote_code=False, local_files_only=True)
+    tokenizer = (transformers.AutoTokenizer.from_pretrained(policy_dir, trust_remote_code=False, local_files_only=True)
                  if policy_dir is not None else build_tokenizer())
     triples = _pair_triples(train)
     seeds = [config.seed + i for i in range(config.ensemble_size)]

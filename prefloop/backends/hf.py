@@ -15,17 +15,18 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    DynamicCache,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from typing import TYPE_CHECKING
 
 from prefloop.backends.base import Completion, ContextWindowError, GenerationParams, ProgressCallback
+from prefloop.lazy import deferred_import
+
+if TYPE_CHECKING:
+    import torch
+    import transformers
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+else:
+    torch = deferred_import("torch")
+    transformers = deferred_import("transformers")
 
 
 def encode_completion(
@@ -142,8 +143,8 @@ class HFBackend:
     @classmethod
     def from_directory(cls, path: str | Path, batch_size: int = 64) -> HFBackend:
         """Load a local model directory (safetensors weights + config + tokenizer); never runs remote code."""
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
             path, trust_remote_code=False, local_files_only=True, use_safetensors=True, dtype=torch.float32
         )
         return cls(model.eval(), tokenizer, batch_size)
@@ -219,7 +220,7 @@ class HFBackend:
             room = [min(params.max_new_tokens, self.context_window - length) for length in prompt_lengths]
         rows = [_Row(max_new_tokens=limit) for limit in room]
         active = list(range(len(prompts)))  # batch position -> row index
-        cache = DynamicCache()
+        cache = transformers.DynamicCache()
         # transformers >= 5.x names the KV-cache argument `cache` (`past_key_values` is deprecated there).
         cache_argument = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         with torch.inference_mode():

@@ -7,9 +7,19 @@ CPU cores in about two minutes (see /work/shared/FINDINGS.md).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from prefloop.lazy import deferred_import
+
+if TYPE_CHECKING:
+    import torch
+    import transformers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+else:
+    torch = deferred_import("torch")
+    transformers = deferred_import("transformers")
 
 
 class TinyLlamaConfig(BaseModel):
@@ -34,7 +44,7 @@ def build_model(
 
     The tokenizer supplies the pad/bos/eos ids so that ``generate`` and saved configs agree with it.
     """
-    llama_config = LlamaConfig(
+    llama_config = transformers.LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_hidden_layers,
@@ -53,6 +63,6 @@ def build_model(
     # the random stream of the caller.
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(llama_config)
+        model = transformers.LlamaForCausalLM(llama_config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -7,8 +7,18 @@ saves and loads like any Hugging Face tokenizer (``save_pretrained`` / ``from_pr
 
 from __future__ import annotations
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
+
+from prefloop.lazy import deferred_import
+
+if TYPE_CHECKING:
+    import tokenizers
+    import transformers
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+else:
+    tokenizers = deferred_import("tokenizers")
+    transformers = deferred_import("transformers")
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<bos>"
@@ -25,13 +35,13 @@ def _build_raw_tokenizer(alphabet: str) -> Tokenizer:
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
     for character in alphabet:
         vocab.setdefault(character, len(vocab))
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     # `[\s\S]` rather than `.`: the dot does not match newlines, which are the step separator here.
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
     # Without Fuse the decoder would join the characters with spaces.
-    tokenizer.decoder = decoders.Fuse()
+    tokenizer.decoder = tokenizers.decoders.Fuse()
     # Every encoded prompt starts with <bos>, so generation and training see the same positions.
-    tokenizer.post_processor = processors.TemplateProcessing(
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A",
         pair=f"{BOS_TOKEN} $A $B",
         special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])],
@@ -44,7 +54,7 @@ def build_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
 
     Left padding is the default because batched generation needs it; training code pads explicitly.
     """
-    return PreTrainedTokenizerFast(
+    return transformers.PreTrainedTokenizerFast(
         tokenizer_object=_build_raw_tokenizer(alphabet),
         pad_token=PAD_TOKEN,
         bos_token=BOS_TOKEN,

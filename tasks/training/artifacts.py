@@ -12,15 +12,21 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import torch
 from fsspec.implementations.local import LocalFileSystem
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefloop.backends.hf import HFBackend
+from prefloop.lazy import deferred_import
 from prefloop.storage import ArtifactStore, TamperedArtifactError
 from prefloop.tasks.training.loop import Checkpoint
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+else:
+    torch = deferred_import("torch")
 
 
 def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Path:

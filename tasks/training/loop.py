@@ -36,14 +36,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefloop.backends.base import ProgressCallback
 from prefloop.backends.hf import completion_logprobs, encode_completion, pad_right
+from prefloop.lazy import deferred_import
 from prefloop.tasks.training.losses import (
     LossHyperparameters,
     LossOutput,
@@ -52,6 +51,12 @@ from prefloop.tasks.training.losses import (
     get_loss,
     get_loss_spec,
 )
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+else:
+    torch = deferred_import("torch")
 
 
 class OptimizationConfig(BaseModel):
@@ -378,8 +383,9 @@ class Checkpointer(Protocol):
     def save(self, checkpoint: Checkpoint) -> None: ...
 
 
-MetricValue = float | torch.Tensor
-LossForBatch = Callable[[list[int]], tuple[torch.Tensor, dict[str, MetricValue]]]
+if TYPE_CHECKING:
+    MetricValue = float | torch.Tensor
+    LossForBatch = Callable[[list[int]], tuple[torch.Tensor, dict[str, MetricValue]]]
 
 
 def _as_floats(history: list[dict[str, MetricValue]]) -> list[dict[str, float]]:

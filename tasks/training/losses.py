@@ -19,10 +19,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+
+from prefloop.lazy import deferred_import
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = deferred_import("torch")
 
 
 @dataclass(frozen=True)
@@ -267,7 +273,7 @@ def completion_logps_and_kl(
     mask = completion_mask[:, 1:].to(policy_log_probs.dtype)
     token_logps = policy_log_probs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     # kl_div(input=log p, target=log q, log_target=True) = q·(log q − log p): KL(q ‖ p) with q = π_ref.
-    token_kl = F.kl_div(policy_log_probs, reference_log_probs, reduction="none", log_target=True).sum(dim=-1)
+    token_kl = torch.nn.functional.kl_div(policy_log_probs, reference_log_probs, reduction="none", log_target=True).sum(dim=-1)
     return (token_logps * mask).sum(dim=-1), (token_kl * mask).sum(dim=-1)
 
 
@@ -283,7 +289,7 @@ def sigmoid_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> 
     chosen, rejected = _log_ratios(logps, hyperparameters)
     beta = hyperparameters.beta
     # logsigmoid is the numerically stable form of log σ for large |β·h|.
-    losses = -F.logsigmoid(beta * (chosen - rejected))
+    losses = -torch.nn.functional.logsigmoid(beta * (chosen - rejected))
     return LossOutput(losses=losses, **_rewards(chosen, rejected, beta))
 
 
@@ -301,7 +307,7 @@ def conservative_dpo_loss(logps: SequenceLogps, hyperparameters: LossHyperparame
     epsilon = _label_flip_rate(logps, hyperparameters, "cdpo", upper=0.5, upper_included=True)
     chosen, rejected = _log_ratios(logps, hyperparameters)
     logits = hyperparameters.beta * (chosen - rejected)
-    losses = -(1 - epsilon) * F.logsigmoid(logits) - epsilon * F.logsigmoid(-logits)
+    losses = -(1 - epsilon) * torch.nn.functional.logsigmoid(logits) - epsilon * torch.nn.functional.logsigmoid(-logits)
     return LossOutput(losses=losses, **_rewards(chosen, rejected, hyperparameters.beta))
 
 
@@ -318,7 +324,7 @@ def robust_dpo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) 
     epsilon = _label_flip_rate(logps, hyperparameters, "rdpo", upper=0.5, upper_included=False)
     chosen, rejected = _log_ratios(logps, hyperparameters)
     logits = hyperparameters.beta * (chosen - rejected)
-    losses = (-(1 - epsilon) * F.logsigmoid(logits) + epsilon * F.logsigmoid(-logits)) / (1 - 2 * epsilon)
+    losses = (-(1 - epsilon) * torch.nn.functional.logsigmoid(logits) + epsilon * torch.nn.functional.logsigmoid(-logits)) / (1 - 2 * epsilon)
     return LossOutput(losses=losses, **_rewards(chosen, rejected, hyperparameters.beta))
 
 
@@ -365,7 +371,7 @@ def simpo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> Lo
     beta = hyperparameters.simpo_beta
     chosen = logps.policy_chosen / logps.chosen_lengths.clamp(min=1)
     rejected = logps.policy_rejected / logps.rejected_lengths.clamp(min=1)
-    losses = -F.logsigmoid(beta * (chosen - rejected) - hyperparameters.simpo_gamma)
+    losses = -torch.nn.functional.logsigmoid(beta * (chosen - rejected) - hyperparameters.simpo_gamma)
     return LossOutput(losses=losses, **_rewards(chosen, rejected, beta))
 
 
@@ -423,7 +429,7 @@ def tdpo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> Los
         rejected_kl = rejected_kl / logps.rejected_lengths.clamp(min=1)
     beta = hyperparameters.beta
     kl_difference = beta * rejected_kl - (beta * chosen_kl).detach()
-    losses = -F.logsigmoid(beta * (chosen - rejected) - hyperparameters.tdpo_alpha * kl_difference)
+    losses = -torch.nn.functional.logsigmoid(beta * (chosen - rejected) - hyperparameters.tdpo_alpha * kl_difference)
     return LossOutput(losses=losses, **_rewards(chosen, rejected, beta))
 
 

@@ -26,14 +26,14 @@ gradient norm).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
-import torch
 from pydantic import Field
 
 from prefloop.datasets_spec import PREFERENCES, TRAIN_LOG
 from prefloop.datasets_spec.schemas import REFERENCE_LOGPS
+from prefloop.lazy import deferred_import
 from prefloop.orchestration import stage_task
 from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
 from prefloop.storage import ArtifactRef, ArtifactStore
@@ -56,6 +56,11 @@ from prefloop.tasks.training.loop import (
     train_dpo,
 )
 from prefloop.tasks.training.losses import get_loss_spec
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = deferred_import("torch")
 
 ReferencePolicy = Literal["fixed", "previous_round", "mixture", "soft_sync"]
 
