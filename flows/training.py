@@ -14,6 +14,10 @@ soft_sync       the round's start policy none: the reference moves during traini
 
 With ``off_policy_ratio`` > 0, the previous round's filtered pairs are the ``off_policy`` input of
 both stages.
+
+The robust losses need no input of their own: the train stage reads ε from its ``preferences`` input,
+which is the filter's output — its ``confidence`` column, or with ``label_flip_rate_source:
+filter_estimate`` the ``estimated_flip_rate`` in its manifest.
 """
 
 from __future__ import annotations

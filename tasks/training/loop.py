@@ -525,23 +525,37 @@ def train_sft(
 
 @dataclass(frozen=True)
 class PreparedPairs:
-    """Tokenised (prompt, chosen, rejected) triples, chosen[i] and rejected[i] of pair i."""
+    """Tokenised (prompt, chosen, rejected) triples, chosen[i] and rejected[i] of pair i.
+
+    ``label_flip_rates`` (float32, shape [pairs]) is each pair's probability ε that its label is wrong,
+    for the losses that read ε per pair (cdpo, rdpo: ``SequenceLogps.label_flip_rate``); None: the
+    loss's global ``label_flip_rate``.
+    """
 
     chosen: list[EncodedExample]
     rejected: list[EncodedExample]
+    label_flip_rates: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.chosen)
 
 
 def prepare_pairs(
-    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str, str]], max_length: int | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str, str]],
+    max_length: int | None = None,
+    label_flip_rates: Sequence[float] | None = None,
 ) -> PreparedPairs:
-    """Tokenise preference triples once, for the reference pass and for training."""
+    """Tokenise preference triples once, for the reference pass and for training; ``label_flip_rates``
+    (one ε per pair) travel with them to the loss."""
     prompts = [prompt for prompt, _, _ in pairs]
+    if label_flip_rates is not None and len(label_flip_rates) != len(pairs):
+        raise ValueError(f"got {len(label_flip_rates)} label flip rates for {len(pairs)} pairs: give one per pair")
     return PreparedPairs(
         chosen=encode_examples(tokenizer, prompts, [chosen for _, chosen, _ in pairs], max_length),
         rejected=encode_examples(tokenizer, prompts, [rejected for _, _, rejected in pairs], max_length),
+        label_flip_rates=(torch.tensor(label_flip_rates, dtype=torch.float32)
+                          if label_flip_rates is not None else None),
     )
 
 
@@ -689,6 +703,12 @@ def train_dpo(
         reference.eval()
     hyperparameters = config.loss_hyperparameters()
     chosen, rejected = prepared.chosen, prepared.rejected
+    flip_rates = prepared.label_flip_rates
+    if flip_rates is not None:
+        if not loss_spec.uses_label_flip_rate:
+            raise ValueError(f"per-pair label flip rates were given but loss '{config.loss}' does not read ε: "
+                             "use cdpo or rdpo, or leave the rates out")
+        flip_rates = flip_rates.to(policy.device)
 
     def loss_for_batch(indices: list[int]) -> tuple[torch.Tensor, dict[str, MetricValue]]:
         count = len(indices)
@@ -717,6 +737,7 @@ def train_dpo(
             rejected_lengths=lengths[count:],
             chosen_kl=kl[:count] if kl is not None else None,
             rejected_kl=kl[count:] if kl is not None else None,
+            label_flip_rate=flip_rates[indices] if flip_rates is not None else None,
         )
         output = loss_spec(logps, hyperparameters)
         return output.losses.mean(), _preference_metrics(output, logps)

@@ -17,6 +17,15 @@ Data options: ``off_policy_ratio`` makes that share of the training pairs come f
 ``off_policy`` input (sampled with the training seed); ``curriculum: margin`` orders each epoch from
 the largest score margin to the smallest (Curry-DPO, Pattnaik et al. 2024).
 
+Label noise (losses that read a flip rate ε, i.e. cdpo and rdpo): ``label_flip_rate_source`` says
+where ε comes from. ``confidence`` (default): per pair, ε = min(1 − confidence, 0.5) from the pairs'
+``confidence`` column (MCTS-DPO's rule, Xie et al. 2024; stage ``pair-trees`` writes visit-count
+confidences), pairs without one taking ``training.label_flip_rate``; ``config``: that number for
+every pair; ``filter_estimate``: the ``estimated_flip_rate`` that stage ``filter`` wrote into the
+input preferences' manifest. An ε above what the loss accepts is clamped (rdpo divides by 1 − 2ε, so
+it is held at ``max_label_flip_rate``) and logged. The ε used is recorded in the model's metrics
+(``label_flip_rate``, ``label_flip_rate_source``, and for per-pair values their mean and count).
+
 Training checkpoints go into the store keyed by this stage's output id (``tasks/training/artifacts``),
 so a killed run resumes from its last checkpoint when the same stage runs again; they are removed
 once the model is published. The output is a new model artifact plus the per-step training log
@@ -63,6 +72,7 @@ else:
     torch = deferred_import("torch")
 
 ReferencePolicy = Literal["fixed", "previous_round", "mixture", "soft_sync"]
+LabelFlipRateSource = Literal["confidence", "config", "filter_estimate"]
 
 
 class TrainConfig(StageConfig):
@@ -88,12 +98,24 @@ class TrainConfig(StageConfig):
     curriculum: Literal["none", "margin"] = Field(
         "none", description="margin: each epoch goes from the largest score margin to the smallest (Curry-DPO)"
     )
+    label_flip_rate_source: LabelFlipRateSource = Field(
+        "confidence",
+        description="where cdpo/rdpo take the label-flip rate ε from: confidence (per pair ε = min(1 − confidence, "
+        "0.5) from the pairs' confidence column, MCTS-DPO; pairs without one use training.label_flip_rate), "
+        "config (training.label_flip_rate for every pair) or filter_estimate (the estimated_flip_rate that the "
+        "filter stage wrote into the input preferences' manifest; needs a filter run with an ensemble or confidences)",
+    )
+    max_label_flip_rate: float = Field(
+        0.4, gt=0.0, lt=0.5,
+        description="ceiling for an ε taken from the data (confidence, filter_estimate) when the loss needs ε < 0.5: "
+        "rdpo divides by 1 − 2ε, so 0.4 scales its loss by at most 5×; cdpo accepts 0.5 and ignores this",
+    )
     round: int = Field(1, ge=0)
 
 
 SPEC = StageSpec(
     name="train",
-    version="2",
+    version="3",
     config_model=TrainConfig,
     output_kind="model",
     pool="gpu",
@@ -103,7 +125,7 @@ SPEC = StageSpec(
     description="Preference optimisation (DPO family) of the policy against a reference.",
 )
 
-PAIR_COLUMNS = ["pair_id", "prompt", "chosen", "rejected", "margin"]
+PAIR_COLUMNS = ["pair_id", "prompt", "chosen", "rejected", "margin", "confidence"]
 
 
 def _read_pairs(ctx: StageContext, role: str) -> pa.Table:
@@ -150,6 +172,77 @@ def margin_curriculum(margins: list[float | None], seed: int) -> list[int]:
     return sorted(range(len(margins)), key=lambda index: (-margins[index], tie_break[index]))
 
 
+def flip_rate_ceiling(loss: str, below_half: float) -> float:
+    """The largest ε the loss ``loss`` accepts: 0.5 when it takes 0.5 (cdpo: a label that carries no
+    information), else ``below_half`` (rdpo: ε must stay below 0.5). A ``LossSpec`` says that a loss reads
+    ε, not its range, so the loss itself is asked, on one pair of zeros."""
+    from prefloop.tasks.training.losses import LossHyperparameters, SequenceLogps
+
+    zero, one = torch.zeros(1), torch.ones(1)
+    probe = SequenceLogps(policy_chosen=zero, chosen_lengths=one, policy_rejected=zero, reference_chosen=zero,
+                          reference_rejected=zero, rejected_lengths=one, chosen_kl=zero, rejected_kl=zero,
+                          label_flip_rate=torch.full((1,), 0.5))
+    try:
+        get_loss_spec(loss)(probe, LossHyperparameters())
+    except ValueError:
+        return below_half
+    return 0.5
+
+
+def label_flip_rates(
+    ctx: StageContext, config: TrainConfig, pairs: pa.Table
+) -> tuple[DPOConfig, list[float] | None, dict[str, float | str]]:
+    """ε for a loss that reads it (module docstring), clamped into the loss's range: the training config
+    with the global ε, the per-pair values from confidences (or None), and the metrics that record them."""
+    import logging
+
+    logger = logging.getLogger("prefloop")
+    training = config.training
+    if not get_loss_spec(training.loss).uses_label_flip_rate:
+        if config.label_flip_rate_source == "filter_estimate":
+            raise ValueError(
+                f"train: label_flip_rate_source is 'filter_estimate' but loss '{training.loss}' does not read a "
+                "label-flip rate: use loss cdpo or rdpo, or set label_flip_rate_source back to 'confidence'"
+            )
+        return training, None, {}
+    ceiling = flip_rate_ceiling(training.loss, config.max_label_flip_rate)
+    source = config.label_flip_rate_source
+    metrics: dict[str, float | str] = {"label_flip_rate_source": source}
+    if source == "filter_estimate":
+        estimate = ctx.store.read_manifest(ctx.inputs["preferences"]).metrics.get("estimated_flip_rate")
+        if estimate is None:
+            raise ValueError(
+                f"train: label_flip_rate_source is 'filter_estimate' but preferences {ctx.inputs['preferences']} "
+                "has no 'estimated_flip_rate' in its manifest: only stage 'filter' writes it, and only with an "
+                "ensemble_labels input (a reward-model ensemble's labels, stage label-rm) or pairs that carry a "
+                "confidence. Train on such a filter's output, or set label_flip_rate_source: config and a number "
+                "in training.label_flip_rate"
+            )
+        epsilon = min(max(float(estimate), 0.0), ceiling)
+        if epsilon != estimate:
+            logger.warning("train: the filter's estimated label-flip rate %.4f is outside [0, %g], the range loss "
+                           "'%s' takes here; training with ε = %g", estimate, ceiling, training.loss, epsilon)
+        metrics |= {"estimated_flip_rate": float(estimate), "label_flip_rate": epsilon}
+        return training.model_copy(update={"label_flip_rate": epsilon}), None, metrics
+    fallback = training.label_flip_rate
+    metrics["label_flip_rate"] = fallback
+    confidences = pairs.column("confidence").to_pylist() if "confidence" in pairs.column_names else []
+    if source == "config" or all(value is None for value in confidences):
+        return training, None, metrics
+    # MCTS-DPO's ε = min(1 − conf, 0.5); a loss that needs ε < 0.5 (rdpo) gets the ceiling instead.
+    from_confidence = [min(1.0 - value, 0.5) for value in confidences if value is not None]
+    clamped = sum(value > ceiling for value in from_confidence)
+    if clamped:
+        logger.warning("train: %d of %d pairs have ε = min(1 − confidence, 0.5) above %g, the most loss '%s' takes "
+                       "here (max_label_flip_rate); they train with ε = %g",
+                       clamped, len(from_confidence), ceiling, training.loss, ceiling)
+    per_pair = [fallback if value is None else min(1.0 - value, 0.5, ceiling) for value in confidences]
+    metrics |= {"label_flip_rate_pairs_from_confidence": len(from_confidence),
+                "label_flip_rate_clamped_pairs": clamped,
+                "label_flip_rate_mean": sum(per_pair) / len(per_pair)}
+    return training, per_pair, metrics
+
+
 def cached_reference_logps(ctx: StageContext, pair_ids: list[str], prepared: PreparedPairs) -> tuple[ReferenceLogps, list[int]]:
     """Reference log-probs of the training pairs from the ``reference_logps`` input, and the indices of
     pairs it does not cover. Token counts must agree with this stage's tokenisation."""
@@ -188,9 +281,10 @@ def compute(ctx: StageContext) -> StageOutput:
     if config.curriculum == "margin":
         margins = pairs_table.column("margin").to_pylist() if "margin" in pairs_table.column_names else [None]
         curriculum = margin_curriculum(margins, config.training.seed)
+    training, per_pair_flip_rates, flip_rate_metrics = label_flip_rates(ctx, config, pairs_table)
     policy, tokenizer = load_policy(ctx.model_dir("policy"))
     policy.to(training_device())
-    prepared = prepare_pairs(tokenizer, pairs, config.training.max_length)
+    prepared = prepare_pairs(tokenizer, pairs, config.training.max_length, per_pair_flip_rates)
     soft_sync = None
     reference_logps = None
     missing: list[int] = []
@@ -222,12 +316,12 @@ def compute(ctx: StageContext) -> StageOutput:
         reference_logps.rejected[missing] = scored.rejected.cpu()
     checkpointer = StoreCheckpointer(ctx.store, ctx.output_id, SPEC.name, SPEC.version)
     with ctx.progress(num_steps_for(len(pairs), config.training), "steps") as advance:
-        steps = train_dpo(policy, reference, tokenizer, pairs, config.training, progress=done_total_callback(advance),
+        steps = train_dpo(policy, reference, tokenizer, pairs, training, progress=done_total_callback(advance),
                           reference_logps=reference_logps, prepared=prepared, curriculum=curriculum,
                           soft_sync=soft_sync, checkpointer=checkpointer)
     from_artifact = len(pairs) - len(missing) if reference_logps is not None else 0
     metrics = {"pairs": len(pairs), "off_policy_pairs": off_policy_pairs,
-               "reference_logps_from_artifact": from_artifact, **summarize(steps)}
+               "reference_logps_from_artifact": from_artifact, **flip_rate_metrics, **summarize(steps)}
     if checkpointer.resumed_from is not None:
         metrics["resumed_from_step"] = checkpointer.resumed_from
     return StageOutput(
