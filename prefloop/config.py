@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prefloop.tasks.construct import ConstructConfig
 from prefloop.tasks.evaluation import EvaluationConfig
@@ -52,6 +52,13 @@ class LoopConfig(BaseModel):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _evaluate_with_the_label_task(self) -> LoopConfig:
+        """Evaluation checks answers the way the label stage does, unless the config sets its own task."""
+        if "task" in self.evaluation.model_fields_set or self.evaluation.task == self.label.task:
+            return self
+        return self.model_copy(update={"evaluation": self.evaluation.model_copy(update={"task": self.label.task})})
 
 
 class ConfigFileError(ValueError):

@@ -146,6 +146,14 @@ class TaskDefinition(BaseModel):
             return False
         return _math_verify(reference, target, self.check.float_rounding)
 
+    def verify(self, completion: str, reference: str) -> bool:
+        """True when the completion's extracted answer matches ``reference`` (False when either cannot be read)."""
+        extracted = self.extract_answer(completion)
+        if extracted is None:
+            return False
+        parsed = self.parse_reference(reference)
+        return parsed is not None and self.is_correct(extracted, parsed)
+
     def _normalise(self, text: str) -> str:
         text = text.strip()
         if self.check.collapse_whitespace:

@@ -32,16 +32,16 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from prefloop.backends.base import Completion, GenerationParams
 from prefloop.backends.hf import HFBackend, completion_logprobs, encode_completion, pad_right
 from prefloop.datasets_spec import EVAL_RESULTS, METRICS, PREFERENCES, PROMPTS
-from prefloop.embedded import arithmetic
 from prefloop.lazy import deferred_import
 from prefloop.orchestration import stage_task
 from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
 from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.tasks.answers import TaskDefinition, resolve_task
 from prefloop.tasks.sampling import select_prompts
 
 if TYPE_CHECKING:
@@ -66,6 +66,15 @@ class EvaluationConfig(StageConfig):
     seed: int = 0
     win_judge: Literal["verifier", "reward_model"] = Field(
         "verifier", description="who decides a win: the verifier (correct beats wrong) or the reward model")
+    task: str | TaskDefinition = Field(
+        "arithmetic", description="how answers are extracted and checked: a task preset (arithmetic, gsm8k, math, "
+        "answer_line) or a definition, as in the label stage; a loop uses its label stage's task unless set here")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str | TaskDefinition) -> str | TaskDefinition:
+        resolve_task(task)  # an unknown preset fails here, with the list of presets
+        return task
 
     @model_validator(mode="after")
     def _check_pass_k(self) -> EvaluationConfig:
@@ -267,7 +276,8 @@ def compute(ctx: StageContext) -> StageOutput:
     greedy = GenerationParams(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens)
     with ctx.progress(len(texts), "held-out prompts (greedy)") as advance:
         completions = [group[0] for group in backend.generate(texts, greedy, progress=done_total_callback(advance))]
-    correct = [arithmetic.verify(c.text, a) for c, a in zip(completions, answers, strict=True)]
+    task = resolve_task(config.task)
+    correct = [task.verify(c.text, a) for c, a in zip(completions, answers, strict=True)]
     n = len(correct)
     accuracy, accuracy_stderr = accuracy_with_stderr(correct)
     length, length_stderr = mean_with_stderr([c.num_tokens for c in completions])
@@ -352,7 +362,8 @@ def _sampled_metrics(ctx: StageContext, backend: HFBackend, texts: list[str], an
                               max_new_tokens=config.max_new_tokens, seed=config.seed)
     with ctx.progress(count * config.samples_per_prompt, "held-out samples (pass@k)") as advance:
         groups = backend.generate(texts[:count], params, progress=done_total_callback(advance))
-    correct_counts = [sum(arithmetic.verify(c.text, answers[i]) for c in group) for i, group in enumerate(groups)]
+    task = resolve_task(config.task)
+    correct_counts = [sum(task.verify(c.text, answers[i]) for c in group) for i, group in enumerate(groups)]
     counts = [(config.samples_per_prompt, c) for c in correct_counts]
     rows = []
     for k in config.pass_k:

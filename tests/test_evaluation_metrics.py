@@ -267,3 +267,37 @@ def test_reward_judge_without_a_reward_model_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="no reward model was given.*reward_model=REF"):
         evaluation.run({"policy": first.output, "prompts": made.output},
                        SMALL | {"samples_per_prompt": 0, "win_judge": "reward_model"}, store)
+
+
+class _AnswerInWordsBackend:
+    """Answers every prompt correctly, but in words ("... so the result is 7."), never as "A: 7"."""
+
+    def __init__(self, answers: dict[str, str]):
+        self.answers = answers
+
+    def generate(self, prompts, params, progress=None):
+        return [[Completion(text=f"Adding up, the result is {self.answers[p]}.", num_tokens=5, sum_logprob=-1.0,
+                            finish_reason="stop")] for p in prompts]
+
+
+def test_evaluate_checks_answers_with_the_configured_task(tiny, monkeypatch):
+    """The arithmetic task reads only an "A:" line; gsm8k's last-number extraction reads the answer in words."""
+    store, made, first, _, _ = tiny
+    table = store.read_table(made.ref).filter(pa.compute.equal(store.read_table(made.ref).column("split"), "heldout"))
+    answers = dict(zip(table.column("prompt").to_pylist(), table.column("reference_answer").to_pylist(), strict=True))
+    monkeypatch.setattr(evaluation.HFBackend, "from_directory", lambda *a, **k: _AnswerInWordsBackend(answers))
+    config = SMALL | {"samples_per_prompt": 0}
+    arithmetic = evaluation.run({"policy": first.output, "prompts": made.output}, config, store)
+    gsm8k = evaluation.run({"policy": first.output, "prompts": made.output}, config | {"task": "gsm8k"}, store)
+    assert arithmetic.metrics["accuracy"] == 0.0
+    assert gsm8k.metrics["accuracy"] == 1.0
+
+
+def test_a_loop_evaluates_with_its_label_task_unless_told_otherwise():
+    from prefloop.config import LoopConfig
+
+    assert LoopConfig.model_validate({}).evaluation.task == "arithmetic"
+    assert LoopConfig.model_validate({"label": {"task": "gsm8k"}}).evaluation.task == "gsm8k"
+    assert LoopConfig.model_validate({"label": {"task": "gsm8k"}, "evaluation": {"task": "math"}}).evaluation.task == "math"
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        evaluation.EvaluationConfig(task="nope")
