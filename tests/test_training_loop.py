@@ -131,8 +131,10 @@ def test_gradient_accumulation_matches_one_big_batch(tokenizer) -> None:
 
 def test_dpo_logs_a_kl_estimate_and_truncates_to_max_length(tokenizer) -> None:
     model = build_model(TINY, len(tokenizer), seed=0, tokenizer=tokenizer)
+    # At max_length 30 half the pairs are cut before their answers differ (identical chosen and rejected:
+    # no gradient at all); the other half still differ, so the policy moves away from the reference.
     history = train_dpo(copy.deepcopy(model), model, tokenizer, _pairs(8),
-                        DPOConfig(max_steps=2, batch_size=4, learning_rate=1e-2, max_length=20))
+                        DPOConfig(max_steps=2, batch_size=4, learning_rate=1e-2, max_length=30))
     assert history[0]["kl_estimate"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 1
     assert history[1]["kl_estimate"] != pytest.approx(0.0, abs=1e-5)
     encoded = encode_examples(tokenizer, ["1+2=?\n"], ["1+2=3\nA:3"], max_length=10)

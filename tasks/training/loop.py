@@ -238,6 +238,72 @@ def grouped_sequence_logprobs(
     return flat[position.to(flat.device)]
 
 
+@dataclass(frozen=True)
+class _PairRow:
+    """One preference pair laid out as one row: the prefix both sequences share, then the rest of the
+    chosen sequence, then the rest of the rejected one. Only inputs are laid out: a sequence's last
+    token is a target but never an input (no later token of its own reads it)."""
+
+    token_ids: list[int]
+    position_ids: list[int]
+    branch: list[int]  # 0 shared prefix, 1 chosen only, 2 rejected only
+    # For each completion token (the target), the row offset whose logits predict it.
+    chosen_sources: list[int]
+    chosen_targets: list[int]
+    rejected_sources: list[int]
+    rejected_targets: list[int]
+
+
+def _pair_row(chosen: EncodedExample, rejected: EncodedExample, index: int) -> _PairRow:
+    prompt = chosen.prompt_length
+    chosen_ids, rejected_ids = chosen.token_ids, rejected.token_ids
+    if rejected.prompt_length != prompt or rejected_ids[:prompt] != chosen_ids[:prompt]:
+        raise ValueError(f"pair {index}: chosen and rejected do not share their prompt tokens")
+    chosen_inputs, rejected_inputs = len(chosen_ids) - 1, len(rejected_ids) - 1
+    shared = min(prompt, chosen_inputs, rejected_inputs)
+    limit = min(chosen_inputs, rejected_inputs)
+    while shared < limit and chosen_ids[shared] == rejected_ids[shared]:
+        shared += 1
+    first_target = max(prompt, 1)  # position 0 has no logits before it
+    return _PairRow(
+        token_ids=chosen_ids[:chosen_inputs] + rejected_ids[shared:rejected_inputs],
+        position_ids=[*range(chosen_inputs), *range(shared, rejected_inputs)],
+        branch=[0] * shared + [1] * (chosen_inputs - shared) + [2] * (rejected_inputs - shared),
+        chosen_sources=list(range(first_target - 1, chosen_inputs)),
+        chosen_targets=chosen_ids[first_target:],
+        rejected_sources=[position if position < shared else chosen_inputs + position - shared
+                          for position in range(first_target - 1, rejected_inputs)],
+        rejected_targets=rejected_ids[first_target:],
+    )
+
+
+def _selected_logprob_sums(
+    logits: torch.Tensor, sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """Σ_j log softmax(logits[sources[i][j]])[targets[i][j]] for each i, from flat ``logits`` [N, V].
+
+    Only the rows that predict a scored token are read, and log softmax is taken as
+    logit − logsumexp on them, so no float32 copy of the whole [N, V] logits or log-probs is made
+    (what dominates memory with a large vocabulary).
+    """
+    width = max(len(row) for row in sources)
+    flat_sources = [0] * (len(sources) * width)
+    flat_targets = [0] * (len(sources) * width)
+    flat_mask = [0.0] * (len(sources) * width)
+    for row, (row_sources, row_targets) in enumerate(zip(sources, targets, strict=True)):
+        start = row * width
+        flat_sources[start : start + len(row_sources)] = row_sources
+        flat_targets[start : start + len(row_targets)] = row_targets
+        flat_mask[start : start + len(row_sources)] = [1.0] * len(row_sources)
+    shape = (len(sources), width)
+    source_index = torch.tensor(flat_sources, dtype=torch.long).view(shape).to(logits.device)
+    target_index = torch.tensor(flat_targets, dtype=torch.long).view(shape).to(logits.device)
+    mask = torch.tensor(flat_mask, dtype=torch.float32).view(shape).to(logits.device)
+    selected = logits[source_index].float()  # [rows, width, V]
+    token_logprobs = selected.gather(-1, target_index[..., None]).squeeze(-1) - selected.logsumexp(dim=-1)
+    return (token_logprobs * mask).sum(dim=-1)
+
+
 def pair_sequence_logprobs(
     model: PreTrainedModel,
     chosen: Sequence[EncodedExample],
@@ -245,61 +311,68 @@ def pair_sequence_logprobs(
     pad_id: int,
     max_tokens: int = PAIR_GROUP_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ log π over the chosen and over the rejected completion of each pair, the shared prompt run once.
+    """Σ log π over the chosen and over the rejected completion of each pair, their shared prefix run once.
 
-    Each pair is one row ``prompt + chosen + rejected``. The rejected tokens take the positions that
-    follow the prompt (position ids P, P+1, … like the chosen ones) and a 4-D attention mask keeps them
-    from attending to the chosen tokens, so each completion sees exactly prompt + itself, as in two
-    separate rows, while the prompt's tokens are computed once. The first rejected token is predicted
-    from the prompt's last position. Rows run in length groups (:func:`length_groups`). Differentiable.
+    Each pair is one row: the prefix the two sequences share (the prompt and any common start of the
+    two completions), then the rest of the chosen sequence, then the rest of the rejected one. The
+    rejected tokens take the positions that follow the shared prefix (position ids S, S+1, … like the
+    chosen ones) and a 4-D attention mask keeps them from attending to the chosen tokens, so each
+    sequence sees exactly its own earlier tokens, as in two separate rows, while the shared tokens are
+    computed once (prefix sharing, as in Wang et al. 2024, "Accelerating Direct Preference
+    Optimization with Prefix Sharing"). A completion token in the shared prefix has the same
+    log-prob in both sequences and counts in both sums. The last token of each sequence is only a
+    target and is not fed in. Rows run in length groups (:func:`length_groups`). Differentiable, and
+    the same sums as two separate padded rows per pair up to float rounding.
     """
     implementation = getattr(model.config, "_attn_implementation", "sdpa")
     if implementation not in ("sdpa", "eager"):
         # Kernels without arbitrary masks (flash attention): one row per completion instead.
         scores = grouped_sequence_logprobs(model, [*chosen, *rejected], pad_id, 2 * max_tokens)
         return scores[: len(chosen)], scores[len(chosen) :]
-    lengths = [len(c.token_ids) + r.completion_length for c, r in zip(chosen, rejected, strict=True)]
+    pair_rows = [_pair_row(first, second, index)
+                 for index, (first, second) in enumerate(zip(chosen, rejected, strict=True))]
+    lengths = [len(row.token_ids) for row in pair_rows]
     groups = length_groups(lengths, max_tokens)
-    chosen_parts, rejected_parts = [], []
+    device = model.device
+    parts = []
     for group in groups:
         width = lengths[group[0]]
-        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        segment = torch.full((len(group), width), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 pad
-        position_ids = torch.zeros((len(group), width), dtype=torch.long)
-        source = torch.zeros((len(group), width), dtype=torch.long)  # the position whose logits predict each token
+        # Flat lists, one tensor each: building rows with per-row tensor writes costs more than the pass.
+        token_ids, position_ids, branch = [pad_id] * (len(group) * width), [0] * (len(group) * width), \
+            [3] * (len(group) * width)  # branch 3: pad
+        sources, targets = [], []
         for row, index in enumerate(group):
-            first, second = chosen[index], rejected[index]
-            prompt = first.prompt_length
-            if second.prompt_length != prompt or second.token_ids[:prompt] != first.token_ids[:prompt]:
-                raise ValueError(f"pair {index}: chosen and rejected do not share their prompt tokens")
-            end_chosen, end = len(first.token_ids), lengths[index]
-            input_ids[row, :end] = torch.tensor(first.token_ids + second.token_ids[prompt:], dtype=torch.long)
-            segment[row, :prompt], segment[row, prompt:end_chosen], segment[row, end_chosen:end] = 0, 1, 2
-            position_ids[row, :end_chosen] = torch.arange(end_chosen)
-            position_ids[row, end_chosen:end] = torch.arange(prompt, prompt + end - end_chosen)
-            source[row, 1:end] = torch.arange(end - 1)
-            source[row, end_chosen] = prompt - 1
-        input_ids, segment, position_ids, source = (tensor.to(model.device)
-                                                    for tensor in (input_ids, segment, position_ids, source))
-        causal = torch.ones((width, width), dtype=torch.bool, device=model.device).tril()
+            pair_row, start = pair_rows[index], row * width
+            end = start + lengths[index]
+            token_ids[start:end], position_ids[start:end], branch[start:end] = \
+                pair_row.token_ids, pair_row.position_ids, pair_row.branch
+            sources.append([start + offset for offset in pair_row.chosen_sources])
+            targets.append(pair_row.chosen_targets)
+        for row, index in enumerate(group):
+            pair_row, start = pair_rows[index], row * width
+            sources.append([start + offset for offset in pair_row.rejected_sources])
+            targets.append(pair_row.rejected_targets)
+        shape = (len(group), width)
+        input_ids = torch.tensor(token_ids, dtype=torch.long).view(shape).to(device)
+        position_ids = torch.tensor(position_ids, dtype=torch.long).view(shape).to(device)
+        branches = torch.tensor(branch, dtype=torch.long).view(shape).to(device)
+        causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
         # Pads come last, so causality already hides them from real tokens; pad rows still see earlier
         # tokens, which keeps every softmax row finite.
-        attention_mask = (causal & ~((segment[:, :, None] == 2) & (segment[:, None, :] == 1)))[:, None]
+        attention_mask = (causal & ~((branches[:, :, None] == 2) & (branches[:, None, :] == 1)))[:, None]
         if implementation == "eager":  # eager attention adds the mask to the scores
             blocked = torch.finfo(model.dtype).min
-            attention_mask = torch.zeros(attention_mask.shape, dtype=model.dtype, device=model.device).masked_fill(
+            attention_mask = torch.zeros(attention_mask.shape, dtype=model.dtype, device=device).masked_fill(
                 ~attention_mask, blocked)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).logits
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        rows = torch.arange(len(group), device=model.device)[:, None]
-        token_logprobs = log_probs[rows, source, input_ids]
-        chosen_parts.append((token_logprobs * (segment == 1)).sum(dim=-1))
-        rejected_parts.append((token_logprobs * (segment == 2)).sum(dim=-1))
+        sums = _selected_logprob_sums(logits.reshape(-1, logits.shape[-1]), sources, targets)
+        parts.append(sums.view(2, len(group)))
     position = torch.empty(len(lengths), dtype=torch.long)
     position[torch.tensor([index for group in groups for index in group])] = torch.arange(len(lengths))
-    position = position.to(model.device)
-    return torch.cat(chosen_parts)[position], torch.cat(rejected_parts)[position]
+    position = position.to(device)
+    chosen_sums, rejected_sums = torch.cat(parts, dim=1)
+    return chosen_sums[position], rejected_sums[position]
 
 
 def completion_lengths(examples: Sequence[EncodedExample]) -> torch.Tensor:
