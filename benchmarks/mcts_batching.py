@@ -12,6 +12,9 @@ backend draws a batch's samples from one random stream, so a tree's draws depend
 share its batch; the printed per-run statistics (committed accuracy, nodes per tree) show that the
 two searches are the same algorithm on the same budget.
 
+Both wall time and this process's CPU time are printed: on a machine shared with other work, wall time
+swings with the load, while CPU time (one torch thread) measures the work each search did.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mcts_batching.py [--trees 32] [--policy DIR]
 """
 
@@ -52,14 +55,16 @@ def train_policy(work: Path, steps: int) -> tuple[Path, list[dict]]:
     return store.local_files(policy.ref), rows.to_pylist()
 
 
-def search(backend: HFBackend, rows: list[dict], settings: dict) -> tuple[float, list[mcts.SearchTree], mcts.TreeSearch]:
+def search(backend: HFBackend, rows: list[dict], settings: dict
+           ) -> tuple[tuple[float, float], list[mcts.SearchTree], mcts.TreeSearch]:
+    """Search one tree per row; returns (wall seconds, CPU seconds), the trees and the runner."""
     config = mcts.MCTSConfig(**settings)
     trees = [mcts.SearchTree(tree_id=f"t{i}", prompt_id=r["prompt_id"], prompt=r["prompt"],
                              reference_answer=r["reference_answer"]) for i, r in enumerate(rows)]
     runner = mcts.TreeSearch(backend, config, mcts.answer_line(config.answer_prefix))
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     runner.run(trees)
-    return time.perf_counter() - started, trees, runner
+    return (time.perf_counter() - started, time.process_time() - cpu_started), trees, runner
 
 
 def same_trees(left: list[mcts.SearchTree], right: list[mcts.SearchTree]) -> tuple[bool, str]:
@@ -107,10 +112,11 @@ def main() -> None:
 
         batched_time, batched, batched_runner = search(backend, rows, SEARCH)
         single_time, single, single_runner = search(backend, rows, SEARCH | {"trees_per_batch": 1})
-    print(f"batched        {batched_time:7.2f}s  {describe(batched, batched_runner)}")
-    print(f"one at a time  {single_time:7.2f}s  {describe(single, single_runner)}")
+    print(f"batched        {batched_time[0]:7.2f}s (CPU {batched_time[1]:6.2f}s)  {describe(batched, batched_runner)}")
+    print(f"one at a time  {single_time[0]:7.2f}s (CPU {single_time[1]:6.2f}s)  {describe(single, single_runner)}")
     print(f"same trees at temperature 0 (batched vs one at a time): {same} ({detail})")
-    print(f"speed-up of batched MCTS: {single_time / batched_time:.1f}x")
+    print(f"speed-up of batched MCTS: {single_time[0] / batched_time[0]:.1f}x "
+          f"(CPU time: {single_time[1] / batched_time[1]:.1f}x)")
 
 
 if __name__ == "__main__":

@@ -25,12 +25,15 @@ until the committed path reaches a terminal node. Each simulation:
 After expansion the simulation continues into one new child, chosen by PUCT, so every simulation
 adds one visit along its whole path.
 
-**Batched**: the trees of a batch advance together — each round of simulations selects one leaf per
-tree, then every expansion is one ``generate`` call and every self-evaluation one ``score_logprobs``
-call of the policy backend (:class:`~prefloop.backends.base.PolicyBackend`, so the HF and vLLM
-backends work unchanged). One tree at a time (``trees_per_batch: 1``) is the same algorithm with the
-batch cut to one tree: the trees differ only because the backend draws a batch's samples from one
-random stream (at temperature 0 they are identical; see ``benchmarks/mcts_batching.py``).
+**Batched**: the trees of a batch advance together — each round runs every tree's simulations until
+the tree needs the policy (a leaf to expand; simulations ending at a terminal node or the look-ahead
+limit are backed up at once), then every expansion is one ``generate`` call and every self-evaluation
+one ``score_logprobs`` call of the policy backend (:class:`~prefloop.backends.base.PolicyBackend`, so
+the HF and vLLM backends work unchanged). So no tree sits a round out, and the k-th call holds every
+tree that needs more than k expansions. One tree at a time (``trees_per_batch: 1``) is the same
+algorithm with the batch cut to one tree: the trees differ only because the backend draws a batch's
+samples from one random stream (at temperature 0 they are identical; see
+``benchmarks/mcts_batching.py``).
 
 Every node of every tree is written to the ``trees`` table (visits, Q, V, R, prior, self-evaluation,
 committed path, the tree's final status), so ``pair-trees`` derives preference pairs — and can
@@ -281,7 +284,7 @@ def commit(tree: SearchTree) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The batched search: one generate and one score call per round of simulations.
+# The batched search: one generate and one score call per round (every tree to its next expansion).
 
 
 @dataclass
@@ -330,23 +333,37 @@ class TreeSearch:
         return self.config.simulations
 
     def simulate(self, trees: list[SearchTree]) -> None:
-        """One simulation in each tree: select, expand all leaves in one batch, evaluate, back up, commit."""
+        """Advance every tree to its next expansion, then expand all those leaves in one batch.
+
+        A simulation whose leaf needs no policy call (terminal, or at the look-ahead limit) is backed up at
+        once and the tree goes on to its next simulation, so no tree sits out a round: every generate call
+        carries one leaf of every tree still searching (fewer, fuller calls). Each tree's own sequence of
+        simulations is unchanged — trees are independent — so the trees are the same as one at a time.
+        """
         config = self.config
-        paths = [select_path(tree, config.c_puct, config.lookahead_depth) for tree in trees]
-        expanding = [(tree, path) for tree, path in zip(trees, paths, strict=True)
-                     if needs_expansion(tree, path[-1], config.lookahead_depth)]
-        if expanding:
-            self._expand(expanding)
-        expanded_now = {id(tree) for tree, _ in expanding}
-        for tree, path in zip(trees, paths, strict=True):
-            if id(tree) in expanded_now:
-                # The simulation goes on into one of the new children, so it adds a visit to it.
-                path.append(select_child(tree, path[-1], config.c_puct))
-            backup(tree, path)
-            tree.simulations_done += 1
-            self.counters.simulations += 1
-            if tree.simulations_done >= self.budget(tree):
-                commit(tree)
+        expanding: list[tuple[SearchTree, list[int]]] = []
+        for tree in trees:
+            while not tree.done:
+                path = select_path(tree, config.c_puct, config.lookahead_depth)
+                if needs_expansion(tree, path[-1], config.lookahead_depth):
+                    expanding.append((tree, path))
+                    break
+                self._finish_simulation(tree, path)
+        if not expanding:
+            return
+        self._expand(expanding)
+        for tree, path in expanding:
+            # The simulation goes on into one of the new children, so it adds a visit to it.
+            path.append(select_child(tree, path[-1], config.c_puct))
+            self._finish_simulation(tree, path)
+
+    def _finish_simulation(self, tree: SearchTree, path: list[int]) -> None:
+        """Back up one simulation's path; commit when the decision's budget is spent."""
+        backup(tree, path)
+        tree.simulations_done += 1
+        self.counters.simulations += 1
+        if tree.simulations_done >= self.budget(tree):
+            commit(tree)
 
     def _expand(self, expanding: list[tuple[SearchTree, list[int]]]) -> None:
         config = self.config

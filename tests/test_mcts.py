@@ -264,6 +264,23 @@ def test_batched_and_one_tree_at_a_time_build_the_same_trees():
     assert sum(batched_policy.generate_calls) == sum(single_policy.generate_calls)
 
 
+def test_every_generate_call_carries_every_tree_still_searching():
+    """A simulation that needs no policy call is backed up at once and its tree goes on to its next one, so
+    the k-th generate call holds exactly the trees that need more than k expansions (no tree sits a round
+    out): as many calls as the deepest tree needs alone."""
+    prompts = [("3+4-2=?\n", "5"), ("9-1+1=?\n", "9"), ("2+2=?\n", "4"), ("7-3-1+5=?\n", "8"),
+               ("1+1+1+1+1=?\n", "5")]
+    alone = []
+    for i, (p, a) in enumerate(prompts):
+        policy = ScriptedPolicy()
+        TreeSearch(policy, MCTSConfig(**SCRIPT_CONFIG), extract_answer).run([_tree(p, a, str(i))])
+        alone.append(len(policy.generate_calls))
+    batched = ScriptedPolicy()
+    TreeSearch(batched, MCTSConfig(**SCRIPT_CONFIG), extract_answer).run(
+        [_tree(p, a, str(i)) for i, (p, a) in enumerate(prompts)])
+    assert batched.generate_calls == [sum(calls > k for calls in alone) for k in range(max(alone))]
+
+
 @pytest.mark.parametrize(("kinds", "status"), [(("empty",), "empty_step"), (("truncated",), "truncated_step"),
                                                (("wrong",), "incorrect")])
 def test_bad_policies_end_trees_with_a_named_status(kinds, status):
@@ -443,3 +460,37 @@ def test_loop_with_construction_mcts_runs_mcts_then_pair_trees(store):
     trees = store.resolve("tiny-mcts/round-1/trees")
     pairs = store.read_table(store.resolve("tiny-mcts/round-1/preferences"))
     assert trees.kind == "trees" and set(pairs.column("method").to_pylist()) <= {"mcts_step"}
+
+
+def test_hf_self_evaluation_scores_one_row_per_prompt_with_the_pairwise_numbers():
+    """score_logprobs shares a forward row between pairs with the same input (a prompt and its one-token
+    answers): the self-evaluation of N nodes costs N rows, not 2N, with the log-probs of scoring each pair alone."""
+    import torch
+
+    from prefloop.backends.base import yes_probability
+    from prefloop.backends.hf import HFBackend, completion_logprobs, encode_completion, pad_right
+    from prefloop.embedded.model import TinyLlamaConfig, build_model
+    from prefloop.embedded.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = TinyLlamaConfig(**TINY_MODEL)
+    backend = HFBackend(build_model(config, len(tokenizer), seed=0, tokenizer=tokenizer).eval(), tokenizer, 64)
+    prompts = ["1+2=?\n1+2=3\n?", "15-3+4=?\n15-3=12\n?", "7+7=?\n?", "3-1=?\n3-1=2\nA:2\n?"]
+    answers = ["A", "?", "1+2=3", ""]
+    pairs = [(prompt, answer) for prompt in prompts for answer in answers]
+    rows = []
+    forward = backend.model.forward
+    backend.model.forward = lambda *args, **kwargs: rows.append(kwargs["input_ids"].shape[0]) or forward(*args, **kwargs)
+    scores = backend.score_logprobs([p for p, _ in pairs], [a for _, a in pairs])
+    # Per prompt one row for both one-token answers, one for the longer one; the empty answer needs none.
+    assert rows == [2 * len(prompts)]
+    backend.model.forward = forward
+    with torch.inference_mode():
+        for (prompt, answer), score in zip(pairs, scores, strict=True):
+            ids, prompt_length = encode_completion(tokenizer, prompt, answer, append_eos=False)
+            alone = completion_logprobs(backend.model, *pad_right([ids], [prompt_length], backend._pad_id)).item()
+            assert score == pytest.approx(alone, abs=1e-5)
+    rows.clear()
+    backend.model.forward = lambda *args, **kwargs: rows.append(kwargs["input_ids"].shape[0]) or forward(*args, **kwargs)
+    yes_probability(backend, prompts, "A", "?")
+    assert rows == [len(prompts)]

@@ -11,6 +11,7 @@ the training loop, so scoring and training see exactly the same tokens and posit
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,27 @@ def _choose_tokens(logits: torch.Tensor, params: GenerationParams, generator: to
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
 
 
+def _fast_decoder(tokenizer: PreTrainedTokenizerBase):
+    """``tokenizer.decode(ids, skip_special_tokens=False)``, straight from the Rust tokenizer where that is
+    what the transformers wrapper would do anyway (a fast tokenizer without its own ``_decode`` and with
+    no clean-up of tokenization spaces): the wrapper costs ~40 µs a call, and the stop-string check decodes
+    every row after every token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        plain = importlib.import_module("transformers.tokenization_utils_tokenizers").TokenizersBackend
+    except (ImportError, AttributeError):  # another transformers layout: keep the wrapper
+        plain = None
+    if (
+        backend is not None
+        and plain is not None
+        and type(tokenizer)._decode is plain._decode
+        and type(tokenizer).decode is plain.decode
+        and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+    ):
+        return lambda token_ids: backend.decode(token_ids, skip_special_tokens=False)
+    return lambda token_ids: tokenizer.decode(token_ids, skip_special_tokens=False)
+
+
 @dataclass
 class _Row:
     """A sequence being generated."""
@@ -118,13 +140,25 @@ class HFBackend:
         self.batch_size = batch_size
         window = getattr(model.config, "max_position_embeddings", None)
         self.context_window: int | None = int(window) if window else None
+        self._decode_ids = _fast_decoder(tokenizer)
+        self._eos_id = int(tokenizer.eos_token_id)  # read per sampled token: the tokenizer's getattr is slow
 
     def close(self) -> None:
         """Nothing to release (the model lives in this process); present so stages close any backend."""
 
     def prompt_lengths(self, prompts: list[str]) -> list[int]:
         """Tokens of each prompt as generation sees it (special tokens included)."""
-        return [len(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]) for prompt in prompts]
+        return [len(ids) for ids in self._encode(prompts, special_tokens=True)]
+
+    def _encode(self, texts: list[str], special_tokens: bool) -> list[list[int]]:
+        """Token ids of each text, each distinct text encoded once, all in one tokenizer call (the same ids
+        as encoding them one by one: a fast tokenizer encodes a list text by text)."""
+        distinct = list(dict.fromkeys(texts))
+        if not distinct:
+            return []
+        encoded = dict(zip(distinct, self.tokenizer(distinct, add_special_tokens=special_tokens)["input_ids"],
+                           strict=True))
+        return [encoded[text] for text in texts]
 
     def _check_context(self, lengths: list[int], what: str, room: int) -> None:
         if self.context_window is None:
@@ -157,8 +191,9 @@ class HFBackend:
         Raises :class:`ContextWindowError` (with the offending prompt indices) when a prompt leaves no
         room for a new token in the context window.
         """
-        self._check_context(self.prompt_lengths(prompts), "prompts", room=1)
-        jobs = [prompt for prompt in prompts for _ in range(params.n)]
+        encoded = self._encode(prompts, special_tokens=True)  # once per prompt, not once per sample
+        self._check_context([len(ids) for ids in encoded], "prompts", room=1)
+        jobs = [ids for ids in encoded for _ in range(params.n)]
         generator = torch.Generator().manual_seed(params.seed)
         flat: list[Completion] = []
         for start in range(0, len(jobs), self.batch_size):
@@ -170,34 +205,58 @@ class HFBackend:
     def score_logprobs(
         self, prompts: list[str], continuations: list[str], progress: ProgressCallback | None = None
     ) -> list[float]:
-        """Σ log π(continuation | prompt) per pair (no eos appended), batched with right padding."""
+        """Σ log π(continuation | prompt) per pair (no eos appended), batched with right padding.
+
+        The tokens are those of ``encode_completion`` (prompt with special tokens, continuation without).
+        A pair needs the logits at its continuation's positions only, i.e. one forward pass over its
+        sequence without the last token; pairs with the same such input share one row of the batch, so
+        scoring several one-token answers to one prompt (a yes/no self-evaluation) costs one row, not two.
+        """
         if len(prompts) != len(continuations):
             raise ValueError(f"got {len(prompts)} prompts but {len(continuations)} continuations")
-        scores: list[float] = []
-        for start in range(0, len(prompts), self.batch_size):
-            encoded = [
-                encode_completion(self.tokenizer, prompt, continuation, append_eos=False)
-                for prompt, continuation in zip(
-                    prompts[start : start + self.batch_size],
-                    continuations[start : start + self.batch_size],
-                    strict=True,
-                )
-            ]
-            self._check_context([len(ids) for ids, _ in encoded], "prompt + continuation pairs", room=0)
-            batch = pad_right([ids for ids, _ in encoded], [length for _, length in encoded], self._pad_id)
+        prompt_ids = self._encode(prompts, special_tokens=True)
+        sequences = [ids + more for ids, more in zip(prompt_ids, self._encode(continuations, False), strict=True)]
+        starts = [len(ids) for ids in prompt_ids]
+        self._check_context([len(sequence) for sequence in sequences], "prompt + continuation pairs", room=0)
+        # Token t of a pair's sequence is scored by the logits at t − 1, for its continuation tokens (as in
+        # completion_logprobs, a first token with no position before it is not scored; a pair with nothing
+        # to score sums to 0 and needs no row).
+        scored = [range(max(start, 1), len(sequence)) for start, sequence in zip(starts, sequences, strict=True)]
+        rows: dict[tuple[int, ...], list[int]] = {}
+        for pair, sequence in enumerate(sequences):
+            if scored[pair]:
+                rows.setdefault(tuple(sequence[:-1]), []).append(pair)
+        inputs = list(rows.items())
+        scores = [0.0] * len(prompts)
+        done = len(prompts) - sum(len(pairs) for pairs in rows.values())
+        for start in range(0, len(inputs), self.batch_size):
+            chunk = inputs[start : start + self.batch_size]
+            input_ids, attention_mask, _ = pad_right([ids for ids, _ in chunk], [0] * len(chunk), self._pad_id)
+            batch_rows, positions, targets, owners = [], [], [], []
+            for offset, (_, pairs) in enumerate(chunk):
+                for pair in pairs:
+                    for t in scored[pair]:
+                        batch_rows.append(offset)
+                        positions.append(t - 1)
+                        targets.append(sequences[pair][t])
+                        owners.append(pair)
             with torch.inference_mode():
-                scores.extend(completion_logprobs(self.model, *batch).tolist())
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                picked = logits[torch.tensor(batch_rows), torch.tensor(positions)].float()
+                token_logprobs = torch.log_softmax(picked, dim=-1).gather(-1, torch.tensor(targets)[:, None])[:, 0]
+            for pair, value in zip(owners, token_logprobs.tolist(), strict=True):
+                scores[pair] += value
+            done += sum(len(pairs) for _, pairs in chunk)
             if progress is not None:
-                progress(len(scores), len(prompts))
+                progress(done, len(prompts))
         return scores
 
     @property
     def _pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
-    def _encode_prompts_left_padded(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _left_padded(self, encoded: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and attention mask, whatever the tokenizer's own padding side."""
-        encoded = [self.tokenizer(prompt, add_special_tokens=True)["input_ids"] for prompt in prompts]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), self._pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -207,10 +266,10 @@ class HFBackend:
         return input_ids, attention_mask
 
     def _generate_batch(
-        self, prompts: list[str], params: GenerationParams, generator: torch.Generator
+        self, prompts: list[list[int]], params: GenerationParams, generator: torch.Generator
     ) -> list[Completion]:
-        """Decode one batch token by token, retiring rows as they stop."""
-        input_ids, attention_mask = self._encode_prompts_left_padded(prompts)
+        """Decode one batch of encoded prompts token by token, retiring rows as they stop."""
+        input_ids, attention_mask = self._left_padded(prompts)
         # Positions count real tokens only, so a left-padded prompt sees the same positions as alone.
         position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
         room = [params.max_new_tokens] * len(prompts)
@@ -257,13 +316,13 @@ class HFBackend:
 
     def _advance(self, row: _Row, token: int, logprob: float, params: GenerationParams) -> bool:
         """Append a token to a row; return True (and set ``row.completion``) when the row is finished."""
-        if token == self.tokenizer.eos_token_id:
+        if token == self._eos_id:
             row.completion = self._finish(row, len(row.token_ids), None, "stop")
             return True
         row.token_ids.append(token)
         row.token_logprobs.append(logprob)
         if params.stop:
-            text = self.tokenizer.decode(row.token_ids, skip_special_tokens=False)
+            text = self._decode(row.token_ids)
             cut = min((index for stop in params.stop if (index := text.find(stop)) >= 0), default=-1)
             if cut >= 0:
                 row.completion = self._finish(row, self._tokens_within(row.token_ids, cut), text[:cut], "stop")
@@ -281,7 +340,7 @@ class HFBackend:
         return count
 
     def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+        return self._decode_ids(token_ids)
 
     def _finish(self, row: _Row, num_tokens: int, text: str | None, reason: str) -> Completion:
         kept = row.token_ids[:num_tokens]
