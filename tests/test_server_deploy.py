@@ -49,7 +49,7 @@ def test_deployments_run_on_a_worker(server):
     workers = [deploy.start_worker(pool, url, log=tmp_path / f"worker-{pool}.log") for pool in ("cpu", "gpu")]
     try:
         from prefect import get_client
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
         from prefect.deployments import run_deployment
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -65,6 +65,13 @@ def test_deployments_run_on_a_worker(server):
             with get_client(sync_client=True) as client:
                 children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                     parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+                # The Prefect artifacts on the loop's run: the round report, the run summary and report,
+                # and a table per stage computed in the loop's own run (prompts, label, construct, filter).
+                artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        keys = {artifact.key for artifact in artifacts if artifact.key}
+        assert {"smoke-round-1-report", "smoke-summary", "smoke-report", "smoke-round-1-preferences"} <= keys, keys
+        summary = next(a for a in artifacts if a.key == "smoke-summary")
+        assert summary.type == "table" and "round" in str(summary.data), summary.data
         refs = ArtifactStore(store).refs("smoke/")
         assert "smoke/round-1/metrics" in refs and "smoke/round-1/policy" in refs
         # sft, the round-0 evaluation, sample, the reference log-probs, train and the round-1
