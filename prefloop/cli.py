@@ -91,7 +91,7 @@ def run(
     store: StoreOption = None,
 ) -> None:
     """Run the whole multi-round loop as a Prefect flow; finished stages are looked up, not recomputed."""
-    from prefloop.orchestration import local_flow_settings, start_ephemeral_server_early
+    from prefloop.orchestration import run_flow_locally, start_ephemeral_server_early
 
     start_ephemeral_server_early()  # overlaps the imports below
     from prefloop.config import load_loop_config
@@ -102,8 +102,8 @@ def run(
         target = _store(store)
         _install_progress()
         reward_ref = str(target.resolve(reward_model)) if reward_model else None
-        with local_flow_settings():
-            summary = loop_flow(loop_config, store=target.uri, reward_model=reward_ref)
+        summary = run_flow_locally(loop_flow, loop_config, store=target.uri, reward_model=reward_ref,
+                                   expected_task_runs=lambda result: len(result.stages))
     stages = summary.stages
     cached = sum(s.cached for s in stages)
     console.print(round_table(target, loop_config.name))
@@ -324,7 +324,7 @@ def data(
 ) -> None:
     """The data-only flow: (import →) label → construct → filter → export. No training, no GPU."""
     from prefloop.flows.data import DataConfig, data_flow, load_data_config, run_data
-    from prefloop.orchestration import local_flow_settings
+    from prefloop.orchestration import run_flow_locally
 
     with _friendly_errors():
         data_config = load_data_config(config, name=name) if config else DataConfig(**({"name": name} if name else {}))
@@ -332,8 +332,7 @@ def data(
         _install_progress()
         arguments = (data_config, target.uri, prompts, samples, str(out) if out else None)
         if use_prefect:
-            with local_flow_settings():
-                summary = data_flow(*arguments)
+            summary = run_flow_locally(data_flow, *arguments, expected_task_runs=lambda result: len(result.stages))
         else:
             summary = run_data(*arguments)
     table = Table("stage", "artifact", "status", "rows", "dropped", title=f"data-only run '{summary.name}'")

@@ -276,6 +276,46 @@ def local_flow_settings() -> Iterator[None]:
         yield
 
 
+def run_flow_locally(flow: Callable[..., Any], *args: Any, expected_task_runs: Callable[[Any], int] | None = None,
+                     **kwargs: Any) -> Any:
+    """Run ``flow`` in this process (with :func:`local_flow_settings`) and return its result.
+
+    Against the ephemeral server, whose database outlives it in ``PREFECT_HOME`` (a later
+    ``prefloop server`` shows these runs), this also waits until the server has recorded every task
+    run in a final state: the client sends task-run states as events that the server records in the
+    background, and stopping it mid-flush loses the last ones (and prints the server's errors).
+    ``expected_task_runs(result)`` says how many task runs the flow made.
+    """
+    with local_flow_settings():
+        state = flow(*args, return_state=True, **kwargs)
+    result = state.result()  # raises the flow's exception when it failed
+    _let_ephemeral_server_record(state.state_details.flow_run_id,
+                                 expected_task_runs(result) if expected_task_runs else 0)
+    return result
+
+
+def _let_ephemeral_server_record(flow_run_id: Any, expected: int, timeout_s: float = 10.0) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value() or flow_run_id is None:
+        return  # a real server outlives this process and records everything in its own time
+    EventsWorker.drain_all(timeout=timeout_s)
+    APILogWorker.drain_all(timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if len(runs) >= expected and all(run.state is not None and run.state.is_final() for run in runs):
+                return
+            time.sleep(0.1)
+    _logger().warning("the local Prefect server had not recorded every task run of flow run %s after %.0f s; "
+                      "the UI may show some of them unfinished", flow_run_id, timeout_s)
+
+
 def publish_round_report(store: str, run: str, round_index: int) -> None:
     """A round's report (metrics ± SE, drops by reason, what is missing) as a Prefect markdown artifact."""
     from prefloop.report import load_run, round_markdown
