@@ -190,8 +190,11 @@ def sequence_logprobs(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
 
 # Padded tokens per forward pass when a batch is split into length groups. Smaller groups waste less
 # on padding but pay Python and kernel-launch overhead per pass; on the embedded model, 1024 tokens
-# for single rows and 512 for prompt-sharing pair rows (32 pairs: 4-6 passes) measured fastest
-# (fwd + bwd of one batch; benchmarks/trainer_vs_trl.py times whole runs).
+# for single rows and 512 for prefix-sharing pair rows (32 pairs: 4-6 passes) measured fastest
+# (fwd + bwd of one batch, 256 to 1024 within noise of each other; benchmarks/trainer_vs_trl.py
+# times whole runs). Packing several short pair rows into one row (first-fit decreasing) saved no
+# padding over these groups on the benchmark's data and was slower: one wide row makes attention
+# quadratic in its width.
 GROUP_TOKENS = 1024
 PAIR_GROUP_TOKENS = 512
 INFERENCE_GROUP_TOKENS = 8192
@@ -299,7 +302,9 @@ def _selected_logprob_sums(
     source_index = torch.tensor(flat_sources, dtype=torch.long).view(shape).to(logits.device)
     target_index = torch.tensor(flat_targets, dtype=torch.long).view(shape).to(logits.device)
     mask = torch.tensor(flat_mask, dtype=torch.float32).view(shape).to(logits.device)
-    selected = logits[source_index].float()  # [rows, width, V]
+    selected = logits[source_index]  # [rows, width, V]
+    if selected.dtype in (torch.float16, torch.bfloat16):  # reduced-precision logits: log-probs in float32
+        selected = selected.float()
     token_logprobs = selected.gather(-1, target_index[..., None]).squeeze(-1) - selected.logsumexp(dim=-1)
     return (token_logprobs * mask).sum(dim=-1)
 
