@@ -133,7 +133,9 @@ class LossSpec:
     """What a registered loss needs, so the trainer can prepare its inputs without knowing its name.
 
     ``needs_kl_to_reference``: the trainer must run the reference on every batch and fill
-    ``chosen_kl``/``rejected_kl`` (TDPO). ``uses_label_flip_rate``: the loss reads ε, globally or per pair.
+    ``chosen_kl``/``rejected_kl`` (TDPO). ``uses_label_flip_rate``: the loss reads ε, globally or per pair;
+    ``label_flip_rate_may_be_half``: ε = 0.5 (a label that carries no information) is valid (cdpo), else ε
+    must stay below 0.5 (rdpo divides by 1 − 2ε).
     """
 
     name: str
@@ -142,6 +144,7 @@ class LossSpec:
     needs_rejected: bool
     needs_kl_to_reference: bool = False
     uses_label_flip_rate: bool = False
+    label_flip_rate_may_be_half: bool = False
 
     def required_fields(self) -> tuple[str, ...]:
         required: list[str] = []
@@ -189,6 +192,7 @@ def _register(
     needs_rejected: bool = True,
     needs_kl_to_reference: bool = False,
     uses_label_flip_rate: bool = False,
+    label_flip_rate_may_be_half: bool = False,
 ) -> Callable[[LossFunction], LossFunction]:
     """Register a loss under ``name``; the registered function checks its inputs against the spec first."""
 
@@ -199,6 +203,7 @@ def _register(
             "needs_rejected": needs_rejected,
             "needs_kl_to_reference": needs_kl_to_reference,
             "uses_label_flip_rate": uses_label_flip_rate,
+            "label_flip_rate_may_be_half": label_flip_rate_may_be_half,
         }
 
         @functools.wraps(function)
@@ -235,10 +240,10 @@ def _label_flip_rate(
     logps: SequenceLogps,
     hyperparameters: LossHyperparameters,
     loss_name: str,
-    upper: float,
-    upper_included: bool,
 ) -> torch.Tensor | float:
-    """The per-pair ε when given (checked to lie in [0, upper]), else the global one."""
+    """The per-pair ε when given, else the global one; checked to lie in [0, 0.5], or [0, 0.5) when the
+    loss's spec does not allow ε = 0.5."""
+    upper, upper_included = 0.5, LOSS_SPECS[loss_name].label_flip_rate_may_be_half
     if logps.label_flip_rate is None:
         epsilon = hyperparameters.label_flip_rate
         if epsilon > upper or (epsilon == upper and not upper_included):
@@ -293,7 +298,7 @@ def sigmoid_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> 
     return LossOutput(losses=losses, **_rewards(chosen, rejected, beta))
 
 
-@_register("cdpo", needs_reference=True, uses_label_flip_rate=True)
+@_register("cdpo", needs_reference=True, uses_label_flip_rate=True, label_flip_rate_may_be_half=True)
 def conservative_dpo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> LossOutput:
     """Conservative DPO (label smoothing), Mitchell 2023, "A note on DPO with noisy preferences &
     relationship to IPO":
@@ -304,7 +309,7 @@ def conservative_dpo_loss(logps: SequenceLogps, hyperparameters: LossHyperparame
     (``label_flip_rate``) or per pair (``SequenceLogps.label_flip_rate``, e.g. MCTS-DPO's
     ε = min(1 − conf, 0.5) from visit counts, Xie et al. 2024), each in [0, 0.5].
     """
-    epsilon = _label_flip_rate(logps, hyperparameters, "cdpo", upper=0.5, upper_included=True)
+    epsilon = _label_flip_rate(logps, hyperparameters, "cdpo")
     chosen, rejected = _log_ratios(logps, hyperparameters)
     logits = hyperparameters.beta * (chosen - rejected)
     losses = -(1 - epsilon) * torch.nn.functional.logsigmoid(logits) - epsilon * torch.nn.functional.logsigmoid(-logits)
@@ -321,7 +326,7 @@ def robust_dpo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) 
     an unbiased estimate of the clean DPO loss when each label is flipped with probability ε < 1/2;
     ε is the filter stage's flip-rate estimate (global ``label_flip_rate``) or given per pair.
     """
-    epsilon = _label_flip_rate(logps, hyperparameters, "rdpo", upper=0.5, upper_included=False)
+    epsilon = _label_flip_rate(logps, hyperparameters, "rdpo")
     chosen, rejected = _log_ratios(logps, hyperparameters)
     logits = hyperparameters.beta * (chosen - rejected)
     losses = (-(1 - epsilon) * torch.nn.functional.logsigmoid(logits) + epsilon * torch.nn.functional.logsigmoid(-logits)) / (1 - 2 * epsilon)

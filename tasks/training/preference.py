@@ -173,20 +173,9 @@ def margin_curriculum(margins: list[float | None], seed: int) -> list[int]:
 
 
 def flip_rate_ceiling(loss: str, below_half: float) -> float:
-    """The largest ε the loss ``loss`` accepts: 0.5 when it takes 0.5 (cdpo: a label that carries no
-    information), else ``below_half`` (rdpo: ε must stay below 0.5). A ``LossSpec`` says that a loss reads
-    ε, not its range, so the loss itself is asked, on one pair of zeros."""
-    from prefloop.tasks.training.losses import LossHyperparameters, SequenceLogps
-
-    zero, one = torch.zeros(1), torch.ones(1)
-    probe = SequenceLogps(policy_chosen=zero, chosen_lengths=one, policy_rejected=zero, reference_chosen=zero,
-                          reference_rejected=zero, rejected_lengths=one, chosen_kl=zero, rejected_kl=zero,
-                          label_flip_rate=torch.full((1,), 0.5))
-    try:
-        get_loss_spec(loss)(probe, LossHyperparameters())
-    except ValueError:
-        return below_half
-    return 0.5
+    """The largest ε the loss ``loss`` accepts: 0.5 when its spec allows it (cdpo: a label that carries no
+    information), else ``below_half`` (rdpo: ε must stay below 0.5)."""
+    return 0.5 if get_loss_spec(loss).label_flip_rate_may_be_half else below_half
 
 
 def label_flip_rates(
