@@ -88,22 +88,30 @@ def run(
     name: Annotated[str | None, typer.Option(help="run name: refs go under NAME/ (default: the config's)")] = None,
     reward_model: Annotated[str | None, typer.Option(
         help="model artifact (ref or id) of a reward model: every evaluation then reports its mean reward")] = None,
+    use_prefect: Annotated[bool, typer.Option(
+        "--prefect/--no-prefect", help="run as a Prefect flow (default) or call the stages directly: the same "
+        "artifacts, no run in Prefect's UI, and no wait for Prefect's throw-away local server when "
+        "PREFECT_API_URL names none")] = True,
     store: StoreOption = None,
 ) -> None:
     """Run the whole multi-round loop as a Prefect flow; finished stages are looked up, not recomputed."""
     from prefloop.orchestration import run_flow_locally, start_ephemeral_server_early
 
-    start_ephemeral_server_early()  # overlaps the imports below
+    if use_prefect:
+        start_ephemeral_server_early()  # overlaps the imports below
     from prefloop.config import load_loop_config
-    from prefloop.flows.loop import loop_flow
+    from prefloop.flows.loop import loop_flow, run_loop
 
     with _friendly_errors():
         loop_config = load_loop_config(config, rounds=rounds, name=name)
         target = _store(store)
         _install_progress()
         reward_ref = str(target.resolve(reward_model)) if reward_model else None
-        summary = run_flow_locally(loop_flow, loop_config, store=target.uri, reward_model=reward_ref,
-                                   expected_task_runs=lambda result: len(result.stages))
+        if use_prefect:
+            summary = run_flow_locally(loop_flow, loop_config, store=target.uri, reward_model=reward_ref,
+                                       expected_task_runs=lambda result: len(result.stages))
+        else:
+            summary = run_loop(loop_config, target.uri, reward_ref)
     stages = summary.stages
     cached = sum(s.cached for s in stages)
     console.print(round_table(target, loop_config.name))

@@ -69,6 +69,13 @@ def test_rerun_recomputes_nothing(smoke):
     assert "Cached" in asyncio.run(state_names())
 
 
+def test_rerun_without_prefect_looks_up_the_same_artifacts(smoke):
+    store_path, _ = smoke
+    result = cli("run", "--config", ROOT / "configs/smoke.yaml", "--store", store_path, "--no-prefect")
+    assert result.exit_code == 0, result.output
+    assert "18 stages: 0 computed, 18 cached" in result.output
+
+
 def test_stage_runs_alone_and_is_cached(smoke):
     store_path, _ = smoke
     # The loop's filter is decontaminated against the evaluation prompts: the same inputs here.
