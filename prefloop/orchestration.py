@@ -289,12 +289,12 @@ def run_flow_locally(flow: Callable[..., Any], *args: Any, expected_task_runs: C
     with local_flow_settings():
         state = flow(*args, return_state=True, **kwargs)
     result = state.result()  # raises the flow's exception when it failed
-    _let_ephemeral_server_record(state.state_details.flow_run_id,
+    wait_until_recorded(state.state_details.flow_run_id,
                                  expected_task_runs(result) if expected_task_runs else 0)
     return result
 
 
-def _let_ephemeral_server_record(flow_run_id: Any, expected: int, timeout_s: float = 10.0) -> None:
+def wait_until_recorded(flow_run_id: Any, expected: int, timeout_s: float = 10.0) -> None:
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.events.worker import EventsWorker

@@ -80,8 +80,8 @@ def test_waits_until_the_server_shows_every_task_run_final(monkeypatch):
     monkeypatch.setattr(APILogWorker, "drain_all", classmethod(lambda cls, timeout=None: None))
     monkeypatch.setattr(orchestration.time, "sleep", lambda seconds: None)
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        orchestration._let_ephemeral_server_record(uuid.UUID(int=7), expected=2)
+        orchestration.wait_until_recorded(uuid.UUID(int=7), expected=2)
     assert len(reads) == 4  # returned at the first view with both task runs final
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
-        orchestration._let_ephemeral_server_record(uuid.UUID(int=7), expected=2)
+        orchestration.wait_until_recorded(uuid.UUID(int=7), expected=2)
     assert len(reads) == 4  # a real server outlives the process: no wait

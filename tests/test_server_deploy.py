@@ -49,7 +49,11 @@ def test_deployments_run_on_a_worker(server):
     workers = [deploy.start_worker(pool, url, log=tmp_path / f"worker-{pool}.log") for pool in ("cpu", "gpu")]
     try:
         from prefect import get_client
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterId,
+            FlowRunFilterParentFlowRunId,
+        )
         from prefect.deployments import run_deployment
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
