@@ -35,7 +35,9 @@ def ephemeral():
         yield
 
 
-def test_run_flow_locally_returns_after_the_server_recorded_every_task_run(ephemeral):
+def test_run_flow_locally_returns_the_result_with_every_task_run_recorded(ephemeral):
+    """End to end on the ephemeral server (the wait itself is pinned down by the fake-client test below,
+    since a real server usually records a run this small before anyone looks)."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 

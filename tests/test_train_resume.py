@@ -7,10 +7,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from helpers import artifact_checksums
+from helpers import arithmetic_pairs, artifact_checksums
 
 from prefloop.datasets_spec import PREFERENCES
-from prefloop.embedded.arithmetic import make_problems
 from prefloop.stage import StageConfig, StageInputError, StageOutput, StageSpec, execute, set_progress_factory
 from prefloop.storage import ArtifactStore, TamperedArtifactError
 from prefloop.tasks import prompts
@@ -24,19 +23,6 @@ TRAIN = {"training": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-3, "c
 
 class Empty(StageConfig):
     pass
-
-
-def pairs_table(count: int, seed: int = 1) -> pa.Table:
-    """Gold solution as chosen, the same solution with a wrong final answer as rejected."""
-    problems = make_problems(count, seed=seed)
-    return pa.table({
-        "pair_id": [f"pair-{seed}-{i}" for i in range(count)],
-        "prompt_id": [f"prompt-{seed}-{i}" for i in range(count)],
-        "prompt": [p.prompt for p in problems],
-        "chosen": [p.solution for p in problems],
-        "rejected": [p.solution.rsplit("A:", 1)[0] + f"A:{int(p.answer) + 1}" for p in problems],
-        "margin": [float(i % 3) for i in range(count)],
-    })
 
 
 def put_pairs(store: ArtifactStore, table: pa.Table, name: str = "pairs"):
@@ -53,7 +39,7 @@ def inputs(tmp_path_factory):
     made = prompts.run({}, {"n_train": 16, "n_heldout": 0, "task": {"min_ops": 1, "max_ops": 1}}, store)
     model = sft.run({"prompts": made.output}, {"model": TINY_MODEL, "training": {"max_steps": 3, "batch_size": 8}},
                     store)
-    pairs = put_pairs(store, pairs_table(16))
+    pairs = put_pairs(store, arithmetic_pairs(16))
     return root, {"preferences": pairs.output, "policy": model.output, "reference": model.output}
 
 
@@ -169,7 +155,7 @@ def _nothing_written(store: ArtifactStore, before: set) -> bool:
 
 def test_preferences_with_the_wrong_schema_are_refused(copy_of) -> None:
     store, train_inputs = copy_of()
-    broken = pairs_table(4).drop_columns(["chosen"])
+    broken = arithmetic_pairs(4).drop_columns(["chosen"])
     with store.writer("preferences", "hand-broken") as writer:
         writer.write_table(broken, "data", PREFERENCES.schema_id, PREFERENCES.version)
         writer.commit(stage="hand", stage_version="1")

@@ -16,10 +16,10 @@ import math
 import pyarrow as pa
 import pytest
 import torch
+from helpers import arithmetic_pairs
 
 from prefloop.datasets_spec import PREFERENCES
 from prefloop.datasets_spec.schemas import REFERENCE_LOGPS
-from prefloop.embedded.arithmetic import make_problems
 from prefloop.stage import (
     StageConfig,
     StageOutput,
@@ -59,17 +59,7 @@ def put(store: ArtifactStore, name: str, kind: str, table: pa.Table, table_spec,
 
 
 def pairs_table(confidence: list[float | None]) -> pa.Table:
-    """Gold solution as chosen, the same solution with a wrong final answer as rejected."""
-    problems = make_problems(PAIRS, seed=1)
-    return pa.table({
-        "pair_id": [f"pair-{i}" for i in range(PAIRS)],
-        "prompt_id": [f"prompt-{i}" for i in range(PAIRS)],
-        "prompt": [p.prompt for p in problems],
-        "chosen": [p.solution for p in problems],
-        "rejected": [p.solution.rsplit("A:", 1)[0] + f"A:{int(p.answer) + 1}" for p in problems],
-        "margin": [1.0] * PAIRS,
-        "confidence": pa.array(confidence, pa.float64()),
-    })
+    return arithmetic_pairs(PAIRS, margins=[1.0] * PAIRS, confidence=confidence)
 
 
 @pytest.fixture(scope="module")

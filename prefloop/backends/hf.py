@@ -5,8 +5,9 @@ Generation is our own sampling loop rather than ``model.generate``: it takes an 
 log-probs from the raw logits, cuts stop strings, and drops finished rows from the batch and its KV
 cache so a long tail of unfinished rows does not pay for the finished ones.
 
-The token-level helpers (``encode_completion``, ``pad_right``, ``completion_logprobs``) are shared with
-the training loop, so scoring and training see exactly the same tokens and positions.
+The token-level helpers (``encode_completion``, ``pad_right``, ``completion_logprobs``,
+``selected_logprob_sums``) are shared with the training loop, so scoring and training see exactly
+the same tokens and positions.
 """
 
 from __future__ import annotations
@@ -77,6 +78,35 @@ def completion_logprobs(
     targets = input_ids[:, 1:].unsqueeze(-1)
     token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
     return (token_logprobs * completion_mask[:, 1:]).sum(dim=-1)
+
+
+def selected_logprob_sums(
+    logits: torch.Tensor, sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """Σ_j log softmax(logits[sources[i][j]])[targets[i][j]] for each i, from flat ``logits`` [N, V].
+
+    Only the rows that predict a scored token are read, and log softmax is taken as
+    logit − logsumexp on them, so no float32 copy of the whole [N, V] logits or log-probs is made
+    (what dominates memory with a large vocabulary).
+    """
+    width = max(len(row) for row in sources)
+    flat_sources = [0] * (len(sources) * width)
+    flat_targets = [0] * (len(sources) * width)
+    flat_mask = [0.0] * (len(sources) * width)
+    for row, (row_sources, row_targets) in enumerate(zip(sources, targets, strict=True)):
+        start = row * width
+        flat_sources[start : start + len(row_sources)] = row_sources
+        flat_targets[start : start + len(row_targets)] = row_targets
+        flat_mask[start : start + len(row_sources)] = [1.0] * len(row_sources)
+    shape = (len(sources), width)
+    source_index = torch.tensor(flat_sources, dtype=torch.long).view(shape).to(logits.device)
+    target_index = torch.tensor(flat_targets, dtype=torch.long).view(shape).to(logits.device)
+    mask = torch.tensor(flat_mask, dtype=torch.float32).view(shape).to(logits.device)
+    selected = logits[source_index]  # [rows, width, V]
+    if selected.dtype in (torch.float16, torch.bfloat16):  # reduced-precision logits: log-probs in float32
+        selected = selected.float()
+    token_logprobs = selected.gather(-1, target_index[..., None]).squeeze(-1) - selected.logsumexp(dim=-1)
+    return (token_logprobs * mask).sum(dim=-1)
 
 
 def _choose_tokens(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator) -> torch.Tensor:
@@ -232,20 +262,18 @@ class HFBackend:
         for start in range(0, len(inputs), self.batch_size):
             chunk = inputs[start : start + self.batch_size]
             input_ids, attention_mask, _ = pad_right([ids for ids, _ in chunk], [0] * len(chunk), self._pad_id)
-            batch_rows, positions, targets, owners = [], [], [], []
+            width = input_ids.shape[1]
+            owners, sources, targets = [], [], []
             for offset, (_, pairs) in enumerate(chunk):
                 for pair in pairs:
-                    for t in scored[pair]:
-                        batch_rows.append(offset)
-                        positions.append(t - 1)
-                        targets.append(sequences[pair][t])
-                        owners.append(pair)
+                    owners.append(pair)
+                    sources.append([offset * width + t - 1 for t in scored[pair]])
+                    targets.append([sequences[pair][t] for t in scored[pair]])
             with torch.inference_mode():
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-                picked = logits[torch.tensor(batch_rows), torch.tensor(positions)].float()
-                token_logprobs = torch.log_softmax(picked, dim=-1).gather(-1, torch.tensor(targets)[:, None])[:, 0]
-            for pair, value in zip(owners, token_logprobs.tolist(), strict=True):
-                scores[pair] += value
+                sums = selected_logprob_sums(logits.reshape(-1, logits.shape[-1]).float(), sources, targets)
+            for pair, value in zip(owners, sums.tolist(), strict=True):
+                scores[pair] = value
             done += sum(len(pairs) for _, pairs in chunk)
             if progress is not None:
                 progress(done, len(prompts))

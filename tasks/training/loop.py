@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prefloop.backends.base import ProgressCallback
-from prefloop.backends.hf import completion_logprobs, encode_completion, pad_right
+from prefloop.backends.hf import completion_logprobs, encode_completion, pad_right, selected_logprob_sums
 from prefloop.lazy import deferred_import
 from prefloop.tasks.training.losses import (
     LossHyperparameters,
@@ -280,35 +280,6 @@ def _pair_row(chosen: EncodedExample, rejected: EncodedExample, index: int) -> _
     )
 
 
-def _selected_logprob_sums(
-    logits: torch.Tensor, sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
-) -> torch.Tensor:
-    """Σ_j log softmax(logits[sources[i][j]])[targets[i][j]] for each i, from flat ``logits`` [N, V].
-
-    Only the rows that predict a scored token are read, and log softmax is taken as
-    logit − logsumexp on them, so no float32 copy of the whole [N, V] logits or log-probs is made
-    (what dominates memory with a large vocabulary).
-    """
-    width = max(len(row) for row in sources)
-    flat_sources = [0] * (len(sources) * width)
-    flat_targets = [0] * (len(sources) * width)
-    flat_mask = [0.0] * (len(sources) * width)
-    for row, (row_sources, row_targets) in enumerate(zip(sources, targets, strict=True)):
-        start = row * width
-        flat_sources[start : start + len(row_sources)] = row_sources
-        flat_targets[start : start + len(row_targets)] = row_targets
-        flat_mask[start : start + len(row_sources)] = [1.0] * len(row_sources)
-    shape = (len(sources), width)
-    source_index = torch.tensor(flat_sources, dtype=torch.long).view(shape).to(logits.device)
-    target_index = torch.tensor(flat_targets, dtype=torch.long).view(shape).to(logits.device)
-    mask = torch.tensor(flat_mask, dtype=torch.float32).view(shape).to(logits.device)
-    selected = logits[source_index]  # [rows, width, V]
-    if selected.dtype in (torch.float16, torch.bfloat16):  # reduced-precision logits: log-probs in float32
-        selected = selected.float()
-    token_logprobs = selected.gather(-1, target_index[..., None]).squeeze(-1) - selected.logsumexp(dim=-1)
-    return (token_logprobs * mask).sum(dim=-1)
-
-
 def pair_sequence_logprobs(
     model: PreTrainedModel,
     chosen: Sequence[EncodedExample],
@@ -371,7 +342,7 @@ def pair_sequence_logprobs(
                 ~attention_mask, blocked)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).logits
-        sums = _selected_logprob_sums(logits.reshape(-1, logits.shape[-1]), sources, targets)
+        sums = selected_logprob_sums(logits.reshape(-1, logits.shape[-1]), sources, targets)
         parts.append(sums.view(2, len(group)))
     position = torch.empty(len(lengths), dtype=torch.long)
     position[torch.tensor([index for group in groups for index in group])] = torch.arange(len(lengths))

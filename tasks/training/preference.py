@@ -172,12 +172,6 @@ def margin_curriculum(margins: list[float | None], seed: int) -> list[int]:
     return sorted(range(len(margins)), key=lambda index: (-margins[index], tie_break[index]))
 
 
-def flip_rate_ceiling(loss: str, below_half: float) -> float:
-    """The largest ε the loss ``loss`` accepts: 0.5 when its spec allows it (cdpo: a label that carries no
-    information), else ``below_half`` (rdpo: ε must stay below 0.5)."""
-    return 0.5 if get_loss_spec(loss).label_flip_rate_may_be_half else below_half
-
-
 def label_flip_rates(
     ctx: StageContext, config: TrainConfig, pairs: pa.Table
 ) -> tuple[DPOConfig, list[float] | None, dict[str, float | str]]:
@@ -194,7 +188,8 @@ def label_flip_rates(
                 "label-flip rate: use loss cdpo or rdpo, or set label_flip_rate_source back to 'confidence'"
             )
         return training, None, {}
-    ceiling = flip_rate_ceiling(training.loss, config.max_label_flip_rate)
+    # The largest ε the loss takes: 0.5 for cdpo (a label with no information), below 0.5 for rdpo.
+    ceiling = 0.5 if get_loss_spec(training.loss).label_flip_rate_may_be_half else config.max_label_flip_rate
     source = config.label_flip_rate_source
     metrics: dict[str, float | str] = {"label_flip_rate_source": source}
     if source == "filter_estimate":
@@ -219,14 +214,15 @@ def label_flip_rates(
     if source == "config" or all(value is None for value in confidences):
         return training, None, metrics
     # MCTS-DPO's ε = min(1 − conf, 0.5); a loss that needs ε < 0.5 (rdpo) gets the ceiling instead.
-    from_confidence = [min(1.0 - value, 0.5) for value in confidences if value is not None]
-    clamped = sum(value > ceiling for value in from_confidence)
+    from_confidence = [None if value is None else min(1.0 - value, 0.5) for value in confidences]
+    known = [value for value in from_confidence if value is not None]
+    clamped = sum(value > ceiling for value in known)
     if clamped:
         logger.warning("train: %d of %d pairs have ε = min(1 − confidence, 0.5) above %g, the most loss '%s' takes "
                        "here (max_label_flip_rate); they train with ε = %g",
-                       clamped, len(from_confidence), ceiling, training.loss, ceiling)
-    per_pair = [fallback if value is None else min(1.0 - value, 0.5, ceiling) for value in confidences]
-    metrics |= {"label_flip_rate_pairs_from_confidence": len(from_confidence),
+                       clamped, len(known), ceiling, training.loss, ceiling)
+    per_pair = [fallback if value is None else min(value, ceiling) for value in from_confidence]
+    metrics |= {"label_flip_rate_pairs_from_confidence": len(known),
                 "label_flip_rate_clamped_pairs": clamped,
                 "label_flip_rate_mean": sum(per_pair) / len(per_pair)}
     return training, per_pair, metrics
