@@ -15,7 +15,7 @@ two searches are the same algorithm on the same budget.
 Both wall time and this process's CPU time are printed: on a machine shared with other work, wall time
 swings with the load, while CPU time (one torch thread) measures the work each search did.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mcts_batching.py [--trees 32] [--policy DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mcts_batching.py [--trees 32] [--policy DIR] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -95,6 +95,9 @@ def main() -> None:
     parser.add_argument("--trees", type=int, default=32, help="prompts searched (one tree each)")
     parser.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the policy trained first")
     parser.add_argument("--policy", type=Path, default=None, help="a model directory to search with instead")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each side, alternating; the best of each is compared (the same search "
+                        "took 2.6-4.3 s on one quiet machine from run to run, so one run each is not enough)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="prefloop-mcts-bench-") as work:
         began = time.perf_counter()
@@ -110,10 +113,19 @@ def main() -> None:
         _, greedy_single, _ = search(backend, rows, identical_settings | {"trees_per_batch": 1})
         same, detail = same_trees(greedy_batched, greedy_single)
 
-        batched_time, batched, batched_runner = search(backend, rows, SEARCH)
-        single_time, single, single_runner = search(backend, rows, SEARCH | {"trees_per_batch": 1})
-    print(f"batched        {batched_time[0]:7.2f}s (CPU {batched_time[1]:6.2f}s)  {describe(batched, batched_runner)}")
-    print(f"one at a time  {single_time[0]:7.2f}s (CPU {single_time[1]:6.2f}s)  {describe(single, single_runner)}")
+        batched_times, single_times = [], []
+        for _ in range(args.repeats):
+            took, batched, batched_runner = search(backend, rows, SEARCH)
+            batched_times.append(took)
+            took, single, single_runner = search(backend, rows, SEARCH | {"trees_per_batch": 1})
+            single_times.append(took)
+    batched_time, single_time = min(batched_times), min(single_times)
+    runs = lambda times: ", ".join(f"{wall:.2f}" for wall, _ in times)  # noqa: E731
+    print(f"best of {args.repeats} runs each, alternating")
+    print(f"batched        {batched_time[0]:7.2f}s (CPU {batched_time[1]:6.2f}s)  {describe(batched, batched_runner)}"
+          f"  (all: {runs(batched_times)})")
+    print(f"one at a time  {single_time[0]:7.2f}s (CPU {single_time[1]:6.2f}s)  {describe(single, single_runner)}"
+          f"  (all: {runs(single_times)})")
     print(f"same trees at temperature 0 (batched vs one at a time): {same} ({detail})")
     print(f"speed-up of batched MCTS: {single_time[0] / batched_time[0]:.1f}x "
           f"(CPU time: {single_time[1] / batched_time[1]:.1f}x)")
