@@ -189,3 +189,28 @@ def test_train_dpo_refuses_per_pair_flip_rates_for_a_loss_without_one(setup) -> 
         train_dpo(policy, policy, tokenizer, triples, DPOConfig(max_steps=1), prepared=prepared)
     with pytest.raises(ValueError, match="one per pair"):
         prepare_pairs(tokenizer, triples, None, [0.1])
+
+
+def test_off_policy_pairs_without_confidences_mix_in_with_null_confidence():
+    """The round's pairs carry confidences, an earlier round's (best-of-n) do not: they still mix in, and
+    their ε falls back to training.label_flip_rate."""
+    current = arithmetic_pairs(4, seed=1, confidence=[0.9, 0.8, 0.7, 0.6])
+    earlier = arithmetic_pairs(6, seed=2).drop_columns(["margin"])
+
+    class Context:
+        inputs = {"preferences": "now", "off_policy": "earlier"}
+        tables = {"preferences": current, "off_policy": earlier}
+
+        def read(self, role, spec):
+            return self.tables[role]
+
+        def has(self, role):
+            return role in self.tables
+
+    config = preference.TrainConfig(off_policy_ratio=0.5, round=2, training={"loss": "cdpo", "label_flip_rate": 0.1})
+    table, mixed = preference.training_pairs(Context(), config)
+    assert mixed == 4 and table.num_rows == 8
+    assert table.column("confidence").to_pylist()[4:] == [None] * 4
+    assert table.column("margin").to_pylist()[4:] == [None] * 4
+    _, per_pair, _ = preference.label_flip_rates(Context(), config, table)
+    assert per_pair == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.1, 0.1, 0.1, 0.1])

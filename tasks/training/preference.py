@@ -153,6 +153,9 @@ def training_pairs(ctx: StageContext, config: TrainConfig) -> tuple[pa.Table, in
     on_policy_ids = set(pairs.column("pair_id").to_pylist())
     earlier = _read_pairs(ctx, "off_policy")
     earlier = earlier.filter(pa.array([pid not in on_policy_ids for pid in earlier.column("pair_id").to_pylist()], pa.bool_()))
+    for name in pairs.column_names:  # an optional column (margin, confidence) earlier pairs lack: null there
+        if name not in earlier.column_names:
+            earlier = earlier.append_column(name, pa.nulls(earlier.num_rows, pairs.schema.field(name).type))
     wanted = round(config.off_policy_ratio / (1.0 - config.off_policy_ratio) * pairs.num_rows)
     generator = torch.Generator().manual_seed(config.training.seed)
     chosen = sorted(torch.randperm(earlier.num_rows, generator=generator)[: min(wanted, earlier.num_rows)].tolist())
