@@ -29,8 +29,9 @@ from pathlib import Path
 from prefloop.backends.hf import HFBackend
 from prefloop.datasets_spec import PROMPTS
 from prefloop.storage import ArtifactStore
-from prefloop.tasks import mcts, prompts, sampling
-from prefloop.tasks.training import sft
+from prefloop.tasks import mcts
+from prefloop.tasks.common.prompts import select_prompts
+from prefloop.tasks.registry import run_stage
 
 SEARCH = {
     "children_per_node": 2, "root_simulations": 8, "simulations": 4, "lookahead_depth": 4, "max_depth": 6,
@@ -43,14 +44,14 @@ def train_policy(work: Path, steps: int) -> tuple[Path, list[dict]]:
     """A quick SFT policy on 1-3-operation problems, and held-out-free training prompts to search."""
     store = ArtifactStore(work / "store")
     task = {"min_ops": 1, "max_ops": 3}
-    sft_prompts = prompts.run({}, {"n_train": 2000, "n_heldout": 0, "task": task}, store)
-    search_prompts = prompts.run({}, {"n_train": 256, "n_heldout": 0, "task": task, "seed": 1}, store)
-    policy = sft.run({"prompts": sft_prompts.output}, {
+    sft_prompts = run_stage("prompts", {}, {"n_train": 2000, "n_heldout": 0, "task": task}, store)
+    search_prompts = run_stage("prompts", {}, {"n_train": 256, "n_heldout": 0, "task": task, "seed": 1}, store)
+    policy = run_stage("sft", {"prompts": sft_prompts.output}, {
         "model": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
                   "max_position_embeddings": 96},
         "training": {"max_steps": steps, "batch_size": 32, "learning_rate": 0.003, "warmup_steps": 20},
     }, store)
-    rows = sampling.select_prompts(store.read_table(search_prompts.ref), "train", None)
+    rows = select_prompts(store.read_table(search_prompts.ref), "train", None)
     rows = rows.select([c for c in ("prompt_id", "prompt", "reference_answer") if c in PROMPTS.column_names])
     return store.local_files(policy.ref), rows.to_pylist()
 

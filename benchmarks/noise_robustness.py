@@ -71,7 +71,8 @@ from prefloop.tasks import (
     reward_model,
     sampling,
 )
-from prefloop.tasks.construct import pair_id
+from prefloop.tasks.common.ids import pair_id
+from prefloop.tasks.registry import run_stage
 from prefloop.tasks.training import preference, reference, sft
 
 
@@ -176,7 +177,7 @@ class Runner:
                  phase: str | None = None) -> StageResult:
         self.adopt(module.SPEC, inputs, config)
         started = time.perf_counter()
-        result = module.run(inputs, config, self.store, name)
+        result = run_stage(module.SPEC.name, inputs, config, self.store, name)
         key = phase or module.SPEC.name
         self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
         return result

@@ -21,11 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from prefect import flow
+from prefloop.environment import apply_offline_defaults
 
-from prefloop.config import load_loop_config
-from prefloop.flows.loop import loop_flow, run_loop
-from prefloop.orchestration import run_flow_locally, wait_until_recorded
+apply_offline_defaults()  # before Prefect is imported: offline, PREFECT_HOME under the project
+
+from prefect import flow  # noqa: E402
+
+from prefloop.config import load_loop_config  # noqa: E402
+from prefloop.flows.loop import loop_flow, run_loop  # noqa: E402
+from prefloop.orchestration import run_flow_locally, wait_until_recorded  # noqa: E402
 
 
 @flow(name="prefloop-warm-up")

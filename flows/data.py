@@ -28,7 +28,7 @@ from prefloop.flows.loop import direct_caller, prefect_caller
 from prefloop.orchestration import call_stage_task, wait_for_artifacts
 from prefloop.stage import StageCaller, StageResult
 from prefloop.storage import DEFAULT_STORE, ArtifactStore
-from prefloop.tasks import construct, filtering, importing, labeling
+from prefloop.tasks import importing
 from prefloop.tasks.construct import ConstructConfig
 from prefloop.tasks.filtering import FilterConfig
 from prefloop.tasks.importing import ImportSource
@@ -83,7 +83,7 @@ def direct_import(kind: str, spec: ImportSource, store: str, name: str) -> Stage
 
 
 def prefect_import(kind: str, spec: ImportSource, store: str, name: str) -> StageResult:
-    return call_stage_task(importing.prefect_tasks[kind], {}, spec.task_config(), store, name)
+    return call_stage_task(f"import-{kind}", {}, spec.task_config(), store, name)
 
 
 def _artifact(kind: str, given: str | ImportSource | None, store: str, name: str, importer: ImportCaller,
@@ -119,10 +119,10 @@ def run_data(config: DataConfig, store: str = DEFAULT_STORE, prompts: str | None
         raise ValueError("the data-only flow needs samples: give --samples REF (from 'prefloop import samples FILE') "
                          "or a 'samples: {source: FILE, map: {...}}' section in the config")
     label_inputs = {"samples": samples_ref} | ({"prompts": prompts_ref} if prompts_ref else {})
-    labels = call(labeling, label_inputs, config.label.model_dump(), store, f"{name}/labels")
-    pairs = call(construct, {"samples": samples_ref, "labels": labels.output}, config.construction.model_dump(), store,
+    labels = call("label", label_inputs, config.label.model_dump(), store, f"{name}/labels")
+    pairs = call("construct", {"samples": samples_ref, "labels": labels.output}, config.construction.model_dump(), store,
                  f"{name}/preferences")
-    kept = call(filtering, {"preferences": pairs.output}, config.filter.model_dump(), store,
+    kept = call("filter", {"preferences": pairs.output}, config.filter.model_dump(), store,
                 f"{name}/preferences-filtered")
     stages += [labels, pairs, kept]
     export_dir = out or config.export.out

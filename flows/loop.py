@@ -7,7 +7,6 @@ in its task (``prefloop.tasks``). Rerunning a finished run is a series of store 
 from __future__ import annotations
 
 import logging
-from types import ModuleType
 from typing import Any, Literal
 
 from prefect import flow
@@ -24,8 +23,7 @@ from prefloop.orchestration import (
 )
 from prefloop.stage import StageCaller, StageResult
 from prefloop.storage import DEFAULT_STORE, ArtifactStore
-from prefloop.tasks import construct, evaluation, filtering, labeling, mcts, pair_trees, prompts, sampling
-from prefloop.tasks.training import sft
+from prefloop.tasks.registry import run_stage, stage_entry
 
 
 class RoundSummary(BaseModel):
@@ -45,29 +43,29 @@ class LoopSummary(BaseModel):
         return [s for r in self.rounds for s in r.stages]
 
 
-def prefect_caller(module: ModuleType, inputs: dict[str, str], config: dict[str, Any], store: str,
+def prefect_caller(stage: str, inputs: dict[str, str], config: dict[str, Any], store: str,
                    name: str) -> StageResult:
     """Run a stage as its Prefect task (visible in the UI, with its artifacts)."""
-    return call_stage_task(module.prefect_task, inputs, config, store, name)
+    return call_stage_task(stage, inputs, config, store, name)
 
 
-def pool_caller(module: ModuleType, inputs: dict[str, str], config: dict[str, Any], store: str,
+def pool_caller(stage: str, inputs: dict[str, str], config: dict[str, Any], store: str,
                 name: str) -> StageResult:
-    """Stages whose spec names the ``gpu`` pool run as their deployment on a worker of that pool; the
-    others run here, as tasks of the calling flow."""
-    if module.SPEC.pool == "cpu":
-        return prefect_caller(module, inputs, config, store, name)
-    return run_stage_deployment(module.SPEC, inputs, config, store, name)
+    """Stages whose registry entry names the ``gpu`` pool run as their deployment on a worker of that
+    pool; the others run here, as tasks of the calling flow."""
+    if stage_entry(stage).pool == "cpu":
+        return prefect_caller(stage, inputs, config, store, name)
+    return run_stage_deployment(stage, inputs, config, store, name)
 
 
 Dispatch = Literal["local", "pools"]
 CALLERS: dict[str, StageCaller] = {"local": prefect_caller, "pools": pool_caller}
 
 
-def direct_caller(module: ModuleType, inputs: dict[str, str], config: dict[str, Any], store: str,
+def direct_caller(stage: str, inputs: dict[str, str], config: dict[str, Any], store: str,
                   name: str) -> StageResult:
     """Run a stage's pure core, without Prefect (same artifacts, same ids)."""
-    return module.run(inputs, config, ArtifactStore(store), name)
+    return run_stage(stage, inputs, config, ArtifactStore(store), name)
 
 
 def _seeded(section: BaseModel, config: LoopConfig, round_index: int, **updates) -> dict:
@@ -93,17 +91,17 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
     prefix = f"{config.name}/round-{round_index}"
     if config.construction.method == "mcts":
         # MCTS-DPO: step-level tree search and the pairs of its trees replace sample → label → construct.
-        trees = call(mcts, {"policy": policy, "prompts": prompts_ref}, _seeded(config.mcts, config, round_index),
+        trees = call("mcts", {"policy": policy, "prompts": prompts_ref}, _seeded(config.mcts, config, round_index),
                      store, f"{prefix}/trees")
-        pairs = call(pair_trees, {"trees": trees.output}, config.pair_trees.model_dump(), store,
+        pairs = call("pair-trees", {"trees": trees.output}, config.pair_trees.model_dump(), store,
                      f"{prefix}/preferences")
         built = [trees, pairs]
     else:
-        samples = call(sampling, {"policy": policy, "prompts": prompts_ref},
+        samples = call("sample", {"policy": policy, "prompts": prompts_ref},
                        _seeded(config.sampling, config, round_index), store, f"{prefix}/samples")
-        labels = call(labeling, {"samples": samples.output, "prompts": prompts_ref}, config.label.model_dump(), store,
+        labels = call("label", {"samples": samples.output, "prompts": prompts_ref}, config.label.model_dump(), store,
                       f"{prefix}/labels")
-        pairs = call(construct, {"samples": samples.output, "labels": labels.output},
+        pairs = call("construct", {"samples": samples.output, "labels": labels.output},
                      _seeded(config.construction, config, round_index), store, f"{prefix}/preferences")
         built = [samples, labels, pairs]
     # Decontaminated against the prompts this round evaluates on (their held-out split); CHES and the
@@ -111,7 +109,7 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
     filter_inputs = {"preferences": pairs.output, "eval_prompts": prompts_ref}
     if config.filter.ches_top_fraction is not None or config.filter.near_duplicate_similarity is not None:
         filter_inputs["policy"] = policy
-    kept = call(filtering, filter_inputs, config.filter.model_dump(), store, f"{prefix}/preferences-filtered")
+    kept = call("filter", filter_inputs, config.filter.model_dump(), store, f"{prefix}/preferences-filtered")
     stages = [*built, kept]
     new_policy = policy
     reference = reference_model(config.reference_policy, policy, sft_policy)
@@ -127,7 +125,7 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
                                                         policy, sft_policy, store)
         stages.extend([*reference_logps, trained])
         new_policy = trained.output
-    metrics = call(evaluation,
+    metrics = call("evaluate",
                    _evaluation_inputs(new_policy, prompts_ref, reference, reward_model, baseline=baseline,
                                       previous=previous_metrics, preferences=kept.output),
                    _seeded(config.evaluation, config, round_index), store, f"{prefix}/metrics")
@@ -176,11 +174,11 @@ def run_loop(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str |
     """
     store = ArtifactStore(store).uri
     name = config.name
-    sft_prompts = call(prompts, {}, _seeded(config.sft_prompts, config, 0), store, f"{name}/sft-prompts")
-    task_prompts = call(prompts, {}, _seeded(config.prompts, config, 0), store, f"{name}/prompts")
-    warm = call(sft, {"prompts": sft_prompts.output}, _seeded(config.sft, config, 0), store, f"{name}/round-0/policy")
+    sft_prompts = call("prompts", {}, _seeded(config.sft_prompts, config, 0), store, f"{name}/sft-prompts")
+    task_prompts = call("prompts", {}, _seeded(config.prompts, config, 0), store, f"{name}/prompts")
+    warm = call("sft", {"prompts": sft_prompts.output}, _seeded(config.sft, config, 0), store, f"{name}/round-0/policy")
     # Round 0 is the SFT model against itself as reference: its KL is 0 by definition (not computed).
-    base = call(evaluation, _evaluation_inputs(warm.output, task_prompts.output, warm.output, reward_model),
+    base = call("evaluate", _evaluation_inputs(warm.output, task_prompts.output, warm.output, reward_model),
                 _seeded(config.evaluation, config, 0), store, f"{name}/round-0/metrics")
     if publish:
         publish_round_report(store, name, 0)

@@ -26,7 +26,6 @@ from typing import Any
 
 from prefloop.stage import StageCaller, StageResult
 from prefloop.storage import ArtifactNotFoundError, ArtifactStore
-from prefloop.tasks.training import preference, reference
 
 
 def reference_model(reference_policy: str, policy: str, sft_policy: str) -> str:
@@ -62,8 +61,8 @@ def reference_and_train(call: StageCaller, train_config: dict[str, Any], run_nam
         if policy_name == "mixture":
             reference_inputs["mixture_with"] = policy
             reference_config["mixture_weight"] = train_config["mixture_weight"]
-        logps = call(reference, reference_inputs, reference_config, store, f"{prefix}/reference-logps")
+        logps = call("reference", reference_inputs, reference_config, store, f"{prefix}/reference-logps")
         results.append(logps)
         inputs["reference_logps"] = logps.output
-    results.append(call(preference, inputs, train_config, store, f"{prefix}/policy"))
+    results.append(call("train", inputs, train_config, store, f"{prefix}/policy"))
     return results

@@ -22,7 +22,11 @@ from rich.progress import (
 from rich.table import Table
 from rich.tree import Tree
 
+from prefloop.environment import apply_offline_defaults
 from prefloop.storage import ArtifactStore, StoreError
+
+# The CLI is an entry point: offline, project-local defaults before Prefect is first imported.
+apply_offline_defaults()
 
 app = typer.Typer(
     help="prefloop: versioned preference data and iterative alignment loops.",
@@ -208,37 +212,47 @@ def _parse_inputs(items: list[str]) -> dict[str, str]:
 
 def stage_config(stage: str, config_file: Path | None) -> dict[str, Any]:
     """A stage's config from a file: its section of a loop config, or the whole file."""
-    from prefloop.config import read_yaml
-    from prefloop.tasks.registry import CONFIG_SECTIONS
+    from prefloop.config import LoopConfig, read_yaml
+    from prefloop.tasks.registry import stage_entry
 
     if config_file is None:
         return {}
     data = read_yaml(config_file)
-    section = CONFIG_SECTIONS[stage]
-    if isinstance(data.get(section), dict):
-        return data[section]
-    known = set(CONFIG_SECTIONS.values()) | {"name", "rounds", "seed", "reference_policy", "sft_prompts"}
-    if data and set(data) <= known:
+    sections = [section.field for section in stage_entry(stage).sections]
+    # The stage's section of a loop config: for a stage with several (prompts: sft_prompts and
+    # prompts), the one named like the stage wins.
+    for section in sorted(sections, key=lambda field: field != stage):
+        if isinstance(data.get(section), dict):
+            return data[section]
+    if data and set(data) <= set(LoopConfig.model_fields):
         return {}  # a loop config without a section for this stage: the stage's defaults
     return data
 
 
+def _stage_names() -> list[str]:
+    from prefloop.tasks.registry import deployable_stages
+
+    return [entry.name for entry in deployable_stages()]
+
+
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="stage: prompts, sft, sample, label, construct, filter, train, evaluate")],
+    name: Annotated[str, typer.Argument(help="the stage to run (see 'prefloop stages')",
+                                        autocompletion=_stage_names)],
     config: Annotated[Path | None, typer.Option("--config", "-c", help="loop config (its section for this stage) or a stage config YAML")] = None,
     inputs: Annotated[list[str] | None, typer.Option("--input", "-i", help="ROLE=REF, repeatable")] = None,
     output_name: Annotated[str | None, typer.Option("--name", help="ref name to point at the output")] = None,
     store: StoreOption = None,
 ) -> None:
     """Run one stage alone (a store lookup if it already ran with the same inputs and config)."""
-    from prefloop.tasks.registry import stage_module
+    from prefloop.tasks.registry import run_stage
 
     with _friendly_errors():
-        module = stage_module(name)
+        if name not in _stage_names():
+            fail(f"no stage named '{name}'; stages: {', '.join(_stage_names())} (imports: 'prefloop import')")
         target = _store(store)
         _install_progress()
-        result = module.run(_parse_inputs(inputs or []), stage_config(name, config), target, output_name)
+        result = run_stage(name, _parse_inputs(inputs or []), stage_config(name, config), target, output_name)
     status = "[green]cached[/]" if result.cached else f"computed in {result.seconds:.1f}s"
     console.print(f"{name}: {result.output} ({status}, {result.rows} rows)")
     if result.drops:

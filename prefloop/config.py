@@ -6,27 +6,19 @@ schema; unknown keys are errors, so a typo cannot silently fall back to a defaul
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from prefloop.tasks.construct import ConstructConfig
-from prefloop.tasks.evaluation import EvaluationConfig
-from prefloop.tasks.filtering import FilterConfig
-from prefloop.tasks.labeling import LabelingConfig
-from prefloop.tasks.mcts import MCTSConfig, MCTSConstruction
-from prefloop.tasks.pair_trees import PairTreesConfig
-from prefloop.tasks.prompts import PromptsConfig
-from prefloop.tasks.sampling import SamplingConfig
-from prefloop.tasks.training.preference import ReferencePolicy, TrainConfig
-from prefloop.tasks.training.sft import SFTStageConfig
+from prefloop.tasks.common.iteration import ReferencePolicy
+from prefloop.tasks.registry import STAGES, ConfigSection, StageEntry
 
 
-class LoopConfig(BaseModel):
-    """Everything a multi-round run needs: SFT warm start, then ``rounds`` rounds of
-    sample → label → construct → filter → train → evaluate, each round's policy feeding the next."""
+class LoopSettings(BaseModel):
+    """The loop's own settings; the stage sections are added from the stage registry (:data:`LoopConfig`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -38,27 +30,44 @@ class LoopConfig(BaseModel):
         "that started the round; mixture: INPO's geometric mixture of both (train.mixture_weight on SFT); soft_sync: "
         "TR-DPO, the start policy moved toward the trained one every train.sync_every steps by train.sync_alpha"
     )
-    sft_prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="prompts whose gold solutions train the SFT model")
-    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="prompts sampled in rounds and held out for evaluation")
-    sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    label: LabelingConfig = Field(default_factory=LabelingConfig)
-    construction: ConstructConfig | MCTSConstruction = Field(
-        default_factory=ConstructConfig, description="how preference pairs are built: best_vs_worst or best_vs_random "
-        "from labeled samples, or {method: mcts} — MCTS-DPO step-level pairs (sections mcts and pair_trees)")
-    mcts: MCTSConfig = Field(default_factory=MCTSConfig, description="step-level tree search (construction method mcts)")
-    pair_trees: PairTreesConfig = Field(default_factory=PairTreesConfig,
-                                        description="pairs from the search trees (construction method mcts)")
-    filter: FilterConfig = Field(default_factory=FilterConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     @model_validator(mode="after")
-    def _evaluate_with_the_label_task(self) -> LoopConfig:
+    def _evaluate_with_the_label_task(self) -> LoopSettings:
         """Evaluation checks answers the way the label stage does, unless the config sets its own task."""
-        if "task" in self.evaluation.model_fields_set or self.evaluation.task == self.label.task:
+        evaluation, label = getattr(self, "evaluation", None), getattr(self, "label", None)
+        if evaluation is None or label is None:
             return self
-        return self.model_copy(update={"evaluation": self.evaluation.model_copy(update={"task": self.label.task})})
+        if "task" in evaluation.model_fields_set or evaluation.task == label.task:
+            return self
+        return self.model_copy(update={"evaluation": evaluation.model_copy(update={"task": label.task})})
+
+
+def _load(path: str) -> type[BaseModel]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _section_field(entry: StageEntry, section: ConfigSection) -> tuple[Any, Any]:
+    config_model = entry.spec.config_model
+    annotation = config_model
+    for alternative in section.alternatives:
+        annotation = annotation | _load(alternative)
+    description = section.description or f"stage '{entry.name}': {entry.spec.description}"
+    return annotation, Field(default_factory=config_model, description=description)
+
+
+def _loop_config() -> type[LoopSettings]:
+    fields = {section.field: _section_field(entry, section)
+              for entry in STAGES.values() for section in entry.sections}
+    model = create_model("LoopConfig", __base__=LoopSettings, __module__=__name__, **fields)
+    model.__doc__ = ("Everything a multi-round run needs: SFT warm start, then ``rounds`` rounds of sample → label → "
+                     "construct → filter → train → evaluate, each round's policy feeding the next. Stage sections "
+                     f"({', '.join(fields)}) come from the stage registry.")
+    return model
+
+
+LoopConfig = _loop_config()
+"""The loop config: the loop's settings plus one section per stage section the registry names."""
 
 
 class ConfigFileError(ValueError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import re
 import threading
@@ -35,10 +36,9 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.states import Completed
 
-from prefloop.stage import StageResult, StageSpec, get_progress_factory, lookup, set_progress_factory
+from prefloop.stage import StageResult, get_progress_factory, lookup, set_progress_factory
 from prefloop.storage import ArtifactStore
-
-RunFunction = Callable[..., StageResult]
+from prefloop.tasks.registry import StageEntry, stage_entry
 
 # A progress artifact is updated at most this often (in percentage points): each update is an API call.
 PROGRESS_STEP_PERCENT = 10.0
@@ -147,16 +147,21 @@ def prefect_progress(key: str) -> Iterator[None]:
         set_progress_factory(outer)
 
 
-def stage_task(spec: StageSpec, run: RunFunction, retries: int = 0):
-    """A Prefect task named after the stage that calls its pure ``run`` and publishes what happened."""
+@functools.cache
+def prefect_stage_task(stage: str):
+    """The Prefect task of registered stage ``stage``: named after it, with the registry's retries; it
+    runs the stage's pure core and publishes what happened."""
+    entry = stage_entry(stage)
+    spec = entry.spec
+    retries = entry.retries
 
     @task(name=spec.name, description=spec.description, cache_policy=NO_CACHE, persist_result=False,
           retries=retries, retry_delay_seconds=[5, 30, 120][:retries] or 0)
-    def stage(inputs: Mapping[str, str], config: Mapping[str, Any] | None, store: str,
-              name: str | None = None) -> StageResult:
+    def run_stage_task(inputs: Mapping[str, str], config: Mapping[str, Any] | None, store: str,
+                       name: str | None = None) -> StageResult:
         key = name or spec.name
         with prefect_progress(key):
-            result = run(dict(inputs), config, ArtifactStore(store), name)
+            result = entry.run(dict(inputs), config, ArtifactStore(store), name)
         logger = get_run_logger()
         status = "cached" if result.cached else f"computed in {result.seconds:.1f}s"
         logger.info("%s -> %s (%s, %d rows%s)", spec.name, name or result.output, status, result.rows,
@@ -172,19 +177,21 @@ def stage_task(spec: StageSpec, run: RunFunction, retries: int = 0):
                 rows, key=artifact_key(key), description=f"{spec.name}: {result.output} ({status}, {result.rows} rows)"))
         return result
 
-    return stage
+    return run_stage_task
 
 
-def call_stage_task(stage_task_function, *args: Any) -> StageResult:
-    """Call a stage's Prefect task and return its StageResult (also when the task ran as a lookup).
+def call_stage_task(stage: str, inputs: Mapping[str, str], config: Mapping[str, Any] | None, store: str,
+                    name: str | None = None) -> StageResult:
+    """Run registered stage ``stage`` as its Prefect task and return its StageResult (also when the
+    task ran as a lookup).
 
     The task run is named after the output's ref (``demo/round-2/samples``) when there is one, so a
     run's stages read as the rounds they belong to in the UI.
     """
-    name = args[3] if len(args) > 3 and args[3] else None
+    stage_task_function = prefect_stage_task(stage)
     if name:
         stage_task_function = stage_task_function.with_options(task_run_name=name)
-    outcome = stage_task_function(*args)
+    outcome = stage_task_function(inputs, config, store, name)
     return outcome.result() if isinstance(outcome, State) else outcome
 
 
@@ -192,12 +199,12 @@ class StageDispatchError(RuntimeError):
     pass
 
 
-def stage_deployment_name(stage: str) -> str:
-    """The deployment of ``stage`` registered from ``prefect.yaml`` (flow ``prefloop-stage-<stage>``)."""
-    return f"prefloop-stage-{stage}/stage-{stage}"
+def stage_deployment_name(entry: StageEntry) -> str:
+    """The deployment of a stage registered from ``prefect.yaml`` (flow ``prefloop-stage-<stage>``)."""
+    return f"{entry.flow_name}/{entry.deployment}"
 
 
-def run_stage_deployment(spec: StageSpec, inputs: Mapping[str, str], config: Mapping[str, Any], store: str,
+def run_stage_deployment(stage: str, inputs: Mapping[str, str], config: Mapping[str, Any], store: str,
                          name: str | None = None, poll_interval: float = 2.0) -> StageResult:
     """Run a stage as its deployment — a worker of the stage's pool (``spec.pool``) executes it — and
     wait for it. A stage that already ran is a store lookup here; nothing is dispatched.
@@ -208,11 +215,13 @@ def run_stage_deployment(spec: StageSpec, inputs: Mapping[str, str], config: Map
     """
     from prefect.deployments import run_deployment
 
+    entry = stage_entry(stage)
+    spec = entry.spec
     found = lookup(spec, inputs, config, ArtifactStore(store), name)
     if found is not None:
         _logger().info("%s -> %s (cached, not dispatched)", spec.name, name or found.output)
         return found
-    deployment = stage_deployment_name(spec.name)
+    deployment = stage_deployment_name(entry)
     started = time.perf_counter()
     flow_run = run_deployment(deployment, parameters={"inputs": dict(inputs), "config": dict(config), "store": store,
                                                       "name": name}, timeout=None, poll_interval=poll_interval)

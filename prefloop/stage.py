@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pyarrow as pa
@@ -62,6 +61,9 @@ class StageSpec:
     # The Prefect work pool whose workers run this stage when the loop dispatches stages to
     # deployments: "gpu" for stages that run a model at scale (sampling, training, evaluation).
     pool: str = "cpu"
+    # Called with the store and the result once the output is in the store (computed or found), e.g. to
+    # remove a training stage's checkpoints, which the published model supersedes.
+    after_publish: Callable[[ArtifactStore, StageResult], None] | None = None
 
 
 @dataclass
@@ -93,8 +95,8 @@ class StageResult(BaseModel):
         return ArtifactRef.parse(self.output)
 
 
-StageCaller = Callable[[ModuleType, dict[str, str], dict[str, Any], str, str], "StageResult"]
-"""How a flow runs a stage: ``call(stage_module, inputs, config, store_uri, ref_name)`` — directly, as a
+StageCaller = Callable[[str, dict[str, str], dict[str, Any], str, str], "StageResult"]
+"""How a flow runs a stage: ``call(stage_name, inputs, config, store_uri, ref_name)`` — directly, as a
 Prefect task, or dispatched to a work pool (``prefloop.flows.loop``)."""
 
 ProgressFactory = Callable[[int, str], contextlib.AbstractContextManager[Callable[[int], None]]]
@@ -232,6 +234,8 @@ def execute(
     ref = output_ref(spec, resolved, parsed)
     found = _found(spec, store, ref, name, started)
     if found is not None:
+        if spec.after_publish is not None:
+            spec.after_publish(store, found)
         return found
     context = StageContext(spec=spec, config=parsed, inputs=resolved, store=store, output_id=ref.id)
     output = compute(context)
@@ -243,10 +247,13 @@ def execute(
     if name:
         store.set_ref(name, ref, note=spec.name)
     logger.info("stage %s: wrote %s (%d rows)", spec.name, ref, manifest.rows)
-    return StageResult(
+    result = StageResult(
         stage=spec.name, output=str(ref), cached=False, rows=manifest.rows, drops=manifest.drops,
         metrics=manifest.metrics, seconds=time.perf_counter() - started, name=name,
     )
+    if spec.after_publish is not None:
+        spec.after_publish(store, result)
+    return result
 
 
 def _write(spec: StageSpec, config: StageConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,

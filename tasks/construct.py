@@ -40,10 +40,9 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefloop.datasets_spec import LABELS, PREFERENCES, SAMPLES, make_drops
-from prefloop.ids import content_id
-from prefloop.orchestration import stage_task
-from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, execute
-from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.stage import StageConfig, StageContext, StageOutput
+from prefloop.tasks.common.ids import pair_id
+from prefloop.tasks.registry import stage_spec
 
 Method = Literal["best_vs_worst", "best_vs_random", "all_pairs", "rso"]
 
@@ -72,12 +71,10 @@ class ConstructConfig(StageConfig):
     seed: int = 0
 
 
-SPEC = StageSpec(
-    name="construct",
+SPEC = stage_spec(
+    "construct",
     version="2",
     config_model=ConstructConfig,
-    output_kind="preferences",
-    inputs={"samples": "samples", "labels": "labels"},
     output_table=PREFERENCES,
     description="Pair scored samples: best-of-n (best vs worst/random), all pairs above a margin, or RSO.",
 )
@@ -94,10 +91,6 @@ class Candidate:
     score: float
     round: int | None = None
     policy_model_id: str | None = None
-
-
-def pair_id(prompt: str, chosen: str, rejected: str) -> str:
-    return content_id("pair", prompt, chosen, rejected)
 
 
 # --- candidates -------------------------------------------------------------------------------------
@@ -324,11 +317,3 @@ def compute(ctx: StageContext) -> StageOutput:
     drops = make_drops(samples, np.array(dropped, dtype=np.int64), reasons, "samples", detail="construct stage")
     metrics["samples_dropped"] = len(dropped)
     return StageOutput(table=table, drops=drops, metrics=metrics)
-
-
-def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    return execute(SPEC, compute, inputs, config, store, name)
-
-
-# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
-prefect_task = stage_task(SPEC, run)

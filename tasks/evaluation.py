@@ -38,11 +38,11 @@ from prefloop.backends.base import Completion, GenerationParams
 from prefloop.backends.hf import HFBackend, completion_logprobs, encode_completion, pad_right
 from prefloop.datasets_spec import EVAL_RESULTS, METRICS, PREFERENCES, PROMPTS
 from prefloop.lazy import deferred_import
-from prefloop.orchestration import stage_task
-from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
-from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
+from prefloop.storage import ArtifactRef
 from prefloop.tasks.answers import TaskDefinition, resolve_task
-from prefloop.tasks.sampling import select_prompts
+from prefloop.tasks.common.prompts import select_prompts
+from prefloop.tasks.registry import stage_spec
 
 if TYPE_CHECKING:
     import torch
@@ -85,15 +85,10 @@ class EvaluationConfig(StageConfig):
         return self
 
 
-SPEC = StageSpec(
-    name="evaluate",
+SPEC = stage_spec(
+    "evaluate",
     version="2",
     config_model=EvaluationConfig,
-    output_kind="metrics",
-    pool="gpu",
-    inputs={"policy": "model", "prompts": "prompts", "baseline": "metrics", "previous": "metrics",
-            "preferences": "preferences", "reference": "model", "reward_model": "model"},
-    optional_inputs=frozenset({"baseline", "previous", "preferences", "reference", "reward_model"}),
     output_table=METRICS,
     description="Held-out accuracy, pass@k, KL to the reference, reward, win rates vs SFT and the previous "
                 "round, lengths and the round's data statistics.",
@@ -453,11 +448,3 @@ def _data_stats(ctx: StageContext, notes: dict[str, str]) -> list[dict]:
     if flip_rate is not None:
         rows.append({"metric": "estimated_flip_rate", "value": float(flip_rate), "count": manifest.rows})
     return rows
-
-
-def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    return execute(SPEC, compute, inputs, config, store, name)
-
-
-# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
-prefect_task = stage_task(SPEC, run, retries=1)

@@ -104,10 +104,9 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from prefloop.datasets_spec import LABELS, PREFERENCES, PROMPTS, make_drops
-from prefloop.orchestration import stage_task
-from prefloop.stage import StageConfig, StageContext, StageInputError, StageOutput, StageSpec, execute
-from prefloop.storage import ArtifactRef, ArtifactStore
-from prefloop.tasks.construct import pair_id
+from prefloop.stage import StageConfig, StageContext, StageInputError, StageOutput
+from prefloop.tasks.common.ids import pair_id
+from prefloop.tasks.registry import stage_spec
 
 # RE2 (pyarrow.compute): every Unicode space separator and control whitespace, like Python's \s.
 _WHITESPACE = r"[\s\p{Z}\x{85}\x{1c}-\x{1f}]+"
@@ -153,13 +152,10 @@ class FilterConfig(StageConfig):
     policy_batch_size: int = Field(32, ge=1, description="pairs per forward pass of the policy (CHES, similarity)")
 
 
-SPEC = StageSpec(
-    name="filter",
+SPEC = stage_spec(
+    "filter",
     version="2",
     config_model=FilterConfig,
-    output_kind="preferences",
-    inputs={"preferences": "preferences", "eval_prompts": "prompts", "ensemble_labels": "labels", "policy": "model"},
-    optional_inputs=frozenset({"eval_prompts", "ensemble_labels", "policy"}),
     output_table=PREFERENCES,
     description="Drop noisy pairs by named reason (ties, duplicates, contamination, ensemble strength, CHES); "
                 "estimate the label-flip rate.",
@@ -757,11 +753,3 @@ def compute(ctx: StageContext) -> StageOutput:
     metrics = {"pairs_in": pairs.num_rows, "pairs_kept": kept.num_rows, "pairs_dropped": int(len(dropped)),
                **result.metrics}
     return StageOutput(table=kept, drops=drops, metrics=metrics)
-
-
-def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    return execute(SPEC, compute, inputs, config, store, name)
-
-
-# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
-prefect_task = stage_task(SPEC, run)

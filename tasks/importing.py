@@ -35,19 +35,22 @@ import math
 import shutil
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 from pydantic import Field
 
 from prefloop.datasets_spec import DROPS, PREFERENCES, PROMPTS, SAMPLES, TableSpec
 from prefloop.ids import content_id
-from prefloop.orchestration import stage_task
 from prefloop.stage import StageConfig, StageContext, StageOutput, StageResult, StageSpec, execute
 from prefloop.storage import ArtifactStore
+from prefloop.tasks.registry import stage_spec
+
+if TYPE_CHECKING:
+    from prefloop.tasks.registry import StageEntry
 
 ImportKind = Literal["prompts", "samples", "preferences"]
 SourceFormat = Literal["jsonl", "parquet", "csv", "datasets"]
@@ -119,19 +122,20 @@ class ImportSource(StageConfig):
     explode: str | None = Field(None, description="a field holding a list (or a mapping) of items, each made a row")
 
     def task_config(self) -> dict[str, Any]:
-        """The mapping an import task takes (see :data:`prefect_tasks`)."""
+        """The mapping an import task takes (see :func:`execute_entry`)."""
         return {"source": self.source, "mapping": self.map, "dataset_split": self.dataset_split,
                 "split": self.split, "policy_name": self.policy_name, "explode": self.explode}
 
 
 def _spec(kind: ImportKind) -> StageSpec:
-    return StageSpec(
-        name=f"import-{kind}", version="1", config_model=ImportConfig, output_kind=kind, inputs={},
-        output_table=TABLES[kind], description=f"Import {kind} from a JSONL/Parquet/CSV file or a saved dataset.",
-    )
+    return stage_spec(f"import-{kind}", version="1", config_model=ImportConfig, output_table=TABLES[kind],
+                      description=f"Import {kind} from a JSONL/Parquet/CSV file or a saved dataset.")
 
 
-SPECS: dict[str, StageSpec] = {kind: _spec(kind) for kind in TARGETS}
+PROMPTS_SPEC = _spec("prompts")
+SAMPLES_SPEC = _spec("samples")
+PREFERENCES_SPEC = _spec("preferences")
+SPECS: dict[str, StageSpec] = {"prompts": PROMPTS_SPEC, "samples": SAMPLES_SPEC, "preferences": PREFERENCES_SPEC}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,7 +477,7 @@ def _json(record: dict[str, Any]) -> str:
 
 def _fill_ids(kind: ImportKind, rows: _Rows, config: ImportConfig) -> None:
     """Derive the ids and defaults the source did not give."""
-    from prefloop.tasks.construct import pair_id
+    from prefloop.tasks.common.ids import pair_id
 
     columns = rows.columns
     count = len(rows.source_index)
@@ -648,8 +652,8 @@ class ModelImportConfig(StageConfig):
     source_sha256: str = Field(description="sha256 over the model directory's files (relative path and bytes)")
 
 
-MODEL_SPEC = StageSpec(
-    name="import-model", version="1", config_model=ModelImportConfig, output_kind="model", inputs={},
+MODEL_SPEC = stage_spec(
+    "import-model", version="1", config_model=ModelImportConfig,
     description="Import a local transformers causal-LM directory (safetensors) as a model artifact.",
 )
 
@@ -698,14 +702,16 @@ def import_model(source: str | Path, store: ArtifactStore, name: str | None = No
 
 
 # ---------------------------------------------------------------------------------------------
-# Prefect tasks (flows call them; the cores above need no Prefect)
+# running an import as a registered stage
 # ---------------------------------------------------------------------------------------------
-def _run_import(kind: ImportKind):
-    def run(inputs: dict[str, str], config: dict[str, Any], store: ArtifactStore, name: str | None = None):
-        options = dict(config)
-        return import_table(kind, options.pop("source"), store, name=name, **options)
-
-    return run
-
-
-prefect_tasks = {kind: stage_task(SPECS[kind], _run_import(kind)) for kind in SPECS}
+def execute_entry(entry: StageEntry, inputs: dict[str, str], config: Mapping[str, Any], store: ArtifactStore,
+                  name: str | None = None) -> StageResult:
+    """Run import stage ``entry`` with a flow's import config (:meth:`ImportSource.task_config`):
+    its ``source`` is read here, and only the source's content (not its path) goes into the id."""
+    if inputs:
+        raise ValueError(f"stage '{entry.name}' takes no inputs (it reads a source file); got {sorted(inputs)}")
+    options = dict(config)
+    source = options.pop("source")
+    if entry.output == "model":
+        return import_model(source, store, name)
+    return import_table(entry.output, source, store, name=name, **options)

@@ -35,9 +35,8 @@ from prefloop.backends import BackendKind, load_backend
 from prefloop.backends.base import PolicyBackend, yes_probability
 from prefloop.datasets_spec import LABELS, PREFERENCES, make_drops
 from prefloop.ids import content_id
-from prefloop.orchestration import stage_task
-from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, execute
-from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.stage import StageConfig, StageContext, StageOutput
+from prefloop.tasks.registry import stage_spec
 
 LABELER_VERSION = "1"
 DEFAULT_TEMPLATE = "{prompt}\nAnswer A:\n{answer_a}\nAnswer B:\n{answer_b}\nBetter answer:"
@@ -61,16 +60,13 @@ class JudgeConfig(StageConfig):
         return template
 
 
-SPEC = StageSpec(
-    name="label-judge",
+SPEC = stage_spec(
+    "label-judge",
     version="1",
     config_model=JudgeConfig,
-    output_kind="labels",
-    inputs={"preferences": "preferences", "judge": "model"},
     output_table=LABELS,
     description="A judge policy compares chosen and rejected of each pair in both orders; disagreements between "
                 "the orders are recorded.",
-    pool="gpu",
 )
 
 
@@ -174,11 +170,3 @@ def labels_output(pairs: pa.Table, labeler: str, p_first: np.ndarray, p_second: 
     if len(kept):
         metrics |= judge_metrics(p_first[kept], p_second[kept])
     return StageOutput(table=table, drops=drops, metrics=metrics)
-
-
-def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    return execute(SPEC, compute, inputs, config, store, name)
-
-
-# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
-prefect_task = stage_task(SPEC, run)

@@ -37,10 +37,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from prefloop.datasets_spec import DROPS, LABELS, PROMPTS, SAMPLES, make_drops
 from prefloop.ids import content_id
-from prefloop.orchestration import stage_task
-from prefloop.stage import StageConfig, StageContext, StageInputError, StageOutput, StageSpec, execute
-from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.stage import StageConfig, StageContext, StageInputError, StageOutput
 from prefloop.tasks.answers import TaskDefinition, resolve_task
+from prefloop.tasks.registry import stage_spec
 
 
 class LabelingConfig(StageConfig):
@@ -172,13 +171,10 @@ VERIFIER = register_labeler(
 # ---------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------
-SPEC = StageSpec(
-    name="label",
+SPEC = stage_spec(
+    "label",
     version="2",
     config_model=LabelingConfig,
-    output_kind="labels",
-    inputs={"samples": "samples", "prompts": "prompts", "model": "model"},
-    optional_inputs=frozenset({"prompts", "model"}),
     output_table=LABELS,
     description="Score every sample with a labeler (the task's verifier by default).",
 )
@@ -251,12 +247,6 @@ def _group(dropped: list[tuple[int, str, str]]) -> dict[tuple[str, str], list[in
     return groups
 
 
-def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    return execute(SPEC, compute, inputs, config, store, name)
-
-
-# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
-prefect_task = stage_task(SPEC, run)
 
 # Labelers kept in their own modules register themselves when imported: reference-based rewards
 # (bleu, chrf) and reward models (reward_model). Imported last, so the registry above exists.

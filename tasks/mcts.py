@@ -56,10 +56,9 @@ from prefloop.backends import BackendKind, load_backend
 from prefloop.backends.base import GenerationParams, PolicyBackend, yes_probability
 from prefloop.datasets_spec import PROMPTS, TREES, make_drops
 from prefloop.ids import content_id
-from prefloop.orchestration import stage_task
-from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, execute
-from prefloop.storage import ArtifactRef, ArtifactStore
-from prefloop.tasks.sampling import select_prompts
+from prefloop.stage import StageConfig, StageContext, StageOutput
+from prefloop.tasks.common.prompts import select_prompts
+from prefloop.tasks.registry import stage_spec
 
 STEP_SEPARATOR = "\n"
 # Why a terminal node is not a verified answer (also the tree's status when its committed path ends there).
@@ -114,15 +113,12 @@ class MCTSConfig(StageConfig):
         return self
 
 
-SPEC = StageSpec(
-    name="mcts",
+SPEC = stage_spec(
+    "mcts",
     version="1",
     config_model=MCTSConfig,
-    output_kind="trees",
-    inputs={"policy": "model", "prompts": "prompts"},
     output_table=TREES,
     description="Step-level MCTS (MCTS-DPO) per prompt; every node of every tree is stored.",
-    pool="gpu",
 )
 
 
@@ -623,12 +619,6 @@ def _search(ctx: StageContext, config: MCTSConfig, prompts: pa.Table, backend: P
     return StageOutput(table=table, drops=drops, metrics={"prompts": prompts.num_rows, **search_metrics(trees, search)})
 
 
-def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    return execute(SPEC, compute, inputs, config, store, name)
-
-
-# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
-prefect_task = stage_task(SPEC, run, retries=1)
 
 
 class MCTSConstruction(StageConfig):
@@ -636,4 +626,3 @@ class MCTSConstruction(StageConfig):
     the loop config's ``mcts`` and ``pair_trees`` sections) instead of sample → label → construct."""
 
     method: Literal["mcts"]
-

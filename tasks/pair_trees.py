@@ -37,11 +37,10 @@ import pyarrow as pa
 from pydantic import Field
 
 from prefloop.datasets_spec import PREFERENCES, TREES, make_drops
-from prefloop.orchestration import stage_task
-from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, execute
-from prefloop.storage import ArtifactRef, ArtifactStore
-from prefloop.tasks.construct import pair_id
+from prefloop.stage import StageConfig, StageContext, StageOutput
+from prefloop.tasks.common.ids import pair_id
 from prefloop.tasks.mcts import STEP_SEPARATOR, SearchTree, trees_from_table
+from prefloop.tasks.registry import stage_spec
 
 METHOD = "mcts_step"
 
@@ -55,12 +54,10 @@ class PairTreesConfig(StageConfig):
     require_correct: bool = Field(True, description="pair only trees whose committed answer is verified correct")
 
 
-SPEC = StageSpec(
-    name="pair-trees",
+SPEC = stage_spec(
+    "pair-trees",
     version="1",
     config_model=PairTreesConfig,
-    output_kind="preferences",
-    inputs={"trees": "trees"},
     output_table=PREFERENCES,
     description="Step-level pairs (highest-Q vs lowest-Q siblings) from stored MCTS trees, with visit-count confidence.",
 )
@@ -169,11 +166,3 @@ def compute(ctx: StageContext) -> StageOutput:
         "mean_confidence": float(np.mean(confidences)) if confidences else None,
     }
     return StageOutput(table=pairs_table, drops=drops, metrics=metrics)
-
-
-def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    return execute(SPEC, compute, inputs, config, store, name)
-
-
-# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
-prefect_task = stage_task(SPEC, run)

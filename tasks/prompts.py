@@ -13,9 +13,8 @@ from pydantic import Field
 from prefloop.datasets_spec import PROMPTS
 from prefloop.embedded.arithmetic import ArithmeticTaskConfig, Problem, make_problems
 from prefloop.ids import content_id
-from prefloop.orchestration import stage_task
-from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, execute
-from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.stage import StageConfig, StageContext, StageOutput
+from prefloop.tasks.registry import stage_spec
 
 TASK_NAME = "arithmetic"
 
@@ -36,12 +35,10 @@ class PromptsConfig(StageConfig):
     seed: int = 0
 
 
-SPEC = StageSpec(
-    name="prompts",
+SPEC = stage_spec(
+    "prompts",
     version="1",
     config_model=PromptsConfig,
-    output_kind="prompts",
-    inputs={},
     output_table=PROMPTS,
     description="Generate the embedded arithmetic task's train and held-out prompts.",
 )
@@ -73,11 +70,3 @@ def compute(ctx: StageContext) -> StageOutput:
     table = table.append_column("source", pa.array([f"prefloop.embedded.arithmetic/seed={config.seed}"] * table.num_rows))
     splits = table.column("split").to_pylist()
     return StageOutput(table=table, metrics={"train": splits.count("train"), "heldout": splits.count("heldout")})
-
-
-def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    return execute(SPEC, compute, inputs, config, store, name)
-
-
-# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
-prefect_task = stage_task(SPEC, run)

@@ -37,10 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefloop.datasets_spec import LABELS, PREFERENCES, SAMPLES, make_drops
 from prefloop.ids import content_id
-from prefloop.orchestration import stage_task
-from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, execute
-from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.stage import StageConfig, StageContext, StageOutput
 from prefloop.tasks.labeling import LabelBatch, Labeler, LabelRequest, register_labeler
+from prefloop.tasks.registry import stage_spec
 from prefloop.tasks.reward_model import Aggregation, aggregate_rewards, aggregation_name, score_with_members
 
 LABELER_VERSION = "1"
@@ -54,17 +53,13 @@ class RewardLabelConfig(StageConfig):
     batch_size: int = Field(64, ge=1)
 
 
-SPEC = StageSpec(
-    name="label-rm",
+SPEC = stage_spec(
+    "label-rm",
     version="1",
     config_model=RewardLabelConfig,
-    output_kind="labels",
-    inputs={"reward_model": "model", "samples": "samples", "preferences": "preferences"},
-    optional_inputs=frozenset({"samples", "preferences"}),
     output_table=LABELS,
     description="Score samples (reward) or pairs (margin r_w − r_l) with a reward model, or with each member of "
                 "an ensemble plus their aggregate.",
-    pool="gpu",
 )
 
 
@@ -142,12 +137,6 @@ def compute(ctx: StageContext) -> StageOutput:
     return StageOutput(table=pa.table(columns, schema=LABELS.schema), drops=drops, metrics=metrics)
 
 
-def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    return execute(SPEC, compute, inputs, config, store, name)
-
-
-# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
-prefect_task = stage_task(SPEC, run)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,9 +56,8 @@ from prefloop.embedded.model import TinyLlamaConfig
 from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.ids import content_id
 from prefloop.lazy import deferred_import
-from prefloop.orchestration import stage_task
-from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
-from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
+from prefloop.tasks.registry import stage_spec
 from prefloop.tasks.training.artifacts import TIMING_METRICS, train_log_table
 from prefloop.tasks.training.loop import EncodedExample, OptimizationConfig, collate, num_steps_for, optimise
 
@@ -368,16 +367,12 @@ class TrainRewardModelConfig(StageConfig):
     batch_size: int = Field(64, ge=1, description="scoring batch size of the held-out evaluation")
 
 
-SPEC = StageSpec(
-    name="train-rm",
+SPEC = stage_spec(
+    "train-rm",
     version="1",
     config_model=TrainRewardModelConfig,
-    output_kind="model",
-    inputs={"preferences": "preferences", "policy": "model", "heldout": "preferences"},
-    optional_inputs=frozenset({"policy", "heldout"}),
     description="Train a Bradley–Terry reward model (or an ensemble of k) on preference pairs; report held-out "
                 "pairwise and best-of-4 accuracy.",
-    pool="gpu",
 )
 
 
@@ -443,7 +438,7 @@ def evaluate_reward_models(models: Sequence[PreTrainedModel], tokenizer: PreTrai
     return metrics
 
 
-def compute_train(ctx: StageContext) -> StageOutput:
+def compute(ctx: StageContext) -> StageOutput:
     config: TrainRewardModelConfig = ctx.config
     pairs = ctx.read("preferences", PREFERENCES)
     source = ctx.inputs["preferences"]
@@ -496,11 +491,3 @@ def _merged_log(logs: list[list[dict[str, float]]]) -> list[dict[str, float]]:
         for entry in log:
             merged[int(entry["step"])] |= {f"member_{index}/{k}": v for k, v in entry.items() if k != "step"}
     return [{"step": step, **values} for step, values in sorted(merged.items())]
-
-
-def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    return execute(SPEC, compute_train, inputs, config, store, name)
-
-
-# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
-prefect_task = stage_task(SPEC, run)

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
 from prefloop.backends import BackendKind, load_backend
 from prefloop.backends.base import GenerationParams
 from prefloop.datasets_spec import PROMPTS, SAMPLES, make_drops
 from prefloop.ids import content_id
-from prefloop.orchestration import stage_task
-from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
-from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
+from prefloop.tasks.common.prompts import select_prompts
+from prefloop.tasks.registry import stage_spec
 
 
 class SamplingConfig(StageConfig):
@@ -43,29 +42,13 @@ class SamplingConfig(StageConfig):
     )
 
 
-SPEC = StageSpec(
-    name="sample",
+SPEC = stage_spec(
+    "sample",
     version="1",
     config_model=SamplingConfig,
-    output_kind="samples",
-    pool="gpu",
-    inputs={"policy": "model", "prompts": "prompts"},
     output_table=SAMPLES,
     description="Sample n completions per prompt from the policy.",
 )
-
-
-def select_prompts(prompts: pa.Table, split: str, max_prompts: int | None, block: int = 0) -> pa.Table:
-    """Prompts of ``split``: the ``block``-th run of ``max_prompts`` of them (wrapping around), or all."""
-    chosen = prompts.filter(pc.equal(prompts.column("split"), split))
-    if chosen.num_rows == 0:
-        raise ValueError(f"the prompts artifact has no rows in split '{split}' (splits: "
-                         f"{sorted(set(prompts.column('split').to_pylist()))}); set 'split' in the stage config")
-    if not max_prompts or max_prompts >= chosen.num_rows:
-        return chosen
-    start = (block * max_prompts) % chosen.num_rows
-    indices = [(start + i) % chosen.num_rows for i in range(max_prompts)]
-    return chosen.take(pa.array(indices))
 
 
 def compute(ctx: StageContext) -> StageOutput:
@@ -129,11 +112,3 @@ def _drop_prompts_beyond_context(backend, prompts: pa.Table) -> tuple[pa.Table, 
                          f"of {window} tokens: nothing can be sampled; use shorter prompts or a model with a "
                          "longer max_position_embeddings")
     return prompts.filter(pa.array(lengths < window)), drops
-
-
-def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    return execute(SPEC, compute, inputs, config, store, name)
-
-
-# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
-prefect_task = stage_task(SPEC, run, retries=1)

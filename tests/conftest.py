@@ -4,6 +4,10 @@ import pytest
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+from prefloop.environment import apply_offline_defaults  # noqa: E402
+
+apply_offline_defaults()
+
 from prefloop.storage import ArtifactStore  # noqa: E402
 
 

@@ -7,7 +7,6 @@ import pytest
 
 from prefloop.datasets_spec import LABELS, SAMPLES
 from prefloop.stage import StageConfig, StageOutput, StageSpec, execute
-from prefloop.tasks import construct
 from prefloop.tasks.construct import (
     Candidate,
     ConstructConfig,
@@ -17,6 +16,7 @@ from prefloop.tasks.construct import (
     build_pairs,
     collect_candidates,
 )
+from prefloop.tasks.registry import run_stage
 
 METHODS = ["best_vs_worst", "best_vs_random", "all_pairs", "rso"]
 
@@ -114,7 +114,7 @@ def test_stage_records_drops_and_never_pairs_a_bad_sample(store, method) -> None
                        "target_kind": ["sample"] * 6, "labeler": ["exact_answer"] * 6, "score": list(scores.values())})
     inputs = {"samples": _put(store, "hand-samples", "samples", SAMPLES, samples),
               "labels": _put(store, "hand-labels", "labels", LABELS, labels)}
-    result = construct.run(inputs, {"method": method, "rso": {"num_accepted": 2, "pairing": "tournament"}}, store)
+    result = run_stage("construct", inputs, {"method": method, "rso": {"num_accepted": 2, "pairing": "tournament"}}, store)
     pairs = store.read_table(result.ref).to_pylist()
     assert [(p["chosen_sample_id"], p["rejected_sample_id"]) for p in pairs] == [("p-good", "p-wrong")]
     assert result.drops == {"empty_completion": 1, "truncated_completion": 2}
@@ -132,7 +132,7 @@ def test_several_labelers_need_a_choice(store) -> None:
     inputs = {"samples": _put(store, "hand-samples", "samples", SAMPLES, samples),
               "labels": _put(store, "hand-labels", "labels", LABELS, labels)}
     with pytest.raises(ValueError, match="several labelers"):
-        construct.run(inputs, {}, store)
-    result = construct.run(inputs, {"labeler": "rm"}, store)
+        run_stage("construct", inputs, {}, store)
+    result = run_stage("construct", inputs, {"labeler": "rm"}, store)
     [pair] = store.read_table(result.ref).to_pylist()
     assert (pair["chosen"], pair["rejected"]) == ("A:2", "A:1")

@@ -22,6 +22,7 @@ from prefloop.tasks.answers import (
     resolve_task,
 )
 from prefloop.tasks.importing import import_table
+from prefloop.tasks.registry import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -193,7 +194,7 @@ def test_import_specs_in_the_config_and_the_cli(data_run):
 
 def test_score_zero_keeps_unparseable_answers_as_wrong(data_run):
     store, _, prompts, samples, _ = data_run
-    result = labeling.run({"samples": samples.output, "prompts": prompts.output},
+    result = run_stage("label", {"samples": samples.output, "prompts": prompts.output},
                           {"labeler": "verifier", "task": "math"}, store)
     rows = store.read_table(result.ref).to_pylist()
     assert [r["score"] for r in rows if r["verdict"] == "unparseable"] == [0.0]
@@ -236,16 +237,16 @@ def test_a_plugin_labeler_is_one_registration(data_run):
     labeling.register_labeler(labeling.Labeler(name="test_length", version="1", label=label_by_length,
                                                settings_model=LengthSettings))
     try:
-        result = labeling.run({"samples": samples.output}, {"labeler": "test_length", "settings": {"target": 9}}, store)
+        result = run_stage("label", {"samples": samples.output}, {"labeler": "test_length", "settings": {"target": 9}}, store)
         rows = {r["target_id"]: r for r in store.read_table(result.ref).to_pylist()}
         completions = {r["sample_id"]: r["completion"] for r in store.read_table(samples.ref).to_pylist()}
         assert all(rows[i]["score"] == -abs(len(completions[i]) - 9) for i in rows) and len(rows) == len(completions)
         assert {r["labeler"] for r in rows.values()} == {"test_length"}
         with pytest.raises(StageInputError, match="invalid settings"):
-            labeling.run({"samples": samples.output}, {"labeler": "test_length", "settings": {"target": "x"}}, store)
+            run_stage("label", {"samples": samples.output}, {"labeler": "test_length", "settings": {"target": "x"}}, store)
         with pytest.raises(ValueError, match="already registered"):
             labeling.register_labeler(labeling.Labeler(name="test_length", version="2", label=label_by_length))
     finally:
         labeling.LABELERS.pop("test_length")
     with pytest.raises(StageInputError, match=r"needs the input\(s\) \['prompts'\]"):
-        labeling.run({"samples": samples.output}, {"labeler": "verifier"}, store)
+        run_stage("label", {"samples": samples.output}, {"labeler": "verifier"}, store)

@@ -13,7 +13,7 @@ import pytest
 from prefloop.backends.base import Completion, GenerationParams
 from prefloop.datasets_spec import PREFERENCES
 from prefloop.stage import StageConfig, StageInputError, StageOutput, StageSpec, execute, parse_config
-from prefloop.tasks import evaluation, prompts
+from prefloop.tasks import evaluation
 from prefloop.tasks.evaluation import (
     WinRate,
     accuracy_with_stderr,
@@ -24,7 +24,7 @@ from prefloop.tasks.evaluation import (
     pass_at_k,
     win_rate,
 )
-from prefloop.tasks.training import sft
+from prefloop.tasks.registry import run_stage
 
 TINY_MODEL = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
               "max_position_embeddings": 64}
@@ -179,10 +179,10 @@ def tiny(tmp_path_factory):
     from prefloop.storage import ArtifactStore
 
     store = ArtifactStore(tmp_path_factory.mktemp("eval") / "store")
-    made = prompts.run({}, {"n_train": 16, "n_heldout": 6, "task": {"min_ops": 1, "max_ops": 1}}, store)
+    made = run_stage("prompts", {}, {"n_train": 16, "n_heldout": 6, "task": {"min_ops": 1, "max_ops": 1}}, store)
     training = {"max_steps": 3, "batch_size": 8}
-    first = sft.run({"prompts": made.output}, {"model": TINY_MODEL, "training": training}, store)
-    second = sft.run({"prompts": made.output}, {"model": TINY_MODEL, "training": training | {"max_steps": 6}}, store)
+    first = run_stage("sft", {"prompts": made.output}, {"model": TINY_MODEL, "training": training}, store)
+    second = run_stage("sft", {"prompts": made.output}, {"model": TINY_MODEL, "training": training | {"max_steps": 6}}, store)
     reward_model = _reward_model_artifact(store, tmp_path_factory.mktemp("rm"))
     return store, made, first, second, reward_model
 
@@ -210,10 +210,10 @@ SMALL = {"max_prompts": 6, "max_new_tokens": 8, "samples_per_prompt": 4, "pass_k
 
 def test_evaluate_measures_every_metric_against_baseline_previous_and_reference(tiny):
     store, made, first, second, _ = tiny
-    base = evaluation.run({"policy": first.output, "prompts": made.output, "reference": first.output}, SMALL, store)
+    base = run_stage("evaluate", {"policy": first.output, "prompts": made.output, "reference": first.output}, SMALL, store)
     assert base.metrics["kl_to_reference"] == 0.0  # the policy is its own reference
     pairs = _pairs_artifact(store)
-    result = evaluation.run({"policy": second.output, "prompts": made.output, "baseline": base.output,
+    result = run_stage("evaluate", {"policy": second.output, "prompts": made.output, "baseline": base.output,
                              "previous": base.output, "reference": first.output, "preferences": pairs.output},
                             SMALL | {"round": 1}, store)
     rows = {r["metric"]: r for r in store.read_table(result.ref).to_pylist()}
@@ -248,9 +248,9 @@ def _pairs_artifact(store):
 def test_evaluate_with_a_reward_model_judges_wins_by_reward(tiny):
     store, made, first, second, reward_model = tiny
     config = SMALL | {"samples_per_prompt": 0, "win_judge": "reward_model"}
-    base = evaluation.run({"policy": first.output, "prompts": made.output, "reward_model": reward_model.output},
+    base = run_stage("evaluate", {"policy": first.output, "prompts": made.output, "reward_model": reward_model.output},
                           config, store)
-    result = evaluation.run({"policy": second.output, "prompts": made.output, "baseline": base.output,
+    result = run_stage("evaluate", {"policy": second.output, "prompts": made.output, "baseline": base.output,
                              "reward_model": reward_model.output}, config, store)
     rows = {r["metric"]: r for r in store.read_table(result.ref).to_pylist()}
     rewards = store.read_table(result.ref, "eval_results").column("reward").to_pylist()
@@ -265,7 +265,7 @@ def test_evaluate_with_a_reward_model_judges_wins_by_reward(tiny):
 def test_reward_judge_without_a_reward_model_is_a_clear_error(tiny):
     store, made, first, _, _ = tiny
     with pytest.raises(ValueError, match="no reward model was given.*reward_model=REF"):
-        evaluation.run({"policy": first.output, "prompts": made.output},
+        run_stage("evaluate", {"policy": first.output, "prompts": made.output},
                        SMALL | {"samples_per_prompt": 0, "win_judge": "reward_model"}, store)
 
 
@@ -287,8 +287,8 @@ def test_evaluate_checks_answers_with_the_configured_task(tiny, monkeypatch):
     answers = dict(zip(table.column("prompt").to_pylist(), table.column("reference_answer").to_pylist(), strict=True))
     monkeypatch.setattr(evaluation.HFBackend, "from_directory", lambda *a, **k: _AnswerInWordsBackend(answers))
     config = SMALL | {"samples_per_prompt": 0}
-    arithmetic = evaluation.run({"policy": first.output, "prompts": made.output}, config, store)
-    gsm8k = evaluation.run({"policy": first.output, "prompts": made.output}, config | {"task": "gsm8k"}, store)
+    arithmetic = run_stage("evaluate", {"policy": first.output, "prompts": made.output}, config, store)
+    gsm8k = run_stage("evaluate", {"policy": first.output, "prompts": made.output}, config | {"task": "gsm8k"}, store)
     assert arithmetic.metrics["accuracy"] == 0.0
     assert gsm8k.metrics["accuracy"] == 1.0
 

@@ -11,6 +11,7 @@ from prefloop.datasets_spec import LABELS, PREFERENCES, PROMPTS, conform
 from prefloop.stage import StageConfig, StageInputError, StageOutput, StageSpec, execute
 from prefloop.tasks import filtering
 from prefloop.tasks.filtering import FilterConfig, apply_filters, ches_scores, estimate_flip_rate
+from prefloop.tasks.registry import run_stage
 
 
 class _Empty(StageConfig):
@@ -200,7 +201,7 @@ def test_strongly_negative_pairs_are_flipped_with_a_new_pair_id():
     assert (flipped["score_chosen"], flipped["score_rejected"]) == (0.0, 1.0)
     assert (flipped["chosen_sample_id"], flipped["rejected_sample_id"]) == ("r1", "c1")
     assert flipped["method"] == "best_vs_worst+flipped"
-    from prefloop.tasks.construct import pair_id
+    from prefloop.tasks.common.ids import pair_id
 
     assert flipped["pair_id"] == pair_id("x?", "bad 1", "good 1")
     assert result.table.slice(0, 1).to_pylist()[0] == table.slice(0, 1).to_pylist()[0]  # others untouched
@@ -369,7 +370,7 @@ def test_ches_stage_drops_the_top_fraction(store, tiny_policy, tmp_path):
                      lambda ctx: StageOutput(files_dir=tmp_path / "policy", remove_files_dir=False), {}, {}, store)
     table = pairs_table(CHES_ROWS)
     pairs = put(store, "hand-pairs", "preferences", table, PREFERENCES)
-    result = filtering.run({"preferences": pairs.output, "policy": policy.output}, {"ches_top_fraction": 0.5}, store)
+    result = run_stage("filter", {"preferences": pairs.output, "policy": policy.output}, {"ches_top_fraction": 0.5}, store)
     columns = [table.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")]
     highest = set(np.argsort(-ches_scores(model, tokenizer, *columns))[:2].tolist())
     drops = store.read_table(result.ref, "drops").to_pylist()
@@ -392,7 +393,7 @@ def test_stage_records_every_drop_and_writes_the_estimate(store):
     margins["p0"] = [-1.0, -1.2, -0.8]
     labels = put(store, "hand-labels", "labels", ensemble_labels(margins), LABELS)
     inputs = {"preferences": pairs.output, "eval_prompts": eval_prompts.output, "ensemble_labels": labels.output}
-    result = filtering.run(inputs, {}, store)
+    result = run_stage("filter", inputs, {}, store)
     assert result.drops == {"chosen_equals_rejected": 1, "contaminated": 1, "tie": 1, "duplicate_pair": 1}
     drops = store.read_table(result.ref, "drops")
     assert sorted(drops.column("row_index").to_pylist()) == [1, 2, 3, 4]
@@ -408,18 +409,18 @@ def test_stage_records_every_drop_and_writes_the_estimate(store):
 
 def test_empty_tables_pass_and_bad_eval_split_is_an_error(store):
     empty = put(store, "hand-pairs", "preferences", pairs_table([]), PREFERENCES)
-    result = filtering.run({"preferences": empty.output}, {}, store)
+    result = run_stage("filter", {"preferences": empty.output}, {}, store)
     assert result.rows == 0 and result.drops == {} and result.metrics["pairs_in"] == 0
     only_train = pa.table({"prompt_id": ["e1"], "prompt": ["x?"], "split": ["train"]})
     eval_prompts = put(store, "hand-prompts", "prompts", only_train, PROMPTS)
     with pytest.raises(StageInputError, match="no rows of split 'heldout'.*eval_split"):
-        filtering.run({"preferences": empty.output, "eval_prompts": eval_prompts.output}, {}, store)
+        run_stage("filter", {"preferences": empty.output, "eval_prompts": eval_prompts.output}, {}, store)
     assert apply_filters(pairs_table([]), FilterConfig(), eval_prompts=EVAL,
                          ensemble_labels=ensemble_labels({})).reasons == []
 
 
 def test_config_errors_name_the_valid_keys(store):
     with pytest.raises(StageInputError, match="ches_top_fraction.*Valid keys"):
-        filtering.run({}, {"ches_top_fraction": 1.5}, store)
+        run_stage("filter", {}, {"ches_top_fraction": 1.5}, store)
     with pytest.raises(StageInputError, match="negative_strength_action"):
-        filtering.run({}, {"negative_strength_action": "swap"}, store)
+        run_stage("filter", {}, {"negative_strength_action": "swap"}, store)

@@ -8,21 +8,20 @@ import yaml
 from prefect.utilities.templating import find_placeholders
 
 from prefloop.flows import stages as stage_flows
-from prefloop.tasks.registry import STAGE_MODULES, stage_module
+from prefloop.tasks.registry import deployable_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_stage_is_deployed_on_the_pool_its_spec_names():
     deployments = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
-    for stage in STAGE_MODULES:
-        spec = stage_module(stage).SPEC
-        deployment = deployments.get(f"stage-{stage}")
-        assert deployment is not None, f"prefect.yaml has no deployment 'stage-{stage}'"
-        assert deployment["work_pool"]["name"] == spec.pool, stage
+    for entry in deployable_stages():
+        deployment = deployments.get(f"stage-{entry.name}")
+        assert deployment is not None, f"prefect.yaml has no deployment 'stage-{entry.name}'"
+        assert deployment["work_pool"]["name"] == entry.spec.pool == entry.pool, entry.name
         file, flow_name = deployment["entrypoint"].split(":")
-        assert file == "flows/stages.py" and getattr(stage_flows, flow_name).name == f"prefloop-stage-{stage}"
-    assert {stage_module(s).SPEC.pool for s in STAGE_MODULES} <= {"cpu", "gpu"}
+        assert file == "flows/stages.py" and getattr(stage_flows, flow_name).name == f"prefloop-stage-{entry.name}"
+    assert {entry.pool for entry in deployable_stages()} <= {"cpu", "gpu"}
     assert deployments["loop"]["parameters"]["dispatch"] == "pools"
 
 

@@ -13,7 +13,7 @@ from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.flows import training as round_training
 from prefloop.stage import StageResult
-from prefloop.tasks.training import preference, reference
+from prefloop.tasks.registry import run_stage, stage_entry
 from prefloop.tasks.training.loop import (
     DPOConfig,
     ReferenceLogps,
@@ -133,9 +133,9 @@ class FakeCall:
     def __init__(self):
         self.calls: list[tuple[str, dict, dict]] = []
 
-    def __call__(self, module, inputs, config, store, name) -> StageResult:
-        self.calls.append((module.SPEC.name, inputs, config))
-        return StageResult(stage=module.SPEC.name, output=f"{module.SPEC.output_kind}/{module.SPEC.name}-out", cached=False)
+    def __call__(self, stage, inputs, config, store, name) -> StageResult:
+        self.calls.append((stage, inputs, config))
+        return StageResult(stage=stage, output=f"{stage_entry(stage).output}/{stage}-out", cached=False)
 
 
 @pytest.mark.parametrize(("policy", "train_reference", "reference_inputs"), [
@@ -193,22 +193,20 @@ def _pairs_table(ids: list[str]) -> pa.Table:
 def test_off_policy_pairs_make_up_the_configured_share(store) -> None:
     from test_train_resume import TINY_MODEL, put_pairs
 
-    from prefloop.tasks import prompts
-    from prefloop.tasks.training import sft
 
-    made = prompts.run({}, {"n_train": 8, "n_heldout": 0, "task": {"min_ops": 1, "max_ops": 1}}, store)
-    model = sft.run({"prompts": made.output}, {"model": TINY_MODEL, "training": {"max_steps": 1, "batch_size": 4}},
+    made = run_stage("prompts", {}, {"n_train": 8, "n_heldout": 0, "task": {"min_ops": 1, "max_ops": 1}}, store)
+    model = run_stage("sft", {"prompts": made.output}, {"model": TINY_MODEL, "training": {"max_steps": 1, "batch_size": 4}},
                     store)
     current = put_pairs(store, _pairs_table([f"now-{i}" for i in range(4)]), "now")
     earlier = put_pairs(store, _pairs_table([f"old-{i}" for i in range(6)] + ["now-0"]), "old")
     inputs = {"preferences": current.output, "policy": model.output, "reference": model.output,
               "off_policy": earlier.output}
     config = {"training": {"max_steps": 1, "batch_size": 4}, "off_policy_ratio": 0.5, "curriculum": "margin", "round": 2}
-    logps = reference.run({k: inputs[k] for k in ("preferences", "reference", "off_policy")}, {}, store)
+    logps = run_stage("reference", {k: inputs[k] for k in ("preferences", "reference", "off_policy")}, {}, store)
     assert logps.rows == 10  # 4 now + 6 old, the repeated now-0 scored once
-    trained = preference.run(inputs | {"reference_logps": logps.output}, config, store)
+    trained = run_stage("train", inputs | {"reference_logps": logps.output}, config, store)
     # r/(1−r) = 1 off-policy pair per on-policy pair: 4 of the 6 earlier pairs not already in this round.
     assert trained.metrics["pairs"] == 8 and trained.metrics["off_policy_pairs"] == 4
     assert trained.metrics["reference_logps_from_artifact"] == 8
     with pytest.raises(ValueError, match="no 'off_policy' input"):
-        preference.run({k: v for k, v in inputs.items() if k != "off_policy"}, config, store)
+        run_stage("train", {k: v for k, v in inputs.items() if k != "off_policy"}, config, store)

@@ -10,8 +10,8 @@ from prefloop.datasets_spec import PREFERENCES
 from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.stage import StageConfig, StageInputError, StageOutput, StageSpec, execute
-from prefloop.tasks import judge
 from prefloop.tasks.judge import JudgeConfig, judge_pairs, labels_output
+from prefloop.tasks.registry import run_stage
 from prefloop.tasks.training.artifacts import save_model_dir
 
 TEMPLATE = "{prompt}|A={answer_a}|B={answer_b}|"
@@ -110,7 +110,7 @@ def test_judge_stage_round_trip_on_a_tiny_policy(store) -> None:
                       "chosen": ["A:2", "A:4"], "rejected": ["A:3", "A:5"]})
     pairs_ref = execute(pairs_spec, lambda ctx: StageOutput(table=pairs), {}, {}, store).output
     config = {"template": "{prompt}{answer_a}\n{answer_b}\n", "option_a": "A", "option_b": "1"}
-    result = judge.run({"preferences": pairs_ref, "judge": judge_ref}, config, store)
+    result = run_stage("label-judge", {"preferences": pairs_ref, "judge": judge_ref}, config, store)
     rows = store.read_table(result.ref).to_pylist()
     judge_id = judge_ref.split("/")[1]
     assert sorted({r["labeler"] for r in rows}) == [f"judge:{judge_id}", f"judge:{judge_id}/chosen-first",
@@ -119,4 +119,4 @@ def test_judge_stage_round_trip_on_a_tiny_policy(store) -> None:
     assert all(r["labeler_version"] == "1" for r in rows)
     assert set(result.metrics) >= {"order_disagreement_rate", "position_bias", "agreement_with_labels"}
     with pytest.raises(StageInputError, match="missing input role"):
-        judge.run({"preferences": pairs_ref}, config, store)
+        run_stage("label-judge", {"preferences": pairs_ref}, config, store)

@@ -19,13 +19,13 @@ def test_config_flows_and_stage_modules_import_without_torch() -> None:
     code = textwrap.dedent("""
         import importlib, pkgutil, sys
         import prefloop.cli, prefloop.config, prefloop.flows.loop, prefloop.flows.data, prefloop.flows.stages
-        import prefloop.tasks, prefloop.tasks.training, prefloop.backends
-        for package in (prefloop.tasks, prefloop.tasks.training, prefloop.backends):
+        import prefloop.tasks, prefloop.tasks.common, prefloop.tasks.training, prefloop.backends
+        for package in (prefloop.tasks, prefloop.tasks.common, prefloop.tasks.training, prefloop.backends):
             for info in pkgutil.iter_modules(package.__path__):
                 importlib.import_module(f"{package.__name__}.{info.name}")
-        from prefloop.tasks.registry import STAGE_MODULES, stage_module
-        specs = [stage_module(name).SPEC for name in STAGE_MODULES]
-        assert len(specs) == len(STAGE_MODULES)
+        from prefloop.tasks.registry import STAGES
+        specs = [entry.spec for entry in STAGES.values()]
+        assert len(specs) == len(STAGES)
         loaded = sorted(name for name in sys.modules if name.split(".")[0] in {heavy})
         print(loaded)
         assert not loaded, loaded

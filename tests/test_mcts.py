@@ -18,6 +18,7 @@ from prefloop.embedded.arithmetic import extract_answer
 from prefloop.stage import StageConfig, StageOutput, StageSpec, execute
 from prefloop.tasks import mcts, pair_trees
 from prefloop.tasks.mcts import MCTSConfig, Node, SearchTree, TreeSearch
+from prefloop.tasks.registry import run_stage
 
 # ---------------------------------------------------------------------------------------------
 # A scripted policy: per kind of sample, the right next step from the running value so far, the same
@@ -358,10 +359,10 @@ def test_repairing_a_stored_tree_equals_pairing_during_search(store):
     assert during, "the scripted search must give pairs"
     stored = _put_trees(store, mcts.trees_to_table(trees, 1, "m"))
     calls = len(policy.generate_calls)
-    result = pair_trees.run({"trees": stored.output}, {}, store)
+    result = run_stage("pair-trees", {"trees": stored.output}, {}, store)
     assert store.read_table(result.ref).to_pylist() == pa.Table.from_pylist(during, schema=result_schema()).to_pylist()
     assert 0.0 < result.metrics["mean_confidence"] <= 1.0
-    other = pair_trees.run({"trees": stored.output}, {"rule": "all_expanded"}, store)
+    other = run_stage("pair-trees", {"trees": stored.output}, {"rule": "all_expanded"}, store)
     assert other.rows > result.rows and len(policy.generate_calls) == calls  # another rule, no new search
 
 
@@ -377,13 +378,13 @@ def test_wrong_and_truncated_trees_are_dropped_with_reasons(store):
         trees += TreeSearch(ScriptedPolicy(kinds), MCTSConfig(**SCRIPT_CONFIG), extract_answer).run(
             [_tree("3+4-2=?\n", "5", name)])
     stored = _put_trees(store, mcts.trees_to_table(trees, 1, "m"))
-    result = pair_trees.run({"trees": stored.output}, {}, store)
+    result = run_stage("pair-trees", {"trees": stored.output}, {}, store)
     assert result.drops == {"tree_incorrect": 1, "tree_truncated_step": 1, "tree_empty_step": 1}
     drops = store.read_table(result.ref, "drops").to_pylist()
     assert sorted(d["row_id"] for d in drops) == ["blank:", "cut:", "wrong:"]
     pairs = store.read_table(result.ref).to_pylist()
     assert pairs and {p["prompt_id"] for p in pairs} == {"p-ok"}
-    everything = pair_trees.run({"trees": stored.output}, {"require_correct": False}, store)
+    everything = run_stage("pair-trees", {"trees": stored.output}, {"require_correct": False}, store)
     assert everything.drops == {}
 
 
@@ -396,13 +397,11 @@ TINY_MODEL = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 
 
 @pytest.fixture
 def tiny_policy(store):
-    from prefloop.tasks import prompts
-    from prefloop.tasks.training import sft
 
     task = {"min_ops": 1, "max_ops": 2}
-    sft_prompts = prompts.run({}, {"n_train": 16, "n_heldout": 0, "task": task}, store)
-    task_prompts = prompts.run({}, {"n_train": 6, "n_heldout": 2, "task": task}, store)
-    policy = sft.run({"prompts": sft_prompts.output},
+    sft_prompts = run_stage("prompts", {}, {"n_train": 16, "n_heldout": 0, "task": task}, store)
+    task_prompts = run_stage("prompts", {}, {"n_train": 6, "n_heldout": 2, "task": task}, store)
+    policy = run_stage("sft", {"prompts": sft_prompts.output},
                      {"model": TINY_MODEL, "training": {"max_steps": 3, "batch_size": 8}}, store)
     return policy.output, task_prompts.output
 
@@ -413,14 +412,14 @@ SEARCH = {"max_prompts": 4, "children_per_node": 2, "simulations": 2, "lookahead
 
 def test_mcts_stage_writes_every_node_and_pair_trees_reads_them(store, tiny_policy):
     policy, prompts_ref = tiny_policy
-    result = mcts.run({"policy": policy, "prompts": prompts_ref}, SEARCH, store)
+    result = run_stage("mcts", {"policy": policy, "prompts": prompts_ref}, SEARCH, store)
     table = store.read_table(result.ref)
     assert result.metrics["trees"] == 4 and table.num_rows == result.metrics["nodes"]
     assert set(table.column("tree_status").to_pylist()) <= set(mcts.TREE_STATUSES)
     assert result.metrics["generate_calls"] < result.metrics["simulations"]  # trees advance together
-    again = mcts.run({"policy": policy, "prompts": prompts_ref}, SEARCH, store)
+    again = run_stage("mcts", {"policy": policy, "prompts": prompts_ref}, SEARCH, store)
     assert again.cached and again.output == result.output
-    pairs = pair_trees.run({"trees": result.output}, {"require_correct": False}, store)
+    pairs = run_stage("pair-trees", {"trees": result.output}, {"require_correct": False}, store)
     assert pairs.ref.kind == "preferences"
 
 
@@ -431,10 +430,10 @@ def test_prompts_longer_than_the_context_window_are_dropped_or_refused(store, ti
     # shortest and the longest prompt's needs drops the longer prompts only.
     window = 1 + lengths[0] + 1 + 8 + 1
     if lengths[-1] > lengths[0]:
-        result = mcts.run({"policy": policy, "prompts": prompts_ref}, SEARCH | {"context_window": window}, store)
+        result = run_stage("mcts", {"policy": policy, "prompts": prompts_ref}, SEARCH | {"context_window": window}, store)
         assert result.drops["prompt_exceeds_context_window"] == sum(n > lengths[0] for n in lengths)
     with pytest.raises(ValueError, match="context window"):
-        mcts.run({"policy": policy, "prompts": prompts_ref}, SEARCH | {"context_window": 5}, store)
+        run_stage("mcts", {"policy": policy, "prompts": prompts_ref}, SEARCH | {"context_window": 5}, store)
 
 
 @pytest.mark.slow  # a whole (tiny) loop: SFT, search, pairs, filter, reference, train, evaluate (~30-60 s here)

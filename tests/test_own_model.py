@@ -14,8 +14,8 @@ from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.flows.loop import run_round
 from prefloop.storage import ArtifactStore
-from prefloop.tasks import evaluation, prompts
 from prefloop.tasks.importing import UnsafeModelError, check_model_dir, import_model
+from prefloop.tasks.registry import run_stage
 from prefloop.tasks.training.artifacts import load_policy
 from prefloop.tasks.training.loop import SFTConfig, train_sft
 
@@ -32,7 +32,7 @@ def smoke_config():
 def own_model_dir(tmp_path_factory, smoke_config):
     """A model trained elsewhere: a tiny Llama fine-tuned briefly on the task, saved with save_pretrained."""
     store = ArtifactStore(tmp_path_factory.mktemp("train") / "store")
-    made = prompts.run({}, smoke_config.sft_prompts, store)
+    made = run_stage("prompts", {}, smoke_config.sft_prompts, store)
     table = store.read_table(made.ref)
     examples = list(zip(table.column("prompt").to_pylist(), table.column("reference_solution").to_pylist(), strict=True))
     tokenizer = build_tokenizer()
@@ -56,8 +56,8 @@ def test_imported_model_runs_a_round_of_the_loop(tmp_path, own_model_dir, smoke_
     assert model.metrics["has_chat_template"] is True
     assert import_model(own_model_dir, store).output == model.output  # same directory, same artifact
 
-    task_prompts = prompts.run({}, smoke_config.prompts, store, "own/prompts")
-    base = evaluation.run({"policy": model.output, "prompts": task_prompts.output, "reference": model.output},
+    task_prompts = run_stage("prompts", {}, smoke_config.prompts, store, "own/prompts")
+    base = run_stage("evaluate", {"policy": model.output, "prompts": task_prompts.output, "reference": model.output},
                           {**smoke_config.evaluation.model_dump(), "round": 0}, store, "own/round-0/metrics")
     summary = run_round(smoke_config, 1, model.output, model.output, task_prompts.output, base.output, store.uri,
                         previous_metrics=base.output)

@@ -7,8 +7,8 @@ import pytest
 
 from prefloop.datasets_spec import PROMPTS, SAMPLES
 from prefloop.stage import StageConfig, StageOutput, StageSpec, execute
-from prefloop.tasks import labeling
 from prefloop.tasks.reference_reward import reference_rewards
+from prefloop.tasks.registry import run_stage
 
 REFERENCE = "the cat sat on the mat"
 
@@ -44,7 +44,7 @@ def test_label_stage_with_chrf_scores_samples_and_drops_those_without_reference(
                           lambda ctx: StageOutput(table=prompts), {}, {}, store).output
     samples_ref = execute(StageSpec("hand-samples", "1", Empty, "samples", {}, SAMPLES),
                           lambda ctx: StageOutput(table=samples), {}, {}, store).output
-    result = labeling.run({"samples": samples_ref, "prompts": prompts_ref}, {"labeler": "chrf"}, store)
+    result = run_stage("label", {"samples": samples_ref, "prompts": prompts_ref}, {"labeler": "chrf"}, store)
     rows = {r["target_id"]: r for r in store.read_table(result.ref).to_pylist()}
     assert set(rows) == {"s1", "s2"}
     assert rows["s1"]["score"] == pytest.approx(1.0) and 0.0 <= rows["s2"]["score"] < 1.0
@@ -62,7 +62,7 @@ def test_no_sample_with_a_reference_is_a_clear_error(store) -> None:
     samples_ref = execute(StageSpec("hand-samples", "1", Empty, "samples", {}, SAMPLES),
                           lambda ctx: StageOutput(table=samples), {}, {}, store).output
     with pytest.raises(ValueError, match="no sample has a reference"):
-        labeling.run({"samples": samples_ref, "prompts": prompts_ref}, {"labeler": "bleu"}, store)
+        run_stage("label", {"samples": samples_ref, "prompts": prompts_ref}, {"labeler": "bleu"}, store)
 
 
 def test_bleu_reads_the_reference_column_named_in_settings(store) -> None:
@@ -74,8 +74,8 @@ def test_bleu_reads_the_reference_column_named_in_settings(store) -> None:
     samples_ref = execute(StageSpec("hand-samples", "1", Empty, "samples", {}, SAMPLES),
                           lambda ctx: StageOutput(table=samples), {}, {}, store).output
     inputs = {"samples": samples_ref, "prompts": prompts_ref}
-    against_answer = labeling.run(inputs, {"labeler": "bleu", "settings": {"reference": "reference_answer"}}, store)
-    against_solution = labeling.run(inputs, {"labeler": "bleu"}, store)
+    against_answer = run_stage("label", inputs, {"labeler": "bleu", "settings": {"reference": "reference_answer"}}, store)
+    against_solution = run_stage("label", inputs, {"labeler": "bleu"}, store)
     score = store.read_table(against_answer.ref).column("score").to_pylist()
     assert score == [pytest.approx(1.0)]
     assert store.read_table(against_solution.ref).column("score").to_pylist()[0] < 1.0

@@ -14,7 +14,8 @@ from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.stage import StageConfig, StageInputError, StageOutput, StageSpec, execute
 from prefloop.storage import ArtifactRef
-from prefloop.tasks import evaluation, labeling, reward_labels, reward_model
+from prefloop.tasks import evaluation, reward_labels, reward_model
+from prefloop.tasks.registry import run_stage
 from prefloop.tasks.reward_model import (
     aggregate_rewards,
     best_of_n_accuracy,
@@ -131,8 +132,8 @@ def shared(tmp_path_factory):
     store = ArtifactStore(tmp_path_factory.mktemp("reward-models") / "store")
     train = put(store, "preferences", PREFERENCES, pairs_table(_toy_pairs(range(1, 9))), "train")
     heldout = put(store, "preferences", PREFERENCES, pairs_table(_toy_pairs(range(11, 17))), "heldout")
-    single = reward_model.run({"preferences": train, "heldout": heldout}, TRAIN_CONFIG, store)
-    ensemble = reward_model.run({"preferences": train, "heldout": heldout}, {**TRAIN_CONFIG, "ensemble_size": 2}, store)
+    single = run_stage("train-rm", {"preferences": train, "heldout": heldout}, TRAIN_CONFIG, store)
+    ensemble = run_stage("train-rm", {"preferences": train, "heldout": heldout}, {**TRAIN_CONFIG, "ensemble_size": 2}, store)
     samples = put(store, "samples", SAMPLES, pa.table({
         "sample_id": ["s1", "s2", "s3"], "prompt_id": ["q", "q", "r"], "prompt": ["5+0=?\n", "5+0=?\n", "6+0=?\n"],
         "completion": ["A:1", "A:2", "A:1"]}), "samples")
@@ -147,7 +148,7 @@ def test_train_rm_learns_and_reports_heldout_accuracies(shared) -> None:
     assert metrics["heldout_pairwise_accuracy"] == 1.0 and metrics["heldout_best_of_4_accuracy"] == 1.0
     assert metrics["final_loss"] < 0.1
     assert "train_log" in shared.store.read_manifest(result.ref).tables
-    again = reward_model.run({"preferences": shared.train, "heldout": shared.heldout}, TRAIN_CONFIG, shared.store)
+    again = run_stage("train-rm", {"preferences": shared.train, "heldout": shared.heldout}, TRAIN_CONFIG, shared.store)
     assert again.cached and again.output == result.output
 
 
@@ -170,7 +171,7 @@ def test_ensemble_members_differ_and_label_rm_writes_members_plus_aggregate(shar
     result = shared.ensemble
     assert result.metrics["member_seeds"] == [0, 1]
     assert set(result.metrics["heldout_by_scorer"]) == {"member_0", "member_1", "mean", "min", "uncertainty_weighted"}
-    labels = reward_labels.run({"reward_model": result.output, "samples": shared.samples},
+    labels = run_stage("label-rm", {"reward_model": result.output, "samples": shared.samples},
                                {"aggregation": "uncertainty_weighted", "uncertainty_penalty": 1.0}, shared.store)
     model_id = result.ref.id
     by_labeler = {}
@@ -185,25 +186,25 @@ def test_ensemble_members_differ_and_label_rm_writes_members_plus_aggregate(shar
         a, b = by_labeler[member_0][sample], by_labeler[member_1][sample]
         # mean − 1·population variance of two values = (a + b)/2 − ((a − b)/2)².
         assert by_labeler[aggregate][sample] == pytest.approx((a + b) / 2 - ((a - b) / 2) ** 2, abs=1e-6)
-    members_only = reward_labels.run({"reward_model": result.output, "samples": shared.samples}, {}, shared.store)
+    members_only = run_stage("label-rm", {"reward_model": result.output, "samples": shared.samples}, {}, shared.store)
     assert set(shared.store.read_table(members_only.ref).column("labeler").to_pylist()) == {member_0, member_1}
 
 
 def test_label_stage_reward_model_labeler_scores_samples_with_the_aggregate(shared) -> None:
     inputs = {"samples": shared.samples, "model": shared.ensemble.output}
-    result = labeling.run(inputs, {"labeler": "reward_model", "settings": {"aggregation": "min"}}, shared.store)
+    result = run_stage("label", inputs, {"labeler": "reward_model", "settings": {"aggregation": "min"}}, shared.store)
     rows = shared.store.read_table(result.ref).to_pylist()
     members = reward_model.score_with_members(shared.store.local_files(shared.ensemble.ref),
                                               ["5+0=?\n", "5+0=?\n", "6+0=?\n"], ["A:1", "A:2", "A:1"])
     assert [r["score"] for r in rows] == pytest.approx(members.min(axis=0).tolist(), abs=1e-6)
     assert {r["labeler"] for r in rows} == {"reward_model"} and result.metrics["members"] == 2
     with pytest.raises(StageInputError, match="needs the input"):
-        labeling.run({"samples": shared.samples}, {"labeler": "reward_model"}, shared.store)
+        run_stage("label", {"samples": shared.samples}, {"labeler": "reward_model"}, shared.store)
 
 
 def test_label_rm_on_pairs_scores_the_margin_and_names_one_model(shared) -> None:
     ref = shared.single.ref
-    labels = reward_labels.run({"reward_model": str(ref), "preferences": shared.heldout}, {}, shared.store)
+    labels = run_stage("label-rm", {"reward_model": str(ref), "preferences": shared.heldout}, {}, shared.store)
     rows = shared.store.read_table(labels.ref).to_pylist()
     assert len(rows) == 18 and {r["labeler"] for r in rows} == {f"rm:{ref.id}"}
     assert all(r["target_kind"] == "pair" and r["score"] > 0 for r in rows)
@@ -221,13 +222,13 @@ def test_non_finite_rewards_are_dropped_with_a_named_reason(shared, monkeypatch)
         return np.array([[0.5, float("nan"), 1.0], [0.25, 1.0, float("inf")]])
 
     monkeypatch.setattr(reward_labels, "score_with_members", broken)
-    result = reward_labels.run({"reward_model": shared.ensemble.output, "samples": shared.samples},
+    result = run_stage("label-rm", {"reward_model": shared.ensemble.output, "samples": shared.samples},
                                {"aggregation": "mean"}, shared.store)
     assert result.drops == {"nonfinite_reward": 2}
     rows = shared.store.read_table(result.ref).to_pylist()
     assert {r["target_id"] for r in rows} == {"s1"} and len(rows) == 3  # two members + the mean
     assert [r["score"] for r in rows if r["labeler"].startswith("rm-ensemble:")] == [0.375]
-    labeled = labeling.run({"samples": shared.samples, "model": shared.ensemble.output},
+    labeled = run_stage("label", {"samples": shared.samples, "model": shared.ensemble.output},
                            {"labeler": "reward_model"}, shared.store)
     assert labeled.drops == {"nonfinite_reward": 2}
     assert shared.store.read_table(labeled.ref).column("score").to_pylist() == [0.375]
@@ -237,18 +238,18 @@ def test_bad_inputs_get_clear_errors(shared, tmp_path) -> None:
     store = shared.store
     empty = put(store, "preferences", PREFERENCES, PREFERENCES.schema.empty_table(), "empty")
     with pytest.raises(ValueError, match="is empty: a reward model needs pairs"):
-        reward_model.run({"preferences": empty}, TRAIN_CONFIG, store)
+        run_stage("train-rm", {"preferences": empty}, TRAIN_CONFIG, store)
     ref = shared.single.output
     with pytest.raises(ValueError, match="either samples .* or pairs"):
-        reward_labels.run({"reward_model": ref}, {}, store)
+        run_stage("label-rm", {"reward_model": ref}, {}, store)
     with pytest.raises(ValueError, match="is empty: there is nothing to score"):
-        reward_labels.run({"reward_model": ref, "preferences": empty}, {}, store)
+        run_stage("label-rm", {"reward_model": ref, "preferences": empty}, {}, store)
     with pytest.raises(StageInputError, match="ensemble_size"):
-        reward_model.run({"preferences": shared.train}, {**TRAIN_CONFIG, "ensemble_size": 0}, store)
+        run_stage("train-rm", {"preferences": shared.train}, {**TRAIN_CONFIG, "ensemble_size": 0}, store)
     with pytest.raises(ValueError, match="neither a model .* nor an ensemble"):
         reward_model.reward_model_members(tmp_path)
     with pytest.raises(StageInputError, match="max_length is not supported for reward models"):
-        reward_model.run({"preferences": shared.train}, {"training": {"max_length": 16}}, store)
+        run_stage("train-rm", {"preferences": shared.train}, {"training": {"max_length": 16}}, store)
 
 
 def test_reward_model_from_a_policy_keeps_its_backbone(tmp_path) -> None:
@@ -270,7 +271,7 @@ def test_train_rm_from_a_policy_artifact_holds_out_whole_prompts(shared) -> None
     policy_ref = execute(policy_spec, lambda ctx: StageOutput(files_dir=save_model_dir(policy, tokenizer)), {}, {},
                          shared.store).output
     config = {"training": {"max_steps": 2, "batch_size": 4}, "heldout_fraction": 0.5}
-    result = reward_model.run({"preferences": shared.train, "policy": policy_ref}, config, shared.store)
+    result = run_stage("train-rm", {"preferences": shared.train, "policy": policy_ref}, config, shared.store)
     metrics = result.metrics
     assert metrics["initialised_from"] == "policy"
     # 8 prompts × 3 pairs: a prompt's pairs are all trained on or all held out.

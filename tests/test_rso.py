@@ -9,8 +9,8 @@ import pytest
 
 from prefloop.datasets_spec import LABELS, SAMPLES
 from prefloop.stage import StageConfig, StageOutput, StageSpec, execute
-from prefloop.tasks import construct
 from prefloop.tasks.construct import Candidate, pair_accepted, rejection_sample
+from prefloop.tasks.registry import run_stage
 
 # A small discrete "policy": 4 possible completions with known π_sft probabilities and rewards.
 PI_SFT = np.array([0.4, 0.3, 0.2, 0.1])
@@ -141,14 +141,14 @@ def test_rso_stage_builds_pairs_from_accepted_samples(store) -> None:
                           store)
     labels_ref = execute(_hand_spec("hand-labels", "labels", LABELS), lambda c: StageOutput(table=labels), {}, {}, store)
     config = {"method": "rso", "rso": {"beta": 0.5, "num_accepted": 8}}
-    result = construct.run({"samples": samples_ref.output, "labels": labels_ref.output}, config, store)
+    result = run_stage("construct", {"samples": samples_ref.output, "labels": labels_ref.output}, config, store)
     pairs = store.read_table(result.ref).to_pylist()
     assert result.metrics["rso_accepted"] == 6 * 8
     assert pairs and all(p["method"] == "rso" and p["score_chosen"] == 1.0 and p["score_rejected"] == 0.0
                          for p in pairs)
     per_prompt = {p["prompt_id"] for p in pairs}
     assert all(sum(p["prompt_id"] == prompt for p in pairs) <= 4 for prompt in per_prompt)
-    again = construct.run({"samples": samples_ref.output, "labels": labels_ref.output}, config, store)
+    again = run_stage("construct", {"samples": samples_ref.output, "labels": labels_ref.output}, config, store)
     assert again.cached and again.output == result.output
 
 

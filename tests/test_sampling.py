@@ -14,9 +14,7 @@ from prefloop.backends.hf import HFBackend
 from prefloop.datasets_spec import PROMPTS
 from prefloop.stage import StageConfig, StageOutput, StageSpec, execute
 from prefloop.storage import ArtifactStore
-from prefloop.tasks import prompts as prompts_stage
-from prefloop.tasks import sampling
-from prefloop.tasks.training import sft
+from prefloop.tasks.registry import run_stage
 
 TINY_MODEL = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
               "max_position_embeddings": 64}
@@ -25,8 +23,8 @@ TINY_MODEL = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
     store = ArtifactStore(tmp_path_factory.mktemp("sampling") / "store")
-    made = prompts_stage.run({}, {"n_train": 8, "n_heldout": 0, "task": {"min_ops": 1, "max_ops": 1}}, store)
-    model = sft.run({"prompts": made.output}, {"model": TINY_MODEL, "training": {"max_steps": 2, "batch_size": 4}},
+    made = run_stage("prompts", {}, {"n_train": 8, "n_heldout": 0, "task": {"min_ops": 1, "max_ops": 1}}, store)
+    model = run_stage("sft", {"prompts": made.output}, {"model": TINY_MODEL, "training": {"max_steps": 2, "batch_size": 4}},
                     store)
     return store, model
 
@@ -45,7 +43,7 @@ def test_prompts_beyond_the_context_window_are_dropped_with_a_reason(policy) -> 
     store, model = policy
     too_long = "1+" * 40 + "1=?\n"  # 85 tokens, the window is 64
     prompts = _prompts(store, ["1+1=?\n", too_long, "2+3=?\n"])
-    result = sampling.run({"policy": model.output, "prompts": prompts}, {"n": 2, "max_new_tokens": 8}, store)
+    result = run_stage("sample", {"policy": model.output, "prompts": prompts}, {"n": 2, "max_new_tokens": 8}, store)
     samples = store.read_table(result.ref)
     assert sorted(set(samples.column("prompt_id").to_pylist())) == ["p0", "p2"] and samples.num_rows == 4
     assert result.drops == {"prompt_exceeds_context_window": 1}
@@ -54,7 +52,7 @@ def test_prompts_beyond_the_context_window_are_dropped_with_a_reason(policy) -> 
     assert result.metrics["prompts_beyond_context"] == 1
     only_long = _prompts(store, [too_long])
     with pytest.raises(ValueError, match="every one of the 1 prompts is longer than the policy's context window"):
-        sampling.run({"policy": model.output, "prompts": only_long}, {"n": 1}, store)
+        run_stage("sample", {"policy": model.output, "prompts": only_long}, {"n": 1}, store)
 
 
 def test_the_same_stage_samples_through_vllm(policy, monkeypatch) -> None:
@@ -67,8 +65,8 @@ def test_the_same_stage_samples_through_vllm(policy, monkeypatch) -> None:
     monkeypatch.setenv("PREFLOOP_VLLM_URL", f"http://127.0.0.1:{server.server_address[1]}/v1")
     try:
         greedy = {"n": 1, "temperature": 0.0, "max_new_tokens": 10}
-        local = sampling.run({"policy": model.output, "prompts": prompts}, greedy, store)
-        remote = sampling.run({"policy": model.output, "prompts": prompts}, greedy | {"backend": "vllm"}, store)
+        local = run_stage("sample", {"policy": model.output, "prompts": prompts}, greedy, store)
+        remote = run_stage("sample", {"policy": model.output, "prompts": prompts}, greedy | {"backend": "vllm"}, store)
     finally:
         server.shutdown()
         server.server_close()

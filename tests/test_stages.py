@@ -7,8 +7,9 @@ import pytest
 
 from prefloop.datasets_spec import LABELS, SAMPLES
 from prefloop.stage import StageInputError, StageOutput, execute
-from prefloop.tasks import construct, evaluation, filtering, labeling, prompts, sampling
-from prefloop.tasks.training import preference, sft
+from prefloop.tasks import evaluation
+from prefloop.tasks.common.prompts import select_prompts
+from prefloop.tasks.registry import run_stage
 
 TINY_MODEL = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
               "max_position_embeddings": 64}
@@ -54,7 +55,7 @@ def test_best_vs_worst_pairs_best_with_worst_and_ties_make_no_pair(store):
         ("b1", "qb", "A:5"), ("b2", "qb", "A:6"),                        # tie: no pair
     ]))
     labels = put(store, specs["labels"], labels_table({"a1": 1.0, "a2": 0.5, "a3": 0.0, "b1": 1.0, "b2": 1.0}))
-    result = construct.run({"samples": samples.output, "labels": labels.output}, {}, store)
+    result = run_stage("construct", {"samples": samples.output, "labels": labels.output}, {}, store)
     pairs = store.read_table(result.ref).to_pylist()
     assert len(pairs) == 1
     assert (pairs[0]["chosen"], pairs[0]["rejected"], pairs[0]["margin"]) == ("A:1", "A:3", 1.0)
@@ -66,9 +67,9 @@ def test_rerun_with_same_inputs_is_a_lookup(store):
     specs = _samples_spec()
     samples = put(store, specs["samples"], samples_table([("a1", "qa", "A:1"), ("a2", "qa", "A:2")]))
     labels = put(store, specs["labels"], labels_table({"a1": 1.0, "a2": 0.0}))
-    first = construct.run({"samples": samples.output, "labels": labels.output}, {}, store)
-    again = construct.run({"samples": samples.output, "labels": labels.output}, {"method": "best_vs_worst"}, store)
-    other = construct.run({"samples": samples.output, "labels": labels.output}, {"seed": 1}, store)
+    first = run_stage("construct", {"samples": samples.output, "labels": labels.output}, {}, store)
+    again = run_stage("construct", {"samples": samples.output, "labels": labels.output}, {"method": "best_vs_worst"}, store)
+    other = run_stage("construct", {"samples": samples.output, "labels": labels.output}, {"seed": 1}, store)
     assert not first.cached and again.cached and again.output == first.output
     assert not other.cached and other.output != first.output
 
@@ -88,7 +89,7 @@ def test_filter_drops_with_named_reasons(store):
     })
     built = put(store, StageSpec("hand-pairs", "1", Empty, "preferences", {}, PREFERENCES), table)
     # pair 2 differs only by whitespace, so the contract lets it in and the filter catches it.
-    result = filtering.run({"preferences": built.output}, {}, store)
+    result = run_stage("filter", {"preferences": built.output}, {}, store)
     assert result.rows == 1
     assert result.drops == {"chosen_equals_rejected": 1, "duplicate_pair": 1, "tie": 1}
     drops = store.read_table(result.ref, "drops").to_pylist()
@@ -98,11 +99,11 @@ def test_filter_drops_with_named_reasons(store):
 
 def test_stage_input_errors_name_the_roles(store):
     with pytest.raises(StageInputError, match="missing input role"):
-        filtering.run({}, {}, store)
+        run_stage("filter", {}, {}, store)
     with pytest.raises(StageInputError, match="unknown input role"):
-        filtering.run({"pairs": "x"}, {}, store)
+        run_stage("filter", {"pairs": "x"}, {}, store)
     with pytest.raises(StageInputError, match="min_margn: Extra inputs are not permitted.*Valid keys"):
-        filtering.run({}, {"min_margn": 0.1}, store)  # typo in a config key is an error
+        run_stage("filter", {}, {"min_margn": 0.1}, store)  # typo in a config key is an error
 
 
 def test_paired_gain():
@@ -120,8 +121,8 @@ def tiny_run(tmp_path_factory):
 
     store = ArtifactStore(tmp_path_factory.mktemp("tiny") / "store")
     task = {"min_ops": 1, "max_ops": 1}
-    made = prompts.run({}, {"n_train": 16, "n_heldout": 8, "task": task}, store)
-    model = sft.run({"prompts": made.output}, {"model": TINY_MODEL, "training": {"max_steps": 3, "batch_size": 8}}, store)
+    made = run_stage("prompts", {}, {"n_train": 16, "n_heldout": 8, "task": task}, store)
+    model = run_stage("sft", {"prompts": made.output}, {"model": TINY_MODEL, "training": {"max_steps": 3, "batch_size": 8}}, store)
     return store, made, model
 
 
@@ -145,17 +146,17 @@ def test_sft_writes_a_model_artifact(tiny_run):
 def test_sample_label_and_evaluate_on_a_tiny_model(tiny_run):
     store, made, model = tiny_run
     config = {"max_prompts": 4, "n": 3, "max_new_tokens": 8, "seed": 5}
-    samples = sampling.run({"policy": model.output, "prompts": made.output}, config, store)
+    samples = run_stage("sample", {"policy": model.output, "prompts": made.output}, config, store)
     table = store.read_table(samples.ref)
     assert table.num_rows == 12
     assert set(table.column("finish_reason").to_pylist()) <= {"stop", "length"}
     assert all(v <= 0 for v in table.column("sum_logprob").to_pylist())
-    again = sampling.run({"policy": model.output, "prompts": made.output}, config, store)
+    again = run_stage("sample", {"policy": model.output, "prompts": made.output}, config, store)
     assert again.cached
-    labels = labeling.run({"samples": samples.output, "prompts": made.output}, {}, store)
+    labels = run_stage("label", {"samples": samples.output, "prompts": made.output}, {}, store)
     verdicts = store.read_table(labels.ref).column("verdict").to_pylist()
     assert len(verdicts) == 12 and set(verdicts) <= {"correct", "incorrect", "unparseable", "truncated"}
-    metrics = evaluation.run({"policy": model.output, "prompts": made.output},
+    metrics = run_stage("evaluate", {"policy": model.output, "prompts": made.output},
                              {"max_prompts": 8, "max_new_tokens": 8}, store)
     rows = {r["metric"]: r for r in store.read_table(metrics.ref).to_pylist()}
     assert rows["accuracy"]["count"] == 8 and 0.0 <= rows["accuracy"]["value"] <= 1.0
@@ -164,10 +165,10 @@ def test_sample_label_and_evaluate_on_a_tiny_model(tiny_run):
 
 def test_labeler_must_exist(tiny_run):
     store, made, model = tiny_run
-    samples = sampling.run({"policy": model.output, "prompts": made.output},
+    samples = run_stage("sample", {"policy": model.output, "prompts": made.output},
                            {"max_prompts": 2, "n": 1, "max_new_tokens": 4}, store)
     with pytest.raises(ValueError, match="exact_answer"):
-        labeling.run({"samples": samples.output, "prompts": made.output}, {"labeler": "nope"}, store)
+        run_stage("label", {"samples": samples.output, "prompts": made.output}, {"labeler": "nope"}, store)
 
 
 def test_train_refuses_an_empty_preference_artifact(tiny_run):
@@ -182,14 +183,14 @@ def test_train_refuses_an_empty_preference_artifact(tiny_run):
                 PREFERENCES.schema.empty_table())
     before = set(store.list())
     with pytest.raises(ValueError, match="nothing to train on"):
-        preference.run({"preferences": empty.output, "policy": model.output, "reference": model.output}, {}, store)
+        run_stage("train", {"preferences": empty.output, "policy": model.output, "reference": model.output}, {}, store)
     assert set(store.list()) == before
 
 
 def test_rounds_sample_fresh_prompts():
     table = pa.table({"prompt_id": [str(i) for i in range(10)], "split": ["train"] * 8 + ["heldout"] * 2})
     ids = lambda t: t.column("prompt_id").to_pylist()  # noqa: E731
-    assert ids(sampling.select_prompts(table, "train", 3, block=0)) == ["0", "1", "2"]
-    assert ids(sampling.select_prompts(table, "train", 3, block=1)) == ["3", "4", "5"]
-    assert ids(sampling.select_prompts(table, "train", 3, block=2)) == ["6", "7", "0"]  # wraps around
-    assert ids(sampling.select_prompts(table, "heldout", None)) == ["8", "9"]
+    assert ids(select_prompts(table, "train", 3, block=0)) == ["0", "1", "2"]
+    assert ids(select_prompts(table, "train", 3, block=1)) == ["3", "4", "5"]
+    assert ids(select_prompts(table, "train", 3, block=2)) == ["6", "7", "0"]  # wraps around
+    assert ids(select_prompts(table, "heldout", None)) == ["8", "9"]

@@ -30,8 +30,8 @@ from prefloop.stage import (
     resolve_inputs,
 )
 from prefloop.storage import ArtifactStore
-from prefloop.tasks import filtering, prompts
-from prefloop.tasks.training import preference, sft
+from prefloop.tasks.registry import run_stage
+from prefloop.tasks.training import preference
 from prefloop.tasks.training.artifacts import load_policy
 from prefloop.tasks.training.loop import DPOConfig, prepare_pairs, reference_logprobs, train_dpo
 
@@ -68,8 +68,8 @@ def setup(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     store = ArtifactStore(tmp_path_factory.mktemp("robust") / "store")
-    made = prompts.run({}, {"n_train": 16, "n_heldout": 0, "task": {"min_ops": 1, "max_ops": 1}}, store)
-    model = sft.run({"prompts": made.output}, {"model": TINY_MODEL, "training": {"max_steps": 3, "batch_size": 8}},
+    made = run_stage("prompts", {}, {"n_train": 16, "n_heldout": 0, "task": {"min_ops": 1, "max_ops": 1}}, store)
+    model = run_stage("sft", {"prompts": made.output}, {"model": TINY_MODEL, "training": {"max_steps": 3, "batch_size": 8}},
                     store)
     policy, tokenizer = load_policy(store.local_files(model.ref))
     table = pairs_table([None] * PAIRS)
@@ -91,7 +91,7 @@ def train(setup, preferences: str, loss: str, **config):
     store, inputs = setup
     training = {"loss": loss, "beta": BETA, "max_steps": 1, "batch_size": PAIRS, "learning_rate": 1e-4,
                 "label_flip_rate": 0.1}
-    result = preference.run(inputs | {"preferences": preferences}, {"training": training, **config}, store)
+    result = run_stage("train", inputs | {"preferences": preferences}, {"training": training, **config}, store)
     log = store.read_table(result.ref, "train_log").to_pylist()
     (first_loss,) = [row["value"] for row in log if row["step"] == 1 and row["metric"] == "loss"]
     return result, first_loss
@@ -137,7 +137,7 @@ def test_filter_estimate_is_read_from_the_filter_manifest(setup) -> None:
     store, _ = setup
     raw = put(store, "confident", "preferences", pairs_table([0.9, 0.8, 0.7, 0.8]), PREFERENCES)
     # Without an ensemble the filter estimates ε as mean(1 − confidence) of the kept pairs: 0.2.
-    filtered = filtering.run({"preferences": raw.output}, {}, store)
+    filtered = run_stage("filter", {"preferences": raw.output}, {}, store)
     assert filtered.metrics["estimated_flip_rate"] == pytest.approx(0.2)
     result, loss = train(setup, filtered.output, "rdpo", label_flip_rate_source="filter_estimate")
     assert loss == pytest.approx(softplus_loss(Z) - 0.2 * Z / (1 - 2 * 0.2), abs=1e-4)

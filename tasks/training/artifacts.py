@@ -25,6 +25,8 @@ from prefloop.tasks.training.loop import Checkpoint
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from prefloop.stage import StageResult
 else:
     torch = deferred_import("torch")
 
@@ -180,3 +182,8 @@ class StoreCheckpointer:
             self._remove(self._step_dir(step))
         with contextlib.suppress(FileNotFoundError, OSError):
             self.store.fs.rm(self.directory, recursive=True)
+
+
+def clear_checkpoints(store: ArtifactStore, result: StageResult) -> None:
+    """A training stage's ``after_publish``: its model is in the store, so its checkpoints are superseded."""
+    StoreCheckpointer(store, result.ref.id, result.stage, stage_version="").clear()

@@ -43,11 +43,12 @@ from pydantic import Field
 from prefloop.datasets_spec import PREFERENCES, TRAIN_LOG
 from prefloop.datasets_spec.schemas import REFERENCE_LOGPS
 from prefloop.lazy import deferred_import
-from prefloop.orchestration import stage_task
-from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
-from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
+from prefloop.tasks.common.iteration import ReferencePolicy
+from prefloop.tasks.registry import stage_spec
 from prefloop.tasks.training.artifacts import (
     StoreCheckpointer,
+    clear_checkpoints,
     load_policy,
     save_model_dir,
     summarize,
@@ -71,7 +72,6 @@ if TYPE_CHECKING:
 else:
     torch = deferred_import("torch")
 
-ReferencePolicy = Literal["fixed", "previous_round", "mixture", "soft_sync"]
 LabelFlipRateSource = Literal["confidence", "config", "filter_estimate"]
 
 
@@ -113,15 +113,11 @@ class TrainConfig(StageConfig):
     round: int = Field(1, ge=0)
 
 
-SPEC = StageSpec(
-    name="train",
+SPEC = stage_spec(
+    "train",
     version="3",
     config_model=TrainConfig,
-    output_kind="model",
-    pool="gpu",
-    inputs={"preferences": "preferences", "policy": "model", "reference": "model",
-            "reference_logps": "reference_logps", "off_policy": "preferences"},
-    optional_inputs=frozenset({"reference_logps", "off_policy"}),
+    after_publish=clear_checkpoints,
     description="Preference optimisation (DPO family) of the policy against a reference.",
 )
 
@@ -317,14 +313,3 @@ def compute(ctx: StageContext) -> StageOutput:
         extra_tables={"train_log": (train_log_table(steps), TRAIN_LOG)},
         metrics=metrics,
     )
-
-
-def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    result = execute(SPEC, compute, inputs, config, store, name)
-    # The model is published: its checkpoints are superseded.
-    StoreCheckpointer(store, result.ref.id, SPEC.name, SPEC.version).clear()
-    return result
-
-
-# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
-prefect_task = stage_task(SPEC, run)

@@ -25,9 +25,8 @@ from pydantic import Field
 
 from prefloop.datasets_spec import PREFERENCES
 from prefloop.datasets_spec.schemas import REFERENCE_LOGPS
-from prefloop.orchestration import stage_task
-from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, execute
-from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.stage import StageConfig, StageContext, StageOutput
+from prefloop.tasks.registry import stage_spec
 from prefloop.tasks.training.artifacts import load_policy, training_device
 from prefloop.tasks.training.loop import ReferenceLogps, geometric_mixture, prepare_pairs, reference_logprobs
 
@@ -41,16 +40,11 @@ class ReferenceConfig(StageConfig):
     max_length: int | None = Field(None, ge=2, description="must equal train.training.max_length")
 
 
-SPEC = StageSpec(
-    name="reference",
+SPEC = stage_spec(
+    "reference",
     version="1",
     config_model=ReferenceConfig,
-    output_kind="reference_logps",
     output_table=REFERENCE_LOGPS,
-    pool="gpu",
-    inputs={"preferences": "preferences", "reference": "model", "mixture_with": "model",
-            "off_policy": "preferences"},
-    optional_inputs=frozenset({"mixture_with", "off_policy"}),
     description="Sequence log-probs of every pair under the round's reference (or INPO mixture), computed once.",
 )
 
@@ -105,11 +99,3 @@ def reference_table(pair_ids: list[str], logps: ReferenceLogps, prepared) -> pa.
         "chosen_tokens": pa.array([e.completion_length for e in prepared.chosen], pa.int32()),
         "rejected_tokens": pa.array([e.completion_length for e in prepared.rejected], pa.int32()),
     })
-
-
-def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    return execute(SPEC, compute, inputs, config, store, name)
-
-
-# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
-prefect_task = stage_task(SPEC, run)

@@ -14,11 +14,11 @@ from pydantic import Field
 from prefloop.datasets_spec import PROMPTS, TRAIN_LOG
 from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
-from prefloop.orchestration import stage_task
-from prefloop.stage import StageConfig, StageContext, StageOutput, StageSpec, done_total_callback, execute
-from prefloop.storage import ArtifactRef, ArtifactStore
+from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
+from prefloop.tasks.registry import stage_spec
 from prefloop.tasks.training.artifacts import (
     StoreCheckpointer,
+    clear_checkpoints,
     save_model_dir,
     summarize,
     train_log_table,
@@ -34,13 +34,11 @@ class SFTStageConfig(StageConfig):
     seed: int = Field(0, description="model initialisation seed")
 
 
-SPEC = StageSpec(
-    name="sft",
+SPEC = stage_spec(
+    "sft",
     version="1",
     config_model=SFTStageConfig,
-    output_kind="model",
-    pool="gpu",
-    inputs={"prompts": "prompts"},
+    after_publish=clear_checkpoints,
     description="Build the embedded tiny Llama and train it on the gold solutions of the prompts.",
 )
 
@@ -67,16 +65,3 @@ def compute(ctx: StageContext) -> StageOutput:
     if checkpointer.resumed_from is not None:
         output.metrics["resumed_from_step"] = checkpointer.resumed_from
     return output
-
-
-def run(inputs: dict[str, ArtifactRef | str], config, store: ArtifactStore, name: str | None = None):
-    result = execute(SPEC, compute, inputs, config, store, name)
-    # The model is published: its training checkpoints are superseded.
-    StoreCheckpointer(store, result.ref.id, SPEC.name, SPEC.version).clear()
-    return result
-
-
-
-
-# The Prefect task of this stage (flows call it; the pure core above needs no Prefect).
-prefect_task = stage_task(SPEC, run)
