@@ -30,7 +30,9 @@ from prefloop.backends.hf import HFBackend
 from prefloop.embedded.arithmetic import ArithmeticTaskConfig, Problem, make_problems, verify
 from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
-from prefloop.tasks.training.loop import DPOConfig, SFTConfig, train_dpo, train_sft
+from prefloop.tasks.training.configs import DPOConfig, SFTConfig
+from prefloop.tasks.training.recipes.dpo import train_dpo
+from prefloop.tasks.training.recipes.sft import train_sft
 
 
 def parse_arguments() -> argparse.Namespace:

@@ -2,7 +2,7 @@
 
 The pairs are written once to a Parquet file. The baseline is ``pyarrow.parquet.read_table`` of that
 file; prefloop's side reads the same file and runs the filter chain of the stage
-(``prefloop.tasks.filtering.apply_filters``) with the rule-based filters on — non-finite scores,
+(``prefloop.tasks.filtering.stage.apply_filters``) with the rule-based filters on — non-finite scores,
 chosen == rejected, ties (min_margin 0.05), length ratio (3×), decontamination against 1,000
 evaluation prompts (word 8-grams), exact duplicates — then splits the kept rows off. Texts are random words (a 5,000-word
 vocabulary), 20 % of the answers on several lines; 1 % of the pairs carries each defect. Building the
@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from prefloop.datasets_spec import PREFERENCES, conform, make_drops
-from prefloop.tasks.filtering import FilterConfig, apply_filters
+from prefloop.tasks.filtering.stage import FilterConfig, apply_filters
 
 VOCABULARY = 5000
 

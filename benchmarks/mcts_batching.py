@@ -29,8 +29,10 @@ from pathlib import Path
 from prefloop.backends.hf import HFBackend
 from prefloop.datasets_spec import PROMPTS
 from prefloop.storage import ArtifactStore
-from prefloop.tasks import mcts
 from prefloop.tasks.common.prompts import select_prompts
+from prefloop.tasks.common.search_trees import SearchTree
+from prefloop.tasks.mcts.search import TreeSearch, answer_line
+from prefloop.tasks.mcts.stage import MCTSConfig
 from prefloop.tasks.registry import run_stage
 
 SEARCH = {
@@ -57,18 +59,18 @@ def train_policy(work: Path, steps: int) -> tuple[Path, list[dict]]:
 
 
 def search(backend: HFBackend, rows: list[dict], settings: dict
-           ) -> tuple[tuple[float, float], list[mcts.SearchTree], mcts.TreeSearch]:
+           ) -> tuple[tuple[float, float], list[SearchTree], TreeSearch]:
     """Search one tree per row; returns (wall seconds, CPU seconds), the trees and the runner."""
-    config = mcts.MCTSConfig(**settings)
-    trees = [mcts.SearchTree(tree_id=f"t{i}", prompt_id=r["prompt_id"], prompt=r["prompt"],
-                             reference_answer=r["reference_answer"]) for i, r in enumerate(rows)]
-    runner = mcts.TreeSearch(backend, config, mcts.answer_line(config.answer_prefix))
+    config = MCTSConfig(**settings)
+    trees = [SearchTree(tree_id=f"t{i}", prompt_id=r["prompt_id"], prompt=r["prompt"],
+                        reference_answer=r["reference_answer"]) for i, r in enumerate(rows)]
+    runner = TreeSearch(backend, config, answer_line(config.answer_prefix))
     started, cpu_started = time.perf_counter(), time.process_time()
     runner.run(trees)
     return (time.perf_counter() - started, time.process_time() - cpu_started), trees, runner
 
 
-def same_trees(left: list[mcts.SearchTree], right: list[mcts.SearchTree]) -> tuple[bool, str]:
+def same_trees(left: list[SearchTree], right: list[SearchTree]) -> tuple[bool, str]:
     """Node for node: structure, texts, visits and statuses exactly; values to 1e-6."""
     for a, b in zip(left, right, strict=True):
         if a.status != b.status or len(a.nodes) != len(b.nodes):
@@ -84,7 +86,7 @@ def same_trees(left: list[mcts.SearchTree], right: list[mcts.SearchTree]) -> tup
     return True, "identical"
 
 
-def describe(trees: list[mcts.SearchTree], runner: mcts.TreeSearch) -> str:
+def describe(trees: list[SearchTree], runner: TreeSearch) -> str:
     correct = sum(t.status == "correct" for t in trees) / len(trees)
     nodes = sum(len(t.nodes) for t in trees) / len(trees)
     return (f"committed accuracy {correct:5.1%}, {nodes:5.1f} nodes/tree, {runner.counters.simulations} simulations, "

@@ -64,7 +64,6 @@ from prefloop.storage import ArtifactStore
 from prefloop.tasks import (
     construct,
     evaluation,
-    filtering,
     labeling,
     prompts,
     reward_labels,
@@ -72,6 +71,9 @@ from prefloop.tasks import (
     sampling,
 )
 from prefloop.tasks.common.ids import pair_id
+from prefloop.tasks.common.statistics import paired_gain
+from prefloop.tasks.filtering import stage as filtering
+from prefloop.tasks.filtering.noise import AGGREGATE_LABELER_PREFIX
 from prefloop.tasks.registry import run_stage
 from prefloop.tasks.training import preference, reference, sft
 
@@ -206,7 +208,7 @@ def member_strengths(labels: pa.Table) -> np.ndarray:
     per_pair: dict[str, list[float]] = {}
     for target, labeler, score in zip(*(labels.column(c).to_pylist() for c in ("target_id", "labeler", "score")),
                                       strict=True):
-        if not labeler.startswith(filtering.AGGREGATE_LABELER_PREFIX):
+        if not labeler.startswith(AGGREGATE_LABELER_PREFIX):
             per_pair.setdefault(target, []).append(score)
     return np.array([np.mean(scores) for scores in per_pair.values()])
 
@@ -217,7 +219,7 @@ def correct_by_prompt(store: ArtifactStore, result: StageResult) -> dict[str, bo
 
 
 def paired(after: dict[str, bool], before: dict[str, bool]) -> tuple[float, float]:
-    gain, stderr, _ = evaluation.paired_gain(after, before)
+    gain, stderr, _ = paired_gain(after, before)
     return gain, stderr
 
 

@@ -31,12 +31,9 @@ import torch
 from prefloop.embedded.arithmetic import ANSWER_PREFIX, Problem, make_problems
 from prefloop.embedded.model import TinyLlamaConfig
 from prefloop.embedded.tokenizer import build_tokenizer
-from prefloop.tasks.reward_model import (
-    RewardModelTrainingConfig,
-    build_reward_model,
-    evaluate_reward_models,
-    train_reward_model,
-)
+from prefloop.tasks.reward_model import evaluate_reward_models
+from prefloop.tasks.training.configs import RewardModelTrainingConfig
+from prefloop.tasks.training.recipes.reward_model import build_reward_model, train_reward_model
 
 
 def parse_arguments() -> argparse.Namespace:

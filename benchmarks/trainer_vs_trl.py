@@ -22,7 +22,7 @@ the trainer as it runs out of the box, the second the like-for-like comparison o
 steps. Both ratios are printed, and an end-to-end one that adds each side's set-up (tokenising, and
 the one-off reference pass where there is one) to the time of the timed steps.
 
-What prefloop does differently per step (tasks/training/loop.py, ``pair_sequence_logprobs``): the
+What prefloop does differently per step (prefloop/forward.py, ``pair_sequence_logprobs``): the
 reference log-probs are computed once (the ``reference`` stage caches them per round); each pair is
 one row in which the prefix chosen and rejected share (the prompt and any common start of the two
 completions) runs once, the rejected rest attending to it through a 4-D mask (prefix sharing);
@@ -75,7 +75,8 @@ import torch
 from prefloop.embedded.arithmetic import ArithmeticTaskConfig, make_problems
 from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
-from prefloop.tasks.training.loop import DPOConfig, prepare_pairs, reference_logprobs, train_dpo
+from prefloop.tasks.training.configs import DPOConfig
+from prefloop.tasks.training.recipes.dpo import prepare_pairs, reference_logprobs, train_dpo
 
 
 def make_pairs(count: int, seed: int, rejected: str = "last-step") -> list[tuple[str, str, str]]:

@@ -28,10 +28,9 @@ from prefloop.flows.loop import direct_caller, prefect_caller
 from prefloop.orchestration import call_stage_task, wait_for_artifacts
 from prefloop.stage import StageCaller, StageResult
 from prefloop.storage import DEFAULT_STORE, ArtifactStore
-from prefloop.tasks import importing
 from prefloop.tasks.construct import ConstructConfig
-from prefloop.tasks.filtering import FilterConfig
-from prefloop.tasks.importing import ImportSource
+from prefloop.tasks.filtering.stage import FilterConfig
+from prefloop.tasks.importing.stage import ImportSource, import_table
 from prefloop.tasks.labeling import LabelingConfig
 
 
@@ -78,8 +77,8 @@ ImportCaller = Callable[[str, ImportSource, str, str], StageResult]
 
 
 def direct_import(kind: str, spec: ImportSource, store: str, name: str) -> StageResult:
-    return importing.import_table(kind, spec.source, ArtifactStore(store), spec.map, spec.dataset_split, spec.split,
-                                  spec.policy_name, name, spec.explode)
+    return import_table(kind, spec.source, ArtifactStore(store), spec.map, spec.dataset_split, spec.split,
+                        spec.policy_name, name, spec.explode)
 
 
 def prefect_import(kind: str, spec: ImportSource, store: str, name: str) -> StageResult:

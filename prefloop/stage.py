@@ -1,7 +1,9 @@
-"""The stage contract: every stage is a pure ``run(inputs, config, store) -> StageResult``.
+"""The stage contract: a stage is a :class:`StageSpec` and a pure ``compute(ctx) -> StageOutput``.
 
-A stage declares a :class:`StageSpec` (name, version, config model, input roles, output kind
-and table) and a ``compute`` function. :func:`execute` does everything around ``compute``:
+A stage module declares its spec (name, version, config model, output table; its input roles,
+output kind and pool come from its entry in :mod:`prefloop.tasks.registry`) and ``compute``.
+:func:`execute` (what ``registry.run_stage(name, inputs, config, store)`` calls) does everything
+around ``compute``:
 resolves and type-checks the inputs, computes the output id *before* any work (so a finished
 stage is a store lookup), applies the output table's data contract, writes the artifact with
 its manifest, and points a human-readable ref at it. Stages never call each other; flows wire

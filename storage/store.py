@@ -13,6 +13,10 @@ Readers trust an artifact only when its manifest exists and every file's sha256 
 On a local filesystem a write goes to ``tmp/`` and is published with one atomic rename; on
 object stores, which have no directory rename, files land in place and the manifest, written
 last, publishes them. Either way a write killed midway leaves nothing a reader can see.
+
+Over 400 lines: the writer (staging, checksums, the publish protocol), the verified read path, refs
+with their log and gc are one consistency protocol over one layout; they change together, so they
+stay in one module.
 """
 
 from __future__ import annotations

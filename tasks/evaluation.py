@@ -17,13 +17,16 @@ On held-out prompts (the same prompts in every round, so rounds can be paired):
 * data statistics of the round when its ``preferences`` are given: pairs built, kept, dropped
   (total and by reason), pairs by construction method and the estimated label-flip rate.
 
-Every estimate is a pure function below with its formula. Per-prompt outcomes go to the table
-``eval_results`` so later rounds can be paired with this one.
+Every estimate is a pure function with its formula in :mod:`prefloop.tasks.common.statistics` (the
+flip rate in :mod:`prefloop.tasks.common.confidence`); this module owns the stage: its config, the
+scoring of samples with the policy, reference and reward models, and the metric rows. Per-prompt
+outcomes go to the table ``eval_results`` so later rounds can be paired with this one. The model
+backends and the forward code load where they are used, so importing this module (as
+``prefloop.config`` does) loads no model code.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,17 +38,28 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from prefloop.backends.base import Completion, GenerationParams
-from prefloop.backends.hf import HFBackend, completion_logprobs, encode_completion, pad_right
 from prefloop.datasets_spec import EVAL_RESULTS, METRICS, PREFERENCES, PROMPTS
 from prefloop.lazy import deferred_import
 from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
 from prefloop.storage import ArtifactRef
 from prefloop.tasks.answers import TaskDefinition, resolve_task
+from prefloop.tasks.common.confidence import estimated_flip_rate
 from prefloop.tasks.common.prompts import select_prompts
+from prefloop.tasks.common.statistics import (
+    accuracy_with_stderr,
+    group_means,
+    kl_estimate,
+    mean_pass_at_k,
+    mean_with_stderr,
+    paired_gain,
+    win_rate,
+)
 from prefloop.tasks.registry import stage_spec
 
 if TYPE_CHECKING:
     import torch
+
+    from prefloop.backends.hf import HFBackend
 else:
     torch = deferred_import("torch")
 
@@ -98,142 +112,17 @@ NO_REWARD_MODEL = "no reward model configured: mean reward and reward-judged win
 
 
 # ----------------------------------------------------------------------------------------------
-# Estimators (pure functions; each docstring states its formula)
-# ----------------------------------------------------------------------------------------------
-def mean_with_stderr(values: Sequence[float]) -> tuple[float, float | None]:
-    """Sample mean x̄ and its standard error s/√n (s with n − 1 in the denominator; None for n < 2)."""
-    if len(values) == 0:
-        return float("nan"), None
-    array = np.asarray(values, dtype=float)
-    stderr = float(array.std(ddof=1) / math.sqrt(len(array))) if len(array) > 1 else None
-    return float(array.mean()), stderr
-
-
-def accuracy_with_stderr(correct: Sequence[bool]) -> tuple[float, float]:
-    """Accuracy p = c/n and its binomial standard error sqrt(p(1 − p)/n)."""
-    n = len(correct)
-    if n == 0:
-        raise ValueError("accuracy of zero prompts is undefined: the evaluation selected no prompts")
-    p = sum(bool(c) for c in correct) / n
-    return p, math.sqrt(p * (1 - p) / n)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k of one prompt from n samples of which c are correct (Chen et al., 2021):
-
-        pass@k = 1 − C(n − c, k) / C(n, k)
-
-    the probability that at least one of k samples drawn without replacement from the n is correct.
-    Computed as 1 − Π_{i=n−c+1}^{n} (1 − k/i), which avoids huge binomials.
-    """
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (got n={n}, c={c}, k={k})")
-    if n - c < k:
-        return 1.0
-    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
-
-
-def mean_pass_at_k(counts: Sequence[tuple[int, int]], k: int) -> tuple[float, float | None]:
-    """Mean over prompts of ``pass_at_k(n_i, c_i, k)``, with the standard error over prompts."""
-    return mean_with_stderr([pass_at_k(n, c, k) for n, c in counts])
-
-
-@dataclass(frozen=True)
-class WinRate:
-    """Outcome counts of a head-to-head comparison on shared prompts; ties are counted apart."""
-
-    wins: int
-    ties: int
-    losses: int
-
-    @property
-    def n(self) -> int:
-        return self.wins + self.ties + self.losses
-
-    def rate(self, outcome: Literal["wins", "ties", "losses"]) -> tuple[float, float]:
-        """Rate p = count/n of one outcome and its standard error sqrt(p(1 − p)/n)."""
-        if self.n == 0:
-            return float("nan"), float("nan")
-        p = getattr(self, outcome) / self.n
-        return p, math.sqrt(p * (1 - p) / self.n)
-
-
-def win_rate(scores: Mapping[str, float], other_scores: Mapping[str, float]) -> WinRate:
-    """Wins, ties and losses of ``scores`` against ``other_scores`` on the prompts both scored.
-
-    On prompt i: a win when s_i > o_i, a loss when s_i < o_i, a tie when s_i = o_i. With the verifier
-    as judge s ∈ {0, 1} (correct beats wrong; both right or both wrong is a tie); with a reward model
-    s is the reward. win_rate = wins/n, tie_rate = ties/n, loss_rate = losses/n over the n shared prompts.
-    """
-    wins = ties = losses = 0
-    for prompt_id in set(scores) & set(other_scores):
-        difference = scores[prompt_id] - other_scores[prompt_id]
-        if difference > 0:
-            wins += 1
-        elif difference < 0:
-            losses += 1
-        else:
-            ties += 1
-    return WinRate(wins, ties, losses)
-
-
-def kl_estimate(policy_logprobs: Sequence[float], reference_logprobs: Sequence[float],
-                prompt_ids: Sequence[str]) -> tuple[float, float | None]:
-    """Monte-Carlo estimate of the sequence-level KL(π ‖ π_ref) and its standard error.
-
-    With samples y_ij ~ π(·|x_i) (j = 1..m per prompt i), the log-ratio
-    r_ij = log π(y_ij|x_i) − log π_ref(y_ij|x_i) is an unbiased estimate of KL(π(·|x_i) ‖ π_ref(·|x_i)),
-    so KL ≈ (1/N) Σ_ij r_ij (the "k1" estimator; it can be slightly negative on a finite sample).
-    Samples of one prompt are not independent of each other as estimates of the average over
-    prompts, so the standard error is taken over prompts: std_i(r̄_i)/√P, with r̄_i the mean
-    log-ratio of prompt i and P prompts.
-    """
-    if not len(policy_logprobs) == len(reference_logprobs) == len(prompt_ids):
-        raise ValueError("kl_estimate needs one policy and one reference log-prob per sample, and a prompt id each")
-    ratios = np.asarray(policy_logprobs, dtype=float) - np.asarray(reference_logprobs, dtype=float)
-    per_prompt = _group_means(ratios, prompt_ids)
-    _, stderr = mean_with_stderr(list(per_prompt.values()))
-    return (float(ratios.mean()) if len(ratios) else float("nan")), stderr
-
-
-def estimated_flip_rate(confidences: Sequence[float | None]) -> float | None:
-    """Expected share of pairs whose preference is wrong: ε̂ = mean_i (1 − confidence_i).
-
-    ``confidence`` is a pair's probability that *chosen* really is better; None when no pair
-    carries one (verifier labels, for instance, are exact and state no confidence).
-    """
-    known = [c for c in confidences if c is not None and math.isfinite(c)]
-    return float(np.mean([1.0 - c for c in known])) if known else None
-
-
-def paired_gain(correct: dict[str, bool], baseline: dict[str, bool]) -> tuple[float, float, int]:
-    """Mean and standard error of d = correct − baseline over the prompts both evaluated."""
-    shared = sorted(set(correct) & set(baseline))
-    if not shared:
-        return float("nan"), float("nan"), 0
-    d = np.array([float(correct[p]) - float(baseline[p]) for p in shared])
-    stderr = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return float(d.mean()), stderr, len(d)
-
-
-def _group_means(values: np.ndarray, groups: Sequence[str]) -> dict[str, float]:
-    sums: dict[str, float] = {}
-    counts: Counter[str] = Counter()
-    for value, group in zip(values.tolist(), groups, strict=True):
-        sums[group] = sums.get(group, 0.0) + value
-        counts[group] += 1
-    return {group: sums[group] / counts[group] for group in sums}
-
-
-# ----------------------------------------------------------------------------------------------
 # Scoring with models
 # ----------------------------------------------------------------------------------------------
-def sequence_logprobs(backend: HFBackend, prompts: Sequence[str], completions: Sequence[Completion]) -> list[float]:
+def completion_sequence_logprobs(backend: HFBackend, prompts: Sequence[str],
+                                 completions: Sequence[Completion]) -> list[float]:
     """log π(y | x) of whole sampled sequences, the end-of-sequence token included when generation stopped.
 
     Counting eos makes r = log π − log π_ref the log-ratio of the *generation* distributions (a
     truncated sample has no eos and is scored as the prefix it is), so the KL estimate is unbiased.
     """
+    from prefloop.forward import completion_logprobs, encode_completion, pad_right
+
     tokenizer, scores = backend.tokenizer, []
     for start in range(0, len(prompts), backend.batch_size):
         encoded = [encode_completion(tokenizer, prompt, completion.text, append_eos=completion.finish_reason == "stop")
@@ -250,8 +139,8 @@ def score_rewards(model_dir: str | Path, prompts: Sequence[str], completions: Se
     """Scalar reward r(x, y) of each (prompt, completion) under a reward-model artifact written by the
     ``train-rm`` stage (or any one-label sequence-classification model in that format): the label's
     logit, or for an ensemble the members' mean. Loading and scoring are the reward-model stage's own
-    (:func:`prefloop.tasks.reward_model.score_with_members`)."""
-    from prefloop.tasks.reward_model import score_with_members
+    (:func:`prefloop.tasks.training.recipes.reward_model.score_with_members`)."""
+    from prefloop.tasks.training.recipes.reward_model import score_with_members
 
     return score_with_members(model_dir, prompts, completions, batch_size).mean(axis=0).tolist()
 
@@ -260,6 +149,8 @@ def score_rewards(model_dir: str | Path, prompts: Sequence[str], completions: Se
 # The stage
 # ----------------------------------------------------------------------------------------------
 def compute(ctx: StageContext) -> StageOutput:
+    from prefloop.backends.hf import HFBackend
+
     config: EvaluationConfig = ctx.config
     prompts = select_prompts(ctx.read("prompts", PROMPTS), config.split, config.max_prompts)
     backend = HFBackend.from_directory(ctx.model_dir("policy"), batch_size=config.batch_size)
@@ -382,15 +273,17 @@ def _sampled_metrics(ctx: StageContext, backend: HFBackend, texts: list[str], an
     if ctx.inputs["reference"] == ctx.inputs["policy"]:
         policy_scores = reference_scores = [0.0] * len(flat)  # the policy is its own reference: KL is exactly 0
     else:
+        from prefloop.backends.hf import HFBackend
+
         reference = HFBackend.from_directory(ctx.model_dir("reference"), batch_size=config.batch_size)
         with ctx.progress(2, "KL to the reference (scoring)") as advance:
-            policy_scores = sequence_logprobs(backend, flat_prompts, flat)
+            policy_scores = completion_sequence_logprobs(backend, flat_prompts, flat)
             advance(1)
-            reference_scores = sequence_logprobs(reference, flat_prompts, flat)
+            reference_scores = completion_sequence_logprobs(reference, flat_prompts, flat)
             advance(1)
     kl, kl_stderr = kl_estimate(policy_scores, reference_scores, flat_ids)
     rows.append({"metric": "kl_to_reference", "value": kl, "stderr": kl_stderr, "count": len(flat)})
-    per_prompt = _group_means(np.asarray(policy_scores) - np.asarray(reference_scores), flat_ids)
+    per_prompt = group_means(np.asarray(policy_scores) - np.asarray(reference_scores), flat_ids)
     columns["mean_log_ratio"] = pa.array([per_prompt[p] for p in prompt_ids[:count]] + padding, pa.float64())
     return _Sampled(rows, columns)
 

@@ -1,13 +1,8 @@
 """Stage ``label``: score samples with a labeler — a task's verifier, or any registered labeler.
 
-Labelers live in a registry (:data:`LABELERS`); the stage looks the configured one up, hands it
-the samples (and prompts, and a model artifact when it needs one) and writes what it returns as
-``labels`` rows, each carrying the labeler's name and version. Adding a labeler is one call::
-
-    register_labeler(Labeler(name="reward_model", version="1", label=score_with_reward_model,
-                             settings_model=RewardModelSettings, needs=frozenset({"model"})))
-
-after which ``label: {labeler: reward_model, settings: {...}}`` selects it; ``settings`` is checked
+Labelers live in a registry (:mod:`prefloop.tasks.common.labelers`); the stage looks the configured
+one up, hands it the samples (and prompts, and a model artifact when it needs one) and writes what
+it returns as ``labels`` rows, each carrying the labeler's name and version; ``settings`` is checked
 against the labeler's own ``settings_model``.
 
 The built-in ``verifier`` (also under its older name ``exact_answer``) implements verifiable
@@ -27,8 +22,6 @@ and ``truncated`` (no answer could be extracted from the completion). With the d
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -39,6 +32,14 @@ from prefloop.datasets_spec import DROPS, LABELS, PROMPTS, SAMPLES, make_drops
 from prefloop.ids import content_id
 from prefloop.stage import StageConfig, StageContext, StageInputError, StageOutput
 from prefloop.tasks.answers import TaskDefinition, resolve_task
+from prefloop.tasks.common.labelers import (
+    LabelBatch,
+    Labeler,
+    LabelRequest,
+    find_labeler,
+    labeler_names,
+    register_labeler,
+)
 from prefloop.tasks.registry import stage_spec
 
 
@@ -50,70 +51,6 @@ class LabelingConfig(StageConfig):
     on_unparseable: Literal["score_zero", "drop"] = Field(
         "score_zero", description="a completion with no extractable answer: score 0 (a wrong answer) or drop it")
     settings: dict[str, Any] = Field(default_factory=dict, description="settings of a plugin labeler")
-
-
-# ---------------------------------------------------------------------------------------------
-# the labeler registry
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LabelRequest:
-    """What a labeler gets: the samples (checked against the samples schema), the prompts when the
-    stage has them, the stage config, its parsed ``settings`` and the stage context (``ctx.model_dir
-    ("model")`` for a model input, ``ctx.progress`` for long work)."""
-
-    samples: pa.Table
-    prompts: pa.Table | None
-    config: LabelingConfig
-    settings: BaseModel | None
-    ctx: StageContext
-
-
-@dataclass
-class LabelBatch:
-    """What a labeler returns: one entry per label, and the sample rows it could not label."""
-
-    target_ids: list[str] = field(default_factory=list)
-    prompt_ids: list[str | None] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
-    verdicts: list[str | None] = field(default_factory=list)
-    extracted: list[str | None] = field(default_factory=list)
-    target_kind: Literal["sample", "pair"] = "sample"
-    dropped: list[tuple[int, str, str]] = field(default_factory=list)  # (sample row index, reason, detail)
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-    def add(self, target_id: str, prompt_id: str | None, score: float, verdict: str | None = None,
-            extracted: str | None = None) -> None:
-        self.target_ids.append(target_id)
-        self.prompt_ids.append(prompt_id)
-        self.scores.append(float(score))
-        self.verdicts.append(verdict)
-        self.extracted.append(extracted)
-
-    def drop(self, row_index: int, reason: str, detail: str) -> None:
-        self.dropped.append((row_index, reason, detail))
-
-
-@dataclass(frozen=True)
-class Labeler:
-    name: str
-    version: str
-    label: Callable[[LabelRequest], LabelBatch]
-    settings_model: type[BaseModel] | None = None
-    needs: frozenset[str] = frozenset()  # input roles it cannot work without ("prompts", "model")
-    description: str = ""
-
-
-LABELERS: dict[str, Labeler] = {}
-
-
-def register_labeler(labeler: Labeler, *aliases: str) -> Labeler:
-    """Make ``labeler`` selectable as ``label: {labeler: NAME}`` (and under each alias)."""
-    for name in (labeler.name, *aliases):
-        existing = LABELERS.get(name)
-        if existing is not None and existing is not labeler:
-            raise ValueError(f"a labeler named '{name}' is already registered ({existing.description or existing.label})")
-        LABELERS[name] = labeler
-    return labeler
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,9 +118,9 @@ SPEC = stage_spec(
 
 
 def _labeler(config: LabelingConfig, ctx: StageContext) -> tuple[Labeler, BaseModel | None]:
-    if config.labeler not in LABELERS:
-        raise StageInputError(f"unknown labeler '{config.labeler}'; registered labelers: {', '.join(sorted(LABELERS))}")
-    labeler = LABELERS[config.labeler]
+    labeler = find_labeler(config.labeler)
+    if labeler is None:
+        raise StageInputError(f"unknown labeler '{config.labeler}'; registered labelers: {', '.join(labeler_names())}")
     missing = sorted(role for role in labeler.needs if not ctx.has(role))
     if missing:
         raise StageInputError(f"labeler '{config.labeler}' needs the input(s) {missing}: pass "
@@ -245,10 +182,3 @@ def _group(dropped: list[tuple[int, str, str]]) -> dict[tuple[str, str], list[in
     for index, reason, detail in dropped:
         groups.setdefault((reason, detail), []).append(index)
     return groups
-
-
-
-# Labelers kept in their own modules register themselves when imported: reference-based rewards
-# (bleu, chrf) and reward models (reward_model). Imported last, so the registry above exists.
-from prefloop.tasks import reference_reward as _reference_reward  # noqa: E402, F401
-from prefloop.tasks import reward_labels as _reward_labels  # noqa: E402, F401

@@ -39,7 +39,7 @@ from pydantic import Field
 from prefloop.datasets_spec import PREFERENCES, TREES, make_drops
 from prefloop.stage import StageConfig, StageContext, StageOutput
 from prefloop.tasks.common.ids import pair_id
-from prefloop.tasks.mcts import STEP_SEPARATOR, SearchTree, trees_from_table
+from prefloop.tasks.common.search_trees import STEP_SEPARATOR, SearchTree, trees_from_table
 from prefloop.tasks.registry import stage_spec
 
 METHOD = "mcts_step"

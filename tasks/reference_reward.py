@@ -29,7 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from sacrebleu.metrics import BLEU, CHRF
 
-from prefloop.tasks.labeling import LabelBatch, Labeler, LabelRequest, register_labeler
+from prefloop.tasks.common.labelers import LabelBatch, Labeler, LabelRequest, register_labeler
 
 Metric = Literal["bleu", "chrf"]
 LABELER_RELEASE = "1"  # bump when this module's scoring changes

@@ -105,7 +105,7 @@ def _entries(*entries: StageEntry) -> dict[str, StageEntry]:
 
 
 def _import(kind: str) -> StageEntry:
-    return StageEntry(f"import-{kind}", "prefloop.tasks.importing", output=kind,
+    return StageEntry(f"import-{kind}", "prefloop.tasks.importing.stage", output=kind,
                       spec_attribute=f"{kind.upper()}_SPEC", deployable=False)
 
 
@@ -113,6 +113,8 @@ STAGES: dict[str, StageEntry] = _entries(
     StageEntry("prompts", "prefloop.tasks.prompts", output="prompts", sections=(
         ConfigSection("sft_prompts", "prompts whose gold solutions train the SFT model"),
         ConfigSection("prompts", "prompts sampled in rounds and held out for evaluation"))),
+    # Not in the loop yet: a user's imported prompts get their held-out split here.
+    StageEntry("split-prompts", "prefloop.tasks.split_prompts", output="prompts", inputs={"prompts": "prompts"}),
     StageEntry("sft", "prefloop.tasks.training.sft", output="model", inputs={"prompts": "prompts"},
                sections=(ConfigSection("sft"),), pool="gpu"),
     StageEntry("sample", "prefloop.tasks.sampling", output="samples",
@@ -125,13 +127,13 @@ STAGES: dict[str, StageEntry] = _entries(
                inputs={"samples": "samples", "labels": "labels"}, sections=(ConfigSection(
                    "construction", "how preference pairs are built: best_vs_worst or best_vs_random from labeled "
                    "samples, or {method: mcts} — MCTS-DPO step-level pairs (sections mcts and pair_trees)",
-                   alternatives=("prefloop.tasks.mcts:MCTSConstruction",)),)),
-    StageEntry("mcts", "prefloop.tasks.mcts", output="trees", inputs={"policy": "model", "prompts": "prompts"},
+                   alternatives=("prefloop.tasks.mcts.stage:MCTSConstruction",)),)),
+    StageEntry("mcts", "prefloop.tasks.mcts.stage", output="trees", inputs={"policy": "model", "prompts": "prompts"},
                sections=(ConfigSection("mcts", "step-level tree search (construction method mcts)"),),
                pool="gpu", retries=1),
     StageEntry("pair-trees", "prefloop.tasks.pair_trees", output="preferences", inputs={"trees": "trees"},
                sections=(ConfigSection("pair_trees", "pairs from the search trees (construction method mcts)"),)),
-    StageEntry("filter", "prefloop.tasks.filtering", output="preferences",
+    StageEntry("filter", "prefloop.tasks.filtering.stage", output="preferences",
                inputs={"preferences": "preferences", "eval_prompts": "prompts", "ensemble_labels": "labels",
                        "policy": "model"},
                optional_inputs=frozenset({"eval_prompts", "ensemble_labels", "policy"}),

@@ -16,31 +16,28 @@ Labelers (each row carries its labeler id and version):
   what the ``filter`` stage's ``ensemble_labels`` input expects (every labeler in it is a member);
   with ``aggregation`` set, also the aggregate ``rm-ensemble:<model-id>/<aggregation>`` (``mean``,
   ``min``, or ``mean-<λ>var`` for the uncertainty-weighted mean − λ·variance; see
-  :func:`prefloop.tasks.reward_model.aggregate_rewards`).
+  :func:`prefloop.tasks.common.ensembles.aggregate_rewards`).
 
 A row for which any member returns NaN or inf is labelled by nobody: it goes to ``drops`` with the
 reason ``nonfinite_reward`` (an aggregate over a non-finite member would be meaningless).
 
 This is its own stage rather than a labeler inside ``label``: it writes several labelers (one per
 member, plus the aggregate) into one artifact and can label pairs as well as samples, where a ``label``
-labeler writes one score per sample under one name. For that simpler case the module also registers
-the labeler ``reward_model`` with the ``label`` stage (``label: {labeler: reward_model, settings:
-{aggregation: mean}}`` and ``--input model=REF``): one score per sample — the single model's reward,
-or the ensemble aggregate.
+labeler writes one score per sample under one name. For that simpler case the ``label`` stage has the
+labeler ``reward_model`` (:mod:`prefloop.tasks.reward_model_labeler`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from prefloop.datasets_spec import LABELS, PREFERENCES, SAMPLES, make_drops
 from prefloop.ids import content_id
 from prefloop.stage import StageConfig, StageContext, StageOutput
-from prefloop.tasks.labeling import LabelBatch, Labeler, LabelRequest, register_labeler
+from prefloop.tasks.common.ensembles import Aggregation, aggregate_rewards, aggregation_name
 from prefloop.tasks.registry import stage_spec
-from prefloop.tasks.reward_model import Aggregation, aggregate_rewards, aggregation_name, score_with_members
 
 LABELER_VERSION = "1"
 
@@ -91,6 +88,8 @@ def label_rows(target_ids: list[str], prompt_ids: list[str | None], kind: str, l
 
 
 def compute(ctx: StageContext) -> StageOutput:
+    from prefloop.tasks.training.recipes.reward_model import score_with_members
+
     config: RewardLabelConfig = ctx.config
     if ctx.has("samples") == ctx.has("preferences"):
         raise ValueError("label-rm scores either samples (--input samples=REF) or pairs (--input preferences=REF): "
@@ -135,47 +134,3 @@ def compute(ctx: StageContext) -> StageOutput:
         if members > 1:
             metrics["mean_member_std"] = float(rewards[:, kept].std(axis=0).mean())
     return StageOutput(table=pa.table(columns, schema=LABELS.schema), drops=drops, metrics=metrics)
-
-
-
-
-# ---------------------------------------------------------------------------------------------
-# The ``reward_model`` labeler of the ``label`` stage
-# ---------------------------------------------------------------------------------------------
-class RewardModelSettings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    aggregation: Aggregation = Field("mean", description="how an ensemble's member rewards become one score")
-    uncertainty_penalty: float = Field(0.5, ge=0.0, description="λ of uncertainty_weighted: mean − λ·variance")
-    batch_size: int = Field(64, ge=1)
-
-
-def label_with_reward_model(request: LabelRequest) -> LabelBatch:
-    """One score per sample: r(x, y) of a single reward model, or the aggregate of an ensemble's members.
-
-    A sample for which a member returns NaN or inf is dropped as ``nonfinite_reward``.
-    """
-    settings = request.settings or RewardModelSettings()
-    samples = request.samples
-    rewards = score_with_members(request.ctx.model_dir("model"), samples.column("prompt").to_pylist(),
-                                 samples.column("completion").to_pylist(), settings.batch_size)
-    finite = np.isfinite(rewards).all(axis=0)
-    kept = np.flatnonzero(finite)
-    scores = rewards[0, kept] if rewards.shape[0] == 1 else \
-        aggregate_rewards(rewards[:, kept], settings.aggregation, settings.uncertainty_penalty)
-    batch = LabelBatch()
-    sample_ids, prompt_ids = samples.column("sample_id").to_pylist(), samples.column("prompt_id").to_pylist()
-    for index, score in zip(kept, scores, strict=True):
-        batch.add(sample_ids[index], prompt_ids[index], float(score))
-    for index in np.flatnonzero(~finite):
-        batch.drop(int(index), "nonfinite_reward", "a reward-model member gave NaN or inf for this sample")
-    batch.metrics = {"members": int(rewards.shape[0]), "nonfinite_reward": int((~finite).sum())}
-    if rewards.shape[0] > 1:
-        batch.metrics["aggregation"] = aggregation_name(settings.aggregation, settings.uncertainty_penalty)
-    return batch
-
-
-REWARD_MODEL_LABELER = register_labeler(Labeler(
-    name="reward_model", version=LABELER_VERSION, label=label_with_reward_model, settings_model=RewardModelSettings,
-    needs=frozenset({"model"}),
-    description="a train-rm reward model (input 'model'): its reward, or its ensemble's aggregate reward"))

@@ -27,10 +27,11 @@ import torch
 
 from prefloop.backends import load_backend
 from prefloop.backends.base import ContextWindowError, GenerationParams, PolicyBackend, yes_probability
-from prefloop.backends.hf import HFBackend, pad_right
+from prefloop.backends.hf import HFBackend
 from prefloop.backends.vllm import VLLMBackend, VLLMServerError, completion_from_choice, serve_command
 from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
+from prefloop.forward import pad_right
 
 TINY = TinyLlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 PROMPTS = ["1+2=?\n", "15-3+4-9=?\n", "7+7+7=?\n"]

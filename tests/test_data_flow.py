@@ -12,7 +12,6 @@ from prefloop.cli import app
 from prefloop.flows.data import DataConfig, load_data_config, run_data
 from prefloop.stage import StageInputError
 from prefloop.storage import ArtifactStore
-from prefloop.tasks import labeling
 from prefloop.tasks.answers import (
     TASKS,
     AnswerCheck,
@@ -21,7 +20,8 @@ from prefloop.tasks.answers import (
     last_boxed,
     resolve_task,
 )
-from prefloop.tasks.importing import import_table
+from prefloop.tasks.common import labelers
+from prefloop.tasks.importing.stage import import_table
 from prefloop.tasks.registry import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,8 +225,8 @@ class LengthSettings(BaseModel):
     target: int = 10
 
 
-def label_by_length(request: labeling.LabelRequest) -> labeling.LabelBatch:
-    batch = labeling.LabelBatch()
+def label_by_length(request: labelers.LabelRequest) -> labelers.LabelBatch:
+    batch = labelers.LabelBatch()
     for row in request.samples.select(["sample_id", "prompt_id", "completion"]).to_pylist():
         batch.add(row["sample_id"], row["prompt_id"], -abs(len(row["completion"]) - request.settings.target))
     return batch
@@ -234,7 +234,7 @@ def label_by_length(request: labeling.LabelRequest) -> labeling.LabelBatch:
 
 def test_a_plugin_labeler_is_one_registration(data_run):
     store, _, _, samples, _ = data_run
-    labeling.register_labeler(labeling.Labeler(name="test_length", version="1", label=label_by_length,
+    labelers.register_labeler(labelers.Labeler(name="test_length", version="1", label=label_by_length,
                                                settings_model=LengthSettings))
     try:
         result = run_stage("label", {"samples": samples.output}, {"labeler": "test_length", "settings": {"target": 9}}, store)
@@ -245,8 +245,8 @@ def test_a_plugin_labeler_is_one_registration(data_run):
         with pytest.raises(StageInputError, match="invalid settings"):
             run_stage("label", {"samples": samples.output}, {"labeler": "test_length", "settings": {"target": "x"}}, store)
         with pytest.raises(ValueError, match="already registered"):
-            labeling.register_labeler(labeling.Labeler(name="test_length", version="2", label=label_by_length))
+            labelers.register_labeler(labelers.Labeler(name="test_length", version="2", label=label_by_length))
     finally:
-        labeling.LABELERS.pop("test_length")
+        labelers.LABELERS.pop("test_length")
     with pytest.raises(StageInputError, match=r"needs the input\(s\) \['prompts'\]"):
         run_stage("label", {"samples": samples.output}, {"labeler": "verifier"}, store)

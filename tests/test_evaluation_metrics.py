@@ -14,10 +14,10 @@ from prefloop.backends.base import Completion, GenerationParams
 from prefloop.datasets_spec import PREFERENCES
 from prefloop.stage import StageConfig, StageInputError, StageOutput, StageSpec, execute, parse_config
 from prefloop.tasks import evaluation
-from prefloop.tasks.evaluation import (
+from prefloop.tasks.common.confidence import estimated_flip_rate
+from prefloop.tasks.common.statistics import (
     WinRate,
     accuracy_with_stderr,
-    estimated_flip_rate,
     kl_estimate,
     mean_pass_at_k,
     mean_with_stderr,
@@ -153,7 +153,7 @@ def _tiny_backend(seed: int):
     return HFBackend(model.eval(), tokenizer, batch_size=4)
 
 
-def test_sequence_logprobs_count_eos_only_when_generation_stopped():
+def test_completion_sequence_logprobs_count_eos_only_when_generation_stopped():
     backend = _tiny_backend(0)
     prompt = "3+4="
     [[sampled]] = backend.generate([prompt], GenerationParams(n=1, temperature=1.0, max_new_tokens=6, seed=3))
@@ -161,7 +161,7 @@ def test_sequence_logprobs_count_eos_only_when_generation_stopped():
                            finish_reason="length")
     stopped = Completion(text=sampled.text, num_tokens=sampled.num_tokens, sum_logprob=sampled.sum_logprob,
                          finish_reason="stop")
-    as_truncated, as_stopped = evaluation.sequence_logprobs(backend, [prompt, prompt], [truncated, stopped])
+    as_truncated, as_stopped = evaluation.completion_sequence_logprobs(backend, [prompt, prompt], [truncated, stopped])
     assert as_truncated == pytest.approx(backend.score_logprobs([prompt], [sampled.text])[0], abs=1e-5)
     assert as_stopped < as_truncated  # + log π(eos | …) < 0
 
@@ -285,7 +285,9 @@ def test_evaluate_checks_answers_with_the_configured_task(tiny, monkeypatch):
     store, made, first, _, _ = tiny
     table = store.read_table(made.ref).filter(pa.compute.equal(store.read_table(made.ref).column("split"), "heldout"))
     answers = dict(zip(table.column("prompt").to_pylist(), table.column("reference_answer").to_pylist(), strict=True))
-    monkeypatch.setattr(evaluation.HFBackend, "from_directory", lambda *a, **k: _AnswerInWordsBackend(answers))
+    from prefloop.backends.hf import HFBackend
+
+    monkeypatch.setattr(HFBackend, "from_directory", lambda *a, **k: _AnswerInWordsBackend(answers))
     config = SMALL | {"samples_per_prompt": 0}
     arithmetic = run_stage("evaluate", {"policy": first.output, "prompts": made.output}, config, store)
     gsm8k = run_stage("evaluate", {"policy": first.output, "prompts": made.output}, config | {"task": "gsm8k"}, store)

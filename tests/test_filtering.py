@@ -9,8 +9,11 @@ import torch
 
 from prefloop.datasets_spec import LABELS, PREFERENCES, PROMPTS, conform
 from prefloop.stage import StageConfig, StageInputError, StageOutput, StageSpec, execute
-from prefloop.tasks import filtering
-from prefloop.tasks.filtering import FilterConfig, apply_filters, ches_scores, estimate_flip_rate
+from prefloop.tasks.common.text import normalise_whitespace
+from prefloop.tasks.filtering.ches import ches_scores
+from prefloop.tasks.filtering.decontamination import contamination_overlap
+from prefloop.tasks.filtering.noise import ensemble_margins, estimate_flip_rate
+from prefloop.tasks.filtering.stage import FilterConfig, apply_filters
 from prefloop.tasks.registry import run_stage
 
 
@@ -64,7 +67,7 @@ def test_whitespace_normalisation_matches_python(texts):
     import re
 
     expected = [re.sub(r"\s+", " ", text).strip() for text in texts]
-    assert filtering.normalise_whitespace(pa.array(texts)).to_pylist() == expected
+    assert normalise_whitespace(pa.array(texts)).to_pylist() == expected
 
 
 def test_tie_is_a_margin_at_or_below_the_threshold():
@@ -127,7 +130,7 @@ def test_decontamination_by_word_ngram_overlap():
             {"prompt": "20-7+2+8=?"},                                         # short: equal as a whole
             {"prompt": "20-7+2+9=?"}]
     table = pairs_table(rows)
-    overlap, short = filtering.contamination_overlap(table.column("prompt"), EVAL, 8)
+    overlap, short = contamination_overlap(table.column("prompt"), EVAL, 8)
     assert overlap.tolist() == pytest.approx([1 / 3, 1.0, 1.0, 0.0])
     assert short.tolist() == [False, False, True, True]
     assert apply_filters(table, FilterConfig(), eval_prompts=EVAL).reasons == [None, "contaminated", "contaminated",
@@ -165,7 +168,7 @@ def ensemble_labels(margins: dict[str, list[float]], members: int = 3) -> pa.Tab
 
 
 def test_ensemble_strength_and_disagreement_are_hand_derived():
-    ensemble = filtering.ensemble_margins(pairs_table([{}] * 4), ensemble_labels(MARGINS))
+    ensemble = ensemble_margins(pairs_table([{}] * 4), ensemble_labels(MARGINS))
     assert ensemble.members == ["rm0", "rm1", "rm2"]
     assert ensemble.strength.tolist() == pytest.approx([2.0, -3.0, 0.1, 1.0])
     assert ensemble.disagreement.tolist() == pytest.approx([1.0, 1.0, 0.2, 2.0])
@@ -178,7 +181,7 @@ def test_pair_labels_and_an_aggregate_labeler_as_label_rm_writes_them():
     rows += [{"label_id": f"agg-{i}", "target_id": f"p{i}", "target_kind": "pair", "labeler": "rm-ensemble:x/mean",
               "score": 99.0} for i in range(4)]
     labels = conform(pa.Table.from_pylist(rows), LABELS)[0]
-    ensemble = filtering.ensemble_margins(pairs_table([{}] * 4), labels)
+    ensemble = ensemble_margins(pairs_table([{}] * 4), labels)
     assert ensemble.members == ["rm:x/member-0", "rm:x/member-1", "rm:x/member-2"]
     assert ensemble.strength.tolist() == pytest.approx([2.0, -3.0, 0.1, 1.0])
 
@@ -272,7 +275,7 @@ def test_flip_rate_estimate_recovers_an_injected_rate(gaps, noise, tolerance):
     assert abs(result.metrics["estimated_flip_rate_input"] - flipped.mean()) < tolerance
     assert result.metrics["estimated_flip_rate"] == result.metrics["estimated_flip_rate_input"]  # nothing dropped
     # Without the noise correction (plain disagreement) the noisy ensemble overstates the rate.
-    plain = float(np.mean(filtering.ensemble_margins(table, labels).strength < 0))
+    plain = float(np.mean(ensemble_margins(table, labels).strength < 0))
     assert plain - flipped.mean() > (0.02 if noise >= 1.0 else -1.0)
 
 

@@ -11,13 +11,9 @@ from typer.testing import CliRunner
 
 from prefloop.cli import app
 from prefloop.ids import content_id
-from prefloop.tasks.importing import (
-    SourceImportError,
-    import_table,
-    lookup,
-    messages_to_text,
-    parse_map_options,
-)
+from prefloop.tasks.importing.mapping import lookup, messages_to_text, parse_map_options
+from prefloop.tasks.importing.sources import SourceImportError
+from prefloop.tasks.importing.stage import import_table
 
 runner = CliRunner()
 

@@ -14,15 +14,10 @@ from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.flows import training as round_training
 from prefloop.stage import StageResult
 from prefloop.tasks.registry import run_stage, stage_entry
-from prefloop.tasks.training.loop import (
-    DPOConfig,
-    ReferenceLogps,
-    SoftSync,
-    example_order,
-    geometric_mixture,
-    train_dpo,
-)
+from prefloop.tasks.training.configs import DPOConfig
+from prefloop.tasks.training.optim import example_order
 from prefloop.tasks.training.preference import margin_curriculum
+from prefloop.tasks.training.recipes.dpo import ReferenceLogps, SoftSync, geometric_mixture, train_dpo
 
 TINY = TinyLlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                        max_position_embeddings=64)

@@ -16,19 +16,20 @@ from pydantic import ValidationError
 
 from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
-from prefloop.tasks.training.loop import DPOConfig, collate, encode_examples, train_dpo
+from prefloop.forward import collate, completion_logps_and_kl, encode_examples
+from prefloop.tasks.training.configs import DPOConfig
 from prefloop.tasks.training.losses import (
     LOSS_SPECS,
     LOSSES,
     PREFERENCE_LOSSES,
     LossHyperparameters,
     SequenceLogps,
-    completion_logps_and_kl,
     get_loss,
     get_loss_spec,
     sft_loss,
     sigmoid_loss,
 )
+from prefloop.tasks.training.recipes.dpo import train_dpo
 
 ISSUE_LOSSES = {
     "sigmoid",

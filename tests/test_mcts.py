@@ -16,8 +16,12 @@ from prefloop.backends.base import Completion, GenerationParams
 from prefloop.datasets_spec import TREES
 from prefloop.embedded.arithmetic import extract_answer
 from prefloop.stage import StageConfig, StageOutput, StageSpec, execute
-from prefloop.tasks import mcts, pair_trees
-from prefloop.tasks.mcts import MCTSConfig, Node, SearchTree, TreeSearch
+from prefloop.tasks import pair_trees
+from prefloop.tasks.common import search_trees
+from prefloop.tasks.common.search_trees import Node, SearchTree
+from prefloop.tasks.mcts import tree_ops
+from prefloop.tasks.mcts.search import TreeSearch
+from prefloop.tasks.mcts.stage import MCTSConfig
 from prefloop.tasks.registry import run_stage
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +125,7 @@ def _hand_tree() -> SearchTree:
         tree.nodes.append(node)
         tree.nodes[parent].children.append(node.index)
         tree.nodes[parent].expanded = True
-        mcts.set_evaluation(tree, node.index, evaluation)
+        tree_ops.set_evaluation(tree, node.index, evaluation)
     return tree
 
 
@@ -136,14 +140,14 @@ def test_new_node_q_is_step_reward_plus_value():
 def test_backup_visit_weighted_values_by_hand():
     tree = _hand_tree()
     root, a = tree.nodes[0], tree.nodes[1]
-    mcts.backup(tree, [0, 1])
+    tree_ops.backup(tree, [0, 1])
     assert (root.visits, a.visits, root.value) == (1, 1, pytest.approx(1.0))  # V(root) = Q(a)
-    mcts.backup(tree, [0, 2])
+    tree_ops.backup(tree, [0, 2])
     assert root.value == pytest.approx((1 * 1.0 + 1 * -0.4) / 2)  # 0.3
-    mcts.backup(tree, [0, 1, 3])
+    tree_ops.backup(tree, [0, 1, 3])
     # V(a) = Q(a1) = 1.5; Q(a) = 0.5 − 0 + 1.5 = 2.0; V(root) = (2·2.0 + 1·(−0.4)) / 3 = 1.2
     assert (a.value, a.q_value, root.value) == pytest.approx((1.5, 2.0, 1.2))
-    mcts.backup(tree, [0, 1, 4])
+    tree_ops.backup(tree, [0, 1, 4])
     # V(a) = (1.5 − 2.5) / 2 = −0.5; Q(a) = 0.5 − 0.5 = 0; V(root) = (3·0 + 1·(−0.4)) / 4 = −0.1
     assert (a.value, a.q_value, root.value) == pytest.approx((-0.5, 0.0, -0.1))
     assert (root.visits, a.visits, tree.nodes[2].visits, tree.nodes[3].visits, tree.nodes[4].visits) == (4, 3, 1, 1, 1)
@@ -154,26 +158,26 @@ def test_puct_selection_by_hand():
     a, b = tree.nodes[1], tree.nodes[2]
     tree.nodes[0].visits, a.visits, a.q_value, a.prior, b.visits, b.q_value, b.prior = 4, 3, 0.2, 0.5, 0, 0.0, 0.4
     # c = 1: a → 0.2 + 0.5·√4/(1+3) = 0.45; b → 0 + 0.4·√4/1 = 0.8: exploration picks b.
-    assert mcts.puct_score(0.2, 0.5, 4, 3, 1.0) == pytest.approx(0.45)
-    assert mcts.select_child(tree, 0, c_puct=1.0) == 2
+    assert tree_ops.puct_score(0.2, 0.5, 4, 3, 1.0) == pytest.approx(0.45)
+    assert tree_ops.select_child(tree, 0, c_puct=1.0) == 2
     # c = 0.1: a → 0.2 + 0.025 = 0.225; b → 0.08: exploitation picks a.
-    assert mcts.select_child(tree, 0, c_puct=0.1) == 1
+    assert tree_ops.select_child(tree, 0, c_puct=0.1) == 1
 
 
 def test_length_normalised_prior_by_hand():
     # exp(−2 / 4^1.25) = exp(−2 / 5.65685) = exp(−0.353553)
-    assert mcts.length_normalised_prior(-2.0, 4, 1.25) == pytest.approx(math.exp(-0.353553), rel=1e-5)
-    assert mcts.length_normalised_prior(-2.0, 4, 1.0) == pytest.approx(math.exp(-0.5))  # per-token geometric mean
+    assert tree_ops.length_normalised_prior(-2.0, 4, 1.25) == pytest.approx(math.exp(-0.353553), rel=1e-5)
+    assert tree_ops.length_normalised_prior(-2.0, 4, 1.0) == pytest.approx(math.exp(-0.5))  # per-token geometric mean
 
 
 def test_commit_takes_most_visited_child_and_ends_on_terminal():
     tree = _hand_tree()
     for path in ([0, 1], [0, 2], [0, 1, 3], [0, 1, 4]):
-        mcts.backup(tree, path)
-    mcts.commit(tree)
+        tree_ops.backup(tree, path)
+    tree_ops.commit(tree)
     assert tree.decision_root == 1 and tree.nodes[1].committed and not tree.done
     tree.nodes[3].visits = 2
-    mcts.commit(tree)
+    tree_ops.commit(tree)
     assert tree.decision_root == 3 and tree.status == "correct"
     assert tree.committed_path() == [0, 1, 3]
 
@@ -185,13 +189,13 @@ def test_commit_takes_most_visited_child_and_ends_on_terminal():
 def _paired_tree() -> SearchTree:
     tree = _hand_tree()
     for path in ([0, 1], [0, 2], [0, 1, 3], [0, 1, 4], [0, 1, 3]):
-        mcts.backup(tree, path)
+        tree_ops.backup(tree, path)
     # An empty sibling: never paired (it is the lowest-Q step, and it would be a silent wrong pair).
     empty = Node(index=5, parent=0, depth=1, step="", child_index=2, terminal=True, correct=False,
-                 invalid_reason=mcts.EMPTY_STEP)
+                 invalid_reason=search_trees.EMPTY_STEP)
     tree.nodes.append(empty)
     tree.nodes[0].children.append(5)
-    mcts.set_evaluation(tree, 5, -1.0)
+    tree_ops.set_evaluation(tree, 5, -1.0)
     tree.nodes[1].committed = tree.nodes[3].committed = True
     tree.decision_root, tree.status = 3, "correct"
     return tree
@@ -260,7 +264,7 @@ def test_batched_and_one_tree_at_a_time_build_the_same_trees():
         [_tree(p, a, str(i)) for i, (p, a) in enumerate(prompts)])
     single = TreeSearch(single_policy, MCTSConfig(**SCRIPT_CONFIG, trees_per_batch=1), extract_answer).run(
         [_tree(p, a, str(i)) for i, (p, a) in enumerate(prompts)])
-    assert mcts.trees_to_table(batched).equals(mcts.trees_to_table(single))
+    assert search_trees.trees_to_table(batched).equals(search_trees.trees_to_table(single))
     assert len(batched_policy.generate_calls) < len(single_policy.generate_calls)
     assert sum(batched_policy.generate_calls) == sum(single_policy.generate_calls)
 
@@ -296,7 +300,7 @@ def test_empty_and_truncated_siblings_are_never_paired():
     tree = TreeSearch(policy, config, extract_answer).run([_tree("3+4-2=?\n", "5")])[0]
     assert tree.status == "correct"
     reasons = {n.invalid_reason for n in tree.nodes}
-    assert {mcts.EMPTY_STEP, mcts.TRUNCATED_STEP} <= reasons
+    assert {search_trees.EMPTY_STEP, search_trees.TRUNCATED_STEP} <= reasons
     pairs = pair_trees.step_pairs(tree, "all_expanded", max_pairs=100)
     assert pairs
     for pair in pairs:
@@ -313,10 +317,10 @@ def test_context_window_and_max_depth_end_trees():
 
     tree = TreeSearch(ScriptedPolicy(), MCTSConfig(**SCRIPT_CONFIG | {"max_step_tokens": 10}), extract_answer,
                       fits).run([_tree("1+2+3+4+5+6=?\n", "21")])[0]
-    assert tree.status == mcts.CONTEXT_WINDOW
+    assert tree.status == search_trees.CONTEXT_WINDOW
     deep = TreeSearch(ScriptedPolicy(), MCTSConfig(**SCRIPT_CONFIG | {"max_depth": 2}), extract_answer).run(
         [_tree("1+2+3+4=?\n", "10")])[0]
-    assert deep.status == mcts.MAX_DEPTH
+    assert deep.status == search_trees.MAX_DEPTH
 
 
 def test_a_self_evaluation_without_finite_scores_is_a_clear_error():
@@ -331,9 +335,9 @@ def test_a_self_evaluation_without_finite_scores_is_a_clear_error():
 def test_trees_round_trip_through_the_table():
     trees = TreeSearch(ScriptedPolicy(), MCTSConfig(**SCRIPT_CONFIG), extract_answer).run(
         [_tree("3+4-2=?\n", "5", "a"), _tree("2+2=?\n", "4", "b")])
-    table = mcts.trees_to_table(trees, 2, "policy-x")
-    again = mcts.trees_from_table(table)
-    assert mcts.trees_to_table(again, 2, "policy-x").equals(table)
+    table = search_trees.trees_to_table(trees, 2, "policy-x")
+    again = search_trees.trees_from_table(table)
+    assert search_trees.trees_to_table(again, 2, "policy-x").equals(table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +361,7 @@ def test_repairing_a_stored_tree_equals_pairing_during_search(store):
         [_tree(p, a, f"t{i}") for i, (p, a) in enumerate(prompts)])
     during = [row for tree in trees for row in pair_trees.pair_rows(tree, pair_trees.step_pairs(tree), "step", 1, "m")]
     assert during, "the scripted search must give pairs"
-    stored = _put_trees(store, mcts.trees_to_table(trees, 1, "m"))
+    stored = _put_trees(store, search_trees.trees_to_table(trees, 1, "m"))
     calls = len(policy.generate_calls)
     result = run_stage("pair-trees", {"trees": stored.output}, {}, store)
     assert store.read_table(result.ref).to_pylist() == pa.Table.from_pylist(during, schema=result_schema()).to_pylist()
@@ -377,7 +381,7 @@ def test_wrong_and_truncated_trees_are_dropped_with_reasons(store):
     for name, kinds in (("ok", ("right", "wrong")), ("wrong", ("wrong",)), ("cut", ("truncated",)), ("blank", ("empty",))):
         trees += TreeSearch(ScriptedPolicy(kinds), MCTSConfig(**SCRIPT_CONFIG), extract_answer).run(
             [_tree("3+4-2=?\n", "5", name)])
-    stored = _put_trees(store, mcts.trees_to_table(trees, 1, "m"))
+    stored = _put_trees(store, search_trees.trees_to_table(trees, 1, "m"))
     result = run_stage("pair-trees", {"trees": stored.output}, {}, store)
     assert result.drops == {"tree_incorrect": 1, "tree_truncated_step": 1, "tree_empty_step": 1}
     drops = store.read_table(result.ref, "drops").to_pylist()
@@ -415,7 +419,7 @@ def test_mcts_stage_writes_every_node_and_pair_trees_reads_them(store, tiny_poli
     result = run_stage("mcts", {"policy": policy, "prompts": prompts_ref}, SEARCH, store)
     table = store.read_table(result.ref)
     assert result.metrics["trees"] == 4 and table.num_rows == result.metrics["nodes"]
-    assert set(table.column("tree_status").to_pylist()) <= set(mcts.TREE_STATUSES)
+    assert set(table.column("tree_status").to_pylist()) <= set(search_trees.TREE_STATUSES)
     assert result.metrics["generate_calls"] < result.metrics["simulations"]  # trees advance together
     again = run_stage("mcts", {"policy": policy, "prompts": prompts_ref}, SEARCH, store)
     assert again.cached and again.output == result.output
@@ -467,9 +471,10 @@ def test_hf_self_evaluation_scores_one_row_per_prompt_with_the_pairwise_numbers(
     import torch
 
     from prefloop.backends.base import yes_probability
-    from prefloop.backends.hf import HFBackend, completion_logprobs, encode_completion, pad_right
+    from prefloop.backends.hf import HFBackend
     from prefloop.embedded.model import TinyLlamaConfig, build_model
     from prefloop.embedded.tokenizer import build_tokenizer
+    from prefloop.forward import completion_logprobs, encode_completion, pad_right
 
     tokenizer = build_tokenizer()
     config = TinyLlamaConfig(**TINY_MODEL)

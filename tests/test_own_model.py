@@ -14,10 +14,12 @@ from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.flows.loop import run_round
 from prefloop.storage import ArtifactStore
-from prefloop.tasks.importing import UnsafeModelError, check_model_dir, import_model
+from prefloop.tasks.common.models import UnsafeModelError, check_model_dir
+from prefloop.tasks.importing.stage import import_model
 from prefloop.tasks.registry import run_stage
 from prefloop.tasks.training.artifacts import load_policy
-from prefloop.tasks.training.loop import SFTConfig, train_sft
+from prefloop.tasks.training.configs import SFTConfig
+from prefloop.tasks.training.recipes.sft import train_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"

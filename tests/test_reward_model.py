@@ -14,16 +14,13 @@ from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.stage import StageConfig, StageInputError, StageOutput, StageSpec, execute
 from prefloop.storage import ArtifactRef
-from prefloop.tasks import evaluation, reward_labels, reward_model
+from prefloop.tasks import evaluation
+from prefloop.tasks.common.ensembles import aggregate_rewards
 from prefloop.tasks.registry import run_stage
-from prefloop.tasks.reward_model import (
-    aggregate_rewards,
-    best_of_n_accuracy,
-    best_of_n_sets,
-    bradley_terry_loss,
-    pairwise_accuracy,
-)
+from prefloop.tasks.reward_model import best_of_n_accuracy, best_of_n_sets, pairwise_accuracy
 from prefloop.tasks.training.artifacts import save_model_dir
+from prefloop.tasks.training.recipes import reward_model
+from prefloop.tasks.training.recipes.reward_model import bradley_terry_loss
 
 TINY_MODEL = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
               "max_position_embeddings": 64}
@@ -221,7 +218,7 @@ def test_non_finite_rewards_are_dropped_with_a_named_reason(shared, monkeypatch)
     def broken(model_dir, prompts, completions, batch_size=64):
         return np.array([[0.5, float("nan"), 1.0], [0.25, 1.0, float("inf")]])
 
-    monkeypatch.setattr(reward_labels, "score_with_members", broken)
+    monkeypatch.setattr(reward_model, "score_with_members", broken)  # the recipe both labelers call
     result = run_stage("label-rm", {"reward_model": shared.ensemble.output, "samples": shared.samples},
                                {"aggregation": "mean"}, shared.store)
     assert result.drops == {"nonfinite_reward": 2}

@@ -7,8 +7,8 @@ import pytest
 
 from prefloop.datasets_spec import LABELS, SAMPLES
 from prefloop.stage import StageInputError, StageOutput, execute
-from prefloop.tasks import evaluation
 from prefloop.tasks.common.prompts import select_prompts
+from prefloop.tasks.common.statistics import paired_gain
 from prefloop.tasks.registry import run_stage
 
 TINY_MODEL = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
@@ -107,8 +107,8 @@ def test_stage_input_errors_name_the_roles(store):
 
 
 def test_paired_gain():
-    gain, stderr, n = evaluation.paired_gain({"a": True, "b": True, "c": False, "d": True},
-                                             {"a": False, "b": True, "c": False, "d": False, "e": True})
+    gain, stderr, n = paired_gain({"a": True, "b": True, "c": False, "d": True},
+                                  {"a": False, "b": True, "c": False, "d": False, "e": True})
     assert n == 4 and gain == pytest.approx(0.5)
     # d = [1, 0, 0, 1]: sample std 0.57735, / sqrt(4)
     assert stderr == pytest.approx(math.sqrt(1 / 3) / 2)

@@ -7,7 +7,7 @@ import torch
 
 from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
-from prefloop.tasks.training.loop import _pair_row, encode_examples, pair_sequence_logprobs
+from prefloop.forward import _pair_row, encode_examples, pair_sequence_logprobs
 
 TINY = TinyLlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
@@ -107,6 +107,6 @@ def test_pair_row_layout_by_hand() -> None:
 
 
 def encode_examples_stub(token_ids: list[int], prompt_length: int):
-    from prefloop.tasks.training.loop import EncodedExample
+    from prefloop.forward import EncodedExample
 
     return EncodedExample(token_ids, prompt_length)

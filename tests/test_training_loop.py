@@ -8,19 +8,17 @@ import torch
 from prefloop.embedded.arithmetic import make_problems
 from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
-from prefloop.tasks.training.loop import (
-    DPOConfig,
-    SFTConfig,
+from prefloop.forward import (
+    batch_sequence_logprobs,
     collate,
     encode_examples,
     grouped_sequence_logprobs,
     length_groups,
     pair_sequence_logprobs,
-    prepare_pairs,
-    sequence_logprobs,
-    train_dpo,
-    train_sft,
 )
+from prefloop.tasks.training.configs import DPOConfig, SFTConfig
+from prefloop.tasks.training.recipes.dpo import prepare_pairs, train_dpo
+from prefloop.tasks.training.recipes.sft import train_sft
 
 TINY = TinyLlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
@@ -73,8 +71,8 @@ def test_dpo_raises_the_chosen_versus_rejected_margin(tokenizer) -> None:
     chosen = collate(encode_examples(tokenizer, [p for p, _, _ in pairs], [c for _, c, _ in pairs]), 0)
     rejected = collate(encode_examples(tokenizer, [p for p, _, _ in pairs], [r for _, _, r in pairs]), 0)
     with torch.no_grad():
-        margin_after = (sequence_logprobs(policy, chosen) - sequence_logprobs(policy, rejected)).mean()
-        margin_before = (sequence_logprobs(reference, chosen) - sequence_logprobs(reference, rejected)).mean()
+        margin_after = (batch_sequence_logprobs(policy, chosen) - batch_sequence_logprobs(policy, rejected)).mean()
+        margin_before = (batch_sequence_logprobs(reference, chosen) - batch_sequence_logprobs(reference, rejected)).mean()
     assert margin_after > margin_before
 
 
@@ -104,7 +102,7 @@ def test_grouped_and_prompt_sharing_forward_passes_match_a_padded_batch(tokenize
     pairs = _pairs(12)
     prepared = prepare_pairs(tokenizer, pairs)
     with torch.no_grad():
-        padded = sequence_logprobs(model, collate(prepared.chosen + prepared.rejected, tokenizer.pad_token_id))
+        padded = batch_sequence_logprobs(model, collate(prepared.chosen + prepared.rejected, tokenizer.pad_token_id))
         grouped = grouped_sequence_logprobs(model, prepared.chosen + prepared.rejected, tokenizer.pad_token_id,
                                             max_tokens=64)
         chosen, rejected = pair_sequence_logprobs(model, prepared.chosen, prepared.rejected, tokenizer.pad_token_id,

@@ -33,7 +33,8 @@ from prefloop.storage import ArtifactStore
 from prefloop.tasks.registry import run_stage
 from prefloop.tasks.training import preference
 from prefloop.tasks.training.artifacts import load_policy
-from prefloop.tasks.training.loop import DPOConfig, prepare_pairs, reference_logprobs, train_dpo
+from prefloop.tasks.training.configs import DPOConfig
+from prefloop.tasks.training.recipes.dpo import prepare_pairs, reference_logprobs, train_dpo
 
 TINY_MODEL = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
               "max_position_embeddings": 64}

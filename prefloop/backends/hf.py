@@ -5,21 +5,20 @@ Generation is our own sampling loop rather than ``model.generate``: it takes an 
 log-probs from the raw logits, cuts stop strings, and drops finished rows from the batch and its KV
 cache so a long tail of unfinished rows does not pay for the finished ones.
 
-The token-level helpers (``encode_completion``, ``pad_right``, ``completion_logprobs``,
-``selected_logprob_sums``) are shared with the training loop, so scoring and training see exactly
-the same tokens and positions.
+Tokens, padding and log-prob sums come from :mod:`prefloop.forward`, the one forward module shared
+with training, so scoring and training see exactly the same tokens and positions.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefloop.backends.base import Completion, ContextWindowError, GenerationParams, ProgressCallback
+from prefloop.forward import pad_right, selected_logprob_sums
 from prefloop.lazy import deferred_import
 
 if TYPE_CHECKING:
@@ -29,84 +28,6 @@ if TYPE_CHECKING:
 else:
     torch = deferred_import("torch")
     transformers = deferred_import("transformers")
-
-
-def encode_completion(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, append_eos: bool
-) -> tuple[list[int], int]:
-    """Token ids of prompt + completion (+ eos) and the number of prompt tokens.
-
-    The prompt gets the tokenizer's special tokens (bos), the completion none, exactly as in generation.
-    """
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if append_eos:
-        completion_ids = completion_ids + [tokenizer.eos_token_id]
-    return prompt_ids + completion_ids, len(prompt_ids)
-
-
-def pad_right(
-    sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``completion_mask`` (1 on completion tokens).
-
-    Right padding keeps positions 0..L-1 for every real token, as in left-padded generation with
-    position ids derived from the attention mask.
-    """
-    width = max(len(sequence) for sequence in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(sequences), width), dtype=torch.float32)
-    for row, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        attention_mask[row, : len(sequence)] = 1
-        completion_mask[row, prompt_length : len(sequence)] = 1.0
-    return input_ids, attention_mask, completion_mask
-
-
-def completion_logprobs(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    completion_mask: torch.Tensor,
-) -> torch.Tensor:
-    """Σ_t log π(x_t | x_<t) over the completion tokens of each row (shape [batch]).
-
-    Differentiable; wrap in ``torch.no_grad()`` for scoring.
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
-    return (token_logprobs * completion_mask[:, 1:]).sum(dim=-1)
-
-
-def selected_logprob_sums(
-    logits: torch.Tensor, sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
-) -> torch.Tensor:
-    """Σ_j log softmax(logits[sources[i][j]])[targets[i][j]] for each i, from flat ``logits`` [N, V].
-
-    Only the rows that predict a scored token are read, and log softmax is taken as
-    logit − logsumexp on them, so no float32 copy of the whole [N, V] logits or log-probs is made
-    (what dominates memory with a large vocabulary).
-    """
-    width = max(len(row) for row in sources)
-    flat_sources = [0] * (len(sources) * width)
-    flat_targets = [0] * (len(sources) * width)
-    flat_mask = [0.0] * (len(sources) * width)
-    for row, (row_sources, row_targets) in enumerate(zip(sources, targets, strict=True)):
-        start = row * width
-        flat_sources[start : start + len(row_sources)] = row_sources
-        flat_targets[start : start + len(row_targets)] = row_targets
-        flat_mask[start : start + len(row_sources)] = [1.0] * len(row_sources)
-    shape = (len(sources), width)
-    source_index = torch.tensor(flat_sources, dtype=torch.long).view(shape).to(logits.device)
-    target_index = torch.tensor(flat_targets, dtype=torch.long).view(shape).to(logits.device)
-    mask = torch.tensor(flat_mask, dtype=torch.float32).view(shape).to(logits.device)
-    selected = logits[source_index]  # [rows, width, V]
-    if selected.dtype in (torch.float16, torch.bfloat16):  # reduced-precision logits: log-probs in float32
-        selected = selected.float()
-    token_logprobs = selected.gather(-1, target_index[..., None]).squeeze(-1) - selected.logsumexp(dim=-1)
-    return (token_logprobs * mask).sum(dim=-1)
 
 
 def _choose_tokens(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """Models as artifacts: save a policy to a directory the store can publish, load it back, and keep
-a training run's checkpoints in the store."""
+a training run's checkpoints in the store.
+
+Light to import (the train stages' specs use :func:`clear_checkpoints`): the HF backend and the
+optimiser's :class:`~prefloop.tasks.training.optim.Checkpoint` are imported where they are used."""
 
 from __future__ import annotations
 
@@ -17,16 +20,15 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from prefloop.backends.hf import HFBackend
 from prefloop.lazy import deferred_import
 from prefloop.storage import ArtifactStore, TamperedArtifactError
-from prefloop.tasks.training.loop import Checkpoint
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from prefloop.stage import StageResult
+    from prefloop.tasks.training.optim import Checkpoint
 else:
     torch = deferred_import("torch")
 
@@ -41,7 +43,8 @@ def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 
 def load_policy(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model directory: safetensors weights only (pickles are refused), never custom model code."""
-    from prefloop.tasks.importing import check_model_dir
+    from prefloop.backends.hf import HFBackend
+    from prefloop.tasks.common.models import check_model_dir
 
     check_model_dir(path)
     backend = HFBackend.from_directory(path)
@@ -142,6 +145,8 @@ class StoreCheckpointer:
                 f"says {manifest['sha256'][:12]}…; delete {directory} to resume from an earlier checkpoint or "
                 "from scratch"
             )
+        from prefloop.tasks.training.optim import Checkpoint
+
         checkpoint = Checkpoint.from_dict(torch.load(io.BytesIO(data), weights_only=True))
         self.resumed_from = checkpoint.step
         return checkpoint

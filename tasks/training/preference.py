@@ -44,6 +44,7 @@ from prefloop.datasets_spec import PREFERENCES, TRAIN_LOG
 from prefloop.datasets_spec.schemas import REFERENCE_LOGPS
 from prefloop.lazy import deferred_import
 from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
+from prefloop.tasks.common.confidence import pair_flip_rates
 from prefloop.tasks.common.iteration import ReferencePolicy
 from prefloop.tasks.registry import stage_spec
 from prefloop.tasks.training.artifacts import (
@@ -55,20 +56,13 @@ from prefloop.tasks.training.artifacts import (
     train_log_table,
     training_device,
 )
-from prefloop.tasks.training.loop import (
-    DPOConfig,
-    PreparedPairs,
-    ReferenceLogps,
-    SoftSync,
-    num_steps_for,
-    prepare_pairs,
-    reference_logprobs,
-    train_dpo,
-)
+from prefloop.tasks.training.configs import DPOConfig
 from prefloop.tasks.training.losses import get_loss_spec
 
 if TYPE_CHECKING:
     import torch
+
+    from prefloop.tasks.training.recipes.dpo import PreparedPairs, ReferenceLogps
 else:
     torch = deferred_import("torch")
 
@@ -213,7 +207,7 @@ def label_flip_rates(
     if source == "config" or all(value is None for value in confidences):
         return training, None, metrics
     # MCTS-DPO's ε = min(1 − conf, 0.5); a loss that needs ε < 0.5 (rdpo) gets the ceiling instead.
-    from_confidence = [None if value is None else min(1.0 - value, 0.5) for value in confidences]
+    from_confidence = pair_flip_rates(confidences)
     known = [value for value in from_confidence if value is not None]
     clamped = sum(value > ceiling for value in known)
     if clamped:
@@ -252,11 +246,22 @@ def cached_reference_logps(ctx: StageContext, pair_ids: list[str], prepared: Pre
             )
         chosen.append(chosen_logp[row])
         rejected.append(rejected_logp[row])
+    from prefloop.tasks.training.recipes.dpo import ReferenceLogps
+
     as_tensor = lambda values: torch.tensor(values, dtype=torch.float64).float()  # noqa: E731
     return ReferenceLogps(chosen=as_tensor(chosen), rejected=as_tensor(rejected)), missing
 
 
 def compute(ctx: StageContext) -> StageOutput:
+    from prefloop.tasks.training.optim import num_steps_for
+    from prefloop.tasks.training.recipes.dpo import (
+        PreparedPairs,
+        SoftSync,
+        prepare_pairs,
+        reference_logprobs,
+        train_dpo,
+    )
+
     config: TrainConfig = ctx.config
     pairs_table, off_policy_pairs = training_pairs(ctx, config)
     pairs = list(zip(*(pairs_table.column(name).to_pylist() for name in ("prompt", "chosen", "rejected")),

@@ -20,6 +20,8 @@ match the train stage's; train checks the stored token counts against its own.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
 from pydantic import Field
 
@@ -28,7 +30,9 @@ from prefloop.datasets_spec.schemas import REFERENCE_LOGPS
 from prefloop.stage import StageConfig, StageContext, StageOutput
 from prefloop.tasks.registry import stage_spec
 from prefloop.tasks.training.artifacts import load_policy, training_device
-from prefloop.tasks.training.loop import ReferenceLogps, geometric_mixture, prepare_pairs, reference_logprobs
+
+if TYPE_CHECKING:
+    from prefloop.tasks.training.recipes.dpo import PreparedPairs, ReferenceLogps
 
 
 class ReferenceConfig(StageConfig):
@@ -55,6 +59,8 @@ def pair_rows(ctx: StageContext, role: str) -> pa.Table:
 
 
 def compute(ctx: StageContext) -> StageOutput:
+    from prefloop.tasks.training.recipes.dpo import geometric_mixture, prepare_pairs, reference_logprobs
+
     config: ReferenceConfig = ctx.config
     if (config.mixture_weight is None) != (not ctx.has("mixture_with")):
         raise ValueError(
@@ -91,7 +97,7 @@ def compute(ctx: StageContext) -> StageOutput:
                                 "mean_rejected_logp": float(logps.rejected.double().mean())})
 
 
-def reference_table(pair_ids: list[str], logps: ReferenceLogps, prepared) -> pa.Table:
+def reference_table(pair_ids: list[str], logps: ReferenceLogps, prepared: PreparedPairs) -> pa.Table:
     return pa.table({
         "pair_id": pa.array(pair_ids, pa.string()),
         "chosen_logp": pa.array(logps.chosen.double().tolist(), pa.float64()),

@@ -1,7 +1,7 @@
 """Stage ``sft``: the supervised warm start — a tiny Llama trained on the prompts' gold solutions.
 
 The model is built from a config (no hub download), with the locally built character tokenizer,
-and trained with the shared training loop (:func:`prefloop.tasks.training.loop.train_sft`), with
+and trained with the SFT recipe (:func:`prefloop.tasks.training.recipes.sft.train_sft`), with
 checkpoints in the store so a killed run resumes (see ``tasks/training/artifacts.py``).
 The output is a model artifact: safetensors weights, config and tokenizer files.
 """
@@ -24,7 +24,7 @@ from prefloop.tasks.training.artifacts import (
     train_log_table,
     training_device,
 )
-from prefloop.tasks.training.loop import SFTConfig, train_sft
+from prefloop.tasks.training.configs import SFTConfig
 
 
 class SFTStageConfig(StageConfig):
@@ -44,6 +44,8 @@ SPEC = stage_spec(
 
 
 def compute(ctx: StageContext) -> StageOutput:
+    from prefloop.tasks.training.recipes.sft import train_sft
+
     config: SFTStageConfig = ctx.config
     prompts = ctx.read("prompts", PROMPTS)
     prompts = prompts.filter(pc.equal(prompts.column("split"), config.split))

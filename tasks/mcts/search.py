@@ -1,0 +1,287 @@
+"""The batched MCTS-DPO search runner: expansion and self-evaluation with the policy, many trees at once.
+
+Xie et al. 2024, "Monte Carlo Tree Search Boosts Reasoning via Iterative Preference Learning"
+(arXiv:2405.00451). Selection, backup and commit are the pure tree operations of ``tree_ops.py``;
+this module adds the steps that need the policy:
+
+* **Expansion**: k = ``children_per_node`` (2) steps sampled from π at the leaf; identical step
+  texts are merged (they are one action), so siblings always differ.
+* **Evaluation**: R(s) = outcome ±1 from the task's verifier at a terminal node (an answer line);
+  elsewhere the scaled self-evaluation w·(2·P(yes) − 1), P(yes) = π(yes|e) / (π(yes|e) + π(no|e)) for
+  the evaluation prompt e = ``self_eval_template`` filled with the partial solution, w =
+  ``self_eval_weight``. A step the policy could not finish (token budget hit, empty, no room left in
+  the context window, or ``max_depth`` reached without an answer) is a terminal failure, R = −1, and
+  keeps its reason in ``invalid_reason``.
+
+After expansion the simulation continues into one new child, chosen by PUCT, so every simulation
+adds one visit along its whole path.
+
+**Batched**: the trees of a batch advance together — each round runs every tree's simulations until
+the tree needs the policy (a leaf to expand; simulations ending at a terminal node or the look-ahead
+limit are backed up at once), then every expansion is one ``generate`` call and every self-evaluation
+one ``score_logprobs`` call of the policy backend (:class:`~prefloop.backends.base.PolicyBackend`, so
+the HF and vLLM backends work unchanged). So no tree sits a round out, and the k-th call holds every
+tree that needs more than k expansions. One tree at a time (``trees_per_batch: 1``) is the same
+algorithm with the batch cut to one tree: the trees differ only because the backend draws a batch's
+samples from one random stream (at temperature 0 they are identical; see
+``benchmarks/mcts_batching.py``).
+
+Also here: the answer-line verifier, the context-window check and the search's metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prefloop.backends.base import GenerationParams, PolicyBackend, yes_probability
+from prefloop.tasks.common.search_trees import (
+    CONTEXT_WINDOW,
+    EMPTY_STEP,
+    MAX_DEPTH,
+    STEP_SEPARATOR,
+    TREE_STATUSES,
+    TRUNCATED_STEP,
+    Node,
+    SearchTree,
+)
+from prefloop.tasks.mcts.tree_ops import (
+    backup,
+    commit,
+    length_normalised_prior,
+    needs_expansion,
+    select_child,
+    select_path,
+    set_evaluation,
+)
+
+if TYPE_CHECKING:
+    from prefloop.tasks.mcts.stage import MCTSConfig
+
+
+def room_needed(config: MCTSConfig) -> int:
+    """Tokens a node needs after its text: one step, and a self-evaluation answer when self-evaluation is
+    on (a token is at least one character, so the answers' character counts bound their token counts)."""
+    if config.self_eval_weight == 0.0:
+        return config.max_step_tokens
+    return config.max_step_tokens + max(len(config.self_eval_yes), len(config.self_eval_no))
+
+
+def self_eval_overhead(config: MCTSConfig) -> str:
+    """The text the self-evaluation prompt adds to a node's text (none when self-evaluation is off)."""
+    return "" if config.self_eval_weight == 0.0 else config.self_eval_template.format(prompt="", steps="")
+
+
+@dataclass
+class SearchCounters:
+    generate_calls: int = 0
+    score_calls: int = 0
+    sequences_generated: int = 0
+    sequences_scored: int = 0
+    simulations: int = 0
+
+
+class TreeSearch:
+    """Runs MCTS on many trees with one policy backend; see the docstrings of this module and of
+    ``tree_ops.py`` for the algorithm.
+
+    ``fits(texts, extra_tokens)`` says for each text whether it plus ``extra_tokens`` more tokens fits in
+    the policy's context window (None: no limit known); it is called once per round of expansions.
+    """
+
+    def __init__(self, backend: PolicyBackend, config: MCTSConfig, extract_answer: Callable[[str], str | None],
+                 fits: Callable[[list[str], int], list[bool]] | None = None):
+        self.backend = backend
+        self.config = config
+        self.extract_answer = extract_answer
+        self.fits = fits
+        self.counters = SearchCounters()
+        self._calls = 0
+        self._eval_overhead = self_eval_overhead(config)
+
+    def run(self, trees: list[SearchTree], progress: Callable[[int], None] | None = None) -> list[SearchTree]:
+        """Search every tree to the end of its committed path, ``trees_per_batch`` trees at a time."""
+        width = self.config.trees_per_batch or max(len(trees), 1)
+        for start in range(0, len(trees), width):
+            batch = trees[start : start + width]
+            finished = 0
+            while not all(tree.done for tree in batch):
+                self.simulate([tree for tree in batch if not tree.done])
+                now = sum(tree.done for tree in batch)
+                if progress is not None and now > finished:
+                    progress(now - finished)
+                finished = now
+        return trees
+
+    def budget(self, tree: SearchTree) -> int:
+        if tree.decision_root == 0 and self.config.root_simulations is not None:
+            return self.config.root_simulations
+        return self.config.simulations
+
+    def simulate(self, trees: list[SearchTree]) -> None:
+        """Advance every tree to its next expansion, then expand all those leaves in one batch.
+
+        A simulation whose leaf needs no policy call (terminal, or at the look-ahead limit) is backed up at
+        once and the tree goes on to its next simulation, so no tree sits out a round: every generate call
+        carries one leaf of every tree still searching (fewer, fuller calls). Each tree's own sequence of
+        simulations is unchanged — trees are independent — so the trees are the same as one at a time.
+        """
+        config = self.config
+        expanding: list[tuple[SearchTree, list[int]]] = []
+        for tree in trees:
+            while not tree.done:
+                path = select_path(tree, config.c_puct, config.lookahead_depth)
+                if needs_expansion(tree, path[-1], config.lookahead_depth):
+                    expanding.append((tree, path))
+                    break
+                self._finish_simulation(tree, path)
+        if not expanding:
+            return
+        self._expand(expanding)
+        for tree, path in expanding:
+            # The simulation goes on into one of the new children, so it adds a visit to it.
+            path.append(select_child(tree, path[-1], config.c_puct))
+            self._finish_simulation(tree, path)
+
+    def _finish_simulation(self, tree: SearchTree, path: list[int]) -> None:
+        """Back up one simulation's path; commit when the decision's budget is spent."""
+        backup(tree, path)
+        tree.simulations_done += 1
+        self.counters.simulations += 1
+        if tree.simulations_done >= self.budget(tree):
+            commit(tree)
+
+    def _expand(self, expanding: list[tuple[SearchTree, list[int]]]) -> None:
+        config = self.config
+        params = GenerationParams(
+            n=config.children_per_node, temperature=config.temperature, top_p=config.top_p,
+            max_new_tokens=config.max_step_tokens, seed=config.seed * 1_000_003 + self._calls, stop=[STEP_SEPARATOR],
+        )
+        self._calls += 1
+        prefixes = [tree.prefix(path[-1]) for tree, path in expanding]
+        groups = self.backend.generate(prefixes, params)
+        self.counters.generate_calls += 1
+        self.counters.sequences_generated += len(prefixes) * config.children_per_node
+        children: list[tuple[SearchTree, Node]] = []
+        for (tree, path), group in zip(expanding, groups, strict=True):
+            leaf = tree.nodes[path[-1]]
+            leaf.expanded = True
+            children.extend((tree, self._add_child(tree, leaf, completion)) for completion in self._distinct(group))
+        self._check_context([(tree, child) for tree, child in children if not child.terminal])
+        to_evaluate: list[tuple[SearchTree, int]] = []
+        for tree, child in children:
+            if child.terminal:
+                set_evaluation(tree, child.index, 1.0 if child.correct else -1.0)
+            else:
+                to_evaluate.append((tree, child.index))
+        self._evaluate(to_evaluate)
+
+    def _check_context(self, open_children: list[tuple[SearchTree, Node]]) -> None:
+        """A node without room for another step (and its self-evaluation) ends its solution: truncated."""
+        if self.fits is None or not open_children:
+            return
+        texts = [tree.prefix(child.index) + self._eval_overhead for tree, child in open_children]
+        for (_, child), fits in zip(open_children, self.fits(texts, room_needed(self.config)), strict=True):
+            if not fits:
+                child.invalid_reason = CONTEXT_WINDOW
+                child.terminal, child.correct = True, False
+
+    @staticmethod
+    def _distinct(group):
+        """Sampled steps with identical text are one action: keep the first of each."""
+        seen: set[str] = set()
+        for completion in group:
+            if completion.text not in seen:
+                seen.add(completion.text)
+                yield completion
+
+    def _add_child(self, tree: SearchTree, leaf: Node, completion) -> Node:
+        config = self.config
+        child = Node(
+            index=len(tree.nodes), parent=leaf.index, depth=leaf.depth + 1, step=completion.text,
+            child_index=len(leaf.children), num_tokens=completion.num_tokens, sum_logprob=completion.sum_logprob,
+            finish_reason=completion.finish_reason,
+            prior=length_normalised_prior(completion.sum_logprob, completion.num_tokens, config.prior_length_power),
+        )
+        tree.nodes.append(child)
+        leaf.children.append(child.index)
+        if completion.finish_reason == "length":
+            child.invalid_reason = TRUNCATED_STEP
+        elif not completion.text.strip():
+            child.invalid_reason = EMPTY_STEP
+        else:
+            answer = self.extract_answer(completion.text)
+            if answer is not None:
+                child.terminal = True
+                child.correct = answer == tree.reference_answer.strip()
+                return child
+            if child.depth >= config.max_depth:
+                child.invalid_reason = MAX_DEPTH
+        if child.invalid_reason is not None:
+            child.terminal = True
+            child.correct = False
+        return child
+
+    def _evaluate(self, nodes: list[tuple[SearchTree, int]]) -> None:
+        """R of non-terminal nodes from the policy's self-evaluation, all in one score call."""
+        config = self.config
+        if not nodes:
+            return
+        if config.self_eval_weight == 0.0:
+            for tree, index in nodes:
+                set_evaluation(tree, index, 0.0)
+            return
+        prompts = [config.self_eval_template.format(
+            prompt=tree.prompt, steps="".join(step + STEP_SEPARATOR for step in tree.steps_to(index)))
+            for tree, index in nodes]
+        # One score_logprobs call for both answers of every prompt: P(yes) = σ(log π(yes|e) − log π(no|e)).
+        probabilities = yes_probability(self.backend, prompts, config.self_eval_yes, config.self_eval_no)
+        self.counters.score_calls += 1
+        self.counters.sequences_scored += 2 * len(prompts)
+        for (tree, index), probability in zip(nodes, probabilities, strict=True):
+            if not math.isfinite(probability):
+                raise ValueError(
+                    f"self-evaluation of a node of tree {tree.tree_id} gave P(yes) = {probability}: the policy scored "
+                    f"neither {config.self_eval_yes!r} nor {config.self_eval_no!r} with a finite log-prob. Set "
+                    "self_eval_yes/self_eval_no to answers the tokenizer knows, or self_eval_weight: 0")
+            tree.nodes[index].self_eval = probability
+            set_evaluation(tree, index, config.self_eval_weight * (2.0 * probability - 1.0))
+
+
+def answer_line(prefix: str) -> Callable[[str], str | None]:
+    """The answer of a step that is an answer line (``A:20`` → ``20``), else None."""
+
+    def extract(step: str) -> str | None:
+        line = step.strip()
+        return line[len(prefix):].strip() if line.startswith(prefix) else None
+
+    return extract
+
+
+def context_fits(backend: PolicyBackend, window: int | None) -> Callable[[list[str], int], list[bool]] | None:
+    """``fits(texts, extra_tokens)`` from the backend's token counts (``prompt_lengths``) and context window
+    (``window``, else the backend's ``context_window``); None when either is unknown."""
+    window = window or getattr(backend, "context_window", None)
+    counter = getattr(backend, "prompt_lengths", None)
+    if window is None or counter is None:
+        return None
+
+    def fits(texts: list[str], extra_tokens: int) -> list[bool]:
+        return [length + extra_tokens <= window for length in counter(texts)]
+
+    return fits
+
+
+def search_metrics(trees: Sequence[SearchTree], search: TreeSearch) -> dict:
+    statuses = Counter(tree.status for tree in trees)
+    nodes = sum(len(tree.nodes) for tree in trees)
+    return {
+        "trees": len(trees), "nodes": nodes, "mean_nodes_per_tree": nodes / len(trees) if trees else 0.0,
+        "committed_accuracy": statuses["correct"] / len(trees) if trees else 0.0,
+        **{f"trees_{status}": statuses[status] for status in TREE_STATUSES},
+        "generate_calls": search.counters.generate_calls, "score_calls": search.counters.score_calls,
+        "sequences_generated": search.counters.sequences_generated, "simulations": search.counters.simulations,
+    }

@@ -1,0 +1,149 @@
+"""Stage ``mcts``: step-level Monte Carlo tree search over the policy's reasoning steps (MCTS-DPO).
+
+Xie et al. 2024, "Monte Carlo Tree Search Boosts Reasoning via Iterative Preference Learning"
+(arXiv:2405.00451). A node is a partial solution, an action one reasoning step (one line: the
+policy generates with ``stop=["\\n"]``). Per decision the search runs a budget of simulations from
+the current *decision root*, then commits to its most-visited child and searches on from there,
+until the committed path reaches a terminal node. Each simulation selects a leaf by PUCT, expands it
+with k sampled steps, evaluates the new nodes (verifier outcome or the policy's self-evaluation) and
+backs the values up: the formulas are with the code, selection and backup in
+``prefloop.tasks.mcts.tree_ops``, expansion, evaluation and the batching of many trees into one
+policy call in ``prefloop.tasks.mcts.search``.
+
+This module owns the stage: its config (:class:`MCTSConfig`, the paper's defaults), its ``SPEC``,
+``compute`` (prompts → trees), and :class:`MCTSConstruction`, the loop's ``construction: {method:
+mcts}``. Every node of every tree is written to the ``trees`` table (visits, Q, V, R, prior,
+self-evaluation, committed path, the tree's final status), so ``pair-trees`` derives preference pairs
+— and can re-derive them with another rule — without searching again.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from prefloop.backends import BackendKind, load_backend
+from prefloop.backends.base import PolicyBackend
+from prefloop.datasets_spec import PROMPTS, TREES, make_drops
+from prefloop.ids import content_id
+from prefloop.stage import StageConfig, StageContext, StageOutput
+from prefloop.tasks.common.prompts import select_prompts
+from prefloop.tasks.common.search_trees import SearchTree, trees_to_table
+from prefloop.tasks.mcts.search import (
+    TreeSearch,
+    answer_line,
+    context_fits,
+    room_needed,
+    search_metrics,
+    self_eval_overhead,
+)
+from prefloop.tasks.registry import stage_spec
+
+
+class MCTSConfig(StageConfig):
+    """Search settings; the defaults are the paper's (Xie et al. 2024, §2 and appendix)."""
+
+    split: str = Field("train", description="which prompts to search on")
+    max_prompts: int | None = Field(512, ge=1, description="first N prompts of the split (None = all)")
+    new_prompts_each_round: bool = Field(True, description="round k searches prompt block k-1 (as the sample stage)")
+    children_per_node: int = Field(2, ge=1, description="k: steps sampled per expansion (paper: 2 for math)")
+    simulations: int = Field(64, ge=1, description="simulations per decision below the root")
+    root_simulations: int | None = Field(None, ge=1, description="simulations for the first decision (None: same)")
+    lookahead_depth: int = Field(3, ge=1, description="selection descends at most this many steps below the decision root")
+    max_depth: int = Field(12, ge=1, description="steps after which a solution without an answer is truncated")
+    c_puct: float = Field(1.0, gt=0.0, description="exploration constant c of PUCT")
+    prior_length_power: float = Field(1.25, ge=0.0, description="λ of the length-normalised prior exp(log π / |a|^λ)")
+    self_eval_weight: float = Field(1.0, ge=0.0, description="w: non-terminal R = w·(2·P(yes) − 1); 0 skips self-evaluation")
+    self_eval_template: str = Field(
+        "{prompt}{steps}Is the last step correct? Answer yes or no:",
+        description="evaluation prompt; {prompt} is the problem, {steps} the steps so far, each ending in a newline",
+    )
+    self_eval_yes: str = Field(" yes", min_length=1, description="the 'yes' answer (must be in the tokenizer's vocabulary)")
+    self_eval_no: str = Field(" no", min_length=1, description="the 'no' answer (must be in the tokenizer's vocabulary)")
+    answer_prefix: str = Field(
+        "A:", min_length=1, description="a step starting with this is the answer line (terminal); the text after it "
+        "must equal the prompt's reference answer exactly (the embedded task's verifier)")
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_step_tokens: int = Field(32, ge=1, description="token budget of one step")
+    context_window: int | None = Field(None, ge=1, description="tokens the policy can attend to (None: the backend's)")
+    backend: BackendKind = Field("hf", description="hf: transformers in-process (CPU); vllm: a vllm serve process (GPU)")
+    trees_per_batch: int | None = Field(None, ge=1, description="trees advanced together (None: all; 1: one at a time)")
+    batch_size: int = Field(64, ge=1, description="sequences per forward pass of the backend")
+    seed: int = 0
+    round: int = Field(0, ge=0, description="loop round (recorded in rows)")
+
+    @model_validator(mode="after")
+    def _check(self) -> MCTSConfig:
+        if self.self_eval_yes == self.self_eval_no:
+            raise ValueError("self_eval_yes and self_eval_no must differ (P(yes) compares the two answers)")
+        try:
+            self.self_eval_template.format(prompt="", steps="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"self_eval_template may only use {{prompt}} and {{steps}} ({error!r})") from None
+        return self
+
+
+SPEC = stage_spec(
+    "mcts",
+    version="1",
+    config_model=MCTSConfig,
+    output_table=TREES,
+    description="Step-level MCTS (MCTS-DPO) per prompt; every node of every tree is stored.",
+)
+
+
+def compute(ctx: StageContext) -> StageOutput:
+    config: MCTSConfig = ctx.config
+    block = max(config.round - 1, 0) if config.new_prompts_each_round else 0
+    prompts = select_prompts(ctx.read("prompts", PROMPTS), config.split, config.max_prompts, block)
+    backend = load_backend(config.backend, ctx.model_dir("policy"), ctx.inputs["policy"].id, config.batch_size)
+    try:
+        return _search(ctx, config, prompts, backend)
+    finally:
+        backend.close()  # a vLLM server this stage started is stopped; HF: nothing to do
+
+
+def _search(ctx: StageContext, config: MCTSConfig, prompts: pa.Table, backend: PolicyBackend) -> StageOutput:
+    fits = context_fits(backend, config.context_window)
+    eval_overhead = self_eval_overhead(config)
+    rows = prompts.select(["prompt_id", "prompt", "reference_answer"]).to_pylist()
+    room = fits([row["prompt"] + eval_overhead for row in rows], room_needed(config)) if fits else [True] * len(rows)
+    trees: list[SearchTree] = []
+    dropped: list[int] = []
+    reasons: list[str] = []
+    for index, (row, fits_window) in enumerate(zip(rows, room, strict=True)):
+        if row["reference_answer"] is None or not row["reference_answer"].strip():
+            dropped.append(index)
+            reasons.append("missing_reference_answer")
+        elif not fits_window:
+            dropped.append(index)
+            reasons.append("prompt_exceeds_context_window")
+        else:
+            trees.append(SearchTree(tree_id=content_id(ctx.output_id, row["prompt_id"]), prompt_id=row["prompt_id"],
+                                    prompt=row["prompt"], reference_answer=row["reference_answer"]))
+    if not trees:
+        raise ValueError(
+            f"no prompt of split '{config.split}' can be searched ({dict(Counter(reasons))}): prompts need a "
+            f"reference answer, and room in the model's context window for a step of max_step_tokens "
+            f"({config.max_step_tokens})" + (" and the self-evaluation prompt (self_eval_template) with its answer"
+                                              if config.self_eval_weight else "")
+            + ": shorten the prompts or the template, lower max_step_tokens, or use a model with a longer context")
+    search = TreeSearch(backend, config, answer_line(config.answer_prefix), fits)
+    with ctx.progress(len(trees), "trees") as advance:
+        search.run(trees, progress=advance)
+    table = trees_to_table(trees, config.round, ctx.inputs["policy"].id)
+    drops = make_drops(prompts, np.array(dropped, dtype=np.int64), reasons, "prompts",
+                       detail="prompt not searched: no reference answer to verify, or too long for the context window")
+    return StageOutput(table=table, drops=drops, metrics={"prompts": prompts.num_rows, **search_metrics(trees, search)})
+
+
+class MCTSConstruction(StageConfig):
+    """The loop's ``construction: {method: mcts}``: a round runs ``mcts`` → ``pair-trees`` (settings in
+    the loop config's ``mcts`` and ``pair_trees`` sections) instead of sample → label → construct."""
+
+    method: Literal["mcts"]

@@ -1,0 +1,90 @@
+"""The pure operations of the MCTS-DPO search on one tree: prior, PUCT selection, evaluation, backup, commit.
+
+Xie et al. 2024, "Monte Carlo Tree Search Boosts Reasoning via Iterative Preference Learning"
+(arXiv:2405.00451). No model and no store here: the batched runner (``search.py``) calls these.
+
+* **Selection** (PUCT): from the decision root, descend to a_* = argmax_a Q(s,a) + c·p(s,a)·√N(s) /
+  (1 + N(s,a)), c = ``c_puct`` (1), with the length-normalised prior p(s,a) = exp(log π(a|s) / |a|^λ),
+  |a| the step's token count, λ = ``prior_length_power`` (1.25). Descent stops at an unexpanded node,
+  a terminal node, or ``lookahead_depth`` steps (3) below the decision root.
+* **Backup** along the path, from the leaf up to the decision root: N(s) += 1;
+  V(s) = Σ_a N(s,a)·Q(s,a) / Σ_a N(s,a) over visited children (V = R at a node without visited
+  children); Q(s,a) = r(s,a) + V(s') with the step reward r(s,a) = R(s') − R(s) (γ = 1).
+* **Commit**: when a decision's simulations are spent, the decision root moves to its most-visited child.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from prefloop.tasks.common.search_trees import SearchTree
+
+
+def length_normalised_prior(sum_logprob: float, num_tokens: int, power: float) -> float:
+    """p(s,a) = exp(log π(a|s) / |a|^λ): the per-token geometric mean probability at λ = 1."""
+    return math.exp(sum_logprob / max(num_tokens, 1) ** power)
+
+
+def puct_score(q_value: float, prior: float, parent_visits: int, child_visits: int, c_puct: float) -> float:
+    """Q(s,a) + c·p(s,a)·√N(s) / (1 + N(s,a))."""
+    return q_value + c_puct * prior * math.sqrt(parent_visits) / (1 + child_visits)
+
+
+def select_child(tree: SearchTree, index: int, c_puct: float) -> int:
+    """The PUCT choice among a node's children (the first child wins a tie)."""
+    parent = tree.nodes[index]
+    scores = [puct_score(tree.nodes[c].q_value, tree.nodes[c].prior, parent.visits, tree.nodes[c].visits, c_puct)
+              for c in parent.children]
+    return parent.children[int(np.argmax(scores))]
+
+
+def select_path(tree: SearchTree, c_puct: float, lookahead_depth: int) -> list[int]:
+    """Descend from the decision root by PUCT to a leaf: unexpanded, terminal, or at the look-ahead limit."""
+    path = [tree.decision_root]
+    root_depth = tree.nodes[tree.decision_root].depth
+    while True:
+        node = tree.nodes[path[-1]]
+        if node.terminal or not node.expanded or node.depth - root_depth >= lookahead_depth:
+            return path
+        path.append(select_child(tree, node.index, c_puct))
+
+
+def needs_expansion(tree: SearchTree, index: int, lookahead_depth: int) -> bool:
+    node = tree.nodes[index]
+    return not node.terminal and not node.expanded and node.depth - tree.nodes[tree.decision_root].depth < lookahead_depth
+
+
+def set_evaluation(tree: SearchTree, index: int, evaluation: float) -> None:
+    """A new node's R; before any visit V = R and Q = R − R(parent) + V."""
+    node = tree.nodes[index]
+    node.evaluation = node.value = evaluation
+    parent_evaluation = tree.nodes[node.parent].evaluation if node.parent is not None else 0.0
+    node.q_value = evaluation - parent_evaluation + node.value
+
+
+def backup(tree: SearchTree, path: Sequence[int]) -> None:
+    """One visit along ``path`` (decision root .. leaf), then V and Q bottom-up (see the module docstring)."""
+    for index in path:
+        tree.nodes[index].visits += 1
+    for index in reversed(path):
+        node = tree.nodes[index]
+        visited = [tree.nodes[c] for c in node.children if tree.nodes[c].visits > 0]
+        if visited:
+            node.value = sum(c.visits * c.q_value for c in visited) / sum(c.visits for c in visited)
+        parent_evaluation = tree.nodes[node.parent].evaluation if node.parent is not None else 0.0
+        node.q_value = node.evaluation - parent_evaluation + node.value
+
+
+def commit(tree: SearchTree) -> None:
+    """Move the decision root to its most-visited child (ties: higher Q, then earlier child)."""
+    root = tree.nodes[tree.decision_root]
+    best = max(root.children, key=lambda c: (tree.nodes[c].visits, tree.nodes[c].q_value, -tree.nodes[c].child_index))
+    chosen = tree.nodes[best]
+    chosen.committed = True
+    tree.decision_root = best
+    tree.simulations_done = 0
+    if chosen.terminal:
+        tree.status = "correct" if chosen.correct else (chosen.invalid_reason or "incorrect")
