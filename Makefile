@@ -11,7 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-all bench server lint clean install
+.PHONY: demo test test-all bench reliability gpu-check server lint clean install
 
 install: $(STAMP)
 
@@ -36,6 +36,14 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/store_write.py
 	$(PY) benchmarks/prefect_overhead.py
+
+# Bad inputs, SIGKILLs mid-run, concurrent writers with gc, offline: about 25 minutes on 2 cores.
+reliability: $(STAMP)
+	$(PY) benchmarks/reliability.py
+
+# On a CUDA worker: vLLM venv + CUDA torch, then every GPU check (10 min budget); elsewhere one line, exit 0.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --out gpu-check.json
 
 server: $(STAMP)
 	$(VENV)/bin/prefloop server --port 4200

@@ -24,6 +24,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefloop.config import ConfigFileError, read_yaml
+from prefloop.errors import UserError
 from prefloop.flows.loop import direct_caller, prefect_caller
 from prefloop.orchestration import call_stage_task, wait_for_artifacts
 from prefloop.stage import StageCaller, StageResult
@@ -96,7 +97,7 @@ def _artifact(kind: str, given: str | ImportSource | None, store: str, name: str
     target = ArtifactStore(store)
     ref = target.resolve(given)
     if ref.kind != kind:
-        raise ValueError(f"'{given}' is a {ref.kind} artifact ({ref}), but the data-only flow's {kind} must be a {kind} "
+        raise UserError(f"'{given}' is a {ref.kind} artifact ({ref}), but the data-only flow's {kind} must be a {kind} "
                          f"artifact: import it with 'prefloop import {kind} FILE'")
     target.set_ref(name, ref, note=f"data-only run input ({given})")
     return str(ref)
@@ -115,7 +116,7 @@ def run_data(config: DataConfig, store: str = DEFAULT_STORE, prompts: str | None
     samples_ref = _artifact("samples", samples or config.samples, store, f"{name}/samples", importer, stages)
     prompts_ref = _artifact("prompts", prompts or config.prompts, store, f"{name}/prompts", importer, stages)
     if samples_ref is None:
-        raise ValueError("the data-only flow needs samples: give --samples REF (from 'prefloop import samples FILE') "
+        raise UserError("the data-only flow needs samples: give --samples REF (from 'prefloop import samples FILE') "
                          "or a 'samples: {source: FILE, map: {...}}' section in the config")
     label_inputs = {"samples": samples_ref} | ({"prompts": prompts_ref} if prompts_ref else {})
     labels = call("label", label_inputs, config.label.model_dump(), store, f"{name}/labels")
@@ -130,7 +131,8 @@ def run_data(config: DataConfig, store: str = DEFAULT_STORE, prompts: str | None
         from prefloop.datasets_spec.exporters import export_artifact
 
         target = ArtifactStore(store)
-        path = str(export_artifact(target, target.resolve(kept.output), export_dir, config.export.format))
+        # A rerun of the flow replaces its own earlier export there (never other files: see export_artifact).
+        path = str(export_artifact(target, target.resolve(kept.output), export_dir, config.export.format, force=True))
     return DataSummary(name=name, store=store, preferences=kept.output, stages=stages, export_path=path)
 
 

@@ -5,17 +5,28 @@ Locally everything can run in one process (ephemeral Prefect, ``prefloop run``).
 the same flows are deployments: scheduled or started from the UI, executed by workers of the
 ``cpu`` and ``gpu`` pools. These helpers drive Prefect's own CLI in subprocesses, so what they do
 is exactly what a person would type.
+
+:class:`ProcessSupervisor` owns the server or worker that ``prefloop server`` / ``prefloop worker``
+start: SIGTERM or SIGINT to the CLI is forwarded to the child's whole process group (Prefect's
+server runs its API in a further subprocess), the CLI waits for the group to exit (SIGKILL after a
+grace period) and only then exits, so stopping the CLI by pid, as a process supervisor does, leaves
+no Prefect process behind.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from prefloop.errors import UserError
 
 WORK_POOLS = {"cpu": "process", "gpu": "process"}
 DEFAULT_HOST = "127.0.0.1"
@@ -26,7 +37,7 @@ def project_dir() -> Path:
     """The repository root (where ``prefect.yaml`` lives): the parent of this ``flows/`` folder."""
     root = Path(__file__).resolve().parents[1]
     if not (root / "prefect.yaml").exists():
-        raise FileNotFoundError(
+        raise UserError(
             f"prefect.yaml not found in {root}: deployments are registered from a checkout of the prefloop "
             "repository; run 'prefloop deploy' from there"
         )
@@ -51,10 +62,11 @@ def api_url(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str:
     return f"http://{host}:{port}/api"
 
 
-def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log: Path | None = None) -> subprocess.Popen:
+def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log: Path | None = None,
+                 supervisor: ProcessSupervisor | None = None) -> subprocess.Popen:
     """Start ``prefect server start`` (UI included) in the background and wait until it answers."""
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child process
-    process = subprocess.Popen(
+    process = (supervisor.spawn if supervisor else subprocess.Popen)(
         prefect_command("server", "start", "--host", host, "--port", str(port)),
         stdout=out, stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True,
     )
@@ -95,13 +107,102 @@ def deploy_all(url: str | None = None) -> None:
                    env=server_environment(url), check=True, capture_output=True)
 
 
-def start_worker(pool: str, url: str | None = None, log: Path | None = None) -> subprocess.Popen:
+def start_worker(pool: str, url: str | None = None, log: Path | None = None,
+                 supervisor: ProcessSupervisor | None = None) -> subprocess.Popen:
     """Start a process worker for ``pool`` in the background."""
     if pool not in WORK_POOLS:
-        raise ValueError(f"unknown work pool '{pool}'; prefloop's pools are {', '.join(WORK_POOLS)}")
+        raise UserError(f"unknown work pool '{pool}'; prefloop's pools are {', '.join(WORK_POOLS)} (--pool)")
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child process
-    return subprocess.Popen(
+    return (supervisor.spawn if supervisor else subprocess.Popen)(
         prefect_command("worker", "start", "--pool", pool, "--type", WORK_POOLS[pool]),
         cwd=project_dir(), stdout=out, stderr=subprocess.STDOUT, env=server_environment(url),
         start_new_session=True,
     )
+
+
+class StopRequested(BaseException):  # noqa: N818 - a request, not a failure; BaseException so no handler swallows it
+    """SIGTERM or SIGINT reached a supervising process."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class ProcessSupervisor:
+    """Children started with :meth:`spawn` are stopped with the supervising process, never orphaned.
+
+    Inside ``with ProcessSupervisor() as supervisor:`` SIGTERM and SIGINT raise :class:`StopRequested`
+    (deferred while a child is being started, so no child escapes registration). Leaving the block, for
+    any reason, sends every child's process group the signal received (SIGTERM otherwise), waits up to
+    ``grace_s`` seconds, then SIGKILLs what is left. Children must start in their own session
+    (``start_new_session=True``, which :meth:`spawn` sets) so their group is theirs alone.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, grace_s: float = 10.0):
+        self.grace_s = grace_s
+        self.children: list[subprocess.Popen] = []
+        self.received: int | None = None
+        self._deferring = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> ProcessSupervisor:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self.stop_children(self.received or signal.SIGTERM)
+        finally:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.received = signum
+        if not self._deferring:
+            raise StopRequested(signum)
+
+    def spawn(self, command: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
+        popen_kwargs["start_new_session"] = True
+        self._deferring = True
+        try:
+            child = subprocess.Popen(command, **popen_kwargs)
+            self.children.append(child)
+        finally:
+            self._deferring = False
+        if self.received is not None:
+            raise StopRequested(self.received)
+        return child
+
+    def wait(self, child: subprocess.Popen) -> int:
+        """The exit code of ``child``; 0 when the supervisor was asked to stop and stopped it."""
+        try:
+            return child.wait()
+        except StopRequested:
+            self.stop_children(self.received or signal.SIGTERM)
+            return 0
+
+    def stop_children(self, signum: int) -> None:
+        alive = [child for child in self.children if child.poll() is None]
+        for child in alive:
+            _signal_group(child, signum)
+        deadline = time.monotonic() + self.grace_s
+        for child in alive:
+            try:
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for child in self.children:
+            # The leader may have exited while others of its group (e.g. the server's API process) linger.
+            _signal_group(child, signal.SIGKILL)
+            if child.poll() is None:
+                child.wait()
+
+
+def _signal_group(child: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(child.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone already

@@ -13,7 +13,13 @@ from prefect import flow
 from pydantic import BaseModel
 
 from prefloop.config import LoopConfig
-from prefloop.flows.training import reference_and_train, reference_model
+from prefloop.errors import UserError
+from prefloop.flows.training import (
+    check_starting_policy,
+    reference_and_train,
+    reference_model,
+    starting_policy,
+)
 from prefloop.orchestration import (
     call_stage_task,
     publish_round_report,
@@ -22,7 +28,8 @@ from prefloop.orchestration import (
     wait_for_artifacts,
 )
 from prefloop.stage import StageCaller, StageResult
-from prefloop.storage import DEFAULT_STORE, ArtifactStore
+from prefloop.storage import DEFAULT_STORE, ArtifactNotFoundError, ArtifactStore
+from prefloop.tasks.importing.stage import ImportSource
 from prefloop.tasks.registry import run_stage, stage_entry
 
 
@@ -165,27 +172,113 @@ def _evaluation_inputs(policy: str, prompts_ref: str, reference: str, reward_mod
     return {role: ref for role, ref in inputs.items() if ref is not None}
 
 
+def task_prompts(config: LoopConfig, store: str, call: StageCaller) -> tuple[str, list[StageResult]]:
+    """The prompts the rounds sample (split ``train``) and evaluate on (``heldout``), as ``RUN/prompts``.
+
+    The embedded task's (section ``prompts``) by default; with ``prompt_source`` the user's: a prompts
+    artifact, or a source imported by stage ``import-prompts`` (``RUN/imported-prompts`` when it is
+    split afterwards), its split rewritten by prompt hash by stage ``split-prompts`` when
+    ``prompt_split`` is set. Which training prompts each round samples is the sampling (or mcts)
+    section's ``max_prompts`` and ``new_prompts_each_round``.
+    """
+    name, source = config.name, config.prompt_source
+    if source is None:
+        made = call("prompts", {}, _seeded(config.prompts, config, 0), store, f"{name}/prompts")
+        return made.output, [made]
+    target = ArtifactStore(store)
+    stages: list[StageResult] = []
+    final_name = f"{name}/prompts"
+    if isinstance(source, ImportSource):
+        imported = call("import-prompts", {}, source.task_config(), store,
+                        f"{name}/imported-prompts" if config.prompt_split is not None else final_name)
+        stages.append(imported)
+        prompts = imported.output
+    else:
+        prompts = str(target.resolve(source))
+    if config.prompt_split is not None:
+        # The loop seed is not folded in: runs with other seeds are compared on the same held-out prompts.
+        split = call("split-prompts", {"prompts": prompts}, config.prompt_split.model_dump(), store, final_name)
+        stages.append(split)
+        prompts = split.output
+    elif not isinstance(source, ImportSource):
+        target.set_ref(final_name, target.resolve(prompts), note=f"loop setting prompt_source: {source}")
+    check_user_prompts(config, target, prompts)
+    return prompts, stages
+
+
+def check_user_prompts(config: LoopConfig, store: ArtifactStore, prompts: str) -> None:
+    """A user's prompts must have training and held-out prompts, and reference answers when the
+    verifier labels them (evaluation checks held-out answers the same way)."""
+    import pyarrow.compute as pc
+
+    from prefloop.tasks.common.labelers import find_labeler
+    from prefloop.tasks.labeling import VERIFIER
+
+    table = store.read_table(store.resolve(prompts))
+    sampled = config.mcts.split if config.construction.method == "mcts" else config.sampling.split
+    for split, use in ((sampled, "sample"), (config.evaluation.split, "evaluate on")):
+        if not pc.sum(pc.equal(table.column("split"), split)).as_py():
+            raise UserError(f"the prompts {prompts} have no '{split}' prompts to {use}; splits found: "
+                            f"{sorted(set(table.column('split').to_pylist()))}. Set prompt_split: {{heldout_fraction: "
+                            "0.1}} (or {heldout_size: N}) to hold out prompts by hash")
+    if find_labeler(config.label.labeler) is not VERIFIER:
+        return
+    answers = table.column("reference_answer").to_pylist() if "reference_answer" in table.column_names else []
+    missing = sum(1 for answer in answers if answer is None or not str(answer).strip()) + table.num_rows - len(answers)
+    if missing:
+        raise UserError(f"{missing} of the {table.num_rows} prompts in {prompts} have no reference answer, which the "
+                        f"verifier labeler (label.labeler: {config.label.labeler}) and the evaluation check answers "
+                        "against: map one when importing (prompt_source: {source: FILE, map: {reference_answer: "
+                        "FIELD}}) or label with a reward model")
+
+
+def _check_sources(config: LoopConfig, store: str) -> None:
+    """What the user brings is checked before the run writes anything."""
+    if config.policy is not None:
+        check_starting_policy(config.policy, config.demonstrations, store)
+    if isinstance(config.prompt_source, str):
+        try:
+            ref = ArtifactStore(store).resolve(config.prompt_source)
+        except ArtifactNotFoundError as error:
+            raise UserError(f"prompt_source: {error}. To import a file, give an import spec: prompt_source: "
+                            f"{{source: {config.prompt_source}, map: {{prompt: FIELD}}}}") from None
+        if ref.kind != "prompts":
+            raise UserError(f"prompt_source '{config.prompt_source}' is a {ref.kind} artifact ({ref}), not prompts: "
+                            "import prompts with 'prefloop import prompts FILE --map prompt=FIELD' or give an import "
+                            "spec {source: FILE, map: {...}}")
+
+
 def run_loop(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str | None = None,
              call: StageCaller = direct_caller, publish: bool = False) -> LoopSummary:
-    """SFT warm start and its evaluation (round 0), then ``config.rounds`` rounds.
+    """The starting policy and its evaluation (round 0), then ``config.rounds`` rounds.
 
-    ``reward_model`` (a model artifact ref, optional) adds the mean reward to every evaluation.
-    Without Prefect by default; :func:`loop_flow` runs the same wiring as a flow.
+    The starting policy is the embedded SFT model, or the loop setting ``policy`` (fine-tuned on
+    ``demonstrations`` when given); the prompts are the embedded task's or ``prompt_source``'s
+    (:func:`task_prompts`). ``reward_model`` (a model artifact ref, optional) adds the mean reward
+    to every evaluation. Without Prefect by default; :func:`loop_flow` runs the same wiring as a flow.
     """
     store = ArtifactStore(store).uri
     name = config.name
-    sft_prompts = call("prompts", {}, _seeded(config.sft_prompts, config, 0), store, f"{name}/sft-prompts")
-    task_prompts = call("prompts", {}, _seeded(config.prompts, config, 0), store, f"{name}/prompts")
-    warm = call("sft", {"prompts": sft_prompts.output}, _seeded(config.sft, config, 0), store, f"{name}/round-0/policy")
-    # Round 0 is the SFT model against itself as reference: its KL is 0 by definition (not computed).
-    base = call("evaluate", _evaluation_inputs(warm.output, task_prompts.output, warm.output, reward_model),
+    _check_sources(config, store)
+    task_prompts_ref, prompt_stages = task_prompts(config, store, call)
+    if config.policy is None:
+        sft_prompts = call("prompts", {}, _seeded(config.sft_prompts, config, 0), store, f"{name}/sft-prompts")
+        warm = call("sft", {"prompts": sft_prompts.output}, _seeded(config.sft, config, 0), store,
+                    f"{name}/round-0/policy")
+        start, start_stages = warm.output, [sft_prompts, *prompt_stages, warm]
+    else:
+        start, start_stages = starting_policy(call, config.policy, config.demonstrations,
+                                              _seeded(config.sft, config, 0), name, store)
+        start_stages = [*prompt_stages, *start_stages]
+    # Round 0 is the starting policy against itself as reference: its KL is 0 by definition (not computed).
+    base = call("evaluate", _evaluation_inputs(start, task_prompts_ref, start, reward_model),
                 _seeded(config.evaluation, config, 0), store, f"{name}/round-0/metrics")
     if publish:
         publish_round_report(store, name, 0)
-    rounds = [RoundSummary(round=0, policy=warm.output, metrics=base.output, stages=[sft_prompts, task_prompts, warm, base])]
-    policy = warm.output
+    rounds = [RoundSummary(round=0, policy=start, metrics=base.output, stages=[*start_stages, base])]
+    policy = start
     for round_index in range(1, config.rounds + 1):
-        summary = run_round(config, round_index, policy, warm.output, task_prompts.output, base.output, store,
+        summary = run_round(config, round_index, policy, start, task_prompts_ref, base.output, store,
                             previous_metrics=rounds[-1].metrics, reward_model=reward_model, call=call,
                             publish=publish)
         rounds.append(summary)

@@ -1,4 +1,10 @@
-"""The training part of a round: the reference log-probs (once per round), then the train stage.
+"""The training part of the loop: where round 1 starts (the starting policy), and per round the
+reference log-probs (once per round), then the train stage.
+
+The starting policy (round 0's) is the embedded SFT model by default; with the loop setting
+``policy`` it is a user's model — a ref in the store, or a save_pretrained directory imported by
+stage ``import-model`` — optionally fine-tuned by stage ``sft`` on ``demonstrations`` first
+(:func:`starting_policy`). Every check a user's model must pass runs before anything is written.
 
 Which models play which role follows the iteration policy (``reference_policy``, recorded in every
 train manifest):
@@ -22,10 +28,86 @@ filter_estimate`` the ``estimated_flip_rate`` in its manifest.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from prefloop.errors import UserError
 from prefloop.stage import StageCaller, StageResult
 from prefloop.storage import ArtifactNotFoundError, ArtifactStore
+from prefloop.tasks.common.models import UnsafeModelError, check_model_dir
+
+DEMONSTRATION_ROLES = {"preferences": "demonstrations", "samples": "demonstration_samples"}
+
+
+def policy_directory(policy: str) -> Path | None:
+    """The local directory ``policy`` names, or None when it is a store ref; a path that looks like one
+    (``./…``, ``/…``, ``~/…``) but does not exist is an error rather than a ref lookup."""
+    path = Path(policy).expanduser()
+    if path.is_dir():
+        return path
+    if policy.startswith(("/", "./", "../", "~")) or path.exists():
+        raise UserError(f"policy '{policy}' is not a directory: give the folder model.save_pretrained(DIR) and "
+                        "tokenizer.save_pretrained(DIR) wrote, or a model ref in the store ('prefloop ls')")
+    return None
+
+
+def check_starting_policy(policy: str, demonstrations: str | None, store: str) -> None:
+    """Refuse a starting policy (and demonstrations) that the loop could not use, before it writes anything:
+    the import-model checks (safetensors only, no custom code, a causal LM), a loadable tokenizer with an
+    eos token; a ref must name a model artifact, demonstrations a preferences or samples artifact."""
+    directory = policy_directory(policy)
+    target = ArtifactStore(store)
+    if directory is not None:
+        check_model_dir(directory)
+        _check_tokenizer(directory)
+    else:
+        ref = target.resolve(policy)
+        if ref.kind != "model":
+            raise UserError(f"policy '{policy}' is a {ref.kind} artifact ({ref}); the starting policy must be a model: "
+                            "import one with 'prefloop import model DIR' or give the directory itself")
+    if demonstrations is not None:
+        ref = target.resolve(demonstrations)
+        if ref.kind not in DEMONSTRATION_ROLES:
+            raise UserError(f"demonstrations '{demonstrations}' is a {ref.kind} artifact ({ref}); SFT imitates a "
+                            "preferences artifact's chosen responses or a samples artifact's completions: import one "
+                            "with 'prefloop import preferences FILE' or 'prefloop import samples FILE'")
+
+
+def _check_tokenizer(directory: Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure means the directory has no usable tokenizer
+        raise UnsafeModelError(f"{directory}: its tokenizer does not load ({type(error).__name__}: {error}); save it "
+                               "beside the model with tokenizer.save_pretrained(DIR)") from None
+    if tokenizer.eos_token_id is None:
+        raise UnsafeModelError(f"{directory}: the tokenizer has no eos token, so generation cannot stop; set "
+                               "tokenizer.eos_token and save it again")
+
+
+def starting_policy(call: StageCaller, policy: str, demonstrations: str | None, sft_config: dict[str, Any],
+                    run_name: str, store: str) -> tuple[str, list[StageResult]]:
+    """Round 0's policy from a user's model: imported (a directory) or looked up (a ref) as
+    ``RUN/starting-policy``, then — with ``demonstrations`` — fine-tuned by stage ``sft``. The result
+    is ``RUN/round-0/policy``; returns it and the stages that ran."""
+    directory = policy_directory(policy)
+    target = ArtifactStore(store)
+    stages: list[StageResult] = []
+    if directory is not None:
+        imported = call("import-model", {}, {"source": str(directory)}, store, f"{run_name}/starting-policy")
+        stages.append(imported)
+        start = imported.output
+    else:
+        start = str(target.resolve(policy))
+        target.set_ref(f"{run_name}/starting-policy", target.resolve(start), note=f"loop setting policy: {policy}")
+    if demonstrations is None:
+        target.set_ref(f"{run_name}/round-0/policy", target.resolve(start), note="the starting policy, untrained")
+        return start, stages
+    shown = target.resolve(demonstrations)
+    inputs = {"policy": start, DEMONSTRATION_ROLES[shown.kind]: str(shown)}
+    warm = call("sft", inputs, sft_config, store, f"{run_name}/round-0/policy")
+    return warm.output, [*stages, warm]
 
 
 def reference_model(reference_policy: str, policy: str, sft_policy: str) -> str:

@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,14 +28,56 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.tree import Tree
+from typer.core import TyperGroup
 
 from prefloop.environment import apply_offline_defaults
-from prefloop.storage import ArtifactStore, StoreError
+from prefloop.storage import ArtifactStore
 
 # The CLI is an entry point: offline, project-local defaults before Prefect is first imported.
 apply_offline_defaults()
 
+
+# The store a command opened: tracebacks of internal errors are written beside it.
+_session: dict[str, str | None] = {}
+
+
+class _ReportingGroup(TyperGroup):
+    """Runs every command under one error policy (:mod:`prefloop.errors`): a user error prints one line
+    ``error: …`` and exits 2; anything unexpected prints ``internal error: …`` and where its full
+    traceback was written, and exits 1. ``typer.Exit`` and click's own usage errors pass through."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        _session.clear()
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as error:  # noqa: BLE001 - the one place every command's failure is reported
+            raise typer.Exit(report_failure(error)) from None
+
+
+def report_failure(error: BaseException) -> int:
+    """Print ``error`` as a user error or an internal one; returns the exit code."""
+    from prefloop.errors import (
+        INTERNAL_ERROR_EXIT,
+        USER_ERROR_EXIT,
+        describe_user_error,
+        is_user_error,
+        write_traceback,
+    )
+
+    if is_user_error(error):
+        err_console.print(f"[bold red]error:[/] {escape(describe_user_error(error))}", highlight=False, soft_wrap=True)
+        return USER_ERROR_EXIT
+    log = write_traceback(error, _session.get("store"))
+    err_console.print(f"[bold red]internal error:[/] {type(error).__name__}: {escape(str(error))}", highlight=False, soft_wrap=True)
+    err_console.print(f"the full traceback is in {escape(str(log))}; please report it with that file", highlight=False,
+                      soft_wrap=True)
+    return INTERNAL_ERROR_EXIT
+
+
 app = typer.Typer(
+    cls=_ReportingGroup,
     help="prefloop: versioned preference data and iterative alignment loops.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -49,25 +93,13 @@ StoreOption = Annotated[
 
 
 def _store(store: str | None) -> ArtifactStore:
+    _session["store"] = store
     return ArtifactStore(store)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-@contextlib.contextmanager
-def _friendly_errors() -> Iterator[None]:
-    """Known, explained failures print one readable message instead of a traceback."""
-    from prefloop.config import ConfigFileError
-    from prefloop.datasets_spec import ContractError
-    from prefloop.stage import StageInputError
-
-    try:
-        yield
-    except (StoreError, ContractError, ConfigFileError, StageInputError, KeyError, ValueError) as error:
-        fail(str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error))
 
 
 @contextlib.contextmanager
@@ -95,6 +127,9 @@ def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="loop config YAML (e.g. configs/demo.yaml)")],
     rounds: Annotated[int | None, typer.Option(help="override the number of rounds")] = None,
     name: Annotated[str | None, typer.Option(help="run name: refs go under NAME/ (default: the config's)")] = None,
+    policy: Annotated[str | None, typer.Option(
+        "--policy", help="starting policy: a model ref, kind/id or a save_pretrained directory (overrides the "
+        "config's policy; the SFT warm start is then skipped)")] = None,
     reward_model: Annotated[str | None, typer.Option(
         help="model artifact (ref or id) of a reward model: every evaluation then reports its mean reward")] = None,
     use_prefect: Annotated[bool, typer.Option(
@@ -111,16 +146,15 @@ def run(
     from prefloop.config import load_loop_config
     from prefloop.flows.loop import loop_flow, run_loop
 
-    with _friendly_errors():
-        loop_config = load_loop_config(config, rounds=rounds, name=name)
-        target = _store(store)
-        _install_progress()
-        reward_ref = str(target.resolve(reward_model)) if reward_model else None
-        if use_prefect:
-            summary = run_flow_locally(loop_flow, loop_config, store=target.uri, reward_model=reward_ref,
-                                       expected_task_runs=lambda result: len(result.stages))
-        else:
-            summary = run_loop(loop_config, target.uri, reward_ref)
+    loop_config = load_loop_config(config, rounds=rounds, name=name, policy=policy)
+    target = _store(store)
+    _install_progress()
+    reward_ref = str(target.resolve(reward_model)) if reward_model else None
+    if use_prefect:
+        summary = run_flow_locally(loop_flow, loop_config, store=target.uri, reward_model=reward_ref,
+                                   expected_task_runs=lambda result: len(result.stages))
+    else:
+        summary = run_loop(loop_config, target.uri, reward_ref)
     stages = summary.stages
     cached = sum(s.cached for s in stages)
     console.print(round_table(target, loop_config.name))
@@ -161,8 +195,7 @@ def report(
     """Write RUN's report: self-contained HTML (open it in a browser, no server), Markdown and PNG plots."""
     from prefloop.report import write_report
 
-    with _friendly_errors():
-        files = write_report(_store(store), run_name, out or Path("reports") / run_name)
+    files = write_report(_store(store), run_name, out or Path("reports") / run_name)
     console.print(round_table(_store(store), run_name))
     for note in files.notes:
         console.print(f"[yellow]note:[/] {note}")
@@ -182,10 +215,9 @@ def compare(
     """Two runs' metrics side by side (e.g. best-of-n vs MCTS-DPO): one round of each, and accuracy by round."""
     from prefloop.report import accuracy_by_round, compare_runs, load_run, markdown_table
 
-    with _friendly_errors():
-        target = _store(store)
-        first, second = load_run(target, run_a), load_run(target, run_b)
-        header, rows = compare_runs(first, second, round_a, round_b)
+    target = _store(store)
+    first, second = load_run(target, run_a), load_run(target, run_b)
+    header, rows = compare_runs(first, second, round_a, round_b)
     side_by_side = Table(*header, title=f"{run_a} vs {run_b}")
     for row in rows:
         side_by_side.add_row(*row)
@@ -266,12 +298,11 @@ def stage(
     """Run one stage alone (a store lookup if it already ran with the same inputs and config)."""
     from prefloop.tasks.registry import run_stage
 
-    with _friendly_errors():
-        if name not in _stage_names():
-            fail(f"no stage named '{name}'; stages: {', '.join(_stage_names())} (imports: 'prefloop import')")
-        target = _store(store)
-        _install_progress()
-        result = run_stage(name, _parse_inputs(inputs or []), stage_config(name, config), target, output_name)
+    if name not in _stage_names():
+        fail(f"no stage named '{name}'; stages: {', '.join(_stage_names())} (imports: 'prefloop import')")
+    target = _store(store)
+    _install_progress()
+    result = run_stage(name, _parse_inputs(inputs or []), stage_config(name, config), target, output_name)
     status = "[green]cached[/]" if result.cached else f"computed in {result.seconds:.1f}s"
     console.print(f"{name}: {result.output} ({status}, {result.rows} rows)")
     if result.drops:
@@ -310,15 +341,14 @@ def import_command(
     from prefloop.tasks.importing.mapping import parse_map_options
     from prefloop.tasks.importing.stage import import_model, import_table
 
-    with _friendly_errors():
-        target = _store(store)
-        if kind == "model":
-            if maps or split or explode:
-                fail("--map, --split and --explode do not apply to 'import model'")
-            result = import_model(source, target, output_name)
-        else:
-            result = import_table(kind, source, target, parse_map_options(maps or []), split,
-                                  prompt_split, policy, output_name, explode)
+    target = _store(store)
+    if kind == "model":
+        if maps or split or explode:
+            fail("--map, --split and --explode do not apply to 'import model'")
+        result = import_model(source, target, output_name)
+    else:
+        result = import_table(kind, source, target, parse_map_options(maps or []), split,
+                              prompt_split, policy, output_name, explode)
     status = "[green]cached: this data was imported before[/]" if result.cached else "imported"
     console.print(f"{kind}: {source} -> {result.output} ({status})")
     if kind == "model":
@@ -368,15 +398,14 @@ def data(
     from prefloop.flows.data import DataConfig, data_flow, load_data_config, run_data
     from prefloop.orchestration import run_flow_locally
 
-    with _friendly_errors():
-        data_config = load_data_config(config, name=name) if config else DataConfig(**({"name": name} if name else {}))
-        target = _store(store)
-        _install_progress()
-        arguments = (data_config, target.uri, prompts, samples, str(out) if out else None)
-        if use_prefect:
-            summary = run_flow_locally(data_flow, *arguments, expected_task_runs=lambda result: len(result.stages))
-        else:
-            summary = run_data(*arguments)
+    data_config = load_data_config(config, name=name) if config else DataConfig(**({"name": name} if name else {}))
+    target = _store(store)
+    _install_progress()
+    arguments = (data_config, target.uri, prompts, samples, str(out) if out else None)
+    if use_prefect:
+        summary = run_flow_locally(data_flow, *arguments, expected_task_runs=lambda result: len(result.stages))
+    else:
+        summary = run_data(*arguments)
     table = Table("stage", "artifact", "status", "rows", "dropped", title=f"data-only run '{summary.name}'")
     for result in summary.stages:
         dropped = ", ".join(f"{reason}={count}" for reason, count in sorted(result.drops.items()))
@@ -395,15 +424,27 @@ def list_refs(
     prefix: Annotated[str, typer.Argument(help="show refs starting with this")] = "",
     store: StoreOption = None,
 ) -> None:
-    """List refs (human names) and what they point at."""
+    """List refs (human names) and what they point at; a ref whose artifact is missing is listed as such."""
+    from prefloop.storage import StoreError
+
     target = _store(store)
     refs = target.refs(prefix)
     table = Table("ref", "artifact", "rows", "stage", "created", title=f"store {target.uri}")
+    broken = []
     for name, ref in refs.items():
-        manifest = target.read_manifest(ref)
+        try:
+            manifest = target.read_manifest(ref)
+        except StoreError:
+            broken.append(name)
+            table.add_row(name, str(ref), "[red]missing[/]", "", "")
+            continue
         table.add_row(name, str(ref), str(manifest.rows), f"{manifest.stage}@{manifest.stage_version}",
                       manifest.created_at[:19])
     console.print(table)
+    if broken:
+        err_console.print(f"[yellow]warning:[/] {len(broken)} ref(s) point at artifacts that are not in the store "
+                          f"({', '.join(escape(b) for b in broken)}): rerun the stages that made them, or point the "
+                          "refs elsewhere", highlight=False, soft_wrap=True)
     if not prefix:
         unreferenced = len(set(target.list()) - target.reachable())
         console.print(f"{len(target.list())} artifacts, {unreferenced} not reachable from any ref ('prefloop gc' removes them)")
@@ -417,10 +458,9 @@ def show(
     store: StoreOption = None,
 ) -> None:
     """Show an artifact's manifest (lineage, config, metrics, validation) and a preview of its rows."""
-    with _friendly_errors():
-        target = _store(store)
-        artifact = target.resolve(ref)
-        manifest = target.read_manifest(artifact)
+    target = _store(store)
+    artifact = target.resolve(ref)
+    manifest = target.read_manifest(artifact)
     if as_json:
         sys.stdout.write(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
         return
@@ -436,8 +476,7 @@ def show(
             metrics.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
         console.print(metrics)
     if "data" in manifest.tables and rows > 0:
-        with _friendly_errors():
-            preview = target.read_table(artifact).slice(0, rows)
+        preview = target.read_table(artifact).slice(0, rows)
         for index, row in enumerate(preview.to_pylist()):
             record = Table("column", "value", title=f"row {index}", show_header=False)
             for column, value in row.items():
@@ -450,9 +489,8 @@ def show(
 @app.command()
 def lineage(ref: Annotated[str, typer.Argument()], store: StoreOption = None) -> None:
     """Show the tree of artifacts (and stages) an artifact was made from."""
-    with _friendly_errors():
-        target = _store(store)
-        tree_data = target.lineage(target.resolve(ref))
+    target = _store(store)
+    tree_data = target.lineage(target.resolve(ref))
 
     shown: set[str] = set()
 
@@ -476,25 +514,24 @@ def validate(ref: Annotated[str, typer.Argument()], store: StoreOption = None) -
     """Check an artifact's checksums and re-run its tables' data contracts."""
     from prefloop.datasets_spec import SPECS, apply_contract
 
-    with _friendly_errors():
-        target = _store(store)
-        artifact = target.resolve(ref)
-        manifest = target.verify(artifact)
-        console.print(f"checksums: [green]ok[/] ({len(manifest.files) + sum(len(t.files) for t in manifest.tables.values())} files)")
-        problems = 0
-        for name, entry in manifest.tables.items():
-            spec_name = (entry.schema_id or "").removeprefix("prefloop.")
-            if spec_name not in SPECS:
-                console.print(f"table {name}: no known schema ({entry.schema_id}), contract not checked")
-                continue
-            spec = SPECS[spec_name]
-            if entry.schema_version != spec.version:
-                console.print(f"table {name}: written with schema version {entry.schema_version}, this prefloop reads {spec.version}")
-            result = apply_contract(target.read_table(artifact, name), spec, source=f"{artifact}:{name}")
-            bad = result.drops.num_rows
-            problems += bad
-            status = "[green]ok[/]" if not bad else f"[red]{bad} rows break it[/] {result.drop_counts}"
-            console.print(f"table {name}: contract {spec.schema_id}/{spec.version} {status} ({entry.rows} rows)")
+    target = _store(store)
+    artifact = target.resolve(ref)
+    manifest = target.verify(artifact)
+    console.print(f"checksums: [green]ok[/] ({len(manifest.files) + sum(len(t.files) for t in manifest.tables.values())} files)")
+    problems = 0
+    for name, entry in manifest.tables.items():
+        spec_name = (entry.schema_id or "").removeprefix("prefloop.")
+        if spec_name not in SPECS:
+            console.print(f"table {name}: no known schema ({entry.schema_id}), contract not checked")
+            continue
+        spec = SPECS[spec_name]
+        if entry.schema_version != spec.version:
+            console.print(f"table {name}: written with schema version {entry.schema_version}, this prefloop reads {spec.version}")
+        result = apply_contract(target.read_table(artifact, name), spec, source=f"{artifact}:{name}")
+        bad = result.drops.num_rows
+        problems += bad
+        status = "[green]ok[/]" if not bad else f"[red]{bad} rows break it[/] {result.drop_counts}"
+        console.print(f"table {name}: contract {spec.schema_id}/{spec.version} {status} ({entry.rows} rows)")
     if problems:
         raise typer.Exit(1)
 
@@ -504,30 +541,48 @@ def export(
     ref: Annotated[str, typer.Argument(help="artifact to export (ref name, kind/id or id)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="trl | jsonl | parquet")] = "trl",
+    force: Annotated[bool, typer.Option("--force", help="replace OUT when it holds an earlier export")] = False,
     store: StoreOption = None,
 ) -> None:
     """Export a table for downstream use. ``trl`` writes prompt/chosen/rejected Parquet that TRL and
     ``datasets.load_dataset("parquet", data_files=...)`` read directly."""
     from prefloop.datasets_spec.exporters import export_artifact
 
-    with _friendly_errors():
-        target = _store(store)
-        path = export_artifact(target, target.resolve(ref), out, fmt)
+    target = _store(store)
+    path = export_artifact(target, target.resolve(ref), out, fmt, force=force)
     console.print(f"wrote {path}")
 
 
 @app.command()
 def gc(
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed, with sizes; remove nothing")] = False,
+    grace: Annotated[float, typer.Option("--grace", help="keep anything younger than this many seconds (a stage "
+                                         "publishes its artifact before it sets its ref)")] = 15 * 60.0,
     store: StoreOption = None,
 ) -> None:
-    """Remove artifacts that no ref reaches (through lineage) and abandoned temporary writes."""
+    """Remove artifacts no current ref reaches (through lineage), abandoned writes and checkpoints.
+
+    Safe next to running stages: nothing younger than --grace is removed, a running training holds a
+    lock on its checkpoints, and refs are read again just before anything is removed.
+    """
     target = _store(store)
-    removed = target.gc(dry_run=dry_run)
+    removed = target.gc(dry_run=dry_run, grace_s=grace)
     verb = "would remove" if dry_run else "removed"
+    table = Table("what", "size", "why", title=f"{verb} {len(removed)} item(s)")
     for item in removed:
-        console.print(f"{verb} {item}")
-    console.print(f"{verb} {len(removed)} item(s)")
+        table.add_row(str(item.path), _human_bytes(item.bytes), item.reason)
+    if removed:
+        console.print(table)
+    console.print(f"{verb} {len(removed)} item(s), {_human_bytes(sum(item.bytes for item in removed))}")
+
+
+def _human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -537,24 +592,22 @@ HostOption = Annotated[str, typer.Option(help="address to bind; keep 127.0.0.1 u
 PortOption = Annotated[int, typer.Option(help="port of the Prefect API and UI")]
 
 
-def _wait_forever(process) -> None:
-    try:
-        raise typer.Exit(process.wait())
-    except KeyboardInterrupt:
-        process.terminate()
-        raise typer.Exit(0) from None
-
-
 @app.command()
 def server(host: HostOption = "127.0.0.1", port: PortOption = 4200) -> None:
     """Start a Prefect server with its UI (SQLite in PREFECT_HOME; see infra/ for PostgreSQL)."""
     from prefloop.flows import deploy
 
-    with _friendly_errors():
-        process = deploy.start_server(host, port)
-    console.print(f"Prefect UI: http://{host}:{port}   API: {deploy.api_url(host, port)}")
-    console.print(f"Next: 'PREFECT_API_URL={deploy.api_url(host, port)} prefloop deploy', then 'prefloop worker --pool cpu'.")
-    _wait_forever(process)
+    # SIGTERM/SIGINT reach the server (its whole process group) and the CLI exits only once it is gone.
+    with deploy.ProcessSupervisor() as supervisor:
+        try:
+            process = deploy.start_server(host, port, supervisor=supervisor)
+            console.print(f"Prefect UI: http://{host}:{port}   API: {deploy.api_url(host, port)}")
+            console.print(f"Next: 'PREFECT_API_URL={deploy.api_url(host, port)} prefloop deploy', "
+                          "then 'prefloop worker --pool cpu'.")
+            code = supervisor.wait(process)
+        except deploy.StopRequested:
+            code = 0
+    raise typer.Exit(code)
 
 
 @app.command("deploy")
@@ -566,8 +619,7 @@ def deploy_command(
 
     if not api:
         fail("no Prefect server given: start one with 'prefloop server' and set PREFECT_API_URL (or --api)")
-    with _friendly_errors():
-        deploy.deploy_all(api)
+    deploy.deploy_all(api)
     console.print(f"registered the deployments of {deploy.project_dir() / 'prefect.yaml'} at {api}")
 
 
@@ -581,10 +633,23 @@ def worker(
 
     if not api:
         fail("no Prefect server given: set PREFECT_API_URL (or --api) to the server's API, e.g. http://127.0.0.1:4200/api")
-    with _friendly_errors():
-        process = deploy.start_worker(pool, api)
-    console.print(f"worker for pool '{pool}' started against {api} (Ctrl-C stops it)")
-    _wait_forever(process)
+    with deploy.ProcessSupervisor() as supervisor:
+        try:
+            process = deploy.start_worker(pool, api, supervisor=supervisor)
+            console.print(f"worker for pool '{pool}' started against {api} (Ctrl-C or SIGTERM stops it)")
+            code = supervisor.wait(process)
+        except deploy.StopRequested:
+            code = 0
+    raise typer.Exit(code)
+
+
+def _code_commands() -> None:
+    from prefloop.cli_code import code_app
+
+    app.add_typer(code_app, name="code")
+
+
+_code_commands()
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from prefloop.errors import UserError
 from prefloop.lazy import deferred_import
 
 if TYPE_CHECKING:
@@ -76,8 +77,12 @@ def completion_logprobs(
 ) -> torch.Tensor:
     """Σ_t log π(x_t | x_<t) over the completion tokens of each row (shape [batch]).
 
-    Differentiable; wrap in ``torch.no_grad()`` for scoring.
+    Differentiable; wrap in ``torch.no_grad()`` for scoring. The tensors are moved to the model's device
+    (``pad_right`` builds them on the CPU; on the CPU the move is a no-op).
     """
+    device = model.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    completion_mask = completion_mask.to(device)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     targets = input_ids[:, 1:].unsqueeze(-1)
     token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
@@ -154,7 +159,7 @@ def encode_examples(
         token_ids, prompt_length = encode_completion(tokenizer, prompt, completion, append_eos=True)
         if max_length is not None and len(token_ids) > max_length:
             if prompt_length >= max_length:
-                raise ValueError(
+                raise UserError(
                     f"example {index}: its prompt alone has {prompt_length} tokens but max_length is {max_length}, "
                     "so no completion token would be trained: raise max_length or drop such prompts"
                 )
@@ -368,8 +373,15 @@ def completion_logps_and_kl(
 def logps_and_kl_to_reference(
     policy: PreTrainedModel, reference: PreTrainedModel, batch: Batch
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Policy sequence log-probs and Σ_t KL(π_ref‖π) over each completion (for TDPO): one forward of each."""
-    logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    """Policy sequence log-probs and Σ_t KL(π_ref‖π) over each completion (for TDPO): one forward of each.
+
+    ``collate`` builds the batch on the CPU: each model gets it on its own device, and the results are on
+    the policy's (on the CPU every move is a no-op).
+    """
+    device = policy.device
+    input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits
     with torch.no_grad():
-        reference_logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return completion_logps_and_kl(logits, reference_logits, batch.input_ids, batch.completion_mask)
+        reference_logits = reference(input_ids=batch.input_ids.to(reference.device),
+                                     attention_mask=batch.attention_mask.to(reference.device)).logits
+    return completion_logps_and_kl(logits, reference_logits.to(device), input_ids, batch.completion_mask.to(device))

@@ -235,8 +235,10 @@ def run_stage_deployment(stage: str, inputs: Mapping[str, str], config: Mapping[
     if result is None:
         raise StageDispatchError(
             f"stage '{spec.name}' completed on the '{spec.pool}' pool (flow run '{flow_run.name}') but its output is not "
-            f"in the store {store}: the worker must write to the same store as this flow — use a shared path or an "
-            "object-store URI (s3://, gs://) that both can reach.")
+            f"in the store {store}. Either the worker writes to another store — use a shared path or an object-store "
+            "URI (s3://, gs://) that both can reach — or it runs other prefloop code than this flow (an artifact id "
+            "includes the fingerprint of the code that computes it: 'prefloop code show' on both sides must agree); "
+            "install the same version on the workers.")
     _logger().info("%s -> %s (computed on the '%s' pool in %.1fs)", spec.name, name or result.output, spec.pool,
                    time.perf_counter() - started)
     return result.model_copy(update={"cached": False, "seconds": time.perf_counter() - started})

@@ -17,7 +17,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from prefloop.code_identity import CodeIdentity, code_identity, fingerprint_for_ids
 from prefloop.datasets_spec import (
     DROPS,
     ContractError,
@@ -35,6 +36,7 @@ from prefloop.datasets_spec import (
     check_rows,
     run_suite,
 )
+from prefloop.errors import UserError
 from prefloop.storage import ArtifactExistsError, ArtifactRef, ArtifactStore, StoreError, fingerprint
 
 logger = logging.getLogger("prefloop")
@@ -66,6 +68,15 @@ class StageSpec:
     # Called with the store and the result once the output is in the store (computed or found), e.g. to
     # remove a training stage's checkpoints, which the published model supersedes.
     after_publish: Callable[[ArtifactStore, StageResult], None] | None = None
+    # The module that holds the stage (the registry fills it in): its code, and the project code it
+    # imports, is part of every output id (prefloop.code_identity).
+    module: str = ""
+    # Code the stage picks at run time from its config (a labeler, a plugin): modules or functions
+    # whose code joins the output id too.
+    code_dependencies: Callable[[Any], Iterable[Any]] | None = None
+    # Refuse to publish a table with no rows left (an import whose every source row was bad): the
+    # error lists the drop reasons, and nothing is written.
+    refuse_empty_output: bool = False
 
 
 @dataclass
@@ -193,9 +204,32 @@ def parse_config(spec: StageSpec, config: StageConfig | Mapping[str, Any] | None
         ) from None
 
 
-def output_ref(spec: StageSpec, inputs: Mapping[str, ArtifactRef], config: StageConfig) -> ArtifactRef:
-    artifact_id = fingerprint(spec.name, spec.version, config, {r: str(ref) for r, ref in inputs.items()})
-    return ArtifactRef(spec.output_kind, artifact_id)
+@dataclass(frozen=True)
+class OutputIdentity:
+    """A stage run's output ref, known before any work, and the code identity it was made with."""
+
+    ref: ArtifactRef
+    code: CodeIdentity
+    code_used: str  # the fingerprint in the id: the code's own, or an earlier one it reuses by record
+
+    def manifest_record(self) -> dict[str, Any]:
+        return self.code.manifest_record(self.code_used)
+
+
+def output_identity(spec: StageSpec, inputs: Mapping[str, ArtifactRef], config: StageConfig,
+                    store: ArtifactStore | None = None,
+                    compute: Callable[[StageContext], StageOutput] | None = None) -> OutputIdentity:
+    """The output's ref: a hash of the stage, its config, its inputs' ids and its code fingerprint."""
+    module = spec.module or (compute.__module__ if compute is not None else "")
+    code = code_identity(spec, config, module, compute)
+    used = fingerprint_for_ids(store, spec.name, code.fingerprint)
+    artifact_id = fingerprint(spec.name, spec.version, config, {r: str(ref) for r, ref in inputs.items()}, code=used)
+    return OutputIdentity(ArtifactRef(spec.output_kind, artifact_id), code, used)
+
+
+def output_ref(spec: StageSpec, inputs: Mapping[str, ArtifactRef], config: StageConfig,
+               store: ArtifactStore | None = None) -> ArtifactRef:
+    return output_identity(spec, inputs, config, store).ref
 
 
 def lookup(spec: StageSpec, inputs: Mapping[str, ArtifactRef | str], config: StageConfig | Mapping[str, Any] | None,
@@ -204,13 +238,15 @@ def lookup(spec: StageSpec, inputs: Mapping[str, ArtifactRef | str], config: Sta
     None — without running anything. Inputs and config are checked as :func:`execute` checks them."""
     started = time.perf_counter()
     parsed = parse_config(spec, config)
-    ref = output_ref(spec, resolve_inputs(spec, inputs, store), parsed)
+    ref = output_ref(spec, resolve_inputs(spec, inputs, store), parsed, store)
     return _found(spec, store, ref, name, started)
 
 
 def _found(spec: StageSpec, store: ArtifactStore, ref: ArtifactRef, name: str | None, started: float) -> StageResult | None:
     if not store.exists(ref):
         return None
+    # Found: mark it used now, so a concurrent gc's grace period covers it until its ref is set.
+    store.touch(ref)
     manifest = store.read_manifest(ref)
     if name:
         store.set_ref(name, ref, note=f"{spec.name} (cached)")
@@ -231,9 +267,12 @@ def execute(
 ) -> StageResult:
     """Run one stage, or look up its output if this exact stage already ran."""
     started = time.perf_counter()
+    if name:
+        store.check_ref_name(name)  # a bad output name fails before any work, not after the publish
     parsed = parse_config(spec, config)
     resolved = resolve_inputs(spec, inputs, store)
-    ref = output_ref(spec, resolved, parsed)
+    identity = output_identity(spec, resolved, parsed, store, compute)
+    ref = identity.ref
     found = _found(spec, store, ref, name, started)
     if found is not None:
         if spec.after_publish is not None:
@@ -242,7 +281,7 @@ def execute(
     context = StageContext(spec=spec, config=parsed, inputs=resolved, store=store, output_id=ref.id)
     output = compute(context)
     try:
-        manifest = _write(spec, parsed, resolved, store, ref, output)
+        manifest = _write(spec, parsed, resolved, store, identity, output)
     finally:
         if output.files_dir is not None and output.remove_files_dir:
             shutil.rmtree(output.files_dir, ignore_errors=True)
@@ -259,7 +298,7 @@ def execute(
 
 
 def _write(spec: StageSpec, config: StageConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
-           ref: ArtifactRef, output: StageOutput):
+           identity: OutputIdentity, output: StageOutput):
     """Apply each table's contract and publish the artifact.
 
     Row rules run first (the kept rows are what gets written); the great-expectations suite then
@@ -284,21 +323,26 @@ def _write(spec: StageSpec, config: StageConfig, inputs: dict[str, ArtifactRef],
     if output.drops is not None and output.drops.num_rows:
         drop_tables.insert(0, output.drops.select(DROPS.column_names).cast(DROPS.schema))
     drop_counts = dict(Counter(r for t in drop_tables for r in t.column("reason").to_pylist()))
+    if spec.refuse_empty_output and spec.output_table is not None and checked[0][2].kept.num_rows == 0:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(drop_counts.items()))
+        raise UserError(f"stage '{spec.name}': no row is left to publish ({reasons or 'the input has no rows'}), so "
+                        "nothing was written; fix the source (see the reasons) and run it again")
 
     try:
-        return _publish(spec, config, inputs, store, ref, output, checked, drop_tables, drop_counts)
+        return _publish(spec, config, inputs, store, identity, output, checked, drop_tables, drop_counts)
     except ArtifactExistsError:
         # A concurrent run of the same stage published first: same id, same content, so its
         # artifact stands and this write is a no-op.
-        return store.read_manifest(ref)
+        return store.read_manifest(identity.ref)
 
 
 def _publish(spec: StageSpec, config: StageConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
-             ref: ArtifactRef, output: StageOutput, checked: list, drop_tables: list[pa.Table],
+             identity: OutputIdentity, output: StageOutput, checked: list, drop_tables: list[pa.Table],
              drop_counts: dict[str, int]):
     """Write the tables and files while the suites run; commit only when every suite passed."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefloop-suite") as pool:
         suites = [pool.submit(run_suite, result.kept, table_spec) for _, table_spec, result, _ in checked]
+        ref = identity.ref
         with store.writer(ref.kind, ref.id) as writer:
             for name, table_spec, result, _ in checked:
                 writer.write_table(result.kept, name, table_spec.schema_id, table_spec.version)
@@ -318,4 +362,5 @@ def _publish(spec: StageSpec, config: StageConfig, inputs: dict[str, ArtifactRef
                 metrics=output.metrics,
                 validation=validation,
                 drops=drop_counts,
+                code=identity.manifest_record(),
             )

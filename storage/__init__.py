@@ -1,6 +1,7 @@
 """Immutable, content-addressed artifact store (Parquet + manifest), refs and lineage."""
 
 from prefloop.storage.fingerprint import UnhashableConfigError, canonical_json, fingerprint
+from prefloop.storage.gc import Removal
 from prefloop.storage.store import (
     DEFAULT_STORE,
     MAIN_TABLE,
@@ -10,6 +11,7 @@ from prefloop.storage.store import (
     ArtifactStore,
     ArtifactWriter,
     Manifest,
+    PublishError,
     StoreError,
     TamperedArtifactError,
     open_store,
@@ -24,6 +26,8 @@ __all__ = [
     "ArtifactStore",
     "ArtifactWriter",
     "Manifest",
+    "PublishError",
+    "Removal",
     "StoreError",
     "TamperedArtifactError",
     "UnhashableConfigError",

@@ -1,7 +1,8 @@
 """Content identity of artifacts.
 
 An artifact's id is known before the stage that makes it runs: it is a hash over the stage's
-name and version, its full config (every default included), its seed and the ids of its inputs.
+name and version, its full config (every default included), its seed, the ids of its inputs and
+the fingerprint of the code that computes it (:mod:`prefloop.code_identity`).
 Like HF ``datasets`` fingerprints it forms a hash chain — an input's id already hashes that
 input's own lineage — so two runs with the same chain share every artifact.
 """
@@ -49,13 +50,15 @@ def canonical_json(value: Any) -> str:
     return json.dumps(_canonical(value, "config"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def fingerprint(stage: str, version: str, config: Any, inputs: Mapping[str, str]) -> str:
-    """Hash of (stage@version, canonical config, sorted role=input-id pairs)."""
+def fingerprint(stage: str, version: str, config: Any, inputs: Mapping[str, str], code: str | None = None) -> str:
+    """Hash of (stage@version, canonical config, sorted role=input-id pairs, code fingerprint)."""
     payload = {
         "stage": stage,
         "version": str(version),
         "config": _canonical(config, "config"),
         "inputs": {role: inputs[role] for role in sorted(inputs)},
     }
+    if code is not None:
+        payload["code"] = code
     digest = hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
     return digest[:ID_LENGTH]

@@ -6,6 +6,7 @@ Layout under the root (a local path, ``file://``, ``memory://``, ``s3://`` …):
     artifacts/<kind>/<id>/data/part-00000.parquet   the artifact's main table (zstd)
     artifacts/<kind>/<id>/<table>/part-*.parquet    further tables (e.g. ``drops``)
     artifacts/<kind>/<id>/files/...             plain files (model weights, tokenizer)
+    checkpoints/<run>/step-<k>/                 a training run's checkpoints, same protocol
     refs/<name>.json                            human name -> artifact, with the log of moves
     tmp/<id>-<nonce>/                           writes in progress (ignored, cleaned by gc)
 
@@ -14,14 +15,23 @@ On a local filesystem a write goes to ``tmp/`` and is published with one atomic 
 object stores, which have no directory rename, files land in place and the manifest, written
 last, publishes them. Either way a write killed midway leaves nothing a reader can see.
 
-Over 400 lines: the writer (staging, checksums, the publish protocol), the verified read path, refs
-with their log and gc are one consistency protocol over one layout; they change together, so they
-stay in one module.
+Publish tells the truth: the only failure a writer swallows is a lost race, i.e. the target id
+already holds a valid manifest (ids are content addresses, so it holds what this write would
+have). Anything else — permission denied, disk full, a read-only or vanished directory, a target
+directory without a valid manifest — raises :class:`PublishError` naming the artifact, the path,
+the OS error and the fix, after removing the writer's own staging directory. Training checkpoints
+(``area="checkpoints"``) go through the same writer, so there is one publish protocol.
+
+Over 400 lines: the writer (staging, checksums, the publish protocol), the verified read path and
+refs with their log are one consistency protocol over one layout; they change together, so they
+stay in one module. What gc may remove, and how it stays safe next to running stages, is
+``prefloop.storage.gc``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -33,7 +43,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,10 +52,20 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field
 
 from prefloop import __version__ as CODE_VERSION
+from prefloop.errors import UserError
+
+if TYPE_CHECKING:
+    from prefloop.storage.gc import Removal
 
 DEFAULT_STORE = "./.prefloop/store"
 MAIN_TABLE = "data"
 ROWS_PER_PART = 1_000_000
+ARTIFACTS = "artifacts"
+CHECKPOINTS = "checkpoints"
+AREAS = (ARTIFACTS, CHECKPOINTS)
+# gc never removes an artifact, staging directory or checkpoint younger than this: another process
+# may have published it and not yet pointed its ref at it (see prefloop.storage.gc).
+DEFAULT_GC_GRACE_S = 15 * 60.0
 
 
 class StoreError(Exception):
@@ -64,6 +84,32 @@ class ArtifactExistsError(StoreError):
     pass
 
 
+class PublishError(StoreError):
+    """Writing or publishing an artifact failed for a reason other than a lost race; nothing was
+    published and the writer's staging directory is gone."""
+
+
+def _advice(error: OSError) -> str:
+    """How to fix the usual reasons a write into the store fails."""
+    code = error.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return ("the disk or quota holding the store is full: free space (e.g. 'prefloop gc'), or point "
+                "PREFLOOP_STORE / --store at a larger disk, then rerun")
+    if code in (errno.EACCES, errno.EPERM):
+        return "this user may not write there: fix the store directory's permissions or owner, then rerun"
+    if code == errno.EROFS:
+        return "the store is on a read-only filesystem: point PREFLOOP_STORE / --store at a writable directory"
+    if code == errno.ENOENT:
+        return ("a directory of the store vanished during the write (removed by hand or another tool?): "
+                "check that the store root exists, then rerun")
+    return "check the filesystem holding the store (space, permissions, mount), then rerun"
+
+
+def _describe(error: OSError) -> str:
+    name = errno.errorcode.get(error.errno or 0, "")
+    return f"{error.strerror or error}" + (f" [{name}]" if name else "")
+
+
 @dataclass(frozen=True, order=True)
 class ArtifactRef:
     """A reference to one artifact: its kind and content id. Printed as ``kind/id``."""
@@ -78,7 +124,7 @@ class ArtifactRef:
     def parse(cls, text: str) -> ArtifactRef:
         kind, _, artifact_id = text.partition("/")
         if not kind or not artifact_id or "/" in artifact_id:
-            raise ValueError(f"'{text}' is not an artifact reference of the form kind/id")
+            raise UserError(f"'{text}' is not an artifact reference of the form kind/id")
         return cls(kind, artifact_id)
 
 
@@ -106,6 +152,9 @@ class Manifest(BaseModel):
     seed: int | None = None
     inputs: dict[str, str] = Field(default_factory=dict, description="role -> kind/id (lineage)")
     code_version: str = CODE_VERSION
+    code: dict[str, Any] = Field(
+        default_factory=dict, description="code identity: fingerprint, the one the id used, module digests"
+    )
     created_at: str
     schema_id: str | None = None
     schema_version: int | None = None
@@ -116,6 +165,8 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     validation: dict[str, Any] = Field(default_factory=dict)
     drops: dict[str, int] = Field(default_factory=dict, description="reason -> rows dropped")
+    code: dict[str, Any] = Field(default_factory=dict, description="the code fingerprint of the stage that made it, "
+                                 "the one its id used, and the module hashes it is made of")
 
     @property
     def ref(self) -> ArtifactRef:
@@ -134,27 +185,51 @@ class ArtifactWriter:
     """Collects the tables and files of one artifact, then publishes them atomically.
 
     Use through :meth:`ArtifactStore.writer`; nothing is visible to readers before
-    :meth:`commit` returns.
+    :meth:`commit` returns. ``area`` is ``artifacts`` (``kind``/``id``) or ``checkpoints`` (there
+    ``kind`` is the training run, i.e. its output id, and ``id`` the step directory).
     """
 
-    def __init__(self, store: ArtifactStore, kind: str, artifact_id: str):
+    def __init__(self, store: ArtifactStore, kind: str, artifact_id: str, area: str = ARTIFACTS):
+        if area not in AREAS:
+            raise ValueError(f"unknown store area '{area}': use one of {', '.join(AREAS)}")
         self.store = store
         self.kind = kind
         self.id = artifact_id
+        self.area = area
         self._local = isinstance(store.fs, LocalFileSystem)
-        final = store._artifact_dir(ArtifactRef(kind, artifact_id))
+        self.final = store._dir(area, kind, artifact_id)
         self.staging = (
-            f"{store.base}/tmp/{artifact_id}-{uuid.uuid4().hex[:8]}" if self._local else final
+            f"{store.base}/tmp/{artifact_id}-{uuid.uuid4().hex[:8]}" if self._local else self.final
         )
         self.tables: dict[str, TableEntry] = {}
         self.files: list[FileEntry] = []
         self.committed: Manifest | None = None
+        self._closed = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}/{self.id}" if self.area == ARTIFACTS else f"{self.area}/{self.kind}/{self.id}"
+
+    def _fail(self, what: str, path: str, error: OSError) -> NoReturn:
+        """Remove this write's staging directory, then raise what failed, where, why and the fix."""
+        self.abort()
+        left = ("this write's staging directory was removed" if self._local else
+                "the files written so far have no manifest, so no reader sees them ('prefloop gc' removes them)")
+        raise PublishError(
+            f"{what} for {self.label} failed at {path}: {_describe(error)}. Nothing was published and "
+            f"{left}; {_advice(error)}"
+        ) from error
 
     def _put(self, relpath: str, data: bytes) -> FileEntry:
+        if self._closed:
+            raise StoreError(f"the writer for {self.label} is closed (committed or aborted); open a new one")
         path = f"{self.staging}/{relpath}"
-        self.store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with self.store.fs.open(path, "wb") as handle:
-            handle.write(data)
+        try:
+            self.store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            with self.store.fs.open(path, "wb") as handle:
+                handle.write(data)
+        except OSError as error:
+            self._fail(f"writing '{relpath}'", path, error)
         return FileEntry(path=relpath, sha256=_sha256(data), bytes=len(data))
 
     def write_table(
@@ -178,9 +253,9 @@ class ArtifactWriter:
         self.tables[name] = entry
         return entry
 
-    def add_file(self, relpath: str, data: bytes) -> FileEntry:
-        """Add a plain file (model weights, tokenizer, report) under ``files/``."""
-        entry = self._put(f"files/{relpath}", data)
+    def add_file(self, relpath: str, data: bytes, folder: str = "files") -> FileEntry:
+        """Add a plain file (model weights, tokenizer, report) under ``folder`` (``""``: the top)."""
+        entry = self._put(f"{folder}/{relpath}" if folder else relpath, data)
         self.files.append(entry)
         return entry
 
@@ -192,8 +267,11 @@ class ArtifactWriter:
         return added
 
     def commit(self, **manifest_fields: Any) -> Manifest:
-        """Write the manifest last and publish. If another writer published the same id first,
-        this write is discarded: ids are content addresses, so both hold the same thing."""
+        """Write the manifest last and publish; return the published manifest.
+
+        If another writer published the same id first (its manifest is there and valid), this
+        write is discarded and theirs is returned: ids are content addresses, so both hold the same
+        thing. Any other failure raises :class:`PublishError` and leaves no staging directory."""
         main = self.tables.get(MAIN_TABLE)
         all_files = [f for t in self.tables.values() for f in t.files] + self.files
         manifest = Manifest(
@@ -209,19 +287,45 @@ class ArtifactWriter:
             **manifest_fields,
         )
         body = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True).encode("utf-8")
+        if not self._local:
+            existing = self.store._valid_manifest(self.area, self.kind, self.id)
+            if existing is not None:
+                # Published by another writer while this one wrote the same files in place: keep its
+                # manifest rather than overwrite it. A race between this check and the write below is
+                # harmless: same id = same inputs, config and code, so both manifests list the same
+                # bytes; were a stage ever not deterministic, the checksums would refuse the mixture
+                # on read (a loud error, never a wrong hit).
+                return self._finish(existing)
+            self._put("manifest.json", body)
+            return self._finish(manifest)
         self._put("manifest.json", body)
-        if self._local:
-            final = self.store._artifact_dir(manifest.ref)
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            try:
-                os.rename(self.staging, final)
-            except OSError:
-                # Lost a race to a concurrent writer of the same content: keep theirs.
-                shutil.rmtree(self.staging, ignore_errors=True)
+        try:
+            os.makedirs(os.path.dirname(self.final), exist_ok=True)
+            os.rename(self.staging, self.final)
+        except OSError as error:
+            existing = self.store._valid_manifest(self.area, self.kind, self.id)
+            if existing is None:
+                if os.path.isdir(self.final):
+                    self.abort()
+                    raise PublishError(
+                        f"cannot publish {self.label}: {self.final} already exists but holds no valid "
+                        f"manifest ({_describe(error)}), so it is a damaged or half-removed write that no "
+                        "reader trusts. Delete that directory and rerun; nothing was published"
+                    ) from error
+                self._fail("publishing (renaming the staging directory into place)", self.final, error)
+            # Lost a race to a concurrent writer of the same id: keep theirs, drop ours.
+            self.abort()
+            return self._finish(existing)
+        return self._finish(manifest)
+
+    def _finish(self, manifest: Manifest) -> Manifest:
         self.committed = manifest
+        self._closed = True
         return manifest
 
     def abort(self) -> None:
+        """Discard this write: its staging directory is removed (object stores: nothing was visible)."""
+        self._closed = True
         if self._local:
             shutil.rmtree(self.staging, ignore_errors=True)
 
@@ -247,25 +351,29 @@ class ArtifactStore:
         return self.root
 
     # -- paths ---------------------------------------------------------------------------------
+    def _dir(self, area: str, kind: str, artifact_id: str) -> str:
+        return f"{self.base}/{area}/{kind}/{artifact_id}"
+
     def _artifact_dir(self, ref: ArtifactRef) -> str:
-        return f"{self.base}/artifacts/{ref.kind}/{ref.id}"
+        return self._dir(ARTIFACTS, ref.kind, ref.id)
 
     def _ref_path(self, name: str) -> str:
         return f"{self.base}/refs/{name}.json"
 
     # -- writing -------------------------------------------------------------------------------
-    def exists(self, ref: ArtifactRef) -> bool:
-        return self.fs.exists(f"{self._artifact_dir(ref)}/manifest.json")
+    def exists(self, ref: ArtifactRef, area: str = ARTIFACTS) -> bool:
+        return self.fs.exists(f"{self._dir(area, ref.kind, ref.id)}/manifest.json")
 
     @contextlib.contextmanager
-    def writer(self, kind: str, artifact_id: str) -> Iterator[ArtifactWriter]:
-        """Open a writer for a new artifact. An exception inside the block discards the write."""
-        if self.exists(ArtifactRef(kind, artifact_id)):
+    def writer(self, kind: str, artifact_id: str, area: str = ARTIFACTS) -> Iterator[ArtifactWriter]:
+        """Open a writer for a new artifact (or checkpoint: ``area="checkpoints"``). An exception
+        inside the block discards the write."""
+        if self.exists(ArtifactRef(kind, artifact_id), area):
             raise ArtifactExistsError(
-                f"artifact {kind}/{artifact_id} already exists and artifacts are immutable; "
+                f"{area[:-1]} {kind}/{artifact_id} already exists and artifacts are immutable; "
                 "check store.exists(ref) first (a stage re-run with the same inputs is a lookup)"
             )
-        writer = ArtifactWriter(self, kind, artifact_id)
+        writer = ArtifactWriter(self, kind, artifact_id, area)
         try:
             yield writer
         except BaseException:
@@ -276,16 +384,44 @@ class ArtifactStore:
             raise StoreError(f"writer for {kind}/{artifact_id} closed without commit(); nothing was published")
 
     # -- reading -------------------------------------------------------------------------------
-    def read_manifest(self, ref: ArtifactRef) -> Manifest:
-        path = f"{self._artifact_dir(ref)}/manifest.json"
+    def read_manifest(self, ref: ArtifactRef, area: str = ARTIFACTS) -> Manifest:
+        path = f"{self._dir(area, ref.kind, ref.id)}/manifest.json"
         try:
             with self.fs.open(path, "rb") as handle:
-                data = json.loads(handle.read())
+                raw = handle.read()
         except FileNotFoundError:
             raise ArtifactNotFoundError(
-                f"artifact {ref} is not in the store at {self.root}: run 'prefloop ls' to see what is there"
+                f"{area[:-1]} {ref} is not in the store at {self.root}: run 'prefloop ls' to see what is there"
             ) from None
-        return Manifest.model_validate(data)
+        try:
+            manifest = Manifest.model_validate(json.loads(raw))
+        except ValueError as error:  # not JSON, or not a manifest
+            raise TamperedArtifactError(
+                f"{area[:-1]} {ref} is damaged: {path} is not a valid manifest ({str(error).splitlines()[0]}); "
+                "nothing in it can be trusted — delete its directory and re-run the stage that made it"
+            ) from None
+        if (manifest.kind, manifest.id) != (ref.kind, ref.id):
+            raise TamperedArtifactError(
+                f"{area[:-1]} {ref} is damaged: its manifest at {path} describes {manifest.ref}; delete its "
+                "directory and re-run the stage that made it"
+            )
+        return manifest
+
+    def _valid_manifest(self, area: str, kind: str, artifact_id: str) -> Manifest | None:
+        """The manifest at that place if it is there and valid, else None (a lost race needs one)."""
+        try:
+            return self.read_manifest(ArtifactRef(kind, artifact_id), area)
+        except (StoreError, OSError):
+            return None
+
+    def touch(self, ref: ArtifactRef) -> None:
+        """Mark an artifact as just used (its manifest's mtime), so gc's grace period protects an old,
+        unreferenced artifact that a run has just looked up and is about to point a ref at. Local
+        stores only: object stores cannot change a file's time without rewriting it."""
+        if isinstance(self.fs, LocalFileSystem):
+            now = time.time()
+            with contextlib.suppress(OSError):  # a read-only store has no gc running against it
+                os.utime(f"{self._artifact_dir(ref)}/manifest.json", (now, now))
 
     def _read_verified(self, ref: ArtifactRef, entry: FileEntry) -> bytes:
         path = f"{self._artifact_dir(ref)}/{entry.path}"
@@ -380,6 +516,11 @@ class ArtifactStore:
 
     # -- refs ----------------------------------------------------------------------------------
     @staticmethod
+    def check_ref_name(name: str) -> None:
+        """Refuse a ref name that is empty, has '.'/'..' parts or ends in '.json' (it must stay inside refs/)."""
+        ArtifactStore._check_ref_name(name)
+
+    @staticmethod
     def _check_ref_name(name: str) -> None:
         parts = name.split("/")
         if not name or any(p in ("", ".", "..") for p in parts) or name.endswith(".json"):
@@ -410,11 +551,19 @@ class ArtifactStore:
             self.fs.pipe_file(path, body)
 
     def _read_ref_doc(self, name: str) -> dict[str, Any] | None:
+        path = self._ref_path(name)
         try:
-            with self.fs.open(self._ref_path(name), "rb") as handle:
-                return json.loads(handle.read())
+            with self.fs.open(path, "rb") as handle:
+                doc = json.loads(handle.read())
+            ArtifactRef.parse(doc["target"])
+            return doc
         except FileNotFoundError:
             return None
+        except (ValueError, KeyError, TypeError) as error:
+            raise StoreError(
+                f"ref '{name}' is damaged: {path} is not a valid ref file ({error}); restore it from a "
+                "backup or delete it (and point the name again with a run or 'prefloop stage --name')"
+            ) from None
 
     def ref_log(self, name: str) -> list[dict[str, Any]]:
         doc = self._read_ref_doc(name)
@@ -473,6 +622,7 @@ class ArtifactStore:
         }
 
     def reachable(self) -> set[ArtifactRef]:
+        """Artifacts the current refs reach through lineage (earlier targets in ref logs are not kept)."""
         seen: set[ArtifactRef] = set()
         stack = list(self.refs().values())
         while stack:
@@ -483,25 +633,13 @@ class ArtifactStore:
             stack.extend(ArtifactRef.parse(t) for t in self.read_manifest(ref).inputs.values())
         return seen
 
-    def gc(self, dry_run: bool = False, tmp_older_than_s: float = 3600.0) -> list[str]:
-        """Remove artifacts no ref reaches (through lineage) and stale temporary writes."""
-        keep = self.reachable()
-        removed = [str(r) for r in self.list() if r not in keep]
-        tmp = f"{self.base}/tmp"
-        stale = []
-        if self.fs.exists(tmp):
-            for path in self.fs.ls(tmp, detail=True):
-                modified = path.get("mtime") or path.get("created") or 0
-                if hasattr(modified, "timestamp"):
-                    modified = modified.timestamp()
-                if time.time() - float(modified) > tmp_older_than_s:
-                    stale.append(path["name"])
-        if not dry_run:
-            for text in removed:
-                self.fs.rm(self._artifact_dir(ArtifactRef.parse(text)), recursive=True)
-            for path in stale:
-                self.fs.rm(path, recursive=True)
-        return removed + [f"tmp/{p.rstrip('/').rsplit('/', 1)[-1]}" for p in stale]
+    def gc(self, dry_run: bool = False, grace_s: float = DEFAULT_GC_GRACE_S) -> list[Removal]:
+        """Remove what no current ref reaches, abandoned writes and abandoned checkpoints, sparing
+        anything younger than ``grace_s``; return what was (``dry_run``: would be) removed, with sizes.
+        See :mod:`prefloop.storage.gc` for the rules."""
+        from prefloop.storage.gc import collect
+
+        return collect(self, dry_run=dry_run, grace_s=grace_s)
 
 
 def open_store(root: str | os.PathLike[str] | None = None) -> ArtifactStore:
@@ -516,6 +654,7 @@ __all__ = [
     "ArtifactWriter",
     "FileEntry",
     "Manifest",
+    "PublishError",
     "StoreError",
     "TableEntry",
     "TamperedArtifactError",

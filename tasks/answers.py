@@ -40,6 +40,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prefloop.errors import UserError
+
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
 
 
@@ -56,13 +58,13 @@ class AnswerExtraction(BaseModel):
     def _check(self) -> AnswerExtraction:
         if self.kind == "regex":
             if not self.pattern:
-                raise ValueError("extract kind 'regex' needs a 'pattern', e.g. pattern: 'final answer is (\\S+)'")
+                raise UserError("extract kind 'regex' needs a 'pattern', e.g. pattern: 'final answer is (\\S+)'")
             try:
                 re.compile(self.pattern)
             except re.error as error:
-                raise ValueError(f"extract pattern {self.pattern!r} is not a valid regular expression: {error}") from None
+                raise UserError(f"extract pattern {self.pattern!r} is not a valid regular expression: {error}") from None
         if self.kind == "answer_line" and not self.prefix:
-            raise ValueError("extract kind 'answer_line' needs a non-empty 'prefix' (e.g. 'Answer:')")
+            raise UserError("extract kind 'answer_line' needs a non-empty 'prefix' (e.g. 'Answer:')")
         return self
 
 
@@ -230,7 +232,7 @@ def resolve_task(task: str | TaskDefinition) -> TaskDefinition:
     if isinstance(task, TaskDefinition):
         return task
     if task not in TASKS:
-        raise ValueError(f"unknown task '{task}': presets are {', '.join(sorted(TASKS))}, or give a definition "
+        raise UserError(f"unknown task '{task}': presets are {', '.join(sorted(TASKS))}, or give a definition "
                          "with name, extract {kind: last_number|boxed|answer_line|regex|full_text} and "
                          "check {kind: exact|numeric|math_verify}")
     return TASKS[task]

@@ -40,7 +40,8 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefloop.datasets_spec import LABELS, PREFERENCES, SAMPLES, make_drops
-from prefloop.stage import StageConfig, StageContext, StageOutput
+from prefloop.errors import UserError
+from prefloop.stage import StageConfig, StageContext, StageInputError, StageOutput
 from prefloop.tasks.common.ids import pair_id
 from prefloop.tasks.registry import stage_spec
 
@@ -97,15 +98,25 @@ class Candidate:
 
 
 def _scores(labels: pa.Table, labeler: str | None) -> dict[str, float]:
+    """Each sample's score from ``labeler`` (the only labeler present when None); one label per sample."""
     names = sorted(set(labels.column("labeler").to_pylist()))
     if labeler is None:
         if len(names) > 1:
-            raise ValueError(f"labels come from several labelers {names}: set 'labeler' in the construct config")
+            raise StageInputError(f"labels come from several labelers {names}: set 'labeler' in the construct config")
         labeler = names[0] if names else None
     elif labeler not in names:
-        raise ValueError(f"no labels from labeler '{labeler}' (present: {names}); set 'labeler' to one of them")
+        raise StageInputError(f"no labels from labeler '{labeler}' (present: {names}); set 'labeler' to one of them")
     chosen = labels.filter(pc.equal(labels.column("labeler"), labeler)) if labeler else labels
-    return dict(zip(chosen.column("target_id").to_pylist(), chosen.column("score").to_pylist(), strict=True))
+    targets = chosen.column("target_id")
+    if pc.count_distinct(targets).as_py() != len(targets):
+        # Keeping one of several scores would pick a pair's winner by row order: refuse, as the filter does.
+        counts = pc.value_counts(targets)
+        twice = [v["values"] for v in counts.to_pylist() if v["counts"] > 1]
+        raise StageInputError(
+            f"labels has several scores by labeler '{labeler}' for the same sample ({len(twice)} sample(s), e.g. "
+            f"{twice[:3]}): keep one score per sample and labeler (give each labeler of an ensemble its own name, "
+            "or drop the repeated rows) and run construct again")
+    return dict(zip(targets.to_pylist(), chosen.column("score").to_pylist(), strict=True))
 
 
 def candidate_drop_reason(completion: str | None, finish_reason: str | None, score: float | None,
@@ -207,9 +218,9 @@ def rejection_sample(rewards: Sequence[float], num_accepted: int, beta: float, r
     accepted in its sweep, so every sweep accepts at least one; with N < M all N end up accepted.
     """
     if beta <= 0:
-        raise ValueError(f"RSO needs beta > 0, got {beta}")
+        raise UserError(f"RSO needs beta > 0, got {beta}")
     if any(not math.isfinite(r) for r in rewards):
-        raise ValueError("RSO got a non-finite reward: drop such candidates first (reason 'nonfinite_score')")
+        raise UserError("RSO got a non-finite reward: drop such candidates first (reason 'nonfinite_score')")
     pool = list(range(len(rewards)))
     accepted: list[int] = []
     while pool and len(accepted) < num_accepted:
@@ -242,7 +253,7 @@ def pair_accepted(accepted: Sequence[Candidate], pairing: str, rng: random.Rando
     elif pairing == "tournament":
         order = sorted(accepted, key=lambda c: -c.score)
     else:
-        raise ValueError(f"unknown RSO pairing '{pairing}'; valid: first_round, tournament")
+        raise UserError(f"unknown RSO pairing '{pairing}'; valid: first_round, tournament")
     pairs = []
     for a, b in zip(order[0::2], order[1::2], strict=False):
         high, low = (a, b) if a.score >= b.score else (b, a)

@@ -39,6 +39,7 @@ from pydantic import Field, field_validator, model_validator
 
 from prefloop.backends.base import Completion, GenerationParams
 from prefloop.datasets_spec import EVAL_RESULTS, METRICS, PREFERENCES, PROMPTS
+from prefloop.errors import UserError
 from prefloop.lazy import deferred_import
 from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
 from prefloop.storage import ArtifactRef
@@ -93,7 +94,7 @@ class EvaluationConfig(StageConfig):
     @model_validator(mode="after")
     def _check_pass_k(self) -> EvaluationConfig:
         if self.samples_per_prompt and any(k < 1 or k > self.samples_per_prompt for k in self.pass_k):
-            raise ValueError(
+            raise UserError(
                 f"pass_k {list(self.pass_k)} must lie in 1..samples_per_prompt ({self.samples_per_prompt}): "
                 "pass@k needs at least k samples per prompt; raise samples_per_prompt or drop the larger k")
         return self
@@ -193,7 +194,7 @@ def compute(ctx: StageContext) -> StageOutput:
     else:
         notes.append(NO_REWARD_MODEL)
         if config.win_judge == "reward_model":
-            raise ValueError("evaluate: win_judge is 'reward_model' but no reward model was given; pass the input "
+            raise UserError("evaluate: win_judge is 'reward_model' but no reward model was given; pass the input "
                              "reward_model=REF (a sequence-classification model artifact) or set win_judge: verifier")
 
     judged = rewards if config.win_judge == "reward_model" else [float(c) for c in correct]
@@ -296,7 +297,7 @@ def _judged_scores(ctx: StageContext, role: str, other: pa.Table, judge: str) ->
                 if c is not None}
     other_model = ctx.store.read_manifest(ctx.inputs[role]).inputs.get("reward_model")
     if "reward" not in other.column_names or other_model != str(ctx.inputs["reward_model"]):
-        raise ValueError(
+        raise UserError(
             f"evaluate: win_judge is 'reward_model' but the '{role}' evaluation ({ctx.inputs[role]}) was not scored "
             f"by the same reward model (it used {other_model or 'none'}); evaluate it again with "
             f"reward_model={ctx.inputs['reward_model']} or set win_judge: verifier")

@@ -34,6 +34,7 @@ from pydantic import Field, field_validator
 from prefloop.backends import BackendKind, load_backend
 from prefloop.backends.base import PolicyBackend, yes_probability
 from prefloop.datasets_spec import LABELS, PREFERENCES, make_drops
+from prefloop.errors import UserError
 from prefloop.ids import content_id
 from prefloop.stage import StageConfig, StageContext, StageOutput
 from prefloop.tasks.registry import stage_spec
@@ -56,7 +57,7 @@ class JudgeConfig(StageConfig):
     def _check_template(cls, template: str) -> str:
         missing = [f"{{{k}}}" for k in ("prompt", "answer_a", "answer_b") if f"{{{k}}}" not in template]
         if missing:
-            raise ValueError(f"the judge template lacks {', '.join(missing)}; it must place the prompt and both answers")
+            raise UserError(f"the judge template lacks {', '.join(missing)}; it must place the prompt and both answers")
         return template
 
 
@@ -141,7 +142,7 @@ def compute(ctx: StageContext) -> StageOutput:
     config: JudgeConfig = ctx.config
     pairs = ctx.read("preferences", PREFERENCES)
     if pairs.num_rows == 0:
-        raise ValueError(f"preferences {ctx.inputs['preferences']} is empty: there are no pairs to judge")
+        raise UserError(f"preferences {ctx.inputs['preferences']} is empty: there are no pairs to judge")
     backend = load_backend(config.backend, ctx.model_dir("judge"), ctx.inputs["judge"].id, config.batch_size)
     try:
         with ctx.progress(1, "judging") as advance:

@@ -29,6 +29,7 @@ import pyarrow as pa
 from pydantic import BaseModel, Field, ValidationError
 
 from prefloop.datasets_spec import DROPS, LABELS, PROMPTS, SAMPLES, make_drops
+from prefloop.errors import UserError
 from prefloop.ids import content_id
 from prefloop.stage import StageConfig, StageContext, StageInputError, StageOutput
 from prefloop.tasks.answers import TaskDefinition, resolve_task
@@ -108,11 +109,19 @@ VERIFIER = register_labeler(
 # ---------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------
+def labeler_code(config: LabelingConfig) -> list:
+    """The configured labeler's function: its code (a built-in module, or a user's plugin) is part of
+    the output id, so fixing a labeler invalidates its old labels."""
+    labeler = find_labeler(config.labeler)
+    return [labeler.label] if labeler is not None else []
+
+
 SPEC = stage_spec(
     "label",
     version="2",
     config_model=LabelingConfig,
     output_table=LABELS,
+    code_dependencies=labeler_code,
     description="Score every sample with a labeler (the task's verifier by default).",
 )
 
@@ -146,7 +155,7 @@ def compute(ctx: StageContext) -> StageOutput:
     batch = labeler.label(LabelRequest(samples=samples, prompts=prompts, config=config, settings=settings, ctx=ctx))
     reasons = Counter(reason for _, reason, _ in batch.dropped)
     if samples.num_rows and reasons.get("unknown_prompt_id") == samples.num_rows:
-        raise ValueError("none of the samples' prompt_ids is in the prompts artifact: were they sampled from other "
+        raise UserError("none of the samples' prompt_ids is in the prompts artifact: were they sampled from other "
                          "prompts? (imported prompts and samples share ids when their prompt texts are equal)")
     version = labeler.version + (f"/{resolve_task(config.task).version}" if labeler is VERIFIER else "")
     count = len(batch.target_ids)

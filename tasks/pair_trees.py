@@ -37,6 +37,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from prefloop.datasets_spec import PREFERENCES, TREES, make_drops
+from prefloop.errors import UserError
 from prefloop.stage import StageConfig, StageContext, StageOutput
 from prefloop.tasks.common.ids import pair_id
 from prefloop.tasks.common.search_trees import STEP_SEPARATOR, SearchTree, trees_from_table
@@ -97,7 +98,7 @@ def step_pairs(tree: SearchTree, rule: str = "committed_path", max_pairs: int = 
     elif rule == "all_expanded":
         parents = sorted((n.index for n in tree.nodes if n.children), key=lambda i: (tree.nodes[i].depth, i))
     else:
-        raise ValueError(f"unknown pairing rule '{rule}'; rules: committed_path, all_expanded")
+        raise UserError(f"unknown pairing rule '{rule}'; rules: committed_path, all_expanded")
     pairs = [pair for parent in parents if (pair := sibling_pair(tree, parent)) is not None]
     return pairs[:max_pairs]
 
@@ -111,7 +112,7 @@ def completion_text(tree: SearchTree, index: int, completion: str = "step") -> s
                            if tree.nodes[c].invalid_reason is None]:
             steps.append(max(children, key=lambda n: (n.visits, n.q_value, -n.child_index)).index)
     elif completion != "step":
-        raise ValueError(f"unknown completion '{completion}'; completions: step, to_leaf")
+        raise UserError(f"unknown completion '{completion}'; completions: step, to_leaf")
     return "".join(tree.nodes[i].step + ("" if tree.nodes[i].terminal else STEP_SEPARATOR) for i in steps)
 
 

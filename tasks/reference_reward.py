@@ -29,6 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from sacrebleu.metrics import BLEU, CHRF
 
+from prefloop.errors import UserError
 from prefloop.tasks.common.labelers import LabelBatch, Labeler, LabelRequest, register_labeler
 
 Metric = Literal["bleu", "chrf"]
@@ -79,7 +80,7 @@ def _label_with(metric: Metric):
             else:
                 kept.append((sample_id, prompt_id, completion, str(references[prompt_id])))
         if samples.num_rows and not kept:
-            raise ValueError(f"no sample has a reference to compare with: were they sampled from other prompts, or "
+            raise UserError(f"no sample has a reference to compare with: were they sampled from other prompts, or "
                              f"do the prompts lack '{settings.reference}'? (set settings.reference)")
         scores = reference_rewards([c for _, _, c, _ in kept], [r for _, _, _, r in kept], metric)
         for (sample_id, prompt_id, _, _), score in zip(kept, scores, strict=True):

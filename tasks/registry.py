@@ -115,7 +115,10 @@ STAGES: dict[str, StageEntry] = _entries(
         ConfigSection("prompts", "prompts sampled in rounds and held out for evaluation"))),
     # Not in the loop yet: a user's imported prompts get their held-out split here.
     StageEntry("split-prompts", "prefloop.tasks.split_prompts", output="prompts", inputs={"prompts": "prompts"}),
-    StageEntry("sft", "prefloop.tasks.training.sft", output="model", inputs={"prompts": "prompts"},
+    StageEntry("sft", "prefloop.tasks.training.sft", output="model",
+               inputs={"prompts": "prompts", "policy": "model", "demonstrations": "preferences",
+                       "demonstration_samples": "samples"},
+               optional_inputs=frozenset({"prompts", "policy", "demonstrations", "demonstration_samples"}),
                sections=(ConfigSection("sft"),), pool="gpu"),
     StageEntry("sample", "prefloop.tasks.sampling", output="samples",
                inputs={"policy": "model", "prompts": "prompts"},
@@ -191,7 +194,7 @@ def stage_spec(name: str, *, version: str, config_model: type[StageConfig], desc
     entry = stage_entry(name)
     return StageSpec(name=name, version=version, config_model=config_model, output_kind=entry.output,
                      inputs=dict(entry.inputs), output_table=output_table, optional_inputs=entry.optional_inputs,
-                     description=description, pool=entry.pool, **options)
+                     description=description, pool=entry.pool, module=entry.module, **options)
 
 
 def run_stage(stage: str, inputs: Mapping[str, ArtifactRef | str], config: StageConfig | Mapping[str, Any] | None,

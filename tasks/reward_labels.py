@@ -34,6 +34,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from prefloop.datasets_spec import LABELS, PREFERENCES, SAMPLES, make_drops
+from prefloop.errors import UserError
 from prefloop.ids import content_id
 from prefloop.stage import StageConfig, StageContext, StageOutput
 from prefloop.tasks.common.ensembles import Aggregation, aggregate_rewards, aggregation_name
@@ -92,14 +93,14 @@ def compute(ctx: StageContext) -> StageOutput:
 
     config: RewardLabelConfig = ctx.config
     if ctx.has("samples") == ctx.has("preferences"):
-        raise ValueError("label-rm scores either samples (--input samples=REF) or pairs (--input preferences=REF): "
+        raise UserError("label-rm scores either samples (--input samples=REF) or pairs (--input preferences=REF): "
                          "give exactly one of them")
     model_dir = ctx.model_dir("reward_model")
     model_id = ctx.inputs["reward_model"].id
     role = "samples" if ctx.has("samples") else "preferences"
     table = ctx.read(role, SAMPLES if role == "samples" else PREFERENCES)
     if table.num_rows == 0:
-        raise ValueError(f"{role} {ctx.inputs[role]} is empty: there is nothing to score")
+        raise UserError(f"{role} {ctx.inputs[role]} is empty: there is nothing to score")
     prompts = table.column("prompt").to_pylist()
     if role == "samples":
         kind, target_ids = "sample", table.column("sample_id").to_pylist()

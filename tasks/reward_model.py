@@ -32,6 +32,7 @@ from pydantic import Field
 from prefloop.datasets_spec import PREFERENCES, TRAIN_LOG
 from prefloop.embedded.model import TinyLlamaConfig
 from prefloop.embedded.tokenizer import build_tokenizer
+from prefloop.errors import UserError
 from prefloop.ids import content_id
 from prefloop.lazy import deferred_import
 from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
@@ -59,7 +60,7 @@ def pairwise_accuracy(chosen_rewards: Sequence[float], rejected_rewards: Sequenc
                          f"({chosen.shape} vs {rejected.shape})")
     n = len(chosen)
     if n == 0:
-        raise ValueError("pairwise accuracy of zero pairs is undefined: there are no held-out pairs")
+        raise UserError("pairwise accuracy of zero pairs is undefined: there are no held-out pairs")
     p = float((chosen > rejected).mean())
     return p, math.sqrt(p * (1 - p) / n), n
 
@@ -71,7 +72,7 @@ def best_of_n_accuracy(correct_rewards: Sequence[float], wrong_rewards: Sequence
     """
     n = len(correct_rewards)
     if n == 0:
-        raise ValueError("best-of-n accuracy of zero sets is undefined")
+        raise UserError("best-of-n accuracy of zero sets is undefined")
     hits = [float(c > max(wrong)) for c, wrong in zip(correct_rewards, wrong_rewards, strict=True)]
     p = float(np.mean(hits))
     return p, math.sqrt(p * (1 - p) / n), n
@@ -220,14 +221,14 @@ def compute(ctx: StageContext) -> StageOutput:
     pairs = ctx.read("preferences", PREFERENCES)
     source = ctx.inputs["preferences"]
     if pairs.num_rows == 0:
-        raise ValueError(f"preferences {source} is empty: a reward model needs pairs to learn from. "
+        raise UserError(f"preferences {source} is empty: a reward model needs pairs to learn from. "
                          "Sample more completions per prompt, or relax the filter.")
     if ctx.has("heldout"):
         train, heldout = pairs, ctx.read("heldout", PREFERENCES)
     else:
         train, heldout = _split_pairs(pairs, config.heldout_fraction)
         if train.num_rows == 0:
-            raise ValueError(f"every pair of {source} fell into the held-out share ({config.heldout_fraction}); "
+            raise UserError(f"every pair of {source} fell into the held-out share ({config.heldout_fraction}); "
                              "lower heldout_fraction or pass a separate heldout input")
     policy_dir = ctx.model_dir("policy") if ctx.has("policy") else None
     tokenizer = (transformers.AutoTokenizer.from_pretrained(policy_dir, trust_remote_code=False, local_files_only=True)

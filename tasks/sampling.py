@@ -18,6 +18,7 @@ from pydantic import Field
 from prefloop.backends import BackendKind, load_backend
 from prefloop.backends.base import GenerationParams
 from prefloop.datasets_spec import PROMPTS, SAMPLES, make_drops
+from prefloop.errors import UserError
 from prefloop.ids import content_id
 from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
 from prefloop.tasks.common.prompts import select_prompts
@@ -108,7 +109,7 @@ def _drop_prompts_beyond_context(backend, prompts: pa.Table) -> tuple[pa.Table, 
     if len(too_long) == 0:
         return prompts, drops
     if len(too_long) == prompts.num_rows:
-        raise ValueError(f"every one of the {prompts.num_rows} prompts is longer than the policy's context window "
+        raise UserError(f"every one of the {prompts.num_rows} prompts is longer than the policy's context window "
                          f"of {window} tokens: nothing can be sampled; use shorter prompts or a model with a "
                          "longer max_position_embeddings")
     return prompts.filter(pa.array(lengths < window)), drops

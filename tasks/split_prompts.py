@@ -16,6 +16,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from prefloop.datasets_spec import PROMPTS
+from prefloop.errors import UserError
 from prefloop.ids import content_id
 from prefloop.stage import StageConfig, StageContext, StageOutput
 from prefloop.tasks.registry import stage_spec
@@ -31,7 +32,7 @@ class SplitPromptsConfig(StageConfig):
     @model_validator(mode="after")
     def _one_size(self) -> SplitPromptsConfig:
         if (self.heldout_fraction is None) == (self.heldout_size is None):
-            raise ValueError("set exactly one of heldout_fraction (e.g. 0.1) and heldout_size (e.g. 500)")
+            raise UserError("set exactly one of heldout_fraction (e.g. 0.1) and heldout_size (e.g. 500)")
         return self
 
 
@@ -54,7 +55,7 @@ def heldout_mask(prompt_ids: list[str], config: SplitPromptsConfig) -> list[bool
     if config.heldout_fraction is not None:
         return [position < config.heldout_fraction for position in positions]
     if config.heldout_size >= len(prompt_ids):
-        raise ValueError(f"heldout_size {config.heldout_size} would hold out all {len(prompt_ids)} prompts and leave "
+        raise UserError(f"heldout_size {config.heldout_size} would hold out all {len(prompt_ids)} prompts and leave "
                          "none to train on: choose a smaller heldout_size or a heldout_fraction")
     # Ties (equal positions) are broken by prompt id, so the size is exact and the order irrelevant.
     smallest = set(sorted(range(len(prompt_ids)), key=lambda i: (positions[i], prompt_ids[i]))[: config.heldout_size])
@@ -65,7 +66,7 @@ def compute(ctx: StageContext) -> StageOutput:
     config: SplitPromptsConfig = ctx.config
     prompts = ctx.read("prompts", PROMPTS)
     if prompts.num_rows == 0:
-        raise ValueError("the prompts artifact is empty: there is nothing to split")
+        raise UserError("the prompts artifact is empty: there is nothing to split")
     before = prompts.column("split").to_pylist()
     heldout = heldout_mask(prompts.column("prompt_id").to_pylist(), config)
     splits = ["heldout" if held else "train" for held in heldout]

@@ -28,3 +28,20 @@ def arithmetic_pairs(count: int, seed: int = 1, margins: list[float] | None = No
     if confidence is not None:
         columns["confidence"] = pa.array(confidence, pa.float64())
     return pa.table(columns)
+
+
+def save_tiny_policy(out, model_config, examples: list[tuple[str, str]] | None = None, training=None, seed: int = 0):
+    """A user's model directory as ``save_pretrained`` writes it (safetensors, config, tokenizer): the
+    embedded tiny Llama shape ``model_config`` with the character tokenizer, fine-tuned on ``examples``
+    with SFT settings ``training`` when given."""
+    from prefloop.embedded.model import TinyLlamaConfig, build_model
+    from prefloop.embedded.tokenizer import build_tokenizer
+    from prefloop.tasks.training.recipes.sft import train_sft
+
+    tokenizer = build_tokenizer()
+    model = build_model(TinyLlamaConfig(**model_config.model_dump()), len(tokenizer), seed, tokenizer)
+    if examples:
+        train_sft(model, tokenizer, examples, training)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -136,3 +136,17 @@ def test_several_labelers_need_a_choice(store) -> None:
     result = run_stage("construct", inputs, {"labeler": "rm"}, store)
     [pair] = store.read_table(result.ref).to_pylist()
     assert (pair["chosen"], pair["rejected"]) == ("A:2", "A:1")
+
+
+def test_duplicate_labels_for_a_sample_are_an_error(store) -> None:
+    # Two scores by one labeler for sample 'a': keeping either would decide the pair by row order.
+    from prefloop.stage import StageInputError
+
+    samples = pa.table({"sample_id": ["a", "b"], "prompt_id": ["p", "p"], "prompt": ["p?"] * 2,
+                        "completion": ["A:1", "A:2"], "finish_reason": ["stop", "stop"]})
+    labels = pa.table({"label_id": ["1", "2", "3"], "target_id": ["a", "b", "a"],
+                       "target_kind": ["sample"] * 3, "labeler": ["v", "v", "v"], "score": [1.0, 0.5, 0.0]})
+    inputs = {"samples": _put(store, "hand-samples", "samples", SAMPLES, samples),
+              "labels": _put(store, "hand-labels", "labels", LABELS, labels)}
+    with pytest.raises(StageInputError, match=r"several scores by labeler 'v' for the same sample .*\['a'\]"):
+        run_stage("construct", inputs, {}, store)

@@ -1,7 +1,10 @@
 """Data contracts: good rows pass, each kind of bad row is quarantined with its reason, and a
-table missing a required column is refused with nothing written."""
+table missing a required column, or failing its great-expectations suite, is refused with nothing written."""
 
+import dataclasses
+import hashlib
 import math
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -13,6 +16,7 @@ from prefloop.datasets_spec import (
     SPECS,
     ContractError,
     apply_contract,
+    contracts,
 )
 from prefloop.stage import StageConfig, StageOutput, StageSpec, execute
 
@@ -113,3 +117,41 @@ def test_quarantined_rows_of_a_stage_land_in_its_drops_table(store):
     assert drops.column("reason").to_pylist() == ["empty_chosen"]
     manifest = store.read_manifest(result.ref)
     assert manifest.validation["data"]["suite"]["success"]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every path under ``root``: files with their sha256, directories as 'dir'."""
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+            for path in sorted(root.rglob("*"))}
+
+
+def test_a_failing_expectation_suite_stops_the_publish(store, tmp_path, monkeypatch):
+    # A table spec whose great-expectations suite asks more than its Arrow row rules: margins at most 0.5.
+    # The rows below pass every row rule (so nothing is quarantined) and then fail the suite.
+    strict = dataclasses.replace(PREFERENCES, name="preferences_suite_only_check")
+    expectations = contracts._expectations
+
+    def with_margin_ceiling(spec):
+        suite = expectations(spec)
+        if spec.name == strict.name:
+            gxe = contracts._GX_STATE["gx"].expectations
+            suite.append(gxe.ExpectColumnValuesToBeBetween(column="margin", max_value=0.5))
+        return suite
+
+    monkeypatch.setattr(contracts, "_expectations", with_margin_ceiling)
+    assert contracts.check_rows(pairs(), strict).drops.num_rows == 0  # the row rules pass every row
+
+    # Something already in the store (an artifact, its staging parent, a ref) that must not change.
+    good = StageSpec(name="good", version="1", config_model=_Empty, output_kind="preferences", inputs={},
+                     output_table=PREFERENCES)
+    execute(good, lambda ctx: StageOutput(table=pairs()), {}, {}, store, name="run/good")
+    root = tmp_path / "store"
+    before = _tree(root)
+
+    spec = StageSpec(name="suite-fails", version="1", config_model=_Empty, output_kind="preferences", inputs={},
+                     output_table=strict)
+    with pytest.raises(ContractError, match=r"failed its data contract prefloop\.preferences_suite_only_check/1.*"
+                                            r"expect_column_values_to_be_between\(margin\): 3 rows"):
+        execute(spec, lambda ctx: StageOutput(table=pairs()), {}, {}, store, name="run/bad")
+    assert _tree(root) == before  # byte-identical: no artifact, no staging directory, no ref
+    assert "run/bad" not in store.refs()

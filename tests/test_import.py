@@ -211,3 +211,43 @@ def test_several_completions_per_row_are_exploded(store, tmp_path):
     table = store.read_table(mapped.ref)
     assert list(zip(table.column("policy_name").to_pylist(), table.column("completion").to_pylist(), strict=True)) \
         == [("alpha", "2"), ("beta", "3")]
+
+
+def test_source_digest_value_is_unchanged(tmp_path):
+    # The snapshot hashes exactly as source_digest always has, so ids of earlier imports still match.
+    from prefloop.tasks.importing.sources import snapshot_source, source_digest
+
+    single = tmp_path / "one.jsonl"
+    single.write_bytes(b'{"prompt": "a"}\n')
+    folder = tmp_path / "many"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.jsonl").write_bytes(b'{"prompt": "a"}\n')
+    (folder / "sub" / "b.jsonl").write_bytes(b'{"prompt": "b"}\n')
+    expected_single = hashlib.sha256(b"\0" + b'{"prompt": "a"}\n' + b"\0").hexdigest()
+    expected_folder = hashlib.sha256(b"a.jsonl\0" + b'{"prompt": "a"}\n' + b"\0"
+                                     + b"sub/b.jsonl\0" + b'{"prompt": "b"}\n' + b"\0").hexdigest()
+    assert source_digest(single) == expected_single and source_digest(folder) == expected_folder
+    for path, expected in ((single, expected_single), (folder, expected_folder)):
+        with snapshot_source(path) as snapshot:
+            assert snapshot.digest == expected
+
+
+def test_a_source_changed_during_import_gets_the_id_of_what_was_read(store, tmp_path, monkeypatch):
+    # The file changes after it was hashed, just before the rows are read: the artifact must hold the
+    # rows that were hashed, so its id is the id of its content (importing the original again is a hit).
+    import prefloop.tasks.importing.stage as import_stage
+
+    original = [{"prompt": "What is 1 + 1?"}, {"prompt": "What is 2 + 2?"}]
+    source = write_jsonl(tmp_path / "prompts.jsonl", original)
+    real_execute = import_stage.execute
+
+    def execute_after_a_change(*args, **kwargs):
+        write_jsonl(source, [{"prompt": "What is 9 + 9?"}])
+        return real_execute(*args, **kwargs)
+
+    monkeypatch.setattr(import_stage, "execute", execute_after_a_change)
+    changed_midway = import_table("prompts", source, store)
+    monkeypatch.setattr(import_stage, "execute", real_execute)
+    assert sorted(store.read_table(changed_midway.ref).column("prompt").to_pylist()) == [r["prompt"] for r in original]
+    write_jsonl(source, original)
+    assert import_table("prompts", source, store).output == changed_midway.output

@@ -1,5 +1,6 @@
-"""Iteration policies: INPO mixture, TR-DPO soft sync, curriculum by margin, off-policy mixing, and
-how the round wires the reference and train stages for each policy."""
+"""Iteration policies: INPO mixture, TR-DPO soft sync, curriculum by margin, off-policy mixing, how the
+round wires the reference and train stages for each policy, and how rounds chain: round k samples from,
+trains and evaluates exactly the policy round k − 1 trained."""
 
 import copy
 
@@ -12,6 +13,7 @@ from prefloop.embedded.arithmetic import make_problems
 from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.flows import training as round_training
+from prefloop.flows.loop import run_loop
 from prefloop.stage import StageResult
 from prefloop.tasks.registry import run_stage, stage_entry
 from prefloop.tasks.training.configs import DPOConfig
@@ -157,6 +159,55 @@ def test_round_wires_reference_and_train_per_policy(policy, train_reference, ref
         assert call.calls[0][2]["max_length"] == 64
         assert call.calls[0][2].get("mixture_weight") == (0.3 if policy == "mixture" else None)
         assert train_inputs["reference_logps"] == "reference_logps/reference-out"
+
+
+class LoopRecorder:
+    """Records every stage call of a whole loop; each call gets its own output, so a test can tell which
+    call's output went where. The filter of a round in ``empty_rounds`` keeps no pair."""
+
+    def __init__(self, empty_rounds: frozenset[int] = frozenset()):
+        self.calls: list[tuple[str, dict, str]] = []
+        self.empty_rounds = empty_rounds
+
+    def __call__(self, stage, inputs, config, store, name) -> StageResult:
+        output = f"{stage_entry(stage).output}/{stage}-{len(self.calls)}"
+        self.calls.append((stage, inputs, output))
+        round_index = int(name.split("/round-")[1].split("/")[0]) if "/round-" in name else 0
+        rows = 0 if stage == "filter" and round_index in self.empty_rounds else 5
+        return StageResult(stage=stage, output=output, cached=False, rows=rows)
+
+    def inputs_of(self, stage: str, role: str) -> list[str]:
+        return [inputs[role] for name, inputs, _ in self.calls if name == stage]
+
+    def outputs_of(self, stage: str) -> list[str]:
+        return [output for name, _, output in self.calls if name == stage]
+
+
+@pytest.mark.parametrize("method", ["best_vs_worst", "mcts"])
+def test_each_round_starts_from_the_policy_the_previous_round_trained(method, tmp_path) -> None:
+    config = LoopConfig(name="run", rounds=3, construction={"method": method})
+    call = LoopRecorder()
+    summary = run_loop(config, str(tmp_path / "store"), call=call)
+    (sft,) = call.outputs_of("sft")
+    trained = call.outputs_of("train")
+    assert len(trained) == 3
+    generating_stage = "mcts" if method == "mcts" else "sample"
+    # Round 1 from the SFT model, round 2 from round 1's policy, round 3 from round 2's: nothing else.
+    assert call.inputs_of(generating_stage, "policy") == [sft, trained[0], trained[1]]
+    assert call.inputs_of("train", "policy") == [sft, trained[0], trained[1]]
+    # Round 0 evaluates the SFT model; round k the policy it trained.
+    assert call.inputs_of("evaluate", "policy") == [sft, *trained]
+    assert [r.policy for r in summary.rounds] == [sft, *trained]
+
+
+def test_a_round_without_pairs_hands_its_start_policy_to_the_next(tmp_path) -> None:
+    call = LoopRecorder(empty_rounds=frozenset({1}))
+    summary = run_loop(LoopConfig(name="run", rounds=3), str(tmp_path / "store"), call=call)
+    (sft,) = call.outputs_of("sft")
+    trained = call.outputs_of("train")
+    assert len(trained) == 2  # round 1 trained nothing
+    assert call.inputs_of("sample", "policy") == [sft, sft, trained[0]]
+    assert [r.policy for r in summary.rounds] == [sft, sft, *trained]
 
 
 def test_previous_rounds_pairs_are_the_off_policy_input(store) -> None:

@@ -5,10 +5,11 @@ Shared fixture (``_pair_logps``), β = 0.5 unless a test says otherwise:
   pair 2: every log-prob −1, so r = 0 and h = 0;                                 |y_w| = 2, |y_l| = 2
 Values used below: ℓ(z) = −log σ(z) = log(1 + e^−z); ℓ(0.75) = 0.386871, ℓ(−0.75) = ℓ(0.75) + 0.75 = 1.136871,
 ℓ(0) = log 2 = 0.693147; σ(0.75) = 0.679179, σ(−0.75) = 0.320821; dℓ(z)/dz = −σ(−z).
+
+Over 400 lines: one test per registered loss against its hand derivation, the trainer's preparation of each
+loss's inputs, and the comparison with TRL's trainers share the fixture above; split, they would repeat it.
 """
 
-from collections import defaultdict
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,13 @@ from pydantic import ValidationError
 
 from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
-from prefloop.forward import collate, completion_logps_and_kl, encode_examples
+from prefloop.forward import (
+    batch_sequence_logprobs,
+    collate,
+    completion_lengths,
+    completion_logps_and_kl,
+    encode_examples,
+)
 from prefloop.tasks.training.configs import DPOConfig
 from prefloop.tasks.training.losses import (
     LOSS_SPECS,
@@ -418,79 +425,99 @@ def test_train_dpo_fills_the_token_level_kl_for_tdpo(tokenizer) -> None:
 
 
 # --- TRL equality --------------------------------------------------------------------------------------------
-# TRL 1.16 computes its DPO losses inline in DPOTrainer._compute_loss (no standalone dpo_loss). The smallest fair
-# stand-in runs that very method on an object carrying only the attributes it reads, with a model stand-in
-# whose output holds per-token log-probs we choose, and reference log-probs passed as precomputed. Both sides
-# then differentiate w.r.t. the same per-token tensor.
+# Both sides run on real models through public surfaces only: TRL's DPOTrainer (and CPOTrainer) built on the
+# embedded tiny Llama and character tokenizer, its loss taken with ``compute_loss`` on a batch from its own
+# ``get_train_dataloader``; ours from ``train_dpo``'s first step (the whole trainer path: tokenisation, the
+# pair forward, the loss) and, for gradients, from ``prefloop.forward`` + the registered loss. A change in one
+# of our formulas, or a TRL change in tokenisation, masking or a loss, makes the two disagree.
 
-CHOSEN_TOKENS = [[-0.5] * 4, [-0.5] * 2]  # sums −2 and −1, lengths 4 and 2 (the shared fixture)
-REJECTED_TOKENS = [[-0.8] * 5, [-0.5] * 2]  # sums −4 and −1, lengths 5 and 2
-
-
-def _token_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs [4, 5] (chosen rows, then rejected) and the completion mask [4, 6] (position 0 = prompt)."""
-    rows = CHOSEN_TOKENS + REJECTED_TOKENS
-    token_logps = torch.zeros(len(rows), 5)
-    mask = torch.zeros(len(rows), 6, dtype=torch.long)
-    for index, row in enumerate(rows):
-        token_logps[index, : len(row)] = torch.tensor(row)
-        mask[index, 1 : 1 + len(row)] = 1
-    return token_logps.requires_grad_(), mask
+TRL_PAIRS = [
+    ("1+2=?\n", "1+2=3\nA:3", "1+2=4\nA:4"),
+    ("3+4=?\n", "3+4=7\nA:7", "3+4=8\nA:8"),
+    # Every chosen completion has the same length (so TRL's sft, a mean over all chosen tokens, equals ours, a
+    # mean per example then over the batch); one rejected completion is longer (so length normalisation counts).
+    ("4*2=?\n", "4*2=8\nA:8", "4*2=10\nA:10"),
+]
+TRL_TINY = TinyLlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                           max_position_embeddings=64)
 
 
-def _trl_dpo_loss(loss_type: str, beta: float, label_smoothing: float = 0.0) -> tuple[float, torch.Tensor]:
-    dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer", reason="trl is not installed (dev extra)")
-    token_logps, mask = _token_batch()
-    outputs = SimpleNamespace(
-        log_probs=token_logps,
-        entropy=torch.zeros(4, 5),
-        mean_logits=torch.zeros(4, 5),
-        is_top1=torch.zeros(4, 5, dtype=torch.bool),
-    )
-    identity = lambda tensor: tensor  # noqa: E731 - one process, nothing to gather
-    trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True),
-        accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=identity, gather=identity),
-        aux_loss_enabled=False,
-        ld_alpha=None,
-        precompute_ref_logps=True,
-        f_divergence_type="reverse_kl",
-        loss_types=[loss_type],
-        loss_weights=[1.0],
-        beta=beta,
-        label_smoothing=label_smoothing,
-        use_weighting=False,
-        _metrics=defaultdict(lambda: defaultdict(list)),
-        _total_train_tokens=0,
-        _tp_size=1,
-    )
-    inputs = {
-        "input_ids": torch.ones(4, 6, dtype=torch.long),
-        "attention_mask": torch.ones(4, 6, dtype=torch.long),
-        "completion_mask": mask,
-        "ref_chosen_logps": torch.tensor([-3.0, -1.0]),
-        "ref_rejected_logps": torch.tensor([-3.5, -1.0]),
-    }
-    loss = dpo_trainer.DPOTrainer._compute_loss(trainer, lambda **_: outputs, inputs, False)
+def _tiny_pair(tokenizer) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A policy and a different reference (so every log-ratio is non-zero), the same weights on every call."""
+    return (build_model(TRL_TINY, len(tokenizer), seed=0, tokenizer=tokenizer),
+            build_model(TRL_TINY, len(tokenizer), seed=1, tokenizer=tokenizer))
+
+
+def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    gradients = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+    model.zero_grad()
+    return gradients
+
+
+def _trl_dataset():
+    datasets = pytest.importorskip("datasets")
+    prompts, chosen, rejected = zip(*TRL_PAIRS, strict=True)
+    return datasets.Dataset.from_dict({"prompt": list(prompts), "chosen": list(chosen), "rejected": list(rejected)})
+
+
+def _trl_common_arguments(output_dir) -> dict:
+    return dict(output_dir=str(output_dir), per_device_train_batch_size=len(TRL_PAIRS), report_to="none",
+                # float32 throughout: TRL's configs default to bf16, under which accelerate autocasts the reference.
+                use_cpu=True, bf16=False, activation_checkpointing=False, logging_strategy="no", save_strategy="no",
+                disable_tqdm=True)
+
+
+def _trl_dpo_loss(tokenizer, output_dir, loss_type: str, beta: float, label_smoothing: float):
+    """TRL's DPO loss of the whole batch and its gradient w.r.t. every policy parameter."""
+    trl = pytest.importorskip("trl", reason="trl is not installed (dev extra)")
+    policy, reference = _tiny_pair(tokenizer)
+    arguments = trl.DPOConfig(loss_type=[loss_type], beta=beta, label_smoothing=label_smoothing,
+                              precompute_ref_log_probs=False, max_length=None, **_trl_common_arguments(output_dir))
+    trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=arguments, processing_class=tokenizer,
+                             train_dataset=_trl_dataset())
+    batch = next(iter(trainer.get_train_dataloader()))  # the whole dataset: one batch, so its order is immaterial
+    loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
-    return loss.item(), token_logps.grad
+    return loss.item(), _gradients(policy)
 
 
-def _ours(name: str, **hyperparameters) -> tuple[float, torch.Tensor]:
-    token_logps, mask = _token_batch()
-    sums = (token_logps * mask[:, 1:]).sum(dim=-1)
-    lengths = mask.sum(dim=-1).float()
+def _our_loss_and_gradients(tokenizer, name: str, reference_free: bool = False, **hyperparameters):
+    """Our loss of the same batch from prefloop.forward's log-probs, and its gradient w.r.t. the policy.
+
+    ``reference_free``: reference log-probs of 0 (a reference that is certain of every completion), which
+    makes the log-ratios the policy's log-probs themselves, as in CPO.
+    """
+    policy, reference = _tiny_pair(tokenizer)
+    prompts, chosen, rejected = zip(*TRL_PAIRS, strict=True)
+    encoded_chosen = encode_examples(tokenizer, prompts, chosen)
+    encoded_rejected = encode_examples(tokenizer, prompts, rejected)
+    chosen_batch = collate(encoded_chosen, tokenizer.pad_token_id)
+    rejected_batch = collate(encoded_rejected, tokenizer.pad_token_id)
+    with torch.no_grad():
+        reference_chosen = batch_sequence_logprobs(reference, chosen_batch)
+        reference_rejected = batch_sequence_logprobs(reference, rejected_batch)
+    if reference_free:
+        reference_chosen, reference_rejected = torch.zeros(len(prompts)), torch.zeros(len(prompts))
     logps = SequenceLogps(
-        policy_chosen=sums[:2],
-        policy_rejected=sums[2:],
-        reference_chosen=torch.tensor([-3.0, -1.0]),
-        reference_rejected=torch.tensor([-3.5, -1.0]),
-        chosen_lengths=lengths[:2],
-        rejected_lengths=lengths[2:],
+        policy_chosen=batch_sequence_logprobs(policy, chosen_batch),
+        policy_rejected=batch_sequence_logprobs(policy, rejected_batch),
+        reference_chosen=reference_chosen,
+        reference_rejected=reference_rejected,
+        chosen_lengths=completion_lengths(encoded_chosen),
+        rejected_lengths=completion_lengths(encoded_rejected),
     )
     loss = get_loss(name)(logps, LossHyperparameters(**hyperparameters)).losses.mean()
     loss.backward()
-    return loss.item(), token_logps.grad
+    return loss.item(), _gradients(policy)
+
+
+def _assert_same_gradients(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    assert set(ours) == set(theirs)
+    assert any(gradient.abs().max() > 1e-3 for gradient in theirs.values())  # a live gradient, not all zeros
+    # The band is float32 rounding (TRL's tiled fused head against our log-softmax); a changed formula, scale
+    # or mask moves gradients by percents.
+    for name, gradient in theirs.items():
+        assert torch.allclose(ours[name], gradient, rtol=1e-4, atol=1e-5), f"gradient of {name} differs from TRL's"
 
 
 @pytest.mark.parametrize(
@@ -502,62 +529,55 @@ def _ours(name: str, **hyperparameters) -> tuple[float, torch.Tensor]:
         ("ipo", 0.25, 0.0, "ipo", {"ipo_tau": 0.25, "length_normalize": True}),  # TRL's β is IPO's τ
         ("robust", 0.5, 0.2, "rdpo", {"beta": 0.5, "label_flip_rate": 0.2}),
         ("sppo_hard", 0.5, 0.0, "sppo", {"beta": 0.5}),
-        # TRL's sft averages over all chosen tokens of the batch, ours per example then over the batch: the
-        # values agree here because every chosen token has the same log-prob (−0.5); the gradients do not.
         ("sft", 0.5, 0.0, "sft", {}),
     ],
 )
 def test_same_value_and_gradient_as_trl_dpo_trainer(
-    trl_loss_type: str, trl_beta: float, trl_label_smoothing: float, ours: str, hyperparameters: dict
+    tokenizer, tmp_path, trl_loss_type: str, trl_beta: float, trl_label_smoothing: float, ours: str,
+    hyperparameters: dict,
 ) -> None:
-    trl_value, trl_gradient = _trl_dpo_loss(trl_loss_type, trl_beta, trl_label_smoothing)
-    our_value, our_gradient = _ours(ours, **hyperparameters)
-    assert our_value == pytest.approx(trl_value, abs=1e-6)
-    if trl_loss_type != "sft":
-        # Compared on the completion tokens: TRL sums the model's per-token log-probs unmasked (its fused head
-        # returns 0 off the completion), so its gradient also reaches the stand-in's padding positions.
-        completion = _token_batch()[1][:, 1:].bool()
-        assert torch.allclose(our_gradient[completion], trl_gradient[completion], atol=1e-6)
+    trl_value, trl_gradients = _trl_dpo_loss(tokenizer, tmp_path, trl_loss_type, trl_beta, trl_label_smoothing)
+    our_value, our_gradients = _our_loss_and_gradients(tokenizer, ours, **hyperparameters)
+    # Float32 sums of ~30 nats differ in their last bits between TRL's tiled head and ours; sppo squares them.
+    assert our_value == pytest.approx(trl_value, rel=1e-5, abs=1e-6)
+    _assert_same_gradients(our_gradients, trl_gradients)
+    if get_loss_spec(ours).needs_rejected:
+        # Our trainer's first step (weights untouched, all three pairs in one batch) reports the same loss.
+        policy, reference = _tiny_pair(tokenizer)
+        config = DPOConfig(loss=ours, max_steps=1, batch_size=len(TRL_PAIRS), learning_rate=1e-3, **hyperparameters)
+        history = train_dpo(policy, reference, tokenizer, TRL_PAIRS, config)
+        assert history[0]["loss"] == pytest.approx(trl_value, abs=1e-5)
 
 
-def _trl_cpo_loss(
-    loss_type: str, beta: float, chosen: torch.Tensor, rejected: torch.Tensor, **extra
-) -> torch.Tensor:
-    cpo_trainer = pytest.importorskip(
-        "trl.experimental.cpo.cpo_trainer", reason="trl is not installed (dev extra)"
-    )
-    trainer = SimpleNamespace(
-        alpha=0.0,
-        loss_type=loss_type,
-        beta=beta,
-        accelerator=SimpleNamespace(device=torch.device("cpu")),
-        simpo_gamma=extra.get("simpo_gamma", 0.0),
-        label_smoothing=extra.get("label_smoothing", 0.0),
-    )
-    losses, _, _ = cpo_trainer.CPOTrainer.cpo_loss(trainer, chosen, rejected)
-    return losses
+def _trl_cpo_trainer(tokenizer, output_dir, loss_type: str, beta: float, **extra):
+    cpo = pytest.importorskip("trl.experimental.cpo", reason="trl is not installed (dev extra)")
+    policy, _ = _tiny_pair(tokenizer)
+    arguments = cpo.CPOConfig(loss_type=loss_type, beta=beta, cpo_alpha=0.0, max_length=64, **extra,
+                              **_trl_common_arguments(output_dir))
+    return cpo.CPOTrainer(model=policy, args=arguments, processing_class=tokenizer, train_dataset=_trl_dataset())
 
 
-def test_simpo_matches_trl_cpo_trainer() -> None:
-    logps = _pair_logps()
-    ours = get_loss("simpo")(logps, LossHyperparameters(simpo_beta=2.0, simpo_gamma=0.5)).losses
+def _trl_cpo_loss(tokenizer, output_dir, loss_type: str, beta: float, **extra):
+    trainer = _trl_cpo_trainer(tokenizer, output_dir, loss_type, beta, **extra)
+    loss = trainer.compute_loss(trainer.model, next(iter(trainer.get_train_dataloader())))
+    loss.backward()
+    return loss.item(), _gradients(trainer.model)
+
+
+def test_simpo_matches_trl_cpo_trainer(tokenizer, tmp_path) -> None:
     # CPOTrainer's simpo takes the length-averaged log-probs (its average_log_prob=True for simpo).
-    trl = _trl_cpo_loss(
-        "simpo",
-        2.0,
-        logps.policy_chosen / logps.chosen_lengths,
-        logps.policy_rejected / logps.rejected_lengths,
-        simpo_gamma=0.5,
-    )
-    assert torch.allclose(ours, trl, atol=1e-6)
+    trl_value, trl_gradients = _trl_cpo_loss(tokenizer, tmp_path, "simpo", 2.0, simpo_gamma=0.5)
+    our_value, our_gradients = _our_loss_and_gradients(tokenizer, "simpo", simpo_beta=2.0, simpo_gamma=0.5)
+    assert our_value == pytest.approx(trl_value, abs=1e-6)
+    _assert_same_gradients(our_gradients, trl_gradients)
 
 
-def test_conservative_dpo_matches_trl_label_smoothing() -> None:
+def test_conservative_dpo_matches_trl_label_smoothing(tokenizer, tmp_path) -> None:
     # TRL 1.16's DPOTrainer dropped label smoothing from its sigmoid loss; CPOTrainer's sigmoid keeps the
-    # conservative form (1 − ε)ℓ(β·Δ) + εℓ(−β·Δ) on Δ = its inputs' difference, so the log-ratios go in.
-    logps = _pair_logps()
-    ours = get_loss("cdpo")(logps, LossHyperparameters(beta=0.5, label_flip_rate=0.2)).losses
-    chosen_ratio = logps.policy_chosen - logps.reference_chosen
-    rejected_ratio = logps.policy_rejected - logps.reference_rejected
-    trl = _trl_cpo_loss("sigmoid", 0.5, chosen_ratio, rejected_ratio, label_smoothing=0.2)
-    assert torch.allclose(ours, trl, atol=1e-6)
+    # conservative form (1 − ε)ℓ(β·Δ) + εℓ(−β·Δ), on the policy's log-probs (it has no reference): ours with a
+    # reference of log-prob 0 is that same loss.
+    trl_value, trl_gradients = _trl_cpo_loss(tokenizer, tmp_path, "sigmoid", 0.5, label_smoothing=0.2)
+    our_value, our_gradients = _our_loss_and_gradients(tokenizer, "cdpo", reference_free=True, beta=0.5,
+                                                       label_flip_rate=0.2)
+    assert our_value == pytest.approx(trl_value, abs=1e-6)
+    _assert_same_gradients(our_gradients, trl_gradients)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from prefloop.backends.base import PolicyBackend
+from prefloop.errors import UserError
 
 BackendKind = Literal["hf", "vllm"]
 
@@ -31,4 +32,4 @@ def load_backend(kind: BackendKind, model_dir: str | Path, model_id: str, batch_
         from prefloop.backends.vllm import VLLMBackend
 
         return VLLMBackend.from_directory(model_dir, model=model_id, batch_size=batch_size)
-    raise ValueError(f"unknown policy backend '{kind}'; valid backends: hf, vllm")
+    raise UserError(f"unknown policy backend '{kind}'; valid backends: hf, vllm")

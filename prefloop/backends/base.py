@@ -20,6 +20,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from prefloop.errors import UserError
+
 FinishReason = Literal["stop", "length"]
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each batch, so callers can draw progress bars."""
@@ -106,7 +108,7 @@ def yes_probability(
     every backend supports them. The answer strings must be in the tokenizer's vocabulary.
     """
     if not yes or (no is not None and (not no or no == yes)):
-        raise ValueError(f"yes_probability needs two different non-empty answers, got yes={yes!r}, no={no!r}")
+        raise UserError(f"yes_probability needs two different non-empty answers, got yes={yes!r}, no={no!r}")
     if no is None:
         return [math.exp(value) for value in backend.score_logprobs(prompts, [yes] * len(prompts), progress)]
     scores = backend.score_logprobs(prompts + prompts, [yes] * len(prompts) + [no] * len(prompts), progress)

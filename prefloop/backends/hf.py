@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefloop.backends.base import Completion, ContextWindowError, GenerationParams, ProgressCallback
+from prefloop.errors import UserError
 from prefloop.forward import pad_right, selected_logprob_sums
 from prefloop.lazy import deferred_import
 
@@ -85,7 +86,7 @@ class HFBackend:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64):
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-            raise ValueError("HFBackend needs a tokenizer with pad and eos tokens (set tokenizer.pad_token)")
+            raise UserError("HFBackend needs a tokenizer with pad and eos tokens (set tokenizer.pad_token)")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size

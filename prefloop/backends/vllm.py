@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from prefloop.backends.base import Completion, ContextWindowError, GenerationParams, ProgressCallback
+from prefloop.errors import UserError
 
 DEFAULT_URL = "http://127.0.0.1:8000/v1"
 URL_ENVIRONMENT_VARIABLE = "PREFLOOP_VLLM_URL"
@@ -62,7 +63,7 @@ class VLLMBackend:
     def __init__(self, tokenizer: Any, model: str, base_url: str | None = None, batch_size: int = 256,
                  context_window: int | None = None, timeout_s: float = 600.0, api_key: str | None = None):
         if tokenizer.eos_token_id is None:
-            raise ValueError("VLLMBackend needs a tokenizer with an eos token")
+            raise UserError("VLLMBackend needs a tokenizer with an eos token")
         self.tokenizer = tokenizer
         self.model = model
         self.base_url = (base_url or os.environ.get(URL_ENVIRONMENT_VARIABLE) or DEFAULT_URL).rstrip("/")

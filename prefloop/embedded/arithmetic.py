@@ -26,6 +26,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prefloop.errors import UserError
+
 Split = Literal["train", "heldout"]
 ANSWER_PREFIX = "A:"
 PROMPT_SUFFIX = "=?\n"
@@ -54,9 +56,9 @@ class ArithmeticTaskConfig(BaseModel):
     @model_validator(mode="after")
     def _check_ranges(self) -> ArithmeticTaskConfig:
         if self.min_ops > self.max_ops:
-            raise ValueError(f"min_ops ({self.min_ops}) must be <= max_ops ({self.max_ops})")
+            raise UserError(f"min_ops ({self.min_ops}) must be <= max_ops ({self.max_ops})")
         if self.operand_min > min(self.first_operand_max, self.other_operand_max):
-            raise ValueError("operand_min must not exceed first_operand_max or other_operand_max")
+            raise UserError("operand_min must not exceed first_operand_max or other_operand_max")
         return self
 
 
@@ -124,7 +126,7 @@ def make_problems(
         seen.add(problem.prompt)
         problems.append(problem)
     if len(problems) < n:
-        raise ValueError(
+        raise UserError(
             f"only {len(problems)} distinct {split} problems found for n={n} with {config!r}: "
             "widen the operand ranges or the number of operations, or ask for fewer problems"
         )

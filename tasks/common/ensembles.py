@@ -17,6 +17,8 @@ from typing import Literal
 
 import numpy as np
 
+from prefloop.errors import UserError
+
 Aggregation = Literal["mean", "min", "uncertainty_weighted"]
 
 
@@ -33,17 +35,17 @@ def aggregate_rewards(rewards: np.ndarray | Sequence[Sequence[float]], aggregati
                          f"got shape {array.shape}")
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).any(axis=0).sum())
-        raise ValueError(f"aggregate_rewards got non-finite rewards for {bad} target(s): NaN/inf rewards cannot "
+        raise UserError(f"aggregate_rewards got non-finite rewards for {bad} target(s): NaN/inf rewards cannot "
                          "be averaged; drop those targets first (label-rm drops them as 'nonfinite_reward')")
     if uncertainty_penalty < 0:
-        raise ValueError(f"uncertainty_penalty must be >= 0 (it subtracts λ·variance), got {uncertainty_penalty}")
+        raise UserError(f"uncertainty_penalty must be >= 0 (it subtracts λ·variance), got {uncertainty_penalty}")
     if aggregation == "mean":
         return array.mean(axis=0)
     if aggregation == "min":
         return array.min(axis=0)
     if aggregation == "uncertainty_weighted":
         return array.mean(axis=0) - uncertainty_penalty * array.var(axis=0)
-    raise ValueError(f"unknown aggregation '{aggregation}'; valid: mean, min, uncertainty_weighted")
+    raise UserError(f"unknown aggregation '{aggregation}'; valid: mean, min, uncertainty_weighted")
 
 
 def aggregation_name(aggregation: Aggregation, uncertainty_penalty: float) -> str:

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel
 
+from prefloop.errors import UserError
+
 if TYPE_CHECKING:
     from prefloop.stage import StageContext
 
@@ -91,7 +93,7 @@ def register_labeler(labeler: Labeler, *aliases: str) -> Labeler:
     for name in (labeler.name, *aliases):
         existing = LABELERS.get(name)
         if existing is not None and existing is not labeler:
-            raise ValueError(f"a labeler named '{name}' is already registered ({existing.description or existing.label})")
+            raise UserError(f"a labeler named '{name}' is already registered ({existing.description or existing.label})")
         LABELERS[name] = labeler
     return labeler
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from prefloop.errors import UserError
+
 
 def select_prompts(prompts: pa.Table, split: str, max_prompts: int | None, block: int = 0) -> pa.Table:
     """Prompts of ``split``: the ``block``-th run of ``max_prompts`` of them (wrapping around), or all."""
     chosen = prompts.filter(pc.equal(prompts.column("split"), split))
     if chosen.num_rows == 0:
-        raise ValueError(f"the prompts artifact has no rows in split '{split}' (splits: "
+        raise UserError(f"the prompts artifact has no rows in split '{split}' (splits: "
                          f"{sorted(set(prompts.column('split').to_pylist()))}); set 'split' in the stage config")
     if not max_prompts or max_prompts >= chosen.num_rows:
         return chosen

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from prefloop.datasets_spec import TREES
+from prefloop.errors import UserError
 
 STEP_SEPARATOR = "\n"
 # Why a terminal node is not a verified answer (also the tree's status when its committed path ends there).
@@ -140,7 +141,7 @@ def trees_from_table(table: pa.Table) -> list[SearchTree]:
             tree_rows.sort(key=lambda r: r["depth"])  # stable: siblings keep their table order
         roots = [r for r in tree_rows if r["parent_id"] is None]
         if len(roots) != 1:
-            raise ValueError(f"tree {tree_id} has {len(roots)} root rows (parent_id null), expected 1: "
+            raise UserError(f"tree {tree_id} has {len(roots)} root rows (parent_id null), expected 1: "
                              "was the trees table written by the mcts stage?")
         first = roots[0]
         tree = SearchTree(tree_id=tree_id, prompt_id=first["prompt_id"], prompt=first["prompt"] or "",
@@ -150,7 +151,7 @@ def trees_from_table(table: pa.Table) -> list[SearchTree]:
         for row in tree_rows:
             parent = None if row["parent_id"] is None else positions.get(row["parent_id"])
             if row["parent_id"] is not None and parent is None:
-                raise ValueError(f"node {row['node_id']} of tree {tree_id} names a parent {row['parent_id']} "
+                raise UserError(f"node {row['node_id']} of tree {tree_id} names a parent {row['parent_id']} "
                                  "that is not in the table (a quarantined row?)")
             node = Node(
                 index=len(tree.nodes), parent=parent, depth=row["depth"], step=row["step_text"] or "",

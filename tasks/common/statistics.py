@@ -24,6 +24,8 @@ from typing import Literal
 
 import numpy as np
 
+from prefloop.errors import UserError
+
 
 def mean_with_stderr(values: Sequence[float]) -> tuple[float, float | None]:
     """Sample mean x̄ and its standard error s/√n (s with n − 1 in the denominator; None for n < 2)."""
@@ -38,7 +40,7 @@ def accuracy_with_stderr(correct: Sequence[bool]) -> tuple[float, float]:
     """Accuracy p = c/n and its binomial standard error sqrt(p(1 − p)/n)."""
     n = len(correct)
     if n == 0:
-        raise ValueError("accuracy of zero prompts is undefined: the evaluation selected no prompts")
+        raise UserError("accuracy of zero prompts is undefined: the evaluation selected no prompts")
     p = sum(bool(c) for c in correct) / n
     return p, math.sqrt(p * (1 - p) / n)
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from prefloop.errors import UserError
 from prefloop.ids import content_id
 from prefloop.tasks.common.ids import pair_id
 from prefloop.tasks.importing.sources import SourceImportError, SourceRow
@@ -84,10 +85,14 @@ def messages_to_text(messages: list[Any]) -> str:
     for message in messages:
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
                 and isinstance(message.get("content"), str)):
-            raise ValueError("chat messages must be a list of {role: str, content: str} objects")
+            raise UserError("chat messages must be a list of {role: str, content: str} objects")
     if len(messages) == 1:
         return messages[0]["content"]
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+# One text field of an imported row (a prompt, a completion) may hold at most this many characters.
+MAX_TEXT_CHARS = 1_000_000
 
 
 class _RowProblem(Exception):
@@ -120,7 +125,11 @@ def _convert(target: Target, value: Any) -> Any:
             raise _RowProblem("invalid_value", f"'{target.name}' must be text, got {type(value).__name__}")
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # 42.0 read from Parquet is the answer "42"
-        return str(value)
+        text = str(value)
+        if len(text) > MAX_TEXT_CHARS:
+            raise _RowProblem("text_too_long", f"'{target.name}' has {len(text):,} characters, over the limit of "
+                              f"{MAX_TEXT_CHARS:,}: a field that long is almost always a broken export")
+        return text
     try:
         number = int(value) if target.kind == "int" else float(value)
     except (TypeError, ValueError):

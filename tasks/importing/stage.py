@@ -14,8 +14,10 @@ columns and writes an artifact through the same data contracts as every stage:
   reason — ``invalid_utf8``, ``invalid_json``, ``missing_prompt``, ``missing_completion``,
   ``empty_completion``, ``invalid_messages``, ``invalid_value``, ``conflicting_reference_answer`` —
   and then the table's contract quarantines what breaks its rules (duplicate ids, unknown splits …).
-* The source is only read. The artifact id hashes the source's *content* (sha256 of its files)
-  and the mapping, so importing the same data with the same mapping twice gives the same artifact.
+* The source is only read, and read once: it is copied to a private folder while its bytes are
+  hashed, and the rows come from that copy. The artifact id hashes the source's *content* (sha256 of
+  its files) and the mapping, so importing the same data with the same mapping twice gives the same
+  artifact, and a file changed during an import gets the id of the bytes actually imported.
 
 Prompt ids are ``content_id("prompt", prompt text)`` unless mapped, so prompts and samples
 imported from different files join on equal prompt texts.
@@ -33,8 +35,6 @@ This module holds the import stages themselves (their configs, specs and runs); 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,6 +43,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from prefloop.datasets_spec import DROPS, PREFERENCES, PROMPTS, SAMPLES, TableSpec
+from prefloop.errors import UserError
 from prefloop.stage import StageConfig, StageContext, StageOutput, StageResult, StageSpec, execute
 from prefloop.storage import ArtifactStore
 from prefloop.tasks.common.models import PICKLE_SUFFIXES, UnsafeModelError, check_model_dir
@@ -58,9 +59,10 @@ from prefloop.tasks.importing.mapping import (
 from prefloop.tasks.importing.sources import (
     SourceFormat,
     SourceImportError,
+    SourceSnapshot,
     detect_format,
     read_source,
-    source_digest,
+    snapshot_source,
 )
 from prefloop.tasks.registry import stage_spec
 
@@ -100,6 +102,7 @@ class ImportSource(StageConfig):
 
 def _spec(kind: ImportKind) -> StageSpec:
     return stage_spec(f"import-{kind}", version="1", config_model=ImportConfig, output_table=TABLES[kind],
+                      refuse_empty_output=True,
                       description=f"Import {kind} from a JSONL/Parquet/CSV file or a saved dataset.")
 
 
@@ -121,11 +124,14 @@ def _drops_table(kind: str, problems: list[Problem]) -> pa.Table:
     ], schema=DROPS.schema)
 
 
-def _import_compute(kind: ImportKind, source: Path):
+def _import_compute(kind: ImportKind, snapshot: SourceSnapshot):
+    source = snapshot.original
+
     def compute(ctx: StageContext) -> StageOutput:
         config: ImportConfig = ctx.config
         rows, problems, found, seen_fields = build_rows(
-            kind, read_source(source, config.source_format, config.dataset_split), config.mapping, config.explode)
+            kind, read_source(snapshot.path, config.source_format, config.dataset_split, shown_as=source),
+            config.mapping, config.explode)
         never = [f"{target}={path}" for target, path in config.mapping.items() if not found[target]]
         if never and seen_fields:
             raise SourceImportError(
@@ -164,10 +170,11 @@ def import_table(kind: ImportKind, source: str | Path, store: ArtifactStore, map
         raise SourceImportError(f"cannot import '{kind}': importable tables are {', '.join(SPECS)} (and 'model')")
     path = Path(source).expanduser()
     fmt = detect_format(path)
-    config = {"source_sha256": source_digest(path), "source_format": fmt,
-              "mapping": resolve_mapping(kind, dict(mapping or {})), "dataset_split": dataset_split,
-              "split": split, "policy_name": policy_name, "explode": explode}
-    return execute(SPECS[kind], _import_compute(kind, path), {}, config, store, name)
+    resolved = resolve_mapping(kind, dict(mapping or {}))
+    with snapshot_source(path) as snapshot:
+        config = {"source_sha256": snapshot.digest, "source_format": fmt, "mapping": resolved,
+                  "dataset_split": dataset_split, "split": split, "policy_name": policy_name, "explode": explode}
+        return execute(SPECS[kind], _import_compute(kind, snapshot), {}, config, store, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,30 +190,31 @@ MODEL_SPEC = stage_spec(
 )
 
 
-def _model_compute(source: Path):
+def _carried(relative: str) -> bool:
+    """Whether a model directory's file goes into the artifact: pickles (e.g. training_args.bin) and hidden files never do."""
+    return Path(relative).suffix.lower() not in PICKLE_SUFFIXES and not any(
+        part.startswith(".") for part in Path(relative).parts)
+
+
+def _model_compute(snapshot: SourceSnapshot, skipped: list[str]):
+    source = snapshot.original
+
     def compute(ctx: StageContext) -> StageOutput:
         from transformers import AutoTokenizer
 
-        weights = check_model_dir(source)
-        out = Path(tempfile.mkdtemp(prefix="prefloop-import-model-"))
-        skipped = []
-        for file in sorted(p for p in source.rglob("*") if p.is_file()):
-            relative = file.relative_to(source)
-            if file.suffix.lower() in PICKLE_SUFFIXES or any(part.startswith(".") for part in relative.parts):
-                skipped.append(relative.as_posix())  # e.g. training_args.bin: pickles are never carried along
-                continue
-            (out / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(file, out / relative)
+        out = snapshot.path
+        try:
+            weights = check_model_dir(out)  # again on the copy: what is published is what was checked
+        except UnsafeModelError as error:
+            raise UnsafeModelError(str(error).replace(str(out), str(source))) from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=False, local_files_only=True)
         except Exception as error:  # noqa: BLE001 - any failure here means the directory has no usable tokenizer
-            shutil.rmtree(out, ignore_errors=True)
             raise UnsafeModelError(f"{source}: its tokenizer does not load ({type(error).__name__}: {error}); "
                                    "save it beside the model with tokenizer.save_pretrained(DIR)") from None
         metrics: dict[str, Any] = {"source": str(source), "weight_files": [w.name for w in weights],
                                    "skipped_files": skipped, "has_chat_template": bool(tokenizer.chat_template)}
         if tokenizer.eos_token_id is None:
-            shutil.rmtree(out, ignore_errors=True)
             raise UnsafeModelError(f"{source}: the tokenizer has no eos token, so generation cannot stop; set "
                                    "tokenizer.eos_token and save it again")
         if tokenizer.pad_token_id is None:
@@ -222,8 +230,12 @@ def _model_compute(source: Path):
 def import_model(source: str | Path, store: ArtifactStore, name: str | None = None) -> StageResult:
     """Import a local model directory as a checksummed model artifact (a lookup if already imported)."""
     path = Path(source).expanduser()
-    check_model_dir(path)
-    return execute(MODEL_SPEC, _model_compute(path), {}, {"source_sha256": source_digest(path)}, store, name)
+    check_model_dir(path)  # refuse early, before copying the weights
+    skipped = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                     if p.is_file() and not _carried(p.relative_to(path).as_posix()))
+    with snapshot_source(path, keep=_carried) as snapshot:
+        return execute(MODEL_SPEC, _model_compute(snapshot, skipped), {}, {"source_sha256": snapshot.digest},
+                       store, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +246,7 @@ def execute_entry(entry: StageEntry, inputs: dict[str, str], config: Mapping[str
     """Run import stage ``entry`` with a flow's import config (:meth:`ImportSource.task_config`):
     its ``source`` is read here, and only the source's content (not its path) goes into the id."""
     if inputs:
-        raise ValueError(f"stage '{entry.name}' takes no inputs (it reads a source file); got {sorted(inputs)}")
+        raise UserError(f"stage '{entry.name}' takes no inputs (it reads a source file); got {sorted(inputs)}")
     options = dict(config)
     source = options.pop("source")
     if entry.output == "model":

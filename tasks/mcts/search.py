@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prefloop.backends.base import GenerationParams, PolicyBackend, yes_probability
+from prefloop.errors import UserError
 from prefloop.tasks.common.search_trees import (
     CONTEXT_WINDOW,
     EMPTY_STEP,
@@ -243,7 +244,7 @@ class TreeSearch:
         self.counters.sequences_scored += 2 * len(prompts)
         for (tree, index), probability in zip(nodes, probabilities, strict=True):
             if not math.isfinite(probability):
-                raise ValueError(
+                raise UserError(
                     f"self-evaluation of a node of tree {tree.tree_id} gave P(yes) = {probability}: the policy scored "
                     f"neither {config.self_eval_yes!r} nor {config.self_eval_no!r} with a finite log-prob. Set "
                     "self_eval_yes/self_eval_no to answers the tokenizer knows, or self_eval_weight: 0")

@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from prefloop.backends import BackendKind, load_backend
 from prefloop.backends.base import PolicyBackend
 from prefloop.datasets_spec import PROMPTS, TREES, make_drops
+from prefloop.errors import UserError
 from prefloop.ids import content_id
 from prefloop.stage import StageConfig, StageContext, StageOutput
 from prefloop.tasks.common.prompts import select_prompts
@@ -80,11 +81,11 @@ class MCTSConfig(StageConfig):
     @model_validator(mode="after")
     def _check(self) -> MCTSConfig:
         if self.self_eval_yes == self.self_eval_no:
-            raise ValueError("self_eval_yes and self_eval_no must differ (P(yes) compares the two answers)")
+            raise UserError("self_eval_yes and self_eval_no must differ (P(yes) compares the two answers)")
         try:
             self.self_eval_template.format(prompt="", steps="")
         except (KeyError, IndexError, ValueError) as error:
-            raise ValueError(f"self_eval_template may only use {{prompt}} and {{steps}} ({error!r})") from None
+            raise UserError(f"self_eval_template may only use {{prompt}} and {{steps}} ({error!r})") from None
         return self
 
 
@@ -127,7 +128,7 @@ def _search(ctx: StageContext, config: MCTSConfig, prompts: pa.Table, backend: P
             trees.append(SearchTree(tree_id=content_id(ctx.output_id, row["prompt_id"]), prompt_id=row["prompt_id"],
                                     prompt=row["prompt"], reference_answer=row["reference_answer"]))
     if not trees:
-        raise ValueError(
+        raise UserError(
             f"no prompt of split '{config.split}' can be searched ({dict(Counter(reasons))}): prompts need a "
             f"reference answer, and room in the model's context window for a step of max_step_tokens "
             f"({config.max_step_tokens})" + (" and the self-evaluation prompt (self_eval_template) with its answer"

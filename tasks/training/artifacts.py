@@ -9,19 +9,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
-import os
-import shutil
 import tempfile
-import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from prefloop.lazy import deferred_import
-from prefloop.storage import ArtifactStore, TamperedArtifactError
+from prefloop.storage import ArtifactExistsError, ArtifactRef, ArtifactStore, TamperedArtifactError
+from prefloop.storage.gc import hold_writer_lock
+from prefloop.storage.store import CHECKPOINTS
 
 if TYPE_CHECKING:
     import torch
@@ -96,14 +94,17 @@ class StoreCheckpointer:
     """Checkpoints of one training run in the artifact store, keyed by the train stage's output id.
 
     Layout: ``checkpoints/<output id>/step-<k>/checkpoint.pt`` (weights, optimizer, scheduler, step,
-    metrics so far, extra modules) and its ``manifest.json`` (sha256, size, step), written last like an
-    artifact's manifest: on a local store the step directory is staged under ``tmp/`` and renamed into
-    place, so a killed write leaves nothing a resume would read, and a checkpoint whose bytes do not
-    match its manifest is refused, not resumed from. Checkpoints live beside ``artifacts/`` rather than
-    in it: they are transient state of a run, not content a ref should name, so they stay out of
-    ``prefloop ls`` and artifact counts. A rerun of the same stage (same output id) resumes from the
-    latest; writing checkpoint k removes the older ones and :meth:`clear` removes the rest once the
-    final model is published.
+    metrics so far, extra modules) and its ``manifest.json`` (a store manifest: the file's sha256 and
+    size, the step in ``metrics``). A step directory is written by the store's own writer
+    (``area="checkpoints"``): staged, manifest last, published with one rename, and every failure but a
+    lost race raised — one publish protocol for artifacts and checkpoints. A killed write leaves nothing
+    a resume would read, and a checkpoint whose bytes do not match its manifest is refused, not resumed
+    from. Checkpoints live beside ``artifacts/`` rather than in it: they are transient state of a run,
+    not content a ref should name, so they stay out of ``prefloop ls`` and artifact counts. A rerun of
+    the same stage (same output id) resumes from the latest; writing checkpoint k removes the older ones
+    and :meth:`clear` removes the rest once the final model is published. While a run saves or loads
+    checkpoints it holds the directory's writer lock, so ``prefloop gc`` leaves a live run's
+    checkpoints alone however old they are.
     """
 
     def __init__(self, store: ArtifactStore, output_id: str, stage: str, stage_version: str):
@@ -112,7 +113,12 @@ class StoreCheckpointer:
         self.stage = stage
         self.stage_version = stage_version
         self.resumed_from: int | None = None
-        self.directory = f"{store.base}/checkpoints/{output_id}"
+        self.directory = f"{store.base}/{CHECKPOINTS}/{output_id}"
+        self._lock: Any = None
+
+    def _hold_lock(self) -> None:
+        if self._lock is None and isinstance(self.store.fs, LocalFileSystem):
+            self._lock = hold_writer_lock(self.directory) or False  # False: another live run holds it
 
     def steps(self) -> list[int]:
         """Steps of this run's complete checkpoints (manifest written), oldest first."""
@@ -127,23 +133,37 @@ class StoreCheckpointer:
         return sorted(found)
 
     def _step_dir(self, step: int) -> str:
-        return f"{self.directory}/step-{step:07d}"
+        return f"{self.directory}/{self._step_ref(step).id}"
+
+    def _step_ref(self, step: int) -> ArtifactRef:
+        return ArtifactRef(self.output_id, f"step-{step:07d}")
 
     def load(self) -> Checkpoint | None:
         steps = self.steps()
         if not steps:
             return None
+        self._hold_lock()
         directory = self._step_dir(steps[-1])
-        with self.store.fs.open(f"{directory}/{CHECKPOINT_MANIFEST}", "rb") as handle:
-            manifest = json.loads(handle.read())
-        with self.store.fs.open(f"{directory}/{CHECKPOINT_FILE}", "rb") as handle:
-            data = handle.read()
+        fix = f"delete {directory} to resume from an earlier checkpoint or from scratch"
+        try:
+            manifest = self.store.read_manifest(self._step_ref(steps[-1]), CHECKPOINTS)
+        except TamperedArtifactError as error:
+            raise CheckpointDamagedError(f"checkpoint {directory} is damaged: {error}; {fix}") from None
+        entry = next((f for f in manifest.files if f.path == CHECKPOINT_FILE), None)
+        if entry is None:
+            raise CheckpointDamagedError(f"checkpoint {directory} is damaged: its manifest lists no "
+                                         f"{CHECKPOINT_FILE} (written by an older version?); {fix}")
+        try:
+            with self.store.fs.open(f"{directory}/{CHECKPOINT_FILE}", "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            raise CheckpointDamagedError(f"checkpoint {directory} is damaged: {CHECKPOINT_FILE} is missing; "
+                                         f"{fix}") from None
         digest = hashlib.sha256(data).hexdigest()
-        if digest != manifest["sha256"] or len(data) != manifest["bytes"]:
+        if digest != entry.sha256 or len(data) != entry.bytes:
             raise CheckpointDamagedError(
                 f"checkpoint {directory} is damaged: {CHECKPOINT_FILE} has sha256 {digest[:12]}… but its manifest "
-                f"says {manifest['sha256'][:12]}…; delete {directory} to resume from an earlier checkpoint or "
-                "from scratch"
+                f"says {entry.sha256[:12]}…; {fix}"
             )
         from prefloop.tasks.training.optim import Checkpoint
 
@@ -152,24 +172,19 @@ class StoreCheckpointer:
         return checkpoint
 
     def save(self, checkpoint: Checkpoint) -> None:
+        """Publish ``checkpoint`` through the store's writer, then remove the older steps. A failed
+        write raises the store's PublishError (what, where, how to fix) and keeps the older steps."""
+        self._hold_lock()
         buffer = io.BytesIO()
         torch.save(checkpoint.to_dict(), buffer)
-        data = buffer.getvalue()
-        manifest = {"output_id": self.output_id, "stage": self.stage, "stage_version": self.stage_version,
-                    "step": checkpoint.step, "num_steps": checkpoint.num_steps,
-                    "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        fs, final = self.store.fs, self._step_dir(checkpoint.step)
-        local = isinstance(fs, LocalFileSystem)
-        staging = f"{self.store.base}/tmp/checkpoint-{uuid.uuid4().hex[:12]}" if local else final
-        fs.makedirs(staging, exist_ok=True)
-        fs.pipe_file(f"{staging}/{CHECKPOINT_FILE}", data)
-        fs.pipe_file(f"{staging}/{CHECKPOINT_MANIFEST}", json.dumps(manifest, indent=2).encode("utf-8"))
-        if local:
-            fs.makedirs(self.directory, exist_ok=True)
-            try:
-                os.rename(staging, final)
-            except OSError:  # a concurrent run of the same stage wrote this very checkpoint
-                shutil.rmtree(staging, ignore_errors=True)
+        ref = self._step_ref(checkpoint.step)
+        try:
+            with self.store.writer(ref.kind, ref.id, area=CHECKPOINTS) as writer:
+                writer.add_file(CHECKPOINT_FILE, buffer.getvalue(), folder="")
+                writer.commit(stage=self.stage, stage_version=self.stage_version,
+                              metrics={"step": checkpoint.step, "num_steps": checkpoint.num_steps})
+        except ArtifactExistsError:
+            pass  # a concurrent run of the same stage (same output id, same step) wrote this very state
         for step in self.steps():
             if step != checkpoint.step:
                 self._remove(self._step_dir(step))

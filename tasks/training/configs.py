@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from prefloop.errors import UserError
 from prefloop.tasks.training.losses import LossHyperparameters, get_loss_spec
 
 
@@ -102,7 +103,7 @@ class RewardModelTrainingConfig(OptimizationConfig):
     @model_validator(mode="after")
     def _no_truncation(self) -> RewardModelTrainingConfig:
         if self.max_length is not None:
-            raise ValueError("max_length is not supported for reward models: the reward is read on the last token, "
+            raise UserError("max_length is not supported for reward models: the reward is read on the last token, "
                              "which cutting the sequence would remove; leave max_length unset")
         return self
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from prefloop.errors import UserError
 from prefloop.lazy import deferred_import
 
 if TYPE_CHECKING:
@@ -176,7 +177,7 @@ class LossSpec:
             how.append(
                 "fill chosen_kl/rejected_kl with prefloop.forward.completion_logps_and_kl (the trainer does when the spec asks)"
             )
-        raise ValueError(
+        raise UserError(
             f"loss '{self.name}' needs {list(self.required_fields())}, but {missing} are missing: "
             + "; ".join(how)
         )
@@ -253,13 +254,13 @@ def _label_flip_rate(
     if logps.label_flip_rate is None:
         epsilon = hyperparameters.label_flip_rate
         if epsilon > upper or (epsilon == upper and not upper_included):
-            raise ValueError(f"loss '{loss_name}' needs label_flip_rate below {upper}, got {epsilon}")
+            raise UserError(f"loss '{loss_name}' needs label_flip_rate below {upper}, got {epsilon}")
         return epsilon
     epsilon = logps.label_flip_rate
     above = epsilon > upper if upper_included else epsilon >= upper
     if bool((epsilon < 0).any()) or bool(above.any()):
         bound = "]" if upper_included else ")"
-        raise ValueError(
+        raise UserError(
             f"loss '{loss_name}' needs every per-pair label_flip_rate in [0, {upper}{bound}, got values "
             f"{epsilon[(epsilon < 0) | above].tolist()}: clamp the pairs' ε (e.g. ε = min(1 − confidence, 0.5))"
         )
@@ -487,7 +488,7 @@ def get_loss_spec(name: str) -> LossSpec:
     try:
         return LOSS_SPECS[name]
     except KeyError:
-        raise ValueError(f"unknown loss '{name}': valid names are {sorted(LOSS_SPECS)}") from None
+        raise UserError(f"unknown loss '{name}': valid names are {sorted(LOSS_SPECS)}") from None
 
 
 def get_loss(name: str) -> LossFunction:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from prefloop.errors import UserError
 from prefloop.lazy import deferred_import
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def example_order(
     order is a pure function of its arguments, a resumed run needs only the step number.
     """
     if curriculum is not None and sorted(curriculum) != list(range(num_examples)):
-        raise ValueError(f"a curriculum must list each of the {num_examples} examples exactly once")
+        raise UserError(f"a curriculum must list each of the {num_examples} examples exactly once")
     generator = torch.Generator().manual_seed(seed)
     stream: list[int] = []
     order: list[list[int]] = []
@@ -169,7 +170,7 @@ def optimise(
     checkpoint = checkpointer.load() if checkpointer is not None else None
     if checkpoint is not None:
         if checkpoint.num_steps != num_steps or set(checkpoint.extra) != set(extra_state):
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint at step {checkpoint.step} belongs to a run of {checkpoint.num_steps} steps with "
                 f"extra state {sorted(checkpoint.extra)}, not to this run ({num_steps} steps, {sorted(extra_state)}): "
                 "it was written by different code; delete it to start over"

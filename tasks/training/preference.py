@@ -42,6 +42,7 @@ from pydantic import Field
 
 from prefloop.datasets_spec import PREFERENCES, TRAIN_LOG
 from prefloop.datasets_spec.schemas import REFERENCE_LOGPS
+from prefloop.errors import UserError
 from prefloop.lazy import deferred_import
 from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
 from prefloop.tasks.common.confidence import pair_flip_rates
@@ -129,13 +130,13 @@ def training_pairs(ctx: StageContext, config: TrainConfig) -> tuple[pa.Table, in
     training seed. Returns the table and the number of off-policy pairs in it."""
     pairs = _read_pairs(ctx, "preferences")
     if pairs.num_rows == 0:
-        raise ValueError(
+        raise UserError(
             f"preferences {ctx.inputs['preferences']} is empty: there is nothing to train on. "
             "Sample more prompts or completions per prompt, or relax the filter."
         )
     if config.off_policy_ratio == 0.0 or not ctx.has("off_policy"):
         if config.off_policy_ratio > 0.0 and config.round > 1:
-            raise ValueError(
+            raise UserError(
                 f"train: off_policy_ratio is {config.off_policy_ratio} but no 'off_policy' input was given: pass "
                 "an earlier round's preferences as off_policy=REF, or set off_policy_ratio to 0"
             )
@@ -157,7 +158,7 @@ def margin_curriculum(margins: list[float | None], seed: int) -> list[int]:
     """Pair indices from the largest margin to the smallest (easy to hard, Curry-DPO); equal margins
     in a seeded random order."""
     if any(margin is None for margin in margins):
-        raise ValueError(
+        raise UserError(
             "curriculum 'margin' needs a margin for every pair, but some are null: label the pairs with a "
             "scorer that gives margins, or set curriculum: none"
         )
@@ -176,7 +177,7 @@ def label_flip_rates(
     training = config.training
     if not get_loss_spec(training.loss).uses_label_flip_rate:
         if config.label_flip_rate_source == "filter_estimate":
-            raise ValueError(
+            raise UserError(
                 f"train: label_flip_rate_source is 'filter_estimate' but loss '{training.loss}' does not read a "
                 "label-flip rate: use loss cdpo or rdpo, or set label_flip_rate_source back to 'confidence'"
             )
@@ -188,7 +189,7 @@ def label_flip_rates(
     if source == "filter_estimate":
         estimate = ctx.store.read_manifest(ctx.inputs["preferences"]).metrics.get("estimated_flip_rate")
         if estimate is None:
-            raise ValueError(
+            raise UserError(
                 f"train: label_flip_rate_source is 'filter_estimate' but preferences {ctx.inputs['preferences']} "
                 "has no 'estimated_flip_rate' in its manifest: only stage 'filter' writes it, and only with an "
                 "ensemble_labels input (a reward-model ensemble's labels, stage label-rm) or pairs that carry a "
@@ -239,7 +240,7 @@ def cached_reference_logps(ctx: StageContext, pair_ids: list[str], prepared: Pre
             continue
         if chosen_tokens is not None and (chosen_tokens[row] != prepared.chosen[index].completion_length
                                           or rejected_tokens[row] != prepared.rejected[index].completion_length):
-            raise ValueError(
+            raise UserError(
                 f"reference_logps {ctx.inputs['reference_logps']} scored pair {pair_id} over a different number of "
                 "tokens than train tokenises: it was computed with another max_length or tokenizer. Rerun stage "
                 "'reference' with max_length equal to train.training.max_length"
@@ -282,13 +283,13 @@ def compute(ctx: StageContext) -> StageOutput:
     elif ctx.has("reference_logps"):
         reference_logps, missing = cached_reference_logps(ctx, pairs_table.column("pair_id").to_pylist(), prepared)
         if missing and config.reference_policy == "mixture":
-            raise ValueError(
+            raise UserError(
                 f"reference_logps {ctx.inputs['reference_logps']} lacks {len(missing)} of the training pairs and "
                 "the mixture reference cannot be scored here: rerun stage 'reference' with the same preferences "
                 "and off_policy inputs"
             )
     elif config.reference_policy == "mixture":
-        raise ValueError(
+        raise UserError(
             "reference_policy 'mixture' needs the 'reference_logps' input (stage 'reference' run with "
             "mixture_with=the previous policy and mixture_weight): the mixture has no weights of its own"
         )

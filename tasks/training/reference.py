@@ -27,6 +27,7 @@ from pydantic import Field
 
 from prefloop.datasets_spec import PREFERENCES
 from prefloop.datasets_spec.schemas import REFERENCE_LOGPS
+from prefloop.errors import UserError
 from prefloop.stage import StageConfig, StageContext, StageOutput
 from prefloop.tasks.registry import stage_spec
 from prefloop.tasks.training.artifacts import load_policy, training_device
@@ -63,7 +64,7 @@ def compute(ctx: StageContext) -> StageOutput:
 
     config: ReferenceConfig = ctx.config
     if (config.mixture_weight is None) != (not ctx.has("mixture_with")):
-        raise ValueError(
+        raise UserError(
             "stage 'reference': a geometric mixture needs both the 'mixture_with' model input and "
             "config mixture_weight; give both (reference_policy: mixture) or neither"
         )
@@ -76,7 +77,7 @@ def compute(ctx: StageContext) -> StageOutput:
     keep = [not (pair_id in seen or seen.add(pair_id)) for pair_id in pairs_table.column("pair_id").to_pylist()]
     pairs_table = pairs_table.filter(pa.array(keep, pa.bool_()))
     if pairs_table.num_rows == 0:
-        raise ValueError(
+        raise UserError(
             f"preferences {ctx.inputs['preferences']} is empty: there are no pairs to score. "
             "Sample more prompts or completions per prompt, or relax the filter."
         )

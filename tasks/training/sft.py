@@ -1,9 +1,16 @@
-"""Stage ``sft``: the supervised warm start — a tiny Llama trained on the prompts' gold solutions.
+"""Stage ``sft``: the supervised warm start of the loop.
 
-The model is built from a config (no hub download), with the locally built character tokenizer,
-and trained with the SFT recipe (:func:`prefloop.tasks.training.recipes.sft.train_sft`), with
-checkpoints in the store so a killed run resumes (see ``tasks/training/artifacts.py``).
-The output is a model artifact: safetensors weights, config and tokenizer files.
+Two starting points, one recipe (:func:`prefloop.tasks.training.recipes.sft.train_sft`):
+
+* the embedded default (no ``policy`` input): a tiny Llama built from ``model`` (no hub download)
+  with the locally built character tokenizer, trained on the gold solutions of the ``prompts``;
+* a user's model (``policy`` input, e.g. an imported ``prefloop import model DIR``): fine-tuned as it
+  is, with its own tokenizer, on ``demonstrations`` — the chosen responses of a preferences artifact —
+  or ``demonstration_samples`` — the completions of a samples artifact (the ``prompts``' gold
+  solutions are used too when that input is given).
+
+Checkpoints go to the store so a killed run resumes (see ``tasks/training/artifacts.py``). The
+output is a model artifact: safetensors weights, config and tokenizer files.
 """
 
 from __future__ import annotations
@@ -11,14 +18,16 @@ from __future__ import annotations
 import pyarrow.compute as pc
 from pydantic import Field
 
-from prefloop.datasets_spec import PROMPTS, TRAIN_LOG
+from prefloop.datasets_spec import PREFERENCES, PROMPTS, SAMPLES, TRAIN_LOG
 from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
-from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
+from prefloop.errors import UserError
+from prefloop.stage import StageConfig, StageContext, StageInputError, StageOutput, done_total_callback
 from prefloop.tasks.registry import stage_spec
 from prefloop.tasks.training.artifacts import (
     StoreCheckpointer,
     clear_checkpoints,
+    load_policy,
     save_model_dir,
     summarize,
     train_log_table,
@@ -28,9 +37,10 @@ from prefloop.tasks.training.configs import SFTConfig
 
 
 class SFTStageConfig(StageConfig):
-    model: TinyLlamaConfig = Field(default_factory=TinyLlamaConfig)
+    model: TinyLlamaConfig = Field(default_factory=TinyLlamaConfig,
+                                   description="the embedded model's shape (unused when a policy input is given)")
     training: SFTConfig = Field(default_factory=SFTConfig)
-    split: str = "train"
+    split: str = Field("train", description="split of the prompts whose gold solutions are trained on")
     seed: int = Field(0, description="model initialisation seed")
 
 
@@ -39,22 +49,57 @@ SPEC = stage_spec(
     version="1",
     config_model=SFTStageConfig,
     after_publish=clear_checkpoints,
-    description="Build the embedded tiny Llama and train it on the gold solutions of the prompts.",
+    description="Build the embedded tiny Llama (or take the policy input) and train it on gold solutions or "
+    "demonstrations.",
 )
+
+
+def _gold_solutions(ctx: StageContext, split: str) -> list[tuple[str, str]]:
+    prompts = ctx.read("prompts", PROMPTS)
+    prompts = prompts.filter(pc.equal(prompts.column("split"), split))
+    if "reference_solution" not in prompts.column_names or prompts.num_rows == 0:
+        raise UserError(f"sft needs prompts with a 'reference_solution' in split '{split}'")
+    return [(p, s) for p, s in zip(prompts.column("prompt").to_pylist(),
+                                   prompts.column("reference_solution").to_pylist(), strict=True) if s]
+
+
+def _demonstrations(ctx: StageContext) -> list[tuple[str, str]]:
+    """(prompt, response) pairs: chosen responses of ``demonstrations``, completions of ``demonstration_samples``."""
+    examples: list[tuple[str, str]] = []
+    for role, table_spec, column in (("demonstrations", PREFERENCES, "chosen"),
+                                     ("demonstration_samples", SAMPLES, "completion")):
+        if ctx.has(role):
+            table = ctx.read(role, table_spec)
+            examples += [(p, r) for p, r in zip(table.column("prompt").to_pylist(), table.column(column).to_pylist(),
+                                                strict=True) if p and r]
+    return examples
+
+
+def _examples(ctx: StageContext, config: SFTStageConfig) -> list[tuple[str, str]]:
+    if not ctx.has("policy"):
+        if ctx.has("demonstrations") or ctx.has("demonstration_samples") or not ctx.has("prompts"):
+            raise StageInputError("sft without a policy input trains the embedded model on the prompts' gold "
+                                  "solutions: pass --input prompts=REF (demonstrations need --input policy=MODEL)")
+        return _gold_solutions(ctx, config.split)
+    examples = _demonstrations(ctx) + (_gold_solutions(ctx, config.split) if ctx.has("prompts") else [])
+    if not examples:
+        raise StageInputError("sft on a policy input needs something to imitate: --input demonstrations=PREFERENCES "
+                              "(their chosen responses), --input demonstration_samples=SAMPLES, or prompts with "
+                              "reference solutions; the ones given hold no (prompt, response) pair")
+    return examples
 
 
 def compute(ctx: StageContext) -> StageOutput:
     from prefloop.tasks.training.recipes.sft import train_sft
 
     config: SFTStageConfig = ctx.config
-    prompts = ctx.read("prompts", PROMPTS)
-    prompts = prompts.filter(pc.equal(prompts.column("split"), config.split))
-    if "reference_solution" not in prompts.column_names or prompts.num_rows == 0:
-        raise ValueError(f"sft needs prompts with a 'reference_solution' in split '{config.split}'")
-    examples = [(p, s) for p, s in zip(prompts.column("prompt").to_pylist(),
-                                       prompts.column("reference_solution").to_pylist(), strict=True) if s]
-    tokenizer = build_tokenizer()
-    model = build_model(config.model, len(tokenizer), config.seed, tokenizer).to(training_device())
+    examples = _examples(ctx, config)
+    if ctx.has("policy"):
+        model, tokenizer = load_policy(ctx.model_dir("policy"))
+        model = model.to(training_device())
+    else:
+        tokenizer = build_tokenizer()
+        model = build_model(config.model, len(tokenizer), config.seed, tokenizer).to(training_device())
     total = config.training.max_steps or 0
     checkpointer = StoreCheckpointer(ctx.store, ctx.output_id, SPEC.name, SPEC.version)
     with ctx.progress(total, "steps") as advance:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from prefloop.errors import UserError
 from prefloop.forward import (
     INFERENCE_GROUP_TOKENS,
     EncodedExample,
@@ -109,7 +110,7 @@ def geometric_mixture(first: ReferenceLogps, second: ReferenceLogps, first_weigh
     uses this reference with π_1 = the SFT model, π_2 = the previous round's policy, w = τ/η.
     """
     if not 0.0 <= first_weight <= 1.0:
-        raise ValueError(f"a geometric mixture weight must lie in [0, 1], got {first_weight}")
+        raise UserError(f"a geometric mixture weight must lie in [0, 1], got {first_weight}")
     if len(first) != len(second):
         raise ValueError(f"cannot mix reference log-probs of {len(first)} and {len(second)} pairs")
     return ReferenceLogps(
@@ -128,7 +129,7 @@ class SoftSync:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0 or self.every < 1:
-            raise ValueError(f"soft sync needs 0 < alpha <= 1 and every >= 1, got alpha={self.alpha}, every={self.every}")
+            raise UserError(f"soft sync needs 0 < alpha <= 1 and every >= 1, got alpha={self.alpha}, every={self.every}")
 
     def apply(self, policy: PreTrainedModel, reference: PreTrainedModel) -> None:
         with torch.no_grad():
@@ -186,16 +187,16 @@ def train_dpo(
     config = config or DPOConfig()
     loss_spec = get_loss_spec(config.loss)
     if not loss_spec.needs_rejected:
-        raise ValueError(f"train_dpo needs a preference loss, got '{config.loss}' (use train_sft for it)")
+        raise UserError(f"train_dpo needs a preference loss, got '{config.loss}' (use train_sft for it)")
     if not pairs:
-        raise ValueError("train_dpo got no pairs: every prompt was all-correct or all-wrong?")
+        raise UserError("train_dpo got no pairs: every prompt was all-correct or all-wrong?")
     prepared = prepared or prepare_pairs(tokenizer, pairs, config.max_length)
     if len(prepared) != len(pairs):
         raise ValueError(f"prepared pairs hold {len(prepared)} pairs but {len(pairs)} were given")
     pad_id = tokenizer.pad_token_id
     per_step_reference = soft_sync is not None or loss_spec.needs_kl_to_reference
     if (per_step_reference or (loss_spec.needs_reference and reference_logps is None)) and reference is None:
-        raise ValueError(
+        raise UserError(
             f"loss '{config.loss}'{' with a soft-synced reference' if soft_sync else ''} needs the reference "
             "model: pass reference= (or reference_logps= computed once for a fixed reference)"
         )
@@ -214,7 +215,7 @@ def train_dpo(
     flip_rates = prepared.label_flip_rates
     if flip_rates is not None:
         if not loss_spec.uses_label_flip_rate:
-            raise ValueError(f"per-pair label flip rates were given but loss '{config.loss}' does not read ε: "
+            raise UserError(f"per-pair label flip rates were given but loss '{config.loss}' does not read ε: "
                              "use cdpo or rdpo, or leave the rates out")
         flip_rates = flip_rates.to(policy.device)
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from prefloop.embedded.model import TinyLlamaConfig
+from prefloop.errors import UserError
 from prefloop.forward import EncodedExample, collate, encode_completion
 from prefloop.lazy import deferred_import
 from prefloop.tasks.training.configs import RewardModelTrainingConfig
@@ -74,7 +75,7 @@ def build_reward_model(tokenizer: PreTrainedTokenizerBase, seed: int, policy_dir
                 policy_dir, num_labels=1, trust_remote_code=False, local_files_only=True, use_safetensors=True,
                 dtype=torch.float32)
             if not isinstance(model, transformers.LlamaForSequenceClassification):
-                raise ValueError(f"the policy at {policy_dir} is a {type(model).__name__}; train-rm builds Llama "
+                raise UserError(f"the policy at {policy_dir} is a {type(model).__name__}; train-rm builds Llama "
                                  "reward models (LlamaForSequenceClassification)")
         else:
             architecture = architecture or TinyLlamaConfig()
@@ -101,9 +102,12 @@ def encode_for_reward(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]
 
 
 def rewards_of(model: PreTrainedModel, examples: Sequence[EncodedExample], pad_id: int) -> torch.Tensor:
-    """r(x, y) of each example, shape [n] (differentiable; right padding, head on the last real token)."""
+    """r(x, y) of each example, shape [n] (differentiable; right padding, head on the last real token).
+
+    ``collate`` builds the batch on the CPU; it is moved to the model's device (a no-op on the CPU)."""
     batch = collate(examples, pad_id)
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0].float()
+    return model(input_ids=batch.input_ids.to(model.device),
+                 attention_mask=batch.attention_mask.to(model.device)).logits[:, 0].float()
 
 
 def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
@@ -127,7 +131,7 @@ def train_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     the loss, the mean margin r_w − r_l and the training accuracy (share of pairs with r_w > r_l).
     """
     if not pairs:
-        raise ValueError("train_reward_model got no pairs: there is nothing to learn a preference from")
+        raise UserError("train_reward_model got no pairs: there is nothing to learn a preference from")
     prompts = [p for p, _, _ in pairs]
     chosen = encode_for_reward(tokenizer, prompts, [c for _, c, _ in pairs])
     rejected = encode_for_reward(tokenizer, prompts, [r for _, _, r in pairs])
@@ -167,7 +171,7 @@ def reward_model_members(model_dir: str | Path) -> list[Path]:
     if manifest.exists():
         return [root / name for name in json.loads(manifest.read_text(encoding="utf-8"))["members"]]
     if not (root / "config.json").exists():
-        raise ValueError(f"{root} holds neither a model (config.json) nor an ensemble ({ENSEMBLE_FILE}): "
+        raise UserError(f"{root} holds neither a model (config.json) nor an ensemble ({ENSEMBLE_FILE}): "
                          "pass a model artifact written by the train-rm stage")
     return [root]
 
@@ -178,7 +182,7 @@ def load_reward_model(member_dir: str | Path) -> tuple[PreTrainedModel, PreTrain
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         member_dir, trust_remote_code=False, local_files_only=True, use_safetensors=True, dtype=torch.float32)
     if model.config.num_labels != 1:
-        raise ValueError(f"the model at {member_dir} has {model.config.num_labels} labels; a reward model has "
+        raise UserError(f"the model at {member_dir} has {model.config.num_labels} labels; a reward model has "
                          "exactly one (its logit is the reward). Was a classifier or a policy passed as reward_model?")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
