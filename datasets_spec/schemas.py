@@ -261,6 +261,11 @@ TREES = TableSpec(
         pa.field("tree_status", pa.string()),
         pa.field("round", pa.int32()),
         pa.field("policy_model_id", pa.string()),
+        # Added for MCTS-DPO's decision-time confidence (nullable; null in tables written before, and for
+        # nodes whose parent was never a decision root): the node's visit count and Q when the decision
+        # at its parent was committed. pair-trees computes conf = 1/(1 + N_l/max(1, N_w)) from these.
+        pa.field("decision_visits", pa.int64()),
+        pa.field("decision_q_value", pa.float64()),
     ),
     required=("tree_id", "node_id", "depth"),
     rules=(

@@ -1,15 +1,20 @@
 """Prefect flows of the loop: one round, and the whole multi-round run.
 
 The flows only wire stages together by artifact reference; every stage's work and identity live
-in its task (``prefloop.tasks``). Rerunning a finished run is a series of store lookups.
+in its task (``prefloop.tasks``). Rerunning a finished run is a series of store lookups
+(:func:`lookup_loop`), made before Prefect is imported.
+
+Importing this module does not import Prefect: ``round_flow`` and ``loop_flow`` are built on first
+access (``from prefloop.flows.loop import loop_flow``, or Prefect loading the entrypoint
+``flows/loop.py:loop_flow``), by the module's ``__getattr__`` at the end.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
-from prefect import flow
 from pydantic import BaseModel
 
 from prefloop.config import LoopConfig
@@ -22,6 +27,7 @@ from prefloop.flows.training import (
 )
 from prefloop.orchestration import (
     call_stage_task,
+    lookup_caller,
     publish_round_report,
     publish_run_report,
     run_stage_deployment,
@@ -85,6 +91,18 @@ def _seeded(section: BaseModel, config: LoopConfig, round_index: int, **updates)
     return data | updates
 
 
+_DEFERRED_FLOWS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
+
+
+def _deferred_flow(**options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``@flow(**options)``, made on first access of the module attribute (see :func:`__getattr__`)."""
+    def register(function: Callable[..., Any]) -> Callable[..., Any]:
+        _DEFERRED_FLOWS[function.__name__] = (function, options)
+        return function
+
+    return register
+
+
 def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str, prompts_ref: str,
               baseline: str, store: str, previous_metrics: str | None = None, reward_model: str | None = None,
               call: StageCaller = direct_caller, publish: bool = False) -> RoundSummary:
@@ -93,7 +111,9 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
 
     The evaluation is paired with the SFT model's (``baseline``) and the previous round's
     (``previous_metrics``) on the same held-out prompts, measures the KL to this round's DPO
-    reference, and the reward under ``reward_model`` when one is given.
+    reference and, when that reference is not the starting policy (``previous_round``,
+    ``soft_sync`` from round 2), also to the starting policy (``start``: ``kl_to_start``, the drift
+    a moving reference hides), and the reward under ``reward_model`` when one is given.
     """
     prefix = f"{config.name}/round-{round_index}"
     if config.construction.method == "mcts":
@@ -134,7 +154,8 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
         new_policy = trained.output
     metrics = call("evaluate",
                    _evaluation_inputs(new_policy, prompts_ref, reference, reward_model, baseline=baseline,
-                                      previous=previous_metrics, preferences=kept.output),
+                                      previous=previous_metrics, preferences=kept.output,
+                                      start=sft_policy if reference != sft_policy else None),
                    _seeded(config.evaluation, config, round_index), store, f"{prefix}/metrics")
     stages.append(metrics)
     if publish:
@@ -142,7 +163,7 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
     return RoundSummary(round=round_index, policy=new_policy, metrics=metrics.output, stages=stages)
 
 
-@flow(name="prefloop-round", log_prints=True)
+@_deferred_flow(name="prefloop-round", log_prints=True)
 def round_flow(config: LoopConfig, round_index: int, policy: str, sft_policy: str, prompts_ref: str,
                baseline: str, store: str = DEFAULT_STORE, previous_metrics: str | None = None,
                reward_model: str | None = None, dispatch: Dispatch = "local") -> RoundSummary:
@@ -288,7 +309,20 @@ def run_loop(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str |
     return LoopSummary(name=name, store=store, rounds=rounds)
 
 
-@flow(name="prefloop-loop", log_prints=True)
+def lookup_loop(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str | None = None) -> LoopSummary:
+    """A finished run's summary from the store alone: :func:`run_loop`'s wiring walked with
+    :func:`~prefloop.orchestration.lookup_caller`, which looks each stage up and computes nothing.
+
+    Every stage is then a stored StageResult (``cached``), so the wiring takes the branches the run
+    took. Raises :class:`~prefloop.orchestration.StageNotInStore` at the first stage that would have
+    to compute; the refs of the stages found before it are set, as a run sets them. Imports no Prefect
+    and publishes no Prefect artifact: ``prefloop run`` calls it first, so a finished run is reprinted
+    without starting Prefect's throw-away server, and a run with work left runs as a flow.
+    """
+    return run_loop(config, store, reward_model, call=lookup_caller, publish=False)
+
+
+@_deferred_flow(name="prefloop-loop", log_prints=True)
 def loop_flow(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str | None = None,
               dispatch: Dispatch = "local") -> LoopSummary:
     """The multi-round loop as a Prefect flow: every stage a task run named after its output
@@ -309,3 +343,22 @@ def loop_flow(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str 
         return run_loop(config, store, reward_model, call=CALLERS[dispatch], publish=True)
     finally:
         wait_for_artifacts()
+
+
+# The flows above are plain functions until first read: Prefect is imported, and the flow made, then.
+for _name in _DEFERRED_FLOWS:
+    del globals()[_name]
+del _name
+
+
+def __getattr__(name: str) -> Any:
+    """``round_flow`` and ``loop_flow`` as Prefect flows, made on first access (PEP 562): importing
+    Prefect costs 1.5 s or more, which a cached rerun (:func:`lookup_loop`) does not pay."""
+    if name not in _DEFERRED_FLOWS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from prefect import flow
+
+    function, options = _DEFERRED_FLOWS[name]
+    made = flow(**options)(function)
+    globals()[name] = made
+    return made

@@ -18,6 +18,10 @@ mixture         the SFT model            stage ``reference``: SFT mixed with the
 soft_sync       the round's start policy none: the reference moves during training (TR-DPO)
 =============== ======================== ======================================================
 
+The loop config refuses a policy paired with a loss it is not defined for (``mixture`` is INPO and needs
+loss ``ipo`` with ``ipo_tau`` = η and ``mixture_weight`` = τ/η; ``sppo`` needs ``previous_round``), and so
+does stage ``train`` (``tasks.training.configs.check_iteration_policy``).
+
 With ``off_policy_ratio`` > 0, the previous round's filtered pairs are the ``off_policy`` input of
 both stages.
 

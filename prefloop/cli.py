@@ -139,22 +139,37 @@ def run(
     store: StoreOption = None,
 ) -> None:
     """Run the whole multi-round loop as a Prefect flow; finished stages are looked up, not recomputed."""
-    from prefloop.orchestration import run_flow_locally, start_ephemeral_server_early
-
-    if use_prefect:
-        start_ephemeral_server_early()  # overlaps the imports below
+    # Every stage is first looked up without Prefect (lookup_loop): a finished run is reprinted from the
+    # store without starting Prefect's server; otherwise the loop runs as a flow, whose found stages are
+    # lookups, so every run that computes is in Prefect's UI.
     from prefloop.config import load_loop_config
-    from prefloop.flows.loop import loop_flow, run_loop
+    from prefloop.flows.loop import lookup_loop, run_loop
+    from prefloop.orchestration import StageNotInStore
 
     loop_config = load_loop_config(config, rounds=rounds, name=name, policy=policy)
     target = _store(store)
     _install_progress()
     reward_ref = str(target.resolve(reward_model)) if reward_model else None
-    if use_prefect:
-        summary = run_flow_locally(loop_flow, loop_config, store=target.uri, reward_model=reward_ref,
-                                   expected_task_runs=lambda result: len(result.stages))
-    else:
+    if not use_prefect:
         summary = run_loop(loop_config, target.uri, reward_ref)
+    else:
+        try:
+            summary = lookup_loop(loop_config, target.uri, reward_ref)
+        except StageNotInStore as missing:
+            summary = None
+            err_console.print(f"[dim]{escape(str(missing))}; running the loop as a Prefect flow[/]", highlight=False,
+                              soft_wrap=True)
+        if summary is None:
+            from prefloop.orchestration import run_flow_locally, start_ephemeral_server_early
+
+            start_ephemeral_server_early()  # overlaps importing Prefect's flow machinery below
+            from prefloop.flows.loop import loop_flow
+
+            summary = run_flow_locally(loop_flow, loop_config, store=target.uri, reward_model=reward_ref,
+                                       expected_task_runs=lambda result: len(result.stages))
+        else:
+            err_console.print("[dim]every stage was found in the store: nothing to compute, so no Prefect flow "
+                              "run was started[/]", highlight=False, soft_wrap=True)
     stages = summary.stages
     cached = sum(s.cached for s in stages)
     console.print(round_table(target, loop_config.name))

@@ -23,6 +23,7 @@ from prefloop.tasks.common.iteration import ReferencePolicy
 from prefloop.tasks.importing.stage import ImportSource
 from prefloop.tasks.registry import STAGES, ConfigSection, StageEntry
 from prefloop.tasks.split_prompts import SplitPromptsConfig
+from prefloop.tasks.training.configs import check_iteration_policy
 
 
 class LoopSettings(BaseModel):
@@ -35,7 +36,8 @@ class LoopSettings(BaseModel):
     seed: int = Field(0, description="added to every stage's seed, so one number reseeds the whole run")
     reference_policy: ReferencePolicy = Field(
         "fixed", description="fixed: the SFT model is the DPO reference in every round; previous_round: the policy "
-        "that started the round; mixture: INPO's geometric mixture of both (train.mixture_weight on SFT); soft_sync: "
+        "that started the round; mixture: INPO's geometric mixture of both (train.mixture_weight = τ/η on SFT; needs "
+        "loss ipo with ipo_tau = η); soft_sync: "
         "TR-DPO, the start policy moved toward the trained one every train.sync_every steps by train.sync_alpha"
     )
 
@@ -70,6 +72,15 @@ class LoopSettings(BaseModel):
             if stage is not None and evaluation is not None and stage.split == evaluation.split:
                 raise UserError(f"{section}.split and evaluation.split are both '{stage.split}': the held-out prompts "
                                  "would be trained on; sample from 'train' and evaluate on 'heldout'")
+        return self
+
+    @model_validator(mode="after")
+    def _iteration_policy_fits_the_loss(self) -> LoopSettings:
+        """The loop's reference_policy (the one every round's train stage gets) must be defined for the loss:
+        mixture only with ipo (INPO), sppo only with previous_round (``check_iteration_policy``)."""
+        train = getattr(self, "train", None)
+        if train is not None:
+            check_iteration_policy(self.reference_policy, train.training.loss)
         return self
 
     @model_validator(mode="after")

@@ -9,6 +9,11 @@ Each stage task publishes Prefect artifacts next to its run: a table of its metr
 a progress artifact for each long piece of work; the flows publish each round's report and the
 run's summary (:func:`publish_round_report`, :func:`publish_run_report`). The stage cores know
 nothing of this: without Prefect they run exactly the same.
+
+Importing this module does not import Prefect (about 1.5 s, more on a busy machine): each function
+imports what it uses. So :func:`lookup_caller` — the loop's wiring walked with lookups only, which
+``prefloop run`` does before it starts Prefect (:func:`prefloop.flows.loop.lookup_loop`) — costs no
+Prefect import, and a finished run is reprinted without starting Prefect's throw-away server.
 """
 
 from __future__ import annotations
@@ -18,23 +23,12 @@ import contextvars
 import functools
 import logging
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
-
-from prefect import State, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
-from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_run_logger
-from prefect.states import Completed
 
 from prefloop.stage import StageResult, get_progress_factory, lookup, set_progress_factory
 from prefloop.storage import ArtifactStore
@@ -51,6 +45,12 @@ def artifact_key(*parts: str) -> str:
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
+    if "prefect" not in sys.modules:
+        # Prefect not imported means no run context: plain logging, without importing Prefect to find out.
+        return logging.getLogger("prefloop")
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
     try:
         return get_run_logger()
     except MissingContextError:
@@ -109,6 +109,8 @@ def prefect_progress(key: str) -> Iterator[None]:
     anyone could look), then updated at most that often (and by at least
     ``PROGRESS_STEP_PERCENT``); it ends at 100 % when the work does.
     """
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
     outer = get_progress_factory()  # the installed display; restored on exit
 
     @contextlib.contextmanager
@@ -151,6 +153,12 @@ def prefect_progress(key: str) -> Iterator[None]:
 def prefect_stage_task(stage: str):
     """The Prefect task of registered stage ``stage``: named after it, with the registry's retries; it
     runs the stage's pure core and publishes what happened."""
+    from prefect import task
+    from prefect.artifacts import create_table_artifact
+    from prefect.cache_policies import NO_CACHE
+    from prefect.logging import get_run_logger
+    from prefect.states import Completed
+
     entry = stage_entry(stage)
     spec = entry.spec
     retries = entry.retries
@@ -188,11 +196,44 @@ def call_stage_task(stage: str, inputs: Mapping[str, str], config: Mapping[str, 
     The task run is named after the output's ref (``demo/round-2/samples``) when there is one, so a
     run's stages read as the rounds they belong to in the UI.
     """
+    from prefect import State
+
     stage_task_function = prefect_stage_task(stage)
     if name:
         stage_task_function = stage_task_function.with_options(task_run_name=name)
     outcome = stage_task_function(inputs, config, store, name)
     return outcome.result() if isinstance(outcome, State) else outcome
+
+
+class StageNotInStore(LookupError):
+    """Raised by :func:`lookup_caller` at the first stage whose output the store does not hold."""
+
+    def __init__(self, stage: str, name: str | None, why: str = "not in the store yet") -> None:
+        super().__init__(f"stage '{stage}' -> {name or 'its output'}: {why}")
+        self.stage, self.name, self.why = stage, name, why
+
+
+def lookup_caller(stage: str, inputs: Mapping[str, str], config: Mapping[str, Any] | None, store: str,
+                  name: str | None = None) -> StageResult:
+    """A :data:`~prefloop.stage.StageCaller` that never computes: the stored result of registered stage
+    ``stage`` — the same StageResult (rows, drops, metrics) a run that finds it returns, so a flow's
+    wiring (``kept.rows == 0`` skips training, a round reads the previous round's refs) takes the same
+    branches — or :class:`StageNotInStore` at the first stage that would have to compute.
+
+    Like :func:`prefloop.stage.execute` on a hit, it points the ref ``name`` at the output and runs the
+    stage's ``after_publish``. An import stage knows its id only by reading its whole source, so it
+    counts as a miss here (the flow then runs it, as a lookup if it was imported before).
+    """
+    entry = stage_entry(stage)
+    if getattr(entry.load(), "execute_entry", None) is not None:
+        raise StageNotInStore(stage, name, "an import's id is known only by reading its whole source")
+    target = ArtifactStore(store)
+    found = lookup(entry.spec, inputs, config, target, name)
+    if found is None:
+        raise StageNotInStore(stage, name)
+    if entry.spec.after_publish is not None:
+        entry.spec.after_publish(target, found)
+    return found
 
 
 class StageDispatchError(RuntimeError):
@@ -329,6 +370,8 @@ def wait_until_recorded(flow_run_id: Any, expected: int, timeout_s: float = 10.0
 
 def publish_round_report(store: str, run: str, round_index: int) -> None:
     """A round's report (metrics ± SE, drops by reason, what is missing) as a Prefect markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
     from prefloop.report import load_run, round_markdown
 
     def create() -> None:
@@ -341,6 +384,8 @@ def publish_round_report(store: str, run: str, round_index: int) -> None:
 
 def publish_run_report(store: str, run: str) -> None:
     """The run's summary by round as a Prefect table artifact and its report as a markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
     from prefloop.report import load_run, run_markdown, summary_rows
 
     def create() -> None:

@@ -8,7 +8,10 @@ On held-out prompts (the same prompts in every round, so rounds can be paired):
   separate a few points on 1000 prompts where unpaired errors cannot;
 * ``pass@k`` — ``samples_per_prompt`` completions per prompt at ``temperature``, the unbiased
   estimator of Chen et al. (2021), averaged over prompts;
-* ``kl_to_reference`` — KL(π ‖ π_ref) on the same samples (needs the ``reference`` model);
+* ``kl_to_reference`` — KL(π ‖ π_ref) on the same samples (needs the ``reference`` model), and
+  ``kl_to_start`` — KL(π ‖ π_0) to the starting (SFT / round-0) policy (optional input ``start``):
+  under ``reference_policy: previous_round`` the reference moves every round, so only the KL to the
+  start shows the total drift; the loop passes ``start`` whenever the round's reference is not it;
 * ``mean_reward`` of the greedy completions under a ``reward_model`` (optional: without one the
   metric is absent and the manifest's ``notes`` say so);
 * ``win_rate`` / ``tie_rate`` / ``loss_rate`` against the SFT model (``baseline``) and the
@@ -105,8 +108,8 @@ SPEC = stage_spec(
     version="2",
     config_model=EvaluationConfig,
     output_table=METRICS,
-    description="Held-out accuracy, pass@k, KL to the reference, reward, win rates vs SFT and the previous "
-                "round, lengths and the round's data statistics.",
+    description="Held-out accuracy, pass@k, KL to the reference and to the starting policy, reward, win rates vs "
+                "SFT and the previous round, lengths and the round's data statistics.",
 )
 
 NO_REWARD_MODEL = "no reward model configured: mean reward and reward-judged win rates are not measured"
@@ -139,11 +142,17 @@ def score_rewards(model_dir: str | Path, prompts: Sequence[str], completions: Se
                   batch_size: int = 64) -> list[float]:
     """Scalar reward r(x, y) of each (prompt, completion) under a reward-model artifact written by the
     ``train-rm`` stage (or any one-label sequence-classification model in that format): the label's
-    logit, or for an ensemble the members' mean. Loading and scoring are the reward-model stage's own
+    logit, or for an ensemble the mean of the members' standardised rewards z_i = (r_i − μ_i)/σ_i
+    (:func:`prefloop.tasks.common.ensembles.aggregate_rewards`, with the μ_i, σ_i ``train-rm`` stored).
+    Loading and scoring are the reward-model stage's own
     (:func:`prefloop.tasks.training.recipes.reward_model.score_with_members`)."""
+    from prefloop.tasks.common.ensembles import MemberStandardisation, aggregate_rewards
     from prefloop.tasks.training.recipes.reward_model import score_with_members
 
-    return score_with_members(model_dir, prompts, completions, batch_size).mean(axis=0).tolist()
+    rewards = score_with_members(model_dir, prompts, completions, batch_size)
+    if rewards.shape[0] == 1:
+        return rewards[0].tolist()
+    return aggregate_rewards(rewards, "mean", standardisation=MemberStandardisation.read(model_dir)).tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,8 +270,10 @@ def _sampled_metrics(ctx: StageContext, backend: HFBackend, texts: list[str], an
         "samples_drawn": pa.array([config.samples_per_prompt] * count + padding, pa.int32()),
         "samples_correct": pa.array(correct_counts + padding, pa.int32()),
     }
+    roles = [role for role in ("reference", "start") if ctx.has(role)]
     if not ctx.has("reference"):
         notes.append("no reference model given: the KL to the reference is not measured")
+    if not roles:
         return _Sampled(rows, columns)
     if config.temperature != 1.0:
         notes.append(f"samples drawn at temperature {config.temperature}, not from π itself: KL not estimated "
@@ -271,22 +282,46 @@ def _sampled_metrics(ctx: StageContext, backend: HFBackend, texts: list[str], an
     flat_prompts = [texts[i] for i, group in enumerate(groups) for _ in group]
     flat_ids = [prompt_ids[i] for i, group in enumerate(groups) for _ in group]
     flat = [completion for group in groups for completion in group]
-    if ctx.inputs["reference"] == ctx.inputs["policy"]:
-        policy_scores = reference_scores = [0.0] * len(flat)  # the policy is its own reference: KL is exactly 0
-    else:
-        from prefloop.backends.hf import HFBackend
-
-        reference = HFBackend.from_directory(ctx.model_dir("reference"), batch_size=config.batch_size)
-        with ctx.progress(2, "KL to the reference (scoring)") as advance:
-            policy_scores = completion_sequence_logprobs(backend, flat_prompts, flat)
-            advance(1)
-            reference_scores = completion_sequence_logprobs(reference, flat_prompts, flat)
-            advance(1)
-    kl, kl_stderr = kl_estimate(policy_scores, reference_scores, flat_ids)
-    rows.append({"metric": "kl_to_reference", "value": kl, "stderr": kl_stderr, "count": len(flat)})
-    per_prompt = group_means(np.asarray(policy_scores) - np.asarray(reference_scores), flat_ids)
-    columns["mean_log_ratio"] = pa.array([per_prompt[p] for p in prompt_ids[:count]] + padding, pa.float64())
+    policy_scores, other_scores = _sequence_logprobs_by_role(ctx, backend, roles, flat_prompts, flat)
+    rows.extend(kl_rows(policy_scores, other_scores, flat_ids))
+    if "reference" in other_scores:
+        ratios = np.asarray(policy_scores) - np.asarray(other_scores["reference"])
+        per_prompt = group_means(ratios, flat_ids)
+        columns["mean_log_ratio"] = pa.array([per_prompt[p] for p in prompt_ids[:count]] + padding, pa.float64())
     return _Sampled(rows, columns)
+
+
+def kl_rows(policy_logprobs: Sequence[float], other_logprobs: Mapping[str, Sequence[float]],
+            prompt_ids: Sequence[str]) -> list[dict]:
+    """One row ``kl_to_<role>`` per other model: KL(π ‖ π_role) ≈ (1/N) Σ_ij [log π(y_ij) − log π_role(y_ij)]
+    on the same samples y_ij ~ π, ± the standard error over prompts (:func:`kl_estimate`)."""
+    rows = []
+    for role, logprobs in other_logprobs.items():
+        kl, stderr = kl_estimate(policy_logprobs, logprobs, prompt_ids)
+        rows.append({"metric": f"kl_to_{role}", "value": kl, "stderr": stderr, "count": len(prompt_ids)})
+    return rows
+
+
+def _sequence_logprobs_by_role(ctx: StageContext, backend: HFBackend, roles: Sequence[str], prompts: list[str],
+                               samples: list[Completion]) -> tuple[list[float], dict[str, list[float]]]:
+    """log π(y) of the samples and log π_role(y) for each role; a model is scored once however many roles
+    name it, and a role naming the policy itself gets the policy's own scores (its KL is exactly 0)."""
+    from prefloop.backends.hf import HFBackend
+
+    policy_ref = str(ctx.inputs["policy"])
+    others = {str(ctx.inputs[role]): role for role in roles if str(ctx.inputs[role]) != policy_ref}
+    if not others:
+        zeros = [0.0] * len(samples)  # every role is the policy: nothing to score
+        return zeros, {role: zeros for role in roles}
+    scored: dict[str, list[float]] = {}
+    with ctx.progress(1 + len(others), "KL to the reference / start (scoring)") as advance:
+        scored[policy_ref] = completion_sequence_logprobs(backend, prompts, samples)
+        advance(1)
+        for ref, role in others.items():
+            model = HFBackend.from_directory(ctx.model_dir(role), batch_size=ctx.config.batch_size)
+            scored[ref] = completion_sequence_logprobs(model, prompts, samples)
+            advance(1)
+    return scored[policy_ref], {role: scored[str(ctx.inputs[role])] for role in roles}
 
 
 def _judged_scores(ctx: StageContext, role: str, other: pa.Table, judge: str) -> dict[str, float]:

@@ -8,12 +8,19 @@ pair carries the confidence of its label from the visit counts,
 
     conf = 1 / (1 + N_l / max(1, N_w)),
 
-which a conservative-DPO trainer turns into a per-pair ε = min(1 − conf, 0.5). N are the trees' final
-visit counts: the search reuses the subtree of a committed step, so that step keeps gaining visits in
-later decisions while its siblings do not, and a pair whose chosen step was committed is the more
-confident the longer the search went on below it. Siblings with equal Q
-make no pair (nothing to prefer), nor do steps the policy could not finish (truncated, empty, out of
-context): pairing them would teach a wrong preference silently.
+which a conservative-DPO trainer turns into a per-pair ε = min(1 − conf, 0.5). N and Q are the
+siblings' statistics at decision time — copied into the tree (``decision_visits``, ``decision_q_value``)
+when the search committed the step below their parent, as the authors' code records them — not their
+final values: the committed step is the root of every later decision, so it keeps gaining visits (and
+its Q keeps moving) while its siblings do not, which would shrink ε the longer the search went on below
+it (40 vs 24 visits at decision time: conf = 1/(1 + 24/40) = 0.625, ε = 0.375; three more decisions of
+64 simulations later the final counts 232 vs 24 would give ε = 0.094). Nodes whose parent was never a
+decision root (off the committed path, under ``all_expanded``) stopped gaining visits when the search
+left them, so their final statistics are the ones they had then. A trees table written before the
+copies existed (the columns are null) is paired from final counts, with a warning and the metric
+``pairs_from_final_visits``. Siblings with equal Q make no pair (nothing to prefer), nor do steps the
+policy could not finish (truncated, empty, out of context): pairing them would teach a wrong preference
+silently.
 
 A tree gives pairs only when its committed path ends in a verified-correct answer that was not
 truncated (``require_correct``); every other tree is recorded in ``drops`` with its reason
@@ -29,6 +36,7 @@ continuations — useful with trainers that append eos to every completion).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,10 +48,11 @@ from prefloop.datasets_spec import PREFERENCES, TREES, make_drops
 from prefloop.errors import UserError
 from prefloop.stage import StageConfig, StageContext, StageOutput
 from prefloop.tasks.common.ids import pair_id
-from prefloop.tasks.common.search_trees import STEP_SEPARATOR, SearchTree, trees_from_table
+from prefloop.tasks.common.search_trees import STEP_SEPARATOR, Node, SearchTree, trees_from_table
 from prefloop.tasks.registry import stage_spec
 
 METHOD = "mcts_step"
+logger = logging.getLogger(__name__)
 
 
 class PairTreesConfig(StageConfig):
@@ -72,6 +81,9 @@ class StepPair:
     chosen: int
     rejected: int
     confidence: float
+    score_chosen: float  # Q of the chosen step (at decision time when the tree has it)
+    score_rejected: float
+    decision_time: bool = True  # False: N and Q are final values (the parent was never a decision root)
 
 
 def visit_confidence(chosen_visits: int, rejected_visits: int) -> float:
@@ -79,16 +91,27 @@ def visit_confidence(chosen_visits: int, rejected_visits: int) -> float:
     return 1.0 / (1.0 + rejected_visits / max(1, chosen_visits))
 
 
+def decision_statistics(node: Node) -> tuple[int, float, bool]:
+    """(N, Q, from decision time?): the copies taken when the step below the parent was committed, else the
+    final values."""
+    if node.decision_visits is not None and node.decision_q_value is not None:
+        return node.decision_visits, node.decision_q_value, True
+    return node.visits, node.q_value, False
+
+
 def sibling_pair(tree: SearchTree, parent: int) -> StepPair | None:
-    """Highest-Q vs lowest-Q among a node's finished children (first child wins ties), or None."""
-    candidates = [tree.nodes[c] for c in tree.nodes[parent].children if tree.nodes[c].invalid_reason is None]
+    """Highest-Q vs lowest-Q among a node's finished children (first child wins ties), or None; N and Q as
+    :func:`decision_statistics` gives them."""
+    candidates = [(tree.nodes[c], *decision_statistics(tree.nodes[c])) for c in tree.nodes[parent].children
+                  if tree.nodes[c].invalid_reason is None]
     if len(candidates) < 2:
         return None
-    best = max(candidates, key=lambda n: (n.q_value, -n.child_index))
-    worst = min(candidates, key=lambda n: (n.q_value, n.child_index))
-    if best.q_value == worst.q_value:
+    best = max(candidates, key=lambda c: (c[2], -c[0].child_index))
+    worst = min(candidates, key=lambda c: (c[2], c[0].child_index))
+    if best[2] == worst[2]:
         return None
-    return StepPair(parent, best.index, worst.index, visit_confidence(best.visits, worst.visits))
+    return StepPair(parent, best[0].index, worst[0].index, visit_confidence(best[1], worst[1]),
+                    score_chosen=best[2], score_rejected=worst[2], decision_time=best[3] and worst[3])
 
 
 def step_pairs(tree: SearchTree, rule: str = "committed_path", max_pairs: int = 8) -> list[StepPair]:
@@ -121,13 +144,12 @@ def pair_rows(tree: SearchTree, pairs: list[StepPair], completion: str, round_in
     rows = []
     for pair in pairs:
         prompt = tree.prefix(pair.parent)
-        chosen, rejected = tree.nodes[pair.chosen], tree.nodes[pair.rejected]
         chosen_text = completion_text(tree, pair.chosen, completion)
         rejected_text = completion_text(tree, pair.rejected, completion)
         rows.append({
             "pair_id": pair_id(prompt, chosen_text, rejected_text), "prompt_id": tree.prompt_id, "prompt": prompt,
-            "chosen": chosen_text, "rejected": rejected_text, "score_chosen": chosen.q_value,
-            "score_rejected": rejected.q_value, "margin": chosen.q_value - rejected.q_value, "method": METHOD,
+            "chosen": chosen_text, "rejected": rejected_text, "score_chosen": pair.score_chosen,
+            "score_rejected": pair.score_rejected, "margin": pair.score_chosen - pair.score_rejected, "method": METHOD,
             "confidence": pair.confidence, "chosen_sample_id": tree.node_label(pair.chosen),
             "rejected_sample_id": tree.node_label(pair.rejected), "round": round_index,
             "policy_model_id": policy_model_id,
@@ -147,7 +169,7 @@ def compute(ctx: StageContext) -> StageOutput:
     rows: list[dict] = []
     dropped: list[int] = []
     reasons: list[str] = []
-    no_pair = 0
+    no_pair = from_final = 0
     for tree in trees:
         if config.require_correct and tree.status != "correct":
             dropped.append(root_rows[tree.tree_id])
@@ -155,15 +177,24 @@ def compute(ctx: StageContext) -> StageOutput:
             continue
         pairs = step_pairs(tree, config.rule, config.max_pairs_per_tree)
         no_pair += not pairs
+        on_path = set(tree.committed_path())
+        from_final += sum(not pair.decision_time and pair.parent in on_path for pair in pairs)
         round_index, policy_model_id = provenance[tree.tree_id]
         rows.extend(pair_rows(tree, pairs, config.completion, round_index, policy_model_id))
     pairs_table = pa.Table.from_pylist(rows, schema=PREFERENCES.schema) if rows else PREFERENCES.schema.empty_table()
     drops = make_drops(table, np.array(dropped, dtype=np.int64), reasons, "trees",
                        detail="tree not paired: its committed path does not end in a verified, untruncated answer")
     kept = len(trees) - len(dropped)
+    if from_final:
+        logger.warning(
+            "pair-trees: %d of %d pairs on committed paths take their confidence from the trees' final visit counts: "
+            "the trees table has no decision-time counts (decision_visits; it was written by an older mcts "
+            "stage), so a committed chosen step's later visits make those pairs look more certain than they "
+            "were (ε too small). Rerun the mcts stage to record them.", from_final, len(rows))
     confidences = [row["confidence"] for row in rows]
     metrics = {
         "trees": len(trees), "trees_paired": kept, "trees_without_pairs": no_pair, "pairs_built": len(rows),
         "mean_confidence": float(np.mean(confidences)) if confidences else None,
+        "pairs_from_final_visits": from_final,
     }
     return StageOutput(table=pairs_table, drops=drops, metrics=metrics)

@@ -153,8 +153,8 @@ STAGES: dict[str, StageEntry] = _entries(
                sections=(ConfigSection("train"),), pool="gpu"),
     StageEntry("evaluate", "prefloop.tasks.evaluation", output="metrics",
                inputs={"policy": "model", "prompts": "prompts", "baseline": "metrics", "previous": "metrics",
-                       "preferences": "preferences", "reference": "model", "reward_model": "model"},
-               optional_inputs=frozenset({"baseline", "previous", "preferences", "reference", "reward_model"}),
+                       "preferences": "preferences", "reference": "model", "start": "model", "reward_model": "model"},
+               optional_inputs=frozenset({"baseline", "previous", "preferences", "reference", "start", "reward_model"}),
                sections=(ConfigSection("evaluation"),), pool="gpu", retries=1),
     # Reward models and judges: stages of the data-only flow and of 'prefloop stage', not of the loop yet.
     StageEntry("train-rm", "prefloop.tasks.reward_model", output="model",

@@ -16,7 +16,11 @@ Labelers (each row carries its labeler id and version):
   what the ``filter`` stage's ``ensemble_labels`` input expects (every labeler in it is a member);
   with ``aggregation`` set, also the aggregate ``rm-ensemble:<model-id>/<aggregation>`` (``mean``,
   ``min``, or ``mean-<λ>var`` for the uncertainty-weighted mean − λ·variance; see
-  :func:`prefloop.tasks.common.ensembles.aggregate_rewards`).
+  :func:`prefloop.tasks.common.ensembles.aggregate_rewards`). The aggregate is taken over the members'
+  *standardised* rewards z_i = (r_i − μ_i)/σ_i, with μ_i, σ_i those ``train-rm`` stored from its
+  held-out completions (on pairs: the standardised margins (r_i(y_w) − r_i(y_l))/σ_i), so it does not
+  depend on a member's arbitrary Bradley–Terry offset or scale. Member rows keep the raw reward r_i;
+  μ_i, σ_i of each member labeler are in the metric ``member_standardisation``.
 
 A row for which any member returns NaN or inf is labelled by nobody: it goes to ``drops`` with the
 reason ``nonfinite_reward`` (an aggregate over a non-finite member would be meaningless).
@@ -37,10 +41,18 @@ from prefloop.datasets_spec import LABELS, PREFERENCES, SAMPLES, make_drops
 from prefloop.errors import UserError
 from prefloop.ids import content_id
 from prefloop.stage import StageConfig, StageContext, StageOutput
-from prefloop.tasks.common.ensembles import Aggregation, aggregate_rewards, aggregation_name
+from prefloop.tasks.common.ensembles import (
+    PER_CALL_NOTE,
+    Aggregation,
+    MemberStandardisation,
+    aggregate_margins,
+    aggregate_rewards,
+    aggregation_name,
+    standardisation_for,
+)
 from prefloop.tasks.registry import stage_spec
 
-LABELER_VERSION = "1"
+LABELER_VERSION = "2"  # 2: the ensemble aggregate standardises each member first
 
 
 class RewardLabelConfig(StageConfig):
@@ -105,12 +117,14 @@ def compute(ctx: StageContext) -> StageOutput:
     if role == "samples":
         kind, target_ids = "sample", table.column("sample_id").to_pylist()
         rewards = score_with_members(model_dir, prompts, table.column("completion").to_pylist(), config.batch_size)
+        chosen = rejected = None
     else:
         kind, target_ids = "pair", table.column("pair_id").to_pylist()
         # Chosen and rejected in one call, so each member is loaded once.
         both = score_with_members(model_dir, prompts + prompts, table.column("chosen").to_pylist()
                                   + table.column("rejected").to_pylist(), config.batch_size)
-        rewards = both[:, : len(prompts)] - both[:, len(prompts):]
+        chosen, rejected = both[:, : len(prompts)], both[:, len(prompts):]
+        rewards = chosen - rejected
     finite = np.isfinite(rewards).all(axis=0)
     bad = np.flatnonzero(~finite)
     drops = make_drops(table, bad, ["nonfinite_reward"] * len(bad), role,
@@ -123,13 +137,31 @@ def compute(ctx: StageContext) -> StageOutput:
     labelers = member_labelers(model_id, members)
     parts = [label_rows(kept_ids, kept_prompts, kind, labeler, rewards[index, kept])
              for index, labeler in enumerate(labelers)]
-    if members > 1 and config.aggregation is not None and len(kept):
-        labelers.append(aggregate_labeler(model_id, config.aggregation, config.uncertainty_penalty))
-        combined = aggregate_rewards(rewards[:, kept], config.aggregation, config.uncertainty_penalty)
-        parts.append(label_rows(kept_ids, kept_prompts, kind, labelers[-1], combined))
-    columns = {name: [value for part in parts for value in part[name]] for name in LABELS.column_names}
     metrics: dict[str, object] = {"targets": table.num_rows, "target_kind": kind, "labeled": int(len(kept)),
-                                  "nonfinite_reward": int(len(bad)), "members": members, "labelers": labelers}
+                                  "nonfinite_reward": int(len(bad)), "members": members}
+    if members > 1 and len(kept):
+        stored = MemberStandardisation.read(model_dir)
+        scale = stored
+        if config.aggregation is not None:
+            if chosen is None or rejected is None:
+                scale = standardisation_for(rewards[:, kept], stored)
+                combined = aggregate_rewards(rewards[:, kept], config.aggregation, config.uncertainty_penalty, scale)
+            else:
+                scale = standardisation_for(np.concatenate([chosen[:, kept], rejected[:, kept]], axis=1), stored)
+                combined = aggregate_margins(chosen[:, kept], rejected[:, kept], config.aggregation,
+                                             config.uncertainty_penalty, scale)
+            labelers.append(aggregate_labeler(model_id, config.aggregation, config.uncertainty_penalty))
+            parts.append(label_rows(kept_ids, kept_prompts, kind, labelers[-1], combined))
+            if stored is None:
+                metrics["notes"] = [PER_CALL_NOTE]
+        if scale is not None:
+            # The filter can read these to compare members' margins on one scale.
+            metrics["member_standardisation"] = {
+                labeler: {"mean": mean, "std": std}
+                for labeler, mean, std in zip(labelers[:members], scale.means, scale.stds, strict=True)}
+            metrics["standardisation_reference"] = scale.reference
+    columns = {name: [value for part in parts for value in part[name]] for name in LABELS.column_names}
+    metrics["labelers"] = labelers
     if len(kept):
         metrics["mean_score"] = float(rewards[:, kept].mean())
         if members > 1:

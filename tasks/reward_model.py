@@ -9,6 +9,13 @@ artifact is what ``evaluate`` takes as its ``reward_model`` input.
 Ensembles (Coste et al. 2023; Eisenstein et al. 2023): k members that differ in the seed of the head
 initialisation and of the data order, trained in one ``train-rm`` stage (``ensemble_size: k``).
 
+Standardisation (ensembles): each member's rewards are standardised on a fixed reference set before
+they are aggregated (:mod:`prefloop.tasks.common.ensembles`). The reference set is the distinct
+(prompt, completion) texts of the held-out pairs (chosen and rejected; the training pairs' when
+nothing is held out): every member scores them once, and μ_i, σ_i go into the ensemble's
+``standardisation.json`` and the metric ``standardisation``. Only the members' rewards are read,
+never the labels, so standardising on the held-out completions leaks no held-out preference.
+
 Evaluation (in ``train-rm``'s metrics, on held-out prompts never trained on):
 
 * pairwise accuracy  p = #(r_w > r_l) / n  (a tie counts as wrong; chance 0.5), SE sqrt(p(1 − p)/n);
@@ -36,7 +43,7 @@ from prefloop.errors import UserError
 from prefloop.ids import content_id
 from prefloop.lazy import deferred_import
 from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
-from prefloop.tasks.common.ensembles import Aggregation, aggregate_rewards
+from prefloop.tasks.common.ensembles import Aggregation, MemberStandardisation, aggregate_rewards
 from prefloop.tasks.registry import stage_spec
 from prefloop.tasks.training.artifacts import TIMING_METRICS, train_log_table
 from prefloop.tasks.training.configs import RewardModelTrainingConfig
@@ -157,10 +164,32 @@ def _split_pairs(pairs: pa.Table, fraction: float) -> tuple[pa.Table, pa.Table]:
     return pairs.filter(pa.array(~held)), pairs.filter(pa.array(held))
 
 
+def reference_completions(pairs: pa.Table) -> tuple[list[str], list[str]]:
+    """The distinct (prompt, completion) texts of pairs, chosen and rejected, sorted: the reference set
+    an ensemble's members are standardised on (each completion counted once however many pairs hold it)."""
+    texts = {(prompt, completion) for prompt, chosen, rejected in _pair_triples(pairs) for completion in (chosen, rejected)}
+    ordered = sorted(texts)
+    return [prompt for prompt, _ in ordered], [completion for _, completion in ordered]
+
+
+def fit_standardisation(models: Sequence[PreTrainedModel], tokenizer: PreTrainedTokenizerBase, pairs: pa.Table,
+                        reference: str, batch_size: int = 64) -> MemberStandardisation:
+    """μ_i, σ_i of every member's rewards on the distinct completions of ``pairs``."""
+    from prefloop.tasks.training.recipes.reward_model import score_texts
+
+    prompts, completions = reference_completions(pairs)
+    rewards = np.stack([score_texts(model, tokenizer, prompts, completions, batch_size) for model in models])
+    return MemberStandardisation.fit(rewards, reference)
+
+
 def evaluate_reward_models(models: Sequence[PreTrainedModel], tokenizer: PreTrainedTokenizerBase,
                            heldout: pa.Table, aggregation: Aggregation = "mean", uncertainty_penalty: float = 0.5,
-                           batch_size: int = 64, seed: int = 0) -> dict[str, object]:
+                           batch_size: int = 64, seed: int = 0,
+                           standardisation: MemberStandardisation | None = None) -> dict[str, object]:
     """Held-out pairwise and best-of-4 accuracy (± SE) of each member and of the ensemble aggregates.
+
+    The aggregates standardise each member with ``standardisation`` (μ_i, σ_i of a reference set);
+    without it, on the distinct completions of ``heldout`` (what ``train-rm`` stores by default).
 
     The headline keys (``heldout_pairwise_accuracy``, ``heldout_best_of_4_accuracy`` and their
     ``_stderr``) are the single model's, or the ``aggregation``'s for an ensemble; ``heldout_by_scorer``
@@ -185,9 +214,13 @@ def evaluate_reward_models(models: Sequence[PreTrainedModel], tokenizer: PreTrai
     for index in range(len(models)):
         scorers[f"member_{index}"] = (pair_rewards[index], None if set_rewards is None else set_rewards[index])
     if len(models) > 1:
+        if standardisation is None:
+            standardisation = fit_standardisation(models, tokenizer, heldout, "held-out completions", batch_size)
         for name in ("mean", "min", "uncertainty_weighted"):
-            combined = np.stack([aggregate_rewards(pair_rewards[:, side], name, uncertainty_penalty) for side in (0, 1)])
-            sets_combined = None if set_rewards is None else aggregate_rewards(set_rewards, name, uncertainty_penalty)
+            combined = np.stack([aggregate_rewards(pair_rewards[:, side], name, uncertainty_penalty, standardisation)
+                                 for side in (0, 1)])
+            sets_combined = None if set_rewards is None else \
+                aggregate_rewards(set_rewards, name, uncertainty_penalty, standardisation)
             scorers[name] = (combined, sets_combined)
     headline = aggregation if len(models) > 1 else "member_0"
     by_scorer: dict[str, dict[str, float]] = {}
@@ -254,10 +287,20 @@ def compute(ctx: StageContext) -> StageOutput:
         prefix = "" if len(logs) == 1 else f"member_{index}_"
         metrics |= {f"{prefix}final_{k}": float(v) for k, v in log[-1].items()
                     if k not in TIMING_METRICS and k != "step"}
+    standardisation = None
+    if len(models) > 1:
+        # Held-out completions when there are any: a fixed set, so a completion's standardised reward
+        # never depends on what else a later call scores with it.
+        reference, name = (heldout, "held-out completions") if heldout.num_rows else (train, "training completions")
+        standardisation = fit_standardisation(models, tokenizer, reference, name, config.batch_size)
+        metrics["standardisation"] = standardisation.to_dict()
     metrics |= evaluate_reward_models(models, tokenizer, heldout, config.aggregation, config.uncertainty_penalty,
-                                      config.batch_size, config.seed)
-    return StageOutput(files_dir=save_reward_models(models, tokenizer, seeds),
-                       extra_tables={"train_log": (train_log_table(steps), TRAIN_LOG)}, metrics=metrics)
+                                      config.batch_size, config.seed, standardisation)
+    files_dir = save_reward_models(models, tokenizer, seeds)
+    if standardisation is not None:
+        standardisation.write(files_dir)
+    return StageOutput(files_dir=files_dir, extra_tables={"train_log": (train_log_table(steps), TRAIN_LOG)},
+                       metrics=metrics)
 
 
 def _merged_log(logs: list[list[dict[str, float]]]) -> list[dict[str, float]]:

@@ -2,7 +2,9 @@
 
 ``label: {labeler: reward_model, settings: {aggregation: mean}}`` with ``--input model=REF`` scores
 each sample with the single reward model's r(x, y), or with the aggregate of an ensemble's members
-(:func:`prefloop.tasks.common.ensembles.aggregate_rewards`). A sample for which a member returns NaN
+(:func:`prefloop.tasks.common.ensembles.aggregate_rewards`), each member first standardised with the
+μ_i, σ_i that ``train-rm`` stored from its held-out completions (an older ensemble without them: on
+this call's samples, with a note in the metrics). A sample for which a member returns NaN
 or inf is dropped as ``nonfinite_reward``. The ``label-rm`` stage is the richer alternative: every
 member's score, and pairs as well as samples.
 
@@ -15,10 +17,16 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from prefloop.tasks.common.ensembles import Aggregation, aggregate_rewards, aggregation_name
+from prefloop.tasks.common.ensembles import (
+    PER_CALL_NOTE,
+    Aggregation,
+    MemberStandardisation,
+    aggregate_rewards,
+    aggregation_name,
+)
 from prefloop.tasks.common.labelers import LabelBatch, Labeler, LabelRequest, register_labeler
 
-LABELER_VERSION = "1"  # bump when this labeler's scores change
+LABELER_VERSION = "2"  # bump when this labeler's scores change (2: standardised ensemble members)
 
 
 class RewardModelSettings(BaseModel):
@@ -35,12 +43,14 @@ def label_with_reward_model(request: LabelRequest) -> LabelBatch:
 
     settings = request.settings or RewardModelSettings()
     samples = request.samples
-    rewards = score_with_members(request.ctx.model_dir("model"), samples.column("prompt").to_pylist(),
+    model_dir = request.ctx.model_dir("model")
+    rewards = score_with_members(model_dir, samples.column("prompt").to_pylist(),
                                  samples.column("completion").to_pylist(), settings.batch_size)
     finite = np.isfinite(rewards).all(axis=0)
     kept = np.flatnonzero(finite)
-    scores = rewards[0, kept] if rewards.shape[0] == 1 else \
-        aggregate_rewards(rewards[:, kept], settings.aggregation, settings.uncertainty_penalty)
+    stored = MemberStandardisation.read(model_dir) if rewards.shape[0] > 1 else None
+    scores = rewards[0, kept] if rewards.shape[0] == 1 or not len(kept) else \
+        aggregate_rewards(rewards[:, kept], settings.aggregation, settings.uncertainty_penalty, stored)
     batch = LabelBatch()
     sample_ids, prompt_ids = samples.column("sample_id").to_pylist(), samples.column("prompt_id").to_pylist()
     for index, score in zip(kept, scores, strict=True):
@@ -50,6 +60,8 @@ def label_with_reward_model(request: LabelRequest) -> LabelBatch:
     batch.metrics = {"members": int(rewards.shape[0]), "nonfinite_reward": int((~finite).sum())}
     if rewards.shape[0] > 1:
         batch.metrics["aggregation"] = aggregation_name(settings.aggregation, settings.uncertainty_penalty)
+        if stored is None:
+            batch.metrics["notes"] = [PER_CALL_NOTE]
     return batch
 
 

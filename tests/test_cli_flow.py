@@ -58,17 +58,10 @@ def test_rerun_recomputes_nothing(smoke):
     store_path, _ = smoke
     result = cli("run", "--config", ROOT / "configs/smoke.yaml", "--store", store_path)
     assert result.exit_code == 0, result.output
-    assert " 0 computed" in result.output
-    # Lookups show in the Prefect UI as task runs in a "Cached" state.
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-
-    async def state_names() -> list[str]:
-        async with get_client() as client:
-            return [run.state.name for run in await client.read_task_runs(limit=200) if run.state]
-
-    assert "Cached" in asyncio.run(state_names())
+    assert "18 stages: 0 computed, 18 cached" in result.output
+    # Every stage was found before Prefect was needed: no flow run (tests/test_cached_rerun.py checks that a
+    # run with something to compute shows the found stages as "Cached" task runs).
+    assert "no Prefect flow run was started" in result.output
 
 
 def test_rerun_without_prefect_looks_up_the_same_artifacts(smoke):

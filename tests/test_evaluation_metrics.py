@@ -111,6 +111,22 @@ def test_kl_estimate_on_hand_values():
         kl_estimate([-1.0], [], ["p"])
 
 
+def test_kl_rows_to_the_reference_and_to_the_start_by_hand():
+    policy = [-1.0, -2.0, -3.0, -0.8]
+    ids = ["p", "p", "q", "q"]
+    # reference: log-ratios 0.5, 1.5 | 0.0, 0.2 → KL 0.55, per-prompt means 1.0, 0.1
+    # start:     log-ratios 1.0, 1.0 | 2.0, 0.0 → KL 1.0,  per-prompt means 1.0, 1.0 (stderr 0)
+    rows = evaluation.kl_rows(policy, {"reference": [-1.5, -3.5, -3.0, -1.0], "start": [-2.0, -3.0, -5.0, -0.8]}, ids)
+    by_name = {row["metric"]: row for row in rows}
+    assert by_name["kl_to_reference"]["value"] == pytest.approx(0.55)
+    assert by_name["kl_to_reference"]["stderr"] == pytest.approx(0.9 / math.sqrt(2) / math.sqrt(2))
+    assert by_name["kl_to_start"]["value"] == pytest.approx(1.0) and by_name["kl_to_start"]["stderr"] == 0.0
+    assert by_name["kl_to_start"]["count"] == 4
+    # the same model as reference and start: the same estimate and error
+    same = evaluation.kl_rows(policy, {"reference": [-1.5, -3.5, -3.0, -1.0], "start": [-1.5, -3.5, -3.0, -1.0]}, ids)
+    assert {k: v for k, v in same[0].items() if k != "metric"} == {k: v for k, v in same[1].items() if k != "metric"}
+
+
 def test_kl_estimate_recovers_the_exact_kl_of_two_categoricals():
     policy, reference = np.array([0.6, 0.3, 0.1]), np.array([0.2, 0.5, 0.3])
     exact = float(np.sum(policy * np.log(policy / reference)))
@@ -214,9 +230,18 @@ def test_evaluate_measures_every_metric_against_baseline_previous_and_reference(
     assert base.metrics["kl_to_reference"] == 0.0  # the policy is its own reference
     pairs = _pairs_artifact(store)
     result = run_stage("evaluate", {"policy": second.output, "prompts": made.output, "baseline": base.output,
-                             "previous": base.output, "reference": first.output, "preferences": pairs.output},
-                            SMALL | {"round": 1}, store)
+                             "previous": base.output, "reference": first.output, "preferences": pairs.output,
+                             "start": first.output}, SMALL | {"round": 1}, store)
     rows = {r["metric"]: r for r in store.read_table(result.ref).to_pylist()}
+    # the start is the reference here (a fixed reference): the same samples scored by the same model
+    assert rows["kl_to_start"]["value"] == rows["kl_to_reference"]["value"]
+    assert rows["kl_to_start"]["stderr"] == rows["kl_to_reference"]["stderr"] and rows["kl_to_start"]["count"] == 24
+    assert result.metrics["kl_to_start"] == result.metrics["kl_to_reference"] != 0.0
+    # a reference that moved to the policy itself (previous_round): KL 0 to it, the drift shows against the start
+    moved = run_stage("evaluate", {"policy": second.output, "prompts": made.output, "reference": second.output,
+                                   "start": first.output}, SMALL | {"round": 1}, store)
+    assert moved.metrics["kl_to_reference"] == 0.0
+    assert moved.metrics["kl_to_start"] == pytest.approx(result.metrics["kl_to_reference"], abs=1e-9)
     for metric in ("accuracy", "pass@1", "pass@4", "kl_to_reference", "mean_length", "truncated_rate", "accuracy_gain",
                    "win_rate_vs_sft", "tie_rate_vs_sft", "loss_rate_vs_sft", "win_rate_vs_previous",
                    "pairs_built", "pairs_kept", "pairs_by_method:best_vs_worst", "estimated_flip_rate"):

@@ -1,6 +1,7 @@
-"""Iteration policies: INPO mixture, TR-DPO soft sync, curriculum by margin, off-policy mixing, how the
-round wires the reference and train stages for each policy, and how rounds chain: round k samples from,
-trains and evaluates exactly the policy round k − 1 trained."""
+"""Iteration policies: INPO mixture, TR-DPO soft sync, the margin-descending order, off-policy mixing, which
+losses each policy is defined for, how the round wires the reference and train stages for each policy, and
+how rounds chain: round k samples from, trains and evaluates exactly the policy round k − 1 trained (and
+measures its KL to the starting policy when the reference is not it)."""
 
 import copy
 
@@ -8,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from prefloop.config import LoopConfig
+from prefloop.config import ConfigFileError, LoopConfig, load_loop_config
 from prefloop.embedded.arithmetic import make_problems
 from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
@@ -16,9 +17,10 @@ from prefloop.flows import training as round_training
 from prefloop.flows.loop import run_loop
 from prefloop.stage import StageResult
 from prefloop.tasks.registry import run_stage, stage_entry
-from prefloop.tasks.training.configs import DPOConfig
+from prefloop.tasks.training.configs import DPOConfig, check_iteration_policy
+from prefloop.tasks.training.losses import LossHyperparameters, SequenceLogps, get_loss
 from prefloop.tasks.training.optim import example_order
-from prefloop.tasks.training.preference import margin_curriculum
+from prefloop.tasks.training.preference import TrainConfig, margin_descending_order
 from prefloop.tasks.training.recipes.dpo import ReferenceLogps, SoftSync, geometric_mixture, train_dpo
 
 TINY = TinyLlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
@@ -113,15 +115,78 @@ def test_a_resumed_soft_sync_run_restores_the_moving_reference() -> None:
                                                      strict=True))
 
 
-def test_margin_curriculum_goes_from_easy_to_hard() -> None:
-    assert margin_curriculum([1.0, 3.0, 2.0, 0.5], seed=0) == [1, 2, 0, 3]
-    ties = margin_curriculum([1.0, 1.0, 1.0, 5.0], seed=0)
+def test_margin_descending_order_is_one_order_replayed_every_epoch() -> None:
+    assert margin_descending_order([1.0, 3.0, 2.0, 0.5], seed=0) == [1, 2, 0, 3]
+    ties = margin_descending_order([1.0, 1.0, 1.0, 5.0], seed=0)
     assert ties[0] == 3 and sorted(ties[1:]) == [0, 1, 2]
     with pytest.raises(ValueError, match="margin for every pair"):
-        margin_curriculum([1.0, None], seed=0)
-    # Every epoch walks the curriculum; without one, epochs are seeded permutations.
-    assert example_order(4, 3, 3, seed=0, curriculum=[1, 2, 0, 3]) == [[1, 2, 0], [3, 1, 2], [0, 3, 1]]
-    assert example_order(4, 3, 3, seed=0) != example_order(4, 3, 3, seed=0, curriculum=[1, 2, 0, 3])
+        margin_descending_order([1.0, None], seed=0)
+    # Every epoch walks the same order; without one, epochs are seeded permutations.
+    assert example_order(4, 3, 3, seed=0, fixed_order=[1, 2, 0, 3]) == [[1, 2, 0], [3, 1, 2], [0, 3, 1]]
+    assert example_order(4, 3, 3, seed=0) != example_order(4, 3, 3, seed=0, fixed_order=[1, 2, 0, 3])
+    assert TrainConfig(order="margin_descending").order == "margin_descending"
+    assert TrainConfig().order == "shuffled"
+
+
+@pytest.mark.parametrize(("old", "new"), [("margin", "order: margin_descending"), ("none", "order: shuffled")])
+def test_the_old_curriculum_name_is_refused_with_what_it_was_and_the_new_name(old, new) -> None:
+    # It replayed one fixed order, not Curry-DPO's staged iterations: the name must not claim the paper.
+    with pytest.raises(ValueError, match="not Curry-DPO") as error:
+        TrainConfig(curriculum=old)
+    assert new in str(error.value)
+    with pytest.raises(ValueError, match="order: margin_descending"):
+        LoopConfig(train={"curriculum": "margin"})
+
+
+@pytest.mark.parametrize(("policy", "loss", "fix"), [
+    ("mixture", "sigmoid", "loss: ipo"),  # the mixture is INPO's reference; INPO's loss is the IPO form
+    ("mixture", "cdpo", "train.mixture_weight: τ/η"),
+    ("fixed", "sppo", "reference_policy: previous_round"),  # SPPO regresses log π/π_t
+    ("soft_sync", "sppo", "reference_policy: previous_round"),
+    ("soft_sync", "simpo", "reference_policy: fixed"),  # nothing to sync: simpo has no reference
+])
+def test_an_iteration_policy_with_a_loss_it_is_not_defined_for_is_refused(policy, loss, fix, tmp_path) -> None:
+    with pytest.raises(ValueError, match=f"reference_policy '{policy}'|loss '{loss}' with") as error:
+        check_iteration_policy(policy, loss)
+    assert fix in str(error.value)
+    with pytest.raises(ValueError) as error:
+        LoopConfig(reference_policy=policy, train={"training": {"loss": loss}})
+    assert fix in str(error.value)
+    path = tmp_path / "loop.yaml"
+    path.write_text(f"reference_policy: {policy}\ntrain:\n  training:\n    loss: {loss}\n")
+    with pytest.raises(ConfigFileError, match="is not a valid loop config") as error:
+        load_loop_config(path)
+    assert fix in str(error.value)
+
+
+@pytest.mark.parametrize(("policy", "loss"), [
+    ("mixture", "ipo"), ("previous_round", "sppo"), ("fixed", "sigmoid"), ("previous_round", "cdpo"),
+    ("soft_sync", "sigmoid"), ("fixed", "simpo"),
+])
+def test_an_iteration_policy_with_a_loss_it_is_defined_for_loads(policy, loss) -> None:
+    check_iteration_policy(policy, loss)
+    config = LoopConfig(reference_policy=policy, train={"training": {"loss": loss}})
+    assert (config.reference_policy, config.train.training.loss) == (policy, loss)
+
+
+def test_inpo_is_ipo_against_the_mixture_with_tau_eta() -> None:
+    """INPO (Zhang et al. 2024, "Iterative Nash Policy Optimization"), with η = 0.5 and τ = 0.25 (w = τ/η = 0.5), one pair:
+    log π(y_w) = −2, log π(y_l) = −4; SFT −3, −3; previous round π_t −2, −3.
+    h = log π(y_w)/π(y_l) − (τ/η)·log π_SFT(y_w)/π_SFT(y_l) − (1 − τ/η)·log π_t(y_w)/π_t(y_l)
+      = 2 − 0.5·0 − 0.5·1 = 1.5;  loss = (h − 1/(2η))² = (1.5 − 1)² = 0.25;  ∂loss/∂h = 2·0.5 = 1."""
+    eta, tau = 0.5, 0.25
+    sft = ReferenceLogps(chosen=torch.tensor([-3.0]), rejected=torch.tensor([-3.0]))
+    previous = ReferenceLogps(chosen=torch.tensor([-2.0]), rejected=torch.tensor([-3.0]))
+    mixed = geometric_mixture(sft, previous, tau / eta)
+    logps = SequenceLogps(policy_chosen=torch.tensor([-2.0], requires_grad=True),
+                          policy_rejected=torch.tensor([-4.0], requires_grad=True),
+                          reference_chosen=mixed.chosen, reference_rejected=mixed.rejected,
+                          chosen_lengths=torch.tensor([3.0]), rejected_lengths=torch.tensor([3.0]))
+    output = get_loss("ipo")(logps, LossHyperparameters(ipo_tau=eta))
+    assert output.losses.tolist() == pytest.approx([0.25])
+    output.losses.sum().backward()
+    assert logps.policy_chosen.grad.tolist() == pytest.approx([1.0])
+    assert logps.policy_rejected.grad.tolist() == pytest.approx([-1.0])
 
 
 class FakeCall:
@@ -142,7 +207,9 @@ class FakeCall:
     ("soft_sync", "model/start", None),
 ])
 def test_round_wires_reference_and_train_per_policy(policy, train_reference, reference_inputs, tmp_path) -> None:
-    config = LoopConfig(reference_policy=policy, train={"mixture_weight": 0.3, "training": {"max_length": 64}})
+    loss = "ipo" if policy == "mixture" else "sigmoid"  # the mixture is INPO's reference, for its IPO-form loss
+    config = LoopConfig(reference_policy=policy,
+                        train={"mixture_weight": 0.3, "training": {"max_length": 64, "loss": loss}})
     train_config = config.train.model_dump() | {"reference_policy": policy}
     call = FakeCall()
     results = round_training.reference_and_train(call, train_config, "run", 1, "preferences/kept", "model/start",
@@ -210,6 +277,23 @@ def test_a_round_without_pairs_hands_its_start_policy_to_the_next(tmp_path) -> N
     assert [r.policy for r in summary.rounds] == [sft, sft, *trained]
 
 
+@pytest.mark.parametrize("policy", ["previous_round", "fixed"])
+def test_evaluation_gets_the_start_policy_when_the_reference_is_not_it(policy, tmp_path) -> None:
+    call = LoopRecorder()
+    run_loop(LoopConfig(name="run", rounds=3, reference_policy=policy), str(tmp_path / "store"), call=call)
+    (sft,) = call.outputs_of("sft")
+    trained = call.outputs_of("train")
+    evaluations = [inputs for name, inputs, _ in call.calls if name == "evaluate"]
+    references = [inputs["reference"] for inputs in evaluations]
+    starts = [inputs.get("start") for inputs in evaluations]
+    if policy == "previous_round":
+        assert references == [sft, sft, trained[0], trained[1]]
+        # round 1's reference is still the start; from round 2 on the evaluation also measures KL to it
+        assert starts == [None, None, sft, sft]
+    else:  # the reference is the start every round: kl_to_reference is already the drift
+        assert references == [sft] * 4 and starts == [None] * 4
+
+
 def test_previous_rounds_pairs_are_the_off_policy_input(store) -> None:
     from test_train_resume import put_pairs
 
@@ -247,7 +331,8 @@ def test_off_policy_pairs_make_up_the_configured_share(store) -> None:
     earlier = put_pairs(store, _pairs_table([f"old-{i}" for i in range(6)] + ["now-0"]), "old")
     inputs = {"preferences": current.output, "policy": model.output, "reference": model.output,
               "off_policy": earlier.output}
-    config = {"training": {"max_steps": 1, "batch_size": 4}, "off_policy_ratio": 0.5, "curriculum": "margin", "round": 2}
+    config = {"training": {"max_steps": 1, "batch_size": 4}, "off_policy_ratio": 0.5, "order": "margin_descending",
+              "round": 2}
     logps = run_stage("reference", {k: inputs[k] for k in ("preferences", "reference", "off_policy")}, {}, store)
     assert logps.rows == 10  # 4 now + 6 old, the repeated now-0 scored once
     trained = run_stage("train", inputs | {"reference_logps": logps.output}, config, store)
@@ -256,3 +341,7 @@ def test_off_policy_pairs_make_up_the_configured_share(store) -> None:
     assert trained.metrics["reference_logps_from_artifact"] == 8
     with pytest.raises(ValueError, match="no 'off_policy' input"):
         run_stage("train", {k: v for k, v in inputs.items() if k != "off_policy"}, config, store)
+    # Stage train refuses a policy the loss is not defined for too (prefloop stage train bypasses the loop config).
+    sppo = config | {"training": {"max_steps": 1, "batch_size": 4, "loss": "sppo"}}
+    with pytest.raises(ValueError, match="reference_policy: previous_round"):
+        run_stage("train", inputs | {"reference_logps": logps.output}, sppo | {"reference_policy": "fixed"}, store)

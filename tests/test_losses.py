@@ -48,8 +48,6 @@ ISSUE_LOSSES = {
     "rpo",
     "sppo",
     "tdpo",
-    "xpo",
-    "hypo",
     "sft",
 }
 
@@ -226,23 +224,22 @@ def test_tdpo_penalises_the_rejected_kl_and_stops_the_chosen_kl_gradient() -> No
     assert chosen_kl.grad is None or chosen_kl.grad.abs().sum() == 0
 
 
-def test_xpo_adds_the_exploration_term_on_the_rejected_sample() -> None:
-    output, chosen_grad, rejected_grad = _value_and_gradients("xpo", _pair_logps(), beta=0.5, xpo_alpha=0.1)
-    # DPO + α·log π(ỹ), ỹ = y_l: 0.386871 − 0.4 = −0.013129; 0.693147 − 0.1 = 0.593147.
-    assert output.losses.tolist() == pytest.approx([-0.013129, 0.593147], abs=1e-6)
-    assert chosen_grad == pytest.approx([-0.160411, -0.25], abs=1e-6)  # DPO's
-    assert rejected_grad == pytest.approx([0.260411, 0.35], abs=1e-6)  # DPO's + α
-
-
-def test_hypo_kl_penalty_has_the_score_function_gradient() -> None:
-    output, chosen_grad, rejected_grad = _value_and_gradients(
-        "hypo", _pair_logps(), beta=0.5, hypo_lambda=0.1
-    )
-    # KL̂ on ỹ = y_l: log π(y_l) − log π_ref(y_l) = −0.5 and 0. Value: 0.386871 + 0.1·(−0.5) = 0.336871; log 2.
-    assert output.losses.tolist() == pytest.approx([0.336871, 0.693147], abs=1e-6)
-    assert chosen_grad == pytest.approx([-0.160411, -0.25], abs=1e-6)
-    # Rejected: DPO's 0.160411 + λ·KL̂ = 0.160411 − 0.05 = 0.110411 (not + λ = 0.260411, the plain gradient of KL̂).
-    assert rejected_grad == pytest.approx([0.110411, 0.25], abs=1e-6)
+@pytest.mark.parametrize(("name", "what_it_did", "instead"), [
+    ("xpo", "rejected completion", "Use loss sigmoid"),
+    ("hypo", "stale worst-of-n rejected completion", "Use loss tdpo"),
+])
+def test_removed_losses_are_refused_with_why_and_what_to_use(name, what_it_did, instead) -> None:
+    # XPO's term belongs on a sample from π_ref, HyPO's KL on fresh policy samples; neither was: no name may
+    # claim a paper whose method it is not (issue 17, item 5).
+    assert name not in LOSSES and name not in PREFERENCE_LOSSES
+    for ask in (lambda: get_loss(name), lambda: get_loss_spec(name), lambda: DPOConfig(loss=name)):
+        with pytest.raises(ValueError, match="not the paper's method") as error:
+            ask()
+        assert what_it_did in str(error.value) and instead in str(error.value)
+        assert "valid names" not in str(error.value)
+    hyperparameter = {"xpo": "xpo_alpha", "hypo": "hypo_lambda"}[name]
+    with pytest.raises(ValueError, match=f"delete {hyperparameter}"):
+        DPOConfig(**{hyperparameter: 0.1})
 
 
 def test_sft_loss_is_per_token_negative_log_likelihood() -> None:

@@ -129,27 +129,35 @@ def _hand_tree() -> SearchTree:
     return tree
 
 
-def test_new_node_q_is_step_reward_plus_value():
+def test_new_node_q_is_step_reward_with_value_zero():
+    """A new node starts with V = 0 (paper; authors' code), so Q(s,a) = r(s,a) = R(s') − R(s):
+    a = 0.5 − 0 = 0.5, b = −0.2 − 0 = −0.2, a1 = 1 − 0.5 = 0.5, a2 = −1 − 0.5 = −1.5."""
     tree = _hand_tree()
     a, b, a1, a2 = (tree.nodes[i] for i in (1, 2, 3, 4))
-    # Q = (R(s') − R(s)) + V(s'), V = R before any visit.
-    assert (a.q_value, b.q_value) == pytest.approx((0.5 + 0.5, -0.2 - 0.2))
-    assert (a1.q_value, a2.q_value) == pytest.approx((1.0 - 0.5 + 1.0, -1.0 - 0.5 - 1.0))
+    assert (a.value, b.value, a1.value, a2.value) == (0.0, 0.0, 0.0, 0.0)
+    assert (a.q_value, b.q_value, a1.q_value, a2.q_value) == pytest.approx((0.5, -0.2, 0.5, -1.5))
 
 
 def test_backup_visit_weighted_values_by_hand():
+    """R: root 0, a 0.5, b −0.2, a1 +1, a2 −1; V starts at 0; Q(s,a) = R(s') − R(s) + V(s').
+
+    1. [root, a]:      a has no visited child, V(a) = 0, Q(a) = 0.5; V(root) = Q(a) = 0.5.
+    2. [root, b]:      V(root) = (1·0.5 + 1·(−0.2)) / 2 = 0.15.
+    3. [root, a, a1]:  Q(a1) = 0.5; V(a) = 0.5; Q(a) = 0.5 + 0.5 = 1.0 = R(a1) − R(root) (it was
+                       2·R(a1) − R(root) = 2.0 when V started at R); V(root) = (2·1.0 − 0.2) / 3 = 0.6.
+    4. [root, a, a2]:  Q(a2) = −1.5; V(a) = (0.5 − 1.5) / 2 = −0.5; Q(a) = 0.0 = mean(R(a1), R(a2)) − R(root);
+                       V(root) = (3·0.0 + 1·(−0.2)) / 4 = −0.05.
+    """
     tree = _hand_tree()
     root, a = tree.nodes[0], tree.nodes[1]
     tree_ops.backup(tree, [0, 1])
-    assert (root.visits, a.visits, root.value) == (1, 1, pytest.approx(1.0))  # V(root) = Q(a)
+    assert (root.visits, a.visits, a.value, a.q_value, root.value) == (1, 1, 0.0, pytest.approx(0.5), pytest.approx(0.5))
     tree_ops.backup(tree, [0, 2])
-    assert root.value == pytest.approx((1 * 1.0 + 1 * -0.4) / 2)  # 0.3
+    assert root.value == pytest.approx(0.15)
     tree_ops.backup(tree, [0, 1, 3])
-    # V(a) = Q(a1) = 1.5; Q(a) = 0.5 − 0 + 1.5 = 2.0; V(root) = (2·2.0 + 1·(−0.4)) / 3 = 1.2
-    assert (a.value, a.q_value, root.value) == pytest.approx((1.5, 2.0, 1.2))
+    assert (tree.nodes[3].q_value, a.value, a.q_value, root.value) == pytest.approx((0.5, 0.5, 1.0, 0.6))
     tree_ops.backup(tree, [0, 1, 4])
-    # V(a) = (1.5 − 2.5) / 2 = −0.5; Q(a) = 0.5 − 0.5 = 0; V(root) = (3·0 + 1·(−0.4)) / 4 = −0.1
-    assert (a.value, a.q_value, root.value) == pytest.approx((-0.5, 0.0, -0.1))
+    assert (a.value, a.q_value, root.value) == pytest.approx((-0.5, 0.0, -0.05))
     assert (root.visits, a.visits, tree.nodes[2].visits, tree.nodes[3].visits, tree.nodes[4].visits) == (4, 3, 1, 1, 1)
 
 
@@ -196,27 +204,72 @@ def _paired_tree() -> SearchTree:
     tree.nodes.append(empty)
     tree.nodes[0].children.append(5)
     tree_ops.set_evaluation(tree, 5, -1.0)
-    tree.nodes[1].committed = tree.nodes[3].committed = True
-    tree.decision_root, tree.status = 3, "correct"
+    tree_ops.commit(tree)  # root → a (4 visits vs b's 1)
+    tree_ops.commit(tree)  # a → a1 (2 visits vs a2's 1): a verified answer
+    assert tree.status == "correct" and tree.committed_path() == [0, 1, 3]
     return tree
 
 
 def test_pairs_and_confidences_by_hand():
+    """Visits: a 4, b 1; a1 2, a2 1. With V starting at 0:
+    Q(a1) = 1 − 0.5 = 0.5, Q(a2) = −1 − 0.5 = −1.5, V(a) = (2·0.5 + 1·(−1.5)) / 3 = −1/6,
+    Q(a) = 0.5 − 1/6 = 1/3 (= mean R over a's leaves (1 + 1 − 1)/3 − R(root)), Q(b) = −0.2.
+    Margins: a vs b 1/3 + 0.2 = 0.5333; a1 vs a2 0.5 + 1.5 = 2.0 = R(a1) − R(a2) (4.0 when V started at R).
+    conf = 1 / (1 + N_l / max(1, N_w)): 1/(1 + 1/4) = 0.8; 1/(1 + 1/2) = 2/3."""
     tree = _paired_tree()
-    # Visits: a 4, b 1; a1 2, a2 1. Q: a = 0.5 + (2·1.5 + 1·(−2.5))/3 = 0.6667, b = −0.4; a1 = 1.5, a2 = −2.5.
-    assert tree.nodes[1].q_value == pytest.approx(0.5 + 0.5 / 3)
+    assert tree.nodes[1].q_value == pytest.approx(1 / 3)
     pairs = pair_trees.step_pairs(tree)
     assert [(p.parent, p.chosen, p.rejected) for p in pairs] == [(0, 1, 2), (1, 3, 4)]
-    # conf = 1 / (1 + N_l / max(1, N_w)): 1/(1 + 1/4) = 0.8; 1/(1 + 1/2) = 2/3.
     assert [p.confidence for p in pairs] == pytest.approx([0.8, 2 / 3])
+    assert all(p.decision_time for p in pairs)
     rows = pair_trees.pair_rows(tree, pairs, "step", 1, "m")
     assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [
         ("1+2=?\n", "1+2=3\n", "1+2=4\n"), ("1+2=?\n1+2=3\n", "A:3", "A:4")]
-    assert rows[1]["margin"] == pytest.approx(1.5 - -2.5) and rows[0]["method"] == "mcts_step"
+    assert [r["margin"] for r in rows] == pytest.approx([1 / 3 + 0.2, 2.0])
+    assert (rows[1]["score_chosen"], rows[1]["score_rejected"]) == pytest.approx((0.5, -1.5))
+    assert rows[0]["method"] == "mcts_step"
     assert rows[0]["chosen_sample_id"] == "t:0" and rows[0]["rejected_sample_id"] == "t:1"
     leaf_rows = pair_trees.pair_rows(tree, pairs, "to_leaf", 1, "m")
     assert (leaf_rows[0]["chosen"], leaf_rows[0]["rejected"]) == ("1+2=3\nA:3", "1+2=4\n")
     assert pair_trees.step_pairs(tree, max_pairs=1) == pairs[:1]
+
+
+def _decided_tree(chosen_visits: int, rejected_visits: int) -> SearchTree:
+    """root ─ w "1+2=3" (R 0.5) and l "1+2=4" (R −0.2), visited N_w and N_l times, then committed to w."""
+    tree = _hand_tree()
+    tree.nodes[0].visits = chosen_visits + rejected_visits
+    tree.nodes[1].visits, tree.nodes[2].visits = chosen_visits, rejected_visits
+    tree_ops.commit(tree)
+    return tree
+
+
+def test_confidence_uses_visit_counts_at_decision_time():
+    """40 vs 24 visits when the step is committed: conf = 1/(1 + 24/40) = 0.625, ε = 0.375. Three more
+    decisions of 64 simulations run from w (the new decision root), so its final count is 40 + 192 = 232
+    while l stays at 24: the final counts would give conf = 1/(1 + 24/232) = 0.9063, ε = 0.094."""
+    tree = _decided_tree(40, 24)
+    assert tree.decision_root == 1 and (tree.nodes[1].decision_visits, tree.nodes[2].decision_visits) == (40, 24)
+    for _ in range(3 * 64):
+        tree_ops.backup(tree, [tree.decision_root])
+    assert (tree.nodes[1].visits, tree.nodes[2].visits) == (232, 24)
+    pair = pair_trees.sibling_pair(tree, 0)
+    assert (pair.chosen, pair.rejected, pair.decision_time) == (1, 2, True)
+    assert pair.confidence == pytest.approx(0.625)
+    assert 1 - pair.confidence == pytest.approx(0.375)
+    assert pair_trees.visit_confidence(232, 24) == pytest.approx(1 / (1 + 24 / 232))  # 0.9063: ε 0.094
+    # Q is the decision-time Q too: later backups move the committed step's Q, not its sibling's.
+    tree.nodes[1].q_value = 5.0
+    assert pair_trees.sibling_pair(tree, 0).score_chosen == pytest.approx(0.5)
+
+
+def test_trees_without_decision_counts_fall_back_to_final_counts():
+    """A tree from before the copies existed (decision_visits null): final counts, flagged."""
+    tree = _decided_tree(40, 24)
+    tree.nodes[1].visits = 232
+    for node in tree.nodes:
+        node.decision_visits = node.decision_q_value = None
+    pair = pair_trees.sibling_pair(tree, 0)
+    assert not pair.decision_time and pair.confidence == pytest.approx(1 / (1 + 24 / 232))
 
 
 def test_equal_q_siblings_make_no_pair():
@@ -239,22 +292,42 @@ def test_search_finds_the_right_path_and_batches_every_call():
     # One generate and at most one score call per round of simulations, each covering several trees.
     assert len(policy.generate_calls) == search.counters.generate_calls
     assert max(policy.generate_calls) == 3 and len(policy.score_calls) <= len(policy.generate_calls)
-    # The root's visits are the first decision's simulations (later ones back up to later decision roots).
-    assert [t.nodes[0].visits for t in trees] == [4, 4, 4]
+    # The root's visits are the first decision's simulations (later ones back up to later decision roots):
+    # root_simulations unset gives the root 4 × simulations = 16, as the authors' code.
+    assert [t.nodes[0].visits for t in trees] == [16, 16, 16]
+
+
+def test_root_simulation_budget():
+    assert MCTSConfig().first_decision_simulations == 256  # 4 × the paper's 64
+    assert MCTSConfig(simulations=6).first_decision_simulations == 24
+    assert MCTSConfig(simulations=6, root_simulations=16).first_decision_simulations == 16
+    trees = TreeSearch(ScriptedPolicy(), MCTSConfig(**SCRIPT_CONFIG | {"root_simulations": 7}), extract_answer).run(
+        [_tree("3+4-2=?\n", "5")])
+    assert trees[0].nodes[0].visits == 7
 
 
 def test_self_evaluation_values_by_hand():
     tree = TreeSearch(ScriptedPolicy(), MCTSConfig(**SCRIPT_CONFIG), extract_answer).run([_tree("3+4-2=?\n", "5")])[0]
     right, wrong = (tree.nodes[c] for c in tree.nodes[0].children)
-    # P(yes) = σ(log π(Y) − log π(N)): σ(−0.1 + 1) for the right step, σ(−2 + 1) for the wrong one;
-    # R = w·(2·P(yes) − 1) with w = 0.5.
+    # P(yes) = σ(log π(Y) − log π(N)): σ(−0.1 + 1) = 0.7109 for the right step, σ(−2 + 1) = 0.2689 for the
+    # wrong one; R = O + w·C with O = 0 (not an answer), C = P(yes), w = 0.5: 0.35547 and 0.13447.
     sigmoid = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
     assert (right.self_eval, wrong.self_eval) == pytest.approx((sigmoid(0.9), sigmoid(-1.0)))
-    assert (right.evaluation, wrong.evaluation) == pytest.approx((0.5 * (2 * sigmoid(0.9) - 1), 0.5 * (2 * sigmoid(-1.0) - 1)))
+    assert (right.evaluation, wrong.evaluation) == pytest.approx((0.5 * sigmoid(0.9), 0.5 * sigmoid(-1.0)))
+    assert (right.evaluation, wrong.evaluation) == pytest.approx((0.35547, 0.13447), abs=1e-5)
     assert (right.step, wrong.step) == ("3+4=7", "3+4=8")
-    # The answer lines are scored by the verifier, not by self-evaluation.
+    # Answer lines: O = ±1 from the verifier plus w·C from their own self-evaluation.
     answers = [n for n in tree.nodes if n.terminal]
-    assert answers and all(n.self_eval is None and n.evaluation == (1.0 if n.correct else -1.0) for n in answers)
+    assert answers and all(n.self_eval is not None for n in answers)
+    for n in answers:
+        assert n.evaluation == pytest.approx((1.0 if n.correct else -1.0) + 0.5 * n.self_eval)
+    # Without self-evaluation R = O: ±1 at answers, 0 elsewhere, and nothing is scored.
+    policy = ScriptedPolicy()
+    plain = TreeSearch(policy, MCTSConfig(**SCRIPT_CONFIG | {"self_eval_weight": 0.0}), extract_answer).run(
+        [_tree("3+4-2=?\n", "5")])[0]
+    assert policy.score_calls == [] and all(n.self_eval is None for n in plain.nodes)
+    assert {n.evaluation for n in plain.nodes if not n.terminal} == {0.0}
+    assert all(n.evaluation == (1.0 if n.correct else -1.0) for n in plain.nodes if n.terminal)
 
 
 def test_batched_and_one_tree_at_a_time_build_the_same_trees():
@@ -365,9 +438,36 @@ def test_repairing_a_stored_tree_equals_pairing_during_search(store):
     calls = len(policy.generate_calls)
     result = run_stage("pair-trees", {"trees": stored.output}, {}, store)
     assert store.read_table(result.ref).to_pylist() == pa.Table.from_pylist(during, schema=result_schema()).to_pylist()
-    assert 0.0 < result.metrics["mean_confidence"] <= 1.0
+    assert 0.0 < result.metrics["mean_confidence"] <= 1.0 and result.metrics["pairs_from_final_visits"] == 0
+    # Every pair's confidence is from the decision-time counts, and the committed steps went on collecting
+    # visits after their decision, so for some pairs the final counts would have said otherwise.
+    by_label = {tree.node_label(n.index): n for tree in trees for n in tree.nodes}
+    final_differs = 0
+    for row in during:
+        chosen, rejected = by_label[row["chosen_sample_id"]], by_label[row["rejected_sample_id"]]
+        assert row["confidence"] == pytest.approx(pair_trees.visit_confidence(chosen.decision_visits,
+                                                                               rejected.decision_visits))
+        final_differs += row["confidence"] != pytest.approx(pair_trees.visit_confidence(chosen.visits, rejected.visits))
+    assert final_differs > 0
     other = run_stage("pair-trees", {"trees": stored.output}, {"rule": "all_expanded"}, store)
     assert other.rows > result.rows and len(policy.generate_calls) == calls  # another rule, no new search
+
+
+def test_pair_trees_on_a_table_without_decision_counts_warns_and_uses_final_counts(store, caplog):
+    trees = TreeSearch(ScriptedPolicy(("right", "wrong")), MCTSConfig(**SCRIPT_CONFIG | {"simulations": 16}),
+                       extract_answer).run([_tree("3+4-2=?\n", "5", "old")])
+    table = search_trees.trees_to_table(trees, 1, "m")
+    old_table = table.drop_columns(["decision_visits", "decision_q_value"])  # as an older mcts stage wrote it
+    stored = _put_trees(store, old_table)
+    with caplog.at_level("WARNING"):
+        result = run_stage("pair-trees", {"trees": stored.output}, {}, store)
+    pairs = store.read_table(result.ref).to_pylist()
+    assert pairs and result.metrics["pairs_from_final_visits"] == len(pairs)
+    assert "final visit counts" in caplog.text and "Rerun the mcts stage" in caplog.text
+    by_label = {trees[0].node_label(n.index): n for n in trees[0].nodes}
+    for row in pairs:
+        chosen, rejected = by_label[row["chosen_sample_id"]], by_label[row["rejected_sample_id"]]
+        assert row["confidence"] == pytest.approx(pair_trees.visit_confidence(chosen.visits, rejected.visits))
 
 
 def result_schema():

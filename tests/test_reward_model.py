@@ -15,7 +15,7 @@ from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.stage import StageConfig, StageInputError, StageOutput, StageSpec, execute
 from prefloop.storage import ArtifactRef
 from prefloop.tasks import evaluation
-from prefloop.tasks.common.ensembles import aggregate_rewards
+from prefloop.tasks.common.ensembles import MemberStandardisation, aggregate_rewards, combine_standardised
 from prefloop.tasks.registry import run_stage
 from prefloop.tasks.reward_model import best_of_n_accuracy, best_of_n_sets, pairwise_accuracy
 from prefloop.tasks.training.artifacts import save_model_dir
@@ -68,14 +68,15 @@ def test_bradley_terry_gradient_pushes_chosen_up_and_rejected_down() -> None:
 
 
 def test_ensemble_aggregation_by_hand() -> None:
-    # Three members (rows) scoring two targets (columns).
+    # Three members (rows) scoring two targets (columns), already standardised (tests/test_ensembles.py
+    # covers the standardisation itself).
     rewards = [[1.0, 4.0], [2.0, 0.0], [6.0, 2.0]]
-    assert aggregate_rewards(rewards, "mean").tolist() == pytest.approx([3.0, 2.0])
-    assert aggregate_rewards(rewards, "min").tolist() == pytest.approx([1.0, 0.0])
+    assert combine_standardised(rewards, "mean").tolist() == pytest.approx([3.0, 2.0])
+    assert combine_standardised(rewards, "min").tolist() == pytest.approx([1.0, 0.0])
     # Population variances: (4 + 1 + 9)/3 = 14/3 and (4 + 4 + 0)/3 = 8/3.
-    assert aggregate_rewards(rewards, "uncertainty_weighted", 1.0).tolist() == pytest.approx([3 - 14 / 3, 2 - 8 / 3])
-    assert aggregate_rewards(rewards, "uncertainty_weighted", 0.5).tolist() == pytest.approx([3 - 7 / 3, 2 - 4 / 3])
-    assert aggregate_rewards(rewards, "uncertainty_weighted", 0.0).tolist() == pytest.approx([3.0, 2.0])
+    assert combine_standardised(rewards, "uncertainty_weighted", 1.0).tolist() == pytest.approx([3 - 14 / 3, 2 - 8 / 3])
+    assert combine_standardised(rewards, "uncertainty_weighted", 0.5).tolist() == pytest.approx([3 - 7 / 3, 2 - 4 / 3])
+    assert combine_standardised(rewards, "uncertainty_weighted", 0.0).tolist() == pytest.approx([3.0, 2.0])
 
 
 def test_aggregation_refuses_non_finite_rewards_and_bad_shapes() -> None:
@@ -86,7 +87,7 @@ def test_aggregation_refuses_non_finite_rewards_and_bad_shapes() -> None:
     with pytest.raises(ValueError, match="members, targets"):
         aggregate_rewards([1.0, 2.0], "mean")
     with pytest.raises(ValueError, match="unknown aggregation 'median'"):
-        aggregate_rewards([[1.0]], "median")
+        combine_standardised([[1.0]], "median")
 
 
 def test_pairwise_and_best_of_4_accuracy_by_hand() -> None:
@@ -157,11 +158,32 @@ def test_single_reward_model_artifact_is_what_evaluate_reads(shared) -> None:
     assert ours.shape == (1, 3)
     assert ours[0].tolist() == pytest.approx(theirs, abs=1e-5)
     assert theirs[0] > theirs[1]
-    # an ensemble artifact is read too: the evaluation's reward is the members' mean
+    # an ensemble artifact is read too: the evaluation's reward is the mean of the members' rewards,
+    # each standardised with the μ_i, σ_i train-rm stored
     ensemble_dir = shared.store.local_files(shared.ensemble.ref)
     members = reward_model.score_with_members(ensemble_dir, prompts, completions)
     assert members.shape == (2, 3)
-    assert evaluation.score_rewards(ensemble_dir, prompts, completions) == pytest.approx(members.mean(axis=0).tolist())
+    expected = np.mean([(members[i] - mean) / std for i, (mean, std) in enumerate(_stored_stats(shared))], axis=0)
+    assert evaluation.score_rewards(ensemble_dir, prompts, completions) == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def _stored_stats(shared) -> list[tuple[float, float]]:
+    stored = MemberStandardisation.read(shared.store.local_files(shared.ensemble.ref))
+    return list(zip(stored.means, stored.stds, strict=True))
+
+
+def test_train_rm_stores_each_members_statistics_on_the_heldout_completions(shared) -> None:
+    ensemble_dir = shared.store.local_files(shared.ensemble.ref)
+    stored = MemberStandardisation.read(ensemble_dir)
+    # held-out prompts 11..16, each with completions A:1 (chosen) and A:2, A:3, A:4: 24 distinct texts
+    assert stored.count == 24 and stored.reference == "held-out completions"
+    assert shared.ensemble.metrics["standardisation"] == stored.to_dict()
+    prompts = [f"{i}+0=?\n" for i in range(11, 17) for _ in range(4)]
+    completions = [f"A:{k}" for _ in range(11, 17) for k in (1, 2, 3, 4)]
+    rewards = reward_model.score_with_members(ensemble_dir, prompts, completions)
+    assert list(stored.means) == pytest.approx(rewards.mean(axis=1).tolist(), abs=1e-6)
+    assert list(stored.stds) == pytest.approx(rewards.std(axis=1).tolist(), abs=1e-6)
+    assert MemberStandardisation.read(shared.store.local_files(shared.single.ref)) is None  # one model: raw reward
 
 
 def test_ensemble_members_differ_and_label_rm_writes_members_plus_aggregate(shared) -> None:
@@ -174,15 +196,19 @@ def test_ensemble_members_differ_and_label_rm_writes_members_plus_aggregate(shar
     by_labeler = {}
     for row in shared.store.read_table(labels.ref).to_pylist():
         by_labeler.setdefault(row["labeler"], {})[row["target_id"]] = row["score"]
-        assert row["labeler_version"] == "1" and row["target_kind"] == "sample"
+        assert row["labeler_version"] == "2" and row["target_kind"] == "sample"
     member_0, member_1 = f"rm:{model_id}/member-0", f"rm:{model_id}/member-1"
     aggregate = f"rm-ensemble:{model_id}/mean-1var"
     assert set(by_labeler) == {member_0, member_1, aggregate}
     assert by_labeler[member_0] != by_labeler[member_1]
+    (mean_0, std_0), (mean_1, std_1) = _stored_stats(shared)
     for sample in ("s1", "s2", "s3"):
-        a, b = by_labeler[member_0][sample], by_labeler[member_1][sample]
-        # mean − 1·population variance of two values = (a + b)/2 − ((a − b)/2)².
+        a = (by_labeler[member_0][sample] - mean_0) / std_0  # member rows keep the raw reward
+        b = (by_labeler[member_1][sample] - mean_1) / std_1
+        # mean − 1·population variance of two standardised values = (a + b)/2 − ((a − b)/2)².
         assert by_labeler[aggregate][sample] == pytest.approx((a + b) / 2 - ((a - b) / 2) ** 2, abs=1e-6)
+    assert labels.metrics["member_standardisation"] == {
+        member_0: {"mean": mean_0, "std": std_0}, member_1: {"mean": mean_1, "std": std_1}}
     members_only = run_stage("label-rm", {"reward_model": result.output, "samples": shared.samples}, {}, shared.store)
     assert set(shared.store.read_table(members_only.ref).column("labeler").to_pylist()) == {member_0, member_1}
 
@@ -193,7 +219,8 @@ def test_label_stage_reward_model_labeler_scores_samples_with_the_aggregate(shar
     rows = shared.store.read_table(result.ref).to_pylist()
     members = reward_model.score_with_members(shared.store.local_files(shared.ensemble.ref),
                                               ["5+0=?\n", "5+0=?\n", "6+0=?\n"], ["A:1", "A:2", "A:1"])
-    assert [r["score"] for r in rows] == pytest.approx(members.min(axis=0).tolist(), abs=1e-6)
+    standardised = [(members[i] - mean) / std for i, (mean, std) in enumerate(_stored_stats(shared))]
+    assert [r["score"] for r in rows] == pytest.approx(np.min(standardised, axis=0).tolist(), abs=1e-6)
     assert {r["labeler"] for r in rows} == {"reward_model"} and result.metrics["members"] == 2
     with pytest.raises(StageInputError, match="needs the input"):
         run_stage("label", {"samples": shared.samples}, {"labeler": "reward_model"}, shared.store)
@@ -214,6 +241,22 @@ def test_label_rm_on_pairs_scores_the_margin_and_names_one_model(shared) -> None
     assert [by_pair[p] for p in pairs.column("pair_id").to_pylist()] == pytest.approx(margins.tolist(), abs=1e-6)
 
 
+def test_label_rm_on_pairs_aggregates_standardised_margins(shared) -> None:
+    result = run_stage("label-rm", {"reward_model": shared.ensemble.output, "preferences": shared.heldout},
+                       {"aggregation": "min"}, shared.store)
+    rows = shared.store.read_table(result.ref).to_pylist()
+    pairs = shared.store.read_table(ArtifactRef.parse(shared.heldout))
+    model_dir = shared.store.local_files(shared.ensemble.ref)
+    prompts = pairs.column("prompt").to_pylist()
+    margins = (reward_model.score_with_members(model_dir, prompts, pairs.column("chosen").to_pylist())
+               - reward_model.score_with_members(model_dir, prompts, pairs.column("rejected").to_pylist()))
+    # (r_i(y_w) − r_i(y_l)) / σ_i: the offsets μ_i cancel in a margin
+    expected = np.min([margins[i] / std for i, (_, std) in enumerate(_stored_stats(shared))], axis=0)
+    aggregate = {r["target_id"]: r["score"] for r in rows if r["labeler"].startswith("rm-ensemble:")}
+    assert [aggregate[p] for p in pairs.column("pair_id").to_pylist()] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert result.metrics["standardisation_reference"] == "held-out completions" and "notes" not in result.metrics
+
+
 def test_non_finite_rewards_are_dropped_with_a_named_reason(shared, monkeypatch) -> None:
     def broken(model_dir, prompts, completions, batch_size=64):
         return np.array([[0.5, float("nan"), 1.0], [0.25, 1.0, float("inf")]])
@@ -224,11 +267,13 @@ def test_non_finite_rewards_are_dropped_with_a_named_reason(shared, monkeypatch)
     assert result.drops == {"nonfinite_reward": 2}
     rows = shared.store.read_table(result.ref).to_pylist()
     assert {r["target_id"] for r in rows} == {"s1"} and len(rows) == 3  # two members + the mean
-    assert [r["score"] for r in rows if r["labeler"].startswith("rm-ensemble:")] == [0.375]
+    (mean_0, std_0), (mean_1, std_1) = _stored_stats(shared)
+    expected = ((0.5 - mean_0) / std_0 + (0.25 - mean_1) / std_1) / 2  # s1's rewards, standardised, averaged
+    assert [r["score"] for r in rows if r["labeler"].startswith("rm-ensemble:")] == pytest.approx([expected])
     labeled = run_stage("label", {"samples": shared.samples, "model": shared.ensemble.output},
                            {"labeler": "reward_model"}, shared.store)
     assert labeled.drops == {"nonfinite_reward": 2}
-    assert shared.store.read_table(labeled.ref).column("score").to_pylist() == [0.375]
+    assert shared.store.read_table(labeled.ref).column("score").to_pylist() == pytest.approx([expected])
 
 
 def test_bad_inputs_get_clear_errors(shared, tmp_path) -> None:

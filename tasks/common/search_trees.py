@@ -5,6 +5,8 @@ arXiv:2405.00451): a node is a partial solution, a step one line of text ending 
 :data:`STEP_SEPARATOR`. The ``mcts`` stage builds trees and writes every node to the ``trees`` table
 (:func:`trees_to_table`); ``pair-trees`` reads them back (:func:`trees_from_table`) to derive pairs
 without searching again. The tree's statuses say why a committed path did not end in a verified answer.
+Each node also keeps its visit count and Q as they were when the decision at its parent was committed
+(``decision_visits``, ``decision_q_value``): MCTS-DPO's pair confidence is defined on those.
 The search itself (PUCT, backup, the batched runner) lives in ``prefloop.tasks.mcts``.
 """
 
@@ -45,6 +47,9 @@ class Node:
     value: float = 0.0  # V(s)
     q_value: float = 0.0  # Q(parent, this step)
     visits: int = 0  # N
+    # N and Q when the decision at the parent was committed (None: the parent was never a decision root).
+    decision_visits: int | None = None
+    decision_q_value: float | None = None
     terminal: bool = False
     correct: bool | None = None
     invalid_reason: str | None = None
@@ -114,6 +119,7 @@ def trees_to_table(trees: Sequence[SearchTree], round_index: int = 0, policy_mod
                 "sum_logprob": node.sum_logprob, "finish_reason": node.finish_reason,
                 "invalid_reason": node.invalid_reason, "committed": node.committed, "expanded": node.expanded,
                 "tree_status": tree.status, "round": round_index, "policy_model_id": policy_model_id,
+                "decision_visits": node.decision_visits, "decision_q_value": node.decision_q_value,
             }
             for name in columns:
                 columns[name].append(row.get(name))
@@ -160,7 +166,8 @@ def trees_from_table(table: pa.Table) -> list[SearchTree]:
                 prior=row["prior"], evaluation=row.get("evaluation") or 0.0, self_eval=row.get("self_eval"),
                 value=row["value"], q_value=row["q_value"], visits=row["visits"], terminal=bool(row["terminal"]),
                 correct=row["correct"], invalid_reason=row.get("invalid_reason"), committed=bool(row.get("committed")),
-                expanded=bool(row.get("expanded")),
+                expanded=bool(row.get("expanded")), decision_visits=row.get("decision_visits"),
+                decision_q_value=row.get("decision_q_value"),
             )
             positions[row["node_id"]] = node.index
             tree.nodes.append(node)

@@ -6,12 +6,16 @@ this module adds the steps that need the policy:
 
 * **Expansion**: k = ``children_per_node`` (2) steps sampled from π at the leaf; identical step
   texts are merged (they are one action), so siblings always differ.
-* **Evaluation**: R(s) = outcome ±1 from the task's verifier at a terminal node (an answer line);
-  elsewhere the scaled self-evaluation w·(2·P(yes) − 1), P(yes) = π(yes|e) / (π(yes|e) + π(no|e)) for
-  the evaluation prompt e = ``self_eval_template`` filled with the partial solution, w =
-  ``self_eval_weight``. A step the policy could not finish (token budget hit, empty, no room left in
-  the context window, or ``max_depth`` reached without an answer) is a terminal failure, R = −1, and
-  keeps its reason in ``invalid_reason``.
+* **Evaluation** (the paper's R = O + C): R(s) = O(s) + w·C(s), with the outcome O = +1 / −1 from the
+  task's verifier at an answer line (terminal) and 0 elsewhere, and the self-evaluation confidence
+  C = P(yes) ∈ [0, 1], P(yes) = π(yes|e) / (π(yes|e) + π(no|e)) for the evaluation prompt e =
+  ``self_eval_template`` filled with the partial solution (answer lines included, as the authors' code
+  does), w = ``self_eval_weight`` (paper: 1; 0 skips self-evaluation, R = O). A step the policy could
+  not finish (token budget hit, empty, no room left in the context window, or ``max_depth`` reached
+  without an answer) is a terminal failure with O = −1 and no self-evaluation (C = 0), so R = −1, and
+  keeps its reason in ``invalid_reason``. An answer line whose evaluation prompt does not fit the
+  context window is not self-evaluated either (C = 0). (Before, R was ±1 at answers and
+  w·(2·P(yes) − 1) elsewhere; with w = 0 the two forms are the same.)
 
 After expansion the simulation continues into one new child, chosen by PUCT, so every simulation
 adds one visit along its whole path.
@@ -118,9 +122,8 @@ class TreeSearch:
         return trees
 
     def budget(self, tree: SearchTree) -> int:
-        if tree.decision_root == 0 and self.config.root_simulations is not None:
-            return self.config.root_simulations
-        return self.config.simulations
+        """Simulations for the tree's current decision: more at the root (``first_decision_simulations``)."""
+        return self.config.first_decision_simulations if tree.decision_root == 0 else self.config.simulations
 
     def simulate(self, trees: list[SearchTree]) -> None:
         """Advance every tree to its next expansion, then expand all those leaves in one batch.
@@ -172,13 +175,7 @@ class TreeSearch:
             leaf.expanded = True
             children.extend((tree, self._add_child(tree, leaf, completion)) for completion in self._distinct(group))
         self._check_context([(tree, child) for tree, child in children if not child.terminal])
-        to_evaluate: list[tuple[SearchTree, int]] = []
-        for tree, child in children:
-            if child.terminal:
-                set_evaluation(tree, child.index, 1.0 if child.correct else -1.0)
-            else:
-                to_evaluate.append((tree, child.index))
-        self._evaluate(to_evaluate)
+        self._evaluate([(tree, child.index) for tree, child in children])
 
     def _check_context(self, open_children: list[tuple[SearchTree, Node]]) -> None:
         """A node without room for another step (and its self-evaluation) ends its solution: truncated."""
@@ -227,14 +224,22 @@ class TreeSearch:
         return child
 
     def _evaluate(self, nodes: list[tuple[SearchTree, int]]) -> None:
-        """R of non-terminal nodes from the policy's self-evaluation, all in one score call."""
+        """R = O + w·C of new nodes (module docstring); every self-evaluation in one score call."""
         config = self.config
-        if not nodes:
-            return
-        if config.self_eval_weight == 0.0:
-            for tree, index in nodes:
-                set_evaluation(tree, index, 0.0)
-            return
+        judged = [(tree, index) for tree, index in nodes if tree.nodes[index].invalid_reason is None]
+        if config.self_eval_weight != 0.0 and judged and self.fits is not None:
+            # _check_context gave open nodes room for a step and the answer; answer lines are checked here.
+            texts = [tree.prefix(index) + self._eval_overhead for tree, index in judged]
+            answer_room = max(len(config.self_eval_yes), len(config.self_eval_no))
+            judged = [node for node, fits in zip(judged, self.fits(texts, answer_room), strict=True) if fits]
+        confidence = self._self_evaluate(judged) if config.self_eval_weight != 0.0 and judged else {}
+        for tree, index in nodes:
+            set_evaluation(tree, index, outcome(tree.nodes[index])
+                           + config.self_eval_weight * confidence.get((id(tree), index), 0.0))
+
+    def _self_evaluate(self, nodes: list[tuple[SearchTree, int]]) -> dict[tuple[int, int], float]:
+        """C = P(yes) of each node's self-evaluation prompt (stored as the node's ``self_eval``)."""
+        config = self.config
         prompts = [config.self_eval_template.format(
             prompt=tree.prompt, steps="".join(step + STEP_SEPARATOR for step in tree.steps_to(index)))
             for tree, index in nodes]
@@ -242,6 +247,7 @@ class TreeSearch:
         probabilities = yes_probability(self.backend, prompts, config.self_eval_yes, config.self_eval_no)
         self.counters.score_calls += 1
         self.counters.sequences_scored += 2 * len(prompts)
+        confidence = {}
         for (tree, index), probability in zip(nodes, probabilities, strict=True):
             if not math.isfinite(probability):
                 raise UserError(
@@ -249,7 +255,15 @@ class TreeSearch:
                     f"neither {config.self_eval_yes!r} nor {config.self_eval_no!r} with a finite log-prob. Set "
                     "self_eval_yes/self_eval_no to answers the tokenizer knows, or self_eval_weight: 0")
             tree.nodes[index].self_eval = probability
-            set_evaluation(tree, index, config.self_eval_weight * (2.0 * probability - 1.0))
+            confidence[(id(tree), index)] = probability
+        return confidence
+
+
+def outcome(node: Node) -> float:
+    """O(s): +1 at a verified answer, −1 at a wrong answer or a step the policy could not finish, 0 elsewhere."""
+    if not node.terminal:
+        return 0.0
+    return 1.0 if node.correct else -1.0
 
 
 def answer_line(prefix: str) -> Callable[[str], str | None]:

@@ -13,8 +13,9 @@ policy call in ``prefloop.tasks.mcts.search``.
 This module owns the stage: its config (:class:`MCTSConfig`, the paper's defaults), its ``SPEC``,
 ``compute`` (prompts → trees), and :class:`MCTSConstruction`, the loop's ``construction: {method:
 mcts}``. Every node of every tree is written to the ``trees`` table (visits, Q, V, R, prior,
-self-evaluation, committed path, the tree's final status), so ``pair-trees`` derives preference pairs
-— and can re-derive them with another rule — without searching again.
+self-evaluation, committed path, the visits and Q each step had when the decision above it was
+committed, the tree's final status), so ``pair-trees`` derives preference pairs — and can re-derive
+them with another rule — without searching again.
 """
 
 from __future__ import annotations
@@ -44,21 +45,30 @@ from prefloop.tasks.mcts.search import (
 )
 from prefloop.tasks.registry import stage_spec
 
+# The authors' code runs 4 × n_iters simulations for the first decision ("iterate more at the starting
+# point", mcts_rl/algorithms/mcts/mcts/mcts.py) and n_iters for every later one.
+ROOT_SIMULATION_FACTOR = 4
+
 
 class MCTSConfig(StageConfig):
-    """Search settings; the defaults are the paper's (Xie et al. 2024, §2 and appendix)."""
+    """Search settings; the defaults are the paper's (Xie et al. 2024, §2 and appendix) and, where the paper
+    is silent, the authors' code's (the root's budget)."""
 
     split: str = Field("train", description="which prompts to search on")
     max_prompts: int | None = Field(512, ge=1, description="first N prompts of the split (None = all)")
     new_prompts_each_round: bool = Field(True, description="round k searches prompt block k-1 (as the sample stage)")
     children_per_node: int = Field(2, ge=1, description="k: steps sampled per expansion (paper: 2 for math)")
     simulations: int = Field(64, ge=1, description="simulations per decision below the root")
-    root_simulations: int | None = Field(None, ge=1, description="simulations for the first decision (None: same)")
+    root_simulations: int | None = Field(
+        None, ge=1, description="simulations for the first decision, at the root (None: ROOT_SIMULATION_FACTOR (4) × "
+        "simulations, as the authors' code searches more at the starting point)")
     lookahead_depth: int = Field(3, ge=1, description="selection descends at most this many steps below the decision root")
     max_depth: int = Field(12, ge=1, description="steps after which a solution without an answer is truncated")
     c_puct: float = Field(1.0, gt=0.0, description="exploration constant c of PUCT")
     prior_length_power: float = Field(1.25, ge=0.0, description="λ of the length-normalised prior exp(log π / |a|^λ)")
-    self_eval_weight: float = Field(1.0, ge=0.0, description="w: non-terminal R = w·(2·P(yes) − 1); 0 skips self-evaluation")
+    self_eval_weight: float = Field(
+        1.0, ge=0.0, description="w in R = O + w·C: C = P(yes) of the self-evaluation, O = ±1 at answers, 0 "
+        "elsewhere (paper: w = 1); 0 skips self-evaluation, so R = O")
     self_eval_template: str = Field(
         "{prompt}{steps}Is the last step correct? Answer yes or no:",
         description="evaluation prompt; {prompt} is the problem, {steps} the steps so far, each ending in a newline",
@@ -87,6 +97,11 @@ class MCTSConfig(StageConfig):
         except (KeyError, IndexError, ValueError) as error:
             raise UserError(f"self_eval_template may only use {{prompt}} and {{steps}} ({error!r})") from None
         return self
+
+    @property
+    def first_decision_simulations(self) -> int:
+        """The root's budget: ``root_simulations``, else ROOT_SIMULATION_FACTOR × ``simulations``."""
+        return self.root_simulations if self.root_simulations is not None else ROOT_SIMULATION_FACTOR * self.simulations
 
 
 SPEC = stage_spec(

@@ -1,16 +1,27 @@
 """The pure operations of the MCTS-DPO search on one tree: prior, PUCT selection, evaluation, backup, commit.
 
 Xie et al. 2024, "Monte Carlo Tree Search Boosts Reasoning via Iterative Preference Learning"
-(arXiv:2405.00451). No model and no store here: the batched runner (``search.py``) calls these.
+(arXiv:2405.00451), and the authors' code (github.com/YuxiXie/MCTS-DPO, ``mcts_rl/algorithms/mcts``).
+No model and no store here: the batched runner (``search.py``) calls these.
 
 * **Selection** (PUCT): from the decision root, descend to a_* = argmax_a Q(s,a) + c·p(s,a)·√N(s) /
   (1 + N(s,a)), c = ``c_puct`` (1), with the length-normalised prior p(s,a) = exp(log π(a|s) / |a|^λ),
   |a| the step's token count, λ = ``prior_length_power`` (1.25). Descent stops at an unexpanded node,
   a terminal node, or ``lookahead_depth`` steps (3) below the decision root.
+* **Evaluation**: a new node gets its reward R(s) (``search.py``: R = O + w·C) and starts with V(s) = 0
+  and N = 0, so before any visit Q(s,a) = r(s,a) = R(s') − R(s).
 * **Backup** along the path, from the leaf up to the decision root: N(s) += 1;
-  V(s) = Σ_a N(s,a)·Q(s,a) / Σ_a N(s,a) over visited children (V = R at a node without visited
-  children); Q(s,a) = r(s,a) + V(s') with the step reward r(s,a) = R(s') − R(s) (γ = 1).
-* **Commit**: when a decision's simulations are spent, the decision root moves to its most-visited child.
+  V(s) = Σ_a N(s,a)·Q(s,a) / Σ_a N(s,a) over visited children (V stays 0 at a node without visited
+  children); Q(s,a) = r(s,a) + V(s') with the step reward r(s,a) = R(s') − R(s) (γ = 1). The sum
+  telescopes: Q(s,a) = (visit-weighted mean of R over the leaves reached through a) − R(s). (Starting V
+  at R instead, as this module did before, gave Q(s,a) = 2·mean R(leaf) − R(s): twice the scale, so
+  c_puct acted as c/2, and every pair's margin doubled.)
+* **Commit**: when a decision's simulations are spent, every child of the decision root keeps a copy of
+  its visit count and Q at that moment (``decision_visits``, ``decision_q_value``: the authors' code
+  records the decision's Q values and visit distribution when it takes the step), then the decision root
+  moves to its most-visited child. The committed step goes on collecting visits in later decisions (it
+  is their root) while its siblings do not, so its final count overstates the confidence of the pair
+  it forms; ``pair-trees`` reads the copies.
 """
 
 from __future__ import annotations
@@ -57,12 +68,17 @@ def needs_expansion(tree: SearchTree, index: int, lookahead_depth: int) -> bool:
     return not node.terminal and not node.expanded and node.depth - tree.nodes[tree.decision_root].depth < lookahead_depth
 
 
+def _parent_evaluation(tree: SearchTree, index: int) -> float:
+    parent = tree.nodes[index].parent
+    return tree.nodes[parent].evaluation if parent is not None else 0.0
+
+
 def set_evaluation(tree: SearchTree, index: int, evaluation: float) -> None:
-    """A new node's R; before any visit V = R and Q = R − R(parent) + V."""
+    """A new node's R; it starts with V = 0, so Q(s,a) = R(s') − R(s) until its first visited child."""
     node = tree.nodes[index]
-    node.evaluation = node.value = evaluation
-    parent_evaluation = tree.nodes[node.parent].evaluation if node.parent is not None else 0.0
-    node.q_value = evaluation - parent_evaluation + node.value
+    node.evaluation = evaluation
+    node.value = 0.0
+    node.q_value = evaluation - _parent_evaluation(tree, index)
 
 
 def backup(tree: SearchTree, path: Sequence[int]) -> None:
@@ -74,13 +90,17 @@ def backup(tree: SearchTree, path: Sequence[int]) -> None:
         visited = [tree.nodes[c] for c in node.children if tree.nodes[c].visits > 0]
         if visited:
             node.value = sum(c.visits * c.q_value for c in visited) / sum(c.visits for c in visited)
-        parent_evaluation = tree.nodes[node.parent].evaluation if node.parent is not None else 0.0
-        node.q_value = node.evaluation - parent_evaluation + node.value
+        node.q_value = node.evaluation - _parent_evaluation(tree, index) + node.value
 
 
 def commit(tree: SearchTree) -> None:
-    """Move the decision root to its most-visited child (ties: higher Q, then earlier child)."""
+    """Copy the decision root's children's N and Q as they are now (the decision-time statistics the pairs'
+    confidence comes from), then move the decision root to its most-visited child (ties: higher Q, then
+    earlier child)."""
     root = tree.nodes[tree.decision_root]
+    for index in root.children:
+        child = tree.nodes[index]
+        child.decision_visits, child.decision_q_value = child.visits, child.q_value
     best = max(root.children, key=lambda c: (tree.nodes[c].visits, tree.nodes[c].q_value, -tree.nodes[c].child_index))
     chosen = tree.nodes[best]
     chosen.committed = True

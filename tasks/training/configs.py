@@ -6,7 +6,9 @@ Light on purpose (pydantic only, no torch): stage configs nest these models, and
 - :class:`OptimizationConfig`: AdamW, warm-up and linear decay, clipping, accumulation, data seed;
 - :class:`SFTConfig`: the supervised warm start (``recipes/sft.py``);
 - :class:`DPOConfig`: preference optimisation with a registered loss (``recipes/dpo.py``);
-- :class:`RewardModelTrainingConfig`: Bradley–Terry reward models (``recipes/reward_model.py``).
+- :class:`RewardModelTrainingConfig`: Bradley–Terry reward models (``recipes/reward_model.py``);
+- :func:`check_iteration_policy`: which losses each iteration policy (``reference_policy``) is defined
+  for, checked by the loop config and by stage ``train``.
 """
 
 from __future__ import annotations
@@ -107,3 +109,39 @@ class RewardModelTrainingConfig(OptimizationConfig):
                              "which cutting the sequence would remove; leave max_length unset")
         return self
 
+
+def check_iteration_policy(reference_policy: str, loss: str) -> None:
+    """Refuse an iteration policy combined with a loss it is not defined for, saying why and what to set.
+
+    - ``mixture`` is INPO's reference (Zhang et al. 2024, "Iterative Nash Policy Optimization"),
+      and INPO's loss is the squared (IPO-form) one on it:
+
+          loss = (h_mix − 1/(2η))²,   h_mix the log-ratio margin against π_SFT^(τ/η) · π_t^(1 − τ/η),
+
+      i.e. loss ``ipo`` with ``ipo_tau = η`` and ``train.mixture_weight = τ/η``. With any other loss the
+      mixture is a reference no paper defines.
+    - ``sppo`` (Wu et al. 2024) is the step π_{t+1} ∝ π_t·exp(η·P(y ≻ π_t)): its log-ratios are against
+      π_t, the previous round's policy, so it needs ``previous_round``.
+    - ``soft_sync`` (TR-DPO, Gorbatovski et al. 2024) moves a reference that a reference-free loss (simpo)
+      never reads.
+    """
+    spec = get_loss_spec(loss)
+    if reference_policy == "mixture" and loss != "ipo":
+        raise UserError(
+            f"reference_policy 'mixture' with loss '{loss}': the geometric mixture is INPO's reference and INPO's "
+            "loss is the squared IPO form (h − 1/(2η))² on it, not another loss. For INPO set train.training.loss: "
+            "ipo, train.training.ipo_tau: η and train.mixture_weight: τ/η; to keep loss "
+            f"'{loss}', pick reference_policy fixed or previous_round"
+        )
+    if loss == "sppo" and reference_policy != "previous_round":
+        raise UserError(
+            f"loss 'sppo' with reference_policy '{reference_policy}': SPPO's update π_t+1 ∝ π_t·exp(η·P(y ≻ π_t)) "
+            "regresses log π/π_t, so its reference must be the previous round's policy. Set reference_policy: "
+            "previous_round, or use another loss"
+        )
+    if reference_policy == "soft_sync" and not spec.needs_reference:
+        raise UserError(
+            f"reference_policy 'soft_sync' with loss '{loss}': TR-DPO moves the reference during training, but "
+            f"'{loss}' has no reference to move. Set reference_policy: fixed, or use a loss with a reference "
+            "(sigmoid, ipo, ...)"
+        )

@@ -5,7 +5,9 @@ hyperparameters (``LossHyperparameters``), and returns per-example losses plus t
 that the training loop reports. Each registered loss carries a ``LossSpec`` that says what it needs
 (reference log-probs, a rejected completion, the token-level KL to the reference, a label-flip rate),
 so the training loop asks the spec and never branches on the loss name. Adding a method means adding
-one function under ``@_register``.
+one function under ``@_register``. A name stands for a paper's method only if it is that method:
+``xpo`` and ``hypo`` were removed (``REMOVED_LOSSES`` says why and what to use), and asking for them
+is refused rather than silently training something else.
 
 Notation (see /work/shared/ALGORITHMS.md): r_θ(y) = log π(y|x) − log π_ref(y|x),
 h = r_θ(y_w) − r_θ(y_l), ℓ(z) = −log σ(z). With ``length_normalize`` every log-ratio (and TDPO's
@@ -15,7 +17,7 @@ definition, so the flag does not touch them.
 
 Light to import (torch deferred): ``DPOConfig`` inherits ``LossHyperparameters``.
 
-Over 400 lines: the registry and its dozen small loss functions are read side by side, each with its
+Over 400 lines: the registry and its ten small loss functions are read side by side, each with its
 formula and paper; splitting them would separate a loss from the spec that says what it needs.
 """
 
@@ -24,9 +26,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefloop.errors import UserError
 from prefloop.lazy import deferred_import
@@ -35,6 +37,23 @@ if TYPE_CHECKING:
     import torch
 else:
     torch = deferred_import("torch")
+
+
+REMOVED_LOSSES: dict[str, str] = {
+    "xpo": "removed: it was not the paper's method. XPO (Xie et al. 2024, Algorithm 1) adds α·log π(ỹ) for a "
+    "sample ỹ drawn from π_ref regardless of the pair's label; prefloop's 'xpo' put that term on the pair's "
+    "rejected completion, which only pushes the loser down a little more (issue 17, item 5). Use loss sigmoid "
+    "(or rpo, DPO plus the chosen NLL) on the round's fresh samples",
+    "hypo": "removed: it was not the paper's method. HyPO (Song et al. 2024, Algorithm 1) estimates KL(π‖π_ref) "
+    "on fresh samples of the policy being trained; prefloop's 'hypo' used the round's stale worst-of-n rejected "
+    "completion (issue 17, item 5). Use loss tdpo (the token-level KL to the reference, computed exactly on the "
+    "pairs) or sigmoid with a larger beta for a tighter KL",
+}
+"""Loss names that once were registered, with why they went and what to use instead; asking for one is refused
+with that text (``get_loss_spec``), so an old config fails loudly instead of training something else."""
+
+REMOVED_HYPERPARAMETERS: dict[str, str] = {"xpo_alpha": "xpo", "hypo_lambda": "hypo"}
+"""Hyperparameters of the removed losses, refused by name with the loss's removal note."""
 
 
 @dataclass(frozen=True)
@@ -122,14 +141,16 @@ class LossHyperparameters(BaseModel):
         ge=0.0,
         description="α of tdpo: weight of the token-level KL difference (Zeng et al. 2024, TDPO2)",
     )
-    xpo_alpha: float = Field(
-        1e-5, ge=0.0, description="α of xpo: weight of the exploration term (Xie et al. 2024)"
-    )
-    hypo_lambda: float = Field(
-        0.01,
-        ge=0.0,
-        description="λ of hypo: weight of the KL(π‖π_ref) penalty on on-policy samples (Song et al. 2024)",
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_removed_hyperparameters(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, loss in REMOVED_HYPERPARAMETERS.items():
+                if name in data:
+                    raise UserError(f"{name} was the hyperparameter of loss '{loss}', which was {REMOVED_LOSSES[loss]}; "
+                                    f"delete {name} from the config")
+        return data
 
 
 LossFunction = Callable[[SequenceLogps, LossHyperparameters], LossOutput]
@@ -328,6 +349,10 @@ def ipo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> Loss
     a squared loss that pulls the log-ratio margin to 1/(2τ) instead of pushing it to infinity. TRL
     divides each log-ratio by its length for IPO (the form the IPO authors confirmed): set
     ``length_normalize`` for that. Rewards are reported as τ·r_θ(y).
+
+    INPO (Zhang et al. 2024, "Iterative Nash Policy Optimization") is this loss against the
+    geometric-mixture reference π_ref^(τ/η)·π_t^(1−τ/η) with target 1/(2η): ``reference_policy:
+    mixture``, ``mixture_weight = τ/η``, ``ipo_tau = η`` (``configs.check_iteration_policy``).
     """
     chosen, rejected = _log_ratios(logps, hyperparameters)
     tau = hyperparameters.ipo_tau
@@ -392,8 +417,9 @@ def sppo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> Los
 
         loss = (r_θ(y_w) − η/2)² + (r_θ(y_l) + η/2)²
 
-    each completion's log-ratio is regressed on η·(P − 1/2). η defaults to 1/β, as TRL's ``sppo_hard``;
-    the reference is the previous round's policy in the paper's iterations.
+    each completion's log-ratio is regressed on η·(P − 1/2). η defaults to 1/β, as TRL's ``sppo_hard``.
+    SPPO's iteration π_{t+1} ∝ π_t·exp(η·P(y ≻ π_t)) needs π_ref = π_t, the previous round's policy: a loop
+    or train config pairing it with another ``reference_policy`` is refused (``configs.check_iteration_policy``).
     """
     chosen, rejected = _log_ratios(logps, hyperparameters)
     beta = hyperparameters.beta
@@ -423,48 +449,6 @@ def tdpo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> Los
     return LossOutput(losses=losses, **_rewards(chosen, rejected, beta))
 
 
-@_register("xpo", needs_reference=True)
-def xpo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> LossOutput:
-    """XPO, Xie et al. 2024, "Exploratory Preference Optimization: Harnessing Implicit Q*-Approximation
-    for Sample-Efficient RLHF", Algorithm 1:
-
-        loss = −log σ(β·h) + α·log π(ỹ | x),   ỹ ~ π_ref
-
-    Minimising α·log π(ỹ) lowers the likelihood of what the reference would say, an optimism bonus
-    that drives exploration. The exploration sample ỹ is the pair's rejected completion: like TRL's
-    XPO trainer, which uses the reference model's completion of the pair, it is a sample the loop
-    already has log-probs for (with the ``fixed`` reference it is drawn from π_ref in round 1).
-    """
-    dpo = sigmoid_loss(logps, hyperparameters)
-    return LossOutput(
-        losses=dpo.losses + hyperparameters.xpo_alpha * logps.policy_rejected,
-        chosen_rewards=dpo.chosen_rewards,
-        rejected_rewards=dpo.rejected_rewards,
-    )
-
-
-@_register("hypo", needs_reference=True)
-def hypo_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> LossOutput:
-    """HyPO, Song et al. 2024, "The Importance of Online Data: Understanding Preference Fine-tuning via
-    Coverage", Algorithm 1: DPO on the preference pairs plus a reverse-KL penalty on on-policy samples,
-
-        loss = −log σ(β·h) + λ·KL̂,   KL̂ = log π(ỹ) − log π_ref(ỹ),   ỹ ~ π
-
-    The on-policy sample ỹ is the pair's rejected completion (sampled by the policy that starts the
-    round). The penalty's value is λ·KL̂ and its gradient the score-function estimate of ∇KL(π‖π_ref),
-    λ·KL̂·∇log π(ỹ): the plain gradient of KL̂, λ·∇log π(ỹ), has expectation zero under π.
-    """
-    dpo = sigmoid_loss(logps, hyperparameters)
-    log_ratio = (logps.policy_rejected - logps.reference_rejected).detach()
-    score = logps.policy_rejected - logps.policy_rejected.detach()  # value 0, gradient ∇log π(ỹ)
-    kl_penalty = log_ratio * (1 + score)
-    return LossOutput(
-        losses=dpo.losses + hyperparameters.hypo_lambda * kl_penalty,
-        chosen_rewards=dpo.chosen_rewards,
-        rejected_rewards=dpo.rejected_rewards,
-    )
-
-
 @_register("sft", needs_reference=False, needs_rejected=False)
 def sft_loss(logps: SequenceLogps, hyperparameters: LossHyperparameters) -> LossOutput:
     """Supervised fine-tuning: the per-token negative log-likelihood of the target completion,
@@ -484,7 +468,10 @@ PREFERENCE_LOSSES: frozenset[str] = frozenset(
 
 
 def get_loss_spec(name: str) -> LossSpec:
-    """The ``LossSpec`` registered as ``name``; a ValueError lists the valid names otherwise."""
+    """The ``LossSpec`` registered as ``name``; a removed name is refused with why and what to use instead,
+    any other unknown name with the list of valid names (both ValueErrors)."""
+    if name in REMOVED_LOSSES:
+        raise UserError(f"loss '{name}' was {REMOVED_LOSSES[name]}")
     try:
         return LOSS_SPECS[name]
     except KeyError:

@@ -44,24 +44,25 @@ else:
 
 
 def example_order(
-    num_examples: int, examples_per_step: int, num_steps: int, seed: int, curriculum: Sequence[int] | None = None
+    num_examples: int, examples_per_step: int, num_steps: int, seed: int, fixed_order: Sequence[int] | None = None
 ) -> list[list[int]]:
     """Example indices for every optimizer step, fixed before training starts.
 
     Default: successive seeded permutations of the data, cut into batches (an epoch boundary may fall
-    inside a batch). With ``curriculum`` (all example indices, easiest first), every epoch walks that
-    order instead (Curry-DPO, Pattnaik et al. 2024: easy pairs, i.e. large margins, first). Because the
-    order is a pure function of its arguments, a resumed run needs only the step number.
+    inside a batch). With ``fixed_order`` (all example indices), every epoch walks that same order
+    instead (e.g. the train stage's ``order: margin_descending``). A replayed order is not Curry-DPO
+    (Pattnaik et al. 2024), which trains staged iterations with the reference reset between stages.
+    Because the order is a pure function of its arguments, a resumed run needs only the step number.
     """
-    if curriculum is not None and sorted(curriculum) != list(range(num_examples)):
-        raise UserError(f"a curriculum must list each of the {num_examples} examples exactly once")
+    if fixed_order is not None and sorted(fixed_order) != list(range(num_examples)):
+        raise UserError(f"a fixed order must list each of the {num_examples} examples exactly once")
     generator = torch.Generator().manual_seed(seed)
     stream: list[int] = []
     order: list[list[int]] = []
     for _ in range(num_steps):
         while len(stream) < examples_per_step:
-            if curriculum is not None:
-                stream.extend(curriculum)
+            if fixed_order is not None:
+                stream.extend(fixed_order)
             else:
                 stream.extend(torch.randperm(num_examples, generator=generator).tolist())
         order.append(stream[:examples_per_step])

@@ -14,8 +14,14 @@ The iteration policy is explicit config, recorded in the manifest (``reference_p
   ``sync_every`` steps becomes α·π_θ + (1 − α)·π_ref, so it is scored per step, not cached.
 
 Data options: ``off_policy_ratio`` makes that share of the training pairs come from the
-``off_policy`` input (sampled with the training seed); ``curriculum: margin`` orders each epoch from
-the largest score margin to the smallest (Curry-DPO, Pattnaik et al. 2024).
+``off_policy`` input (sampled with the training seed); ``order: margin_descending`` makes every epoch
+walk one fixed order, from the largest score margin to the smallest (ties in one seeded order). That
+is not Curry-DPO (Pattnaik et al. 2024), whose curriculum is staged iterations, each stage's reference
+reset to the previous stage's policy; the old name ``curriculum: margin`` is refused and says so.
+
+The iteration policy must be defined for the loss (``configs.check_iteration_policy``): ``mixture``
+only with ``ipo`` (INPO), ``sppo`` only with ``previous_round``, ``soft_sync`` only with a loss that
+has a reference.
 
 Label noise (losses that read a flip rate ε, i.e. cdpo and rdpo): ``label_flip_rate_source`` says
 where ε comes from. ``confidence`` (default): per pair, ε = min(1 − confidence, 0.5) from the pairs'
@@ -35,10 +41,10 @@ gradient norm).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from prefloop.datasets_spec import PREFERENCES, TRAIN_LOG
 from prefloop.datasets_spec.schemas import REFERENCE_LOGPS
@@ -57,7 +63,7 @@ from prefloop.tasks.training.artifacts import (
     train_log_table,
     training_device,
 )
-from prefloop.tasks.training.configs import DPOConfig
+from prefloop.tasks.training.configs import DPOConfig, check_iteration_policy
 from prefloop.tasks.training.losses import get_loss_spec
 
 if TYPE_CHECKING:
@@ -90,8 +96,10 @@ class TrainConfig(StageConfig):
         0.0, ge=0.0, lt=1.0,
         description="share of the training pairs drawn from the 'off_policy' input (earlier rounds' pairs); 0: none",
     )
-    curriculum: Literal["none", "margin"] = Field(
-        "none", description="margin: each epoch goes from the largest score margin to the smallest (Curry-DPO)"
+    order: Literal["shuffled", "margin_descending"] = Field(
+        "shuffled",
+        description="shuffled: each epoch a seeded permutation of the pairs; margin_descending: every epoch the "
+        "same order, largest score margin first (ties in one seeded order). Not Curry-DPO's staged curriculum",
     )
     label_flip_rate_source: LabelFlipRateSource = Field(
         "confidence",
@@ -106,6 +114,19 @@ class TrainConfig(StageConfig):
         "rdpo divides by 1 − 2ε, so 0.4 scales its loss by at most 5×; cdpo accepts 0.5 and ignores this",
     )
     round: int = Field(1, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _curriculum_was_renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "curriculum" in data:
+            value = data["curriculum"]
+            instead = "order: margin_descending" if value == "margin" else "order: shuffled (the default)"
+            raise UserError(
+                f"train.curriculum: {value} was renamed: it replayed one fixed largest-margin-first order every "
+                "epoch, which is not Curry-DPO (Pattnaik et al. 2024: staged iterations, each stage's reference "
+                f"reset to the previous stage's policy; issue 17, item 6). Write {instead} instead"
+            )
+        return data
 
 
 SPEC = stage_spec(
@@ -154,13 +175,13 @@ def training_pairs(ctx: StageContext, config: TrainConfig) -> tuple[pa.Table, in
     return pa.concat_tables([pairs, mixed]), len(chosen)
 
 
-def margin_curriculum(margins: list[float | None], seed: int) -> list[int]:
-    """Pair indices from the largest margin to the smallest (easy to hard, Curry-DPO); equal margins
-    in a seeded random order."""
+def margin_descending_order(margins: list[float | None], seed: int) -> list[int]:
+    """Pair indices from the largest margin to the smallest; equal margins in a seeded random order
+    (with a verifier's ±1 scores every margin ties, so this is one seeded permutation)."""
     if any(margin is None for margin in margins):
         raise UserError(
-            "curriculum 'margin' needs a margin for every pair, but some are null: label the pairs with a "
-            "scorer that gives margins, or set curriculum: none"
+            "order 'margin_descending' needs a margin for every pair, but some are null: label the pairs with a "
+            "scorer that gives margins, or set order: shuffled"
         )
     tie_break = torch.randperm(len(margins), generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(range(len(margins)), key=lambda index: (-margins[index], tie_break[index]))
@@ -267,10 +288,10 @@ def compute(ctx: StageContext) -> StageOutput:
     pairs_table, off_policy_pairs = training_pairs(ctx, config)
     pairs = list(zip(*(pairs_table.column(name).to_pylist() for name in ("prompt", "chosen", "rejected")),
                      strict=True))
-    curriculum = None
-    if config.curriculum == "margin":
+    fixed_order = None
+    if config.order == "margin_descending":
         margins = pairs_table.column("margin").to_pylist() if "margin" in pairs_table.column_names else [None]
-        curriculum = margin_curriculum(margins, config.training.seed)
+        fixed_order = margin_descending_order(margins, config.training.seed)
     training, per_pair_flip_rates, flip_rate_metrics = label_flip_rates(ctx, config, pairs_table)
     policy, tokenizer = load_policy(ctx.model_dir("policy"))
     policy.to(training_device())
@@ -293,6 +314,8 @@ def compute(ctx: StageContext) -> StageOutput:
             "reference_policy 'mixture' needs the 'reference_logps' input (stage 'reference' run with "
             "mixture_with=the previous policy and mixture_weight): the mixture has no weights of its own"
         )
+    # Checked here, not in TrainConfig: a loop config's train section leaves reference_policy to the loop.
+    check_iteration_policy(config.reference_policy, config.training.loss)
     # The reference model is loaded only when something must be scored with it.
     reference = None
     if (soft_sync is not None or reference_logps is None or missing
@@ -307,7 +330,7 @@ def compute(ctx: StageContext) -> StageOutput:
     checkpointer = StoreCheckpointer(ctx.store, ctx.output_id, SPEC.name, SPEC.version)
     with ctx.progress(num_steps_for(len(pairs), config.training), "steps") as advance:
         steps = train_dpo(policy, reference, tokenizer, pairs, training, progress=done_total_callback(advance),
-                          reference_logps=reference_logps, prepared=prepared, curriculum=curriculum,
+                          reference_logps=reference_logps, prepared=prepared, fixed_order=fixed_order,
                           soft_sync=soft_sync, checkpointer=checkpointer)
     from_artifact = len(pairs) - len(missing) if reference_logps is not None else 0
     metrics = {"pairs": len(pairs), "off_policy_pairs": off_policy_pairs,

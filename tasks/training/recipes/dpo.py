@@ -167,7 +167,7 @@ def train_dpo(
     *,
     reference_logps: ReferenceLogps | None = None,
     prepared: PreparedPairs | None = None,
-    curriculum: Sequence[int] | None = None,
+    fixed_order: Sequence[int] | None = None,
     soft_sync: SoftSync | None = None,
     checkpointer: Checkpointer | None = None,
 ) -> list[dict[str, float]]:
@@ -181,7 +181,7 @@ def train_dpo(
     The reference enters as ``reference_logps`` (computed once per round, e.g. by the ``reference``
     stage) or, when they are not given, as log-probs computed here once from ``reference``. With
     ``soft_sync`` (TR-DPO) the reference model changes every k steps, so its log-probs are computed per
-    step. ``curriculum`` fixes the order of the pairs in each epoch (:func:`example_order`);
+    step. ``fixed_order`` is the order of the pairs in every epoch (:func:`example_order`);
     ``prepared`` skips tokenising again; ``checkpointer`` makes the run resumable.
     """
     config = config or DPOConfig()
@@ -252,7 +252,7 @@ def train_dpo(
         return output.losses.mean(), _preference_metrics(output, logps)
 
     num_steps = num_steps_for(len(pairs), config)
-    order = example_order(len(pairs), config.examples_per_step, num_steps, config.seed, curriculum)
+    order = example_order(len(pairs), config.examples_per_step, num_steps, config.seed, fixed_order)
     extra_state: dict[str, torch.nn.Module] = {}
     after_step = None
     if soft_sync is not None:
