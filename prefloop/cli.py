@@ -1,8 +1,9 @@
 """The ``prefloop`` command line: run the loop or one stage, and inspect, validate and export artifacts.
 
-Over 400 lines: one function per command, each a thin layer (parse options, call the flows, stages
-or store, print a table), so the file reads as the command reference; splitting it by command
-group would scatter that reference without separating any logic.
+Over 400 lines: one function per command for running and inspecting (run, stage, import, data, ls,
+show, lineage, validate, export, gc), each a thin layer, so the file reads as that part of the command
+reference; the Prefect server/worker commands (:mod:`prefloop.cli_prefect`), the reports
+(:mod:`prefloop.cli_reports`) and ``prefloop code`` (:mod:`prefloop.cli_code`) live in their own modules.
 """
 
 from __future__ import annotations
@@ -196,60 +197,6 @@ def round_table(store: ArtifactStore, run_name: str) -> Table:
         table.add_row(str(metrics.round), *(cells[m] for _, m in columns[:5]), win_tie_loss,
                       *(cells[m] for _, m in columns[5:]))
     return table
-
-
-# ----------------------------------------------------------------------------------------------
-# reports
-# ----------------------------------------------------------------------------------------------
-@app.command()
-def report(
-    run_name: Annotated[str, typer.Argument(metavar="RUN", help="run name (its refs are RUN/round-<k>/metrics)")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="output directory (default: reports/RUN)")] = None,
-    store: StoreOption = None,
-) -> None:
-    """Write RUN's report: self-contained HTML (open it in a browser, no server), Markdown and PNG plots."""
-    from prefloop.report import write_report
-
-    files = write_report(_store(store), run_name, out or Path("reports") / run_name)
-    console.print(round_table(_store(store), run_name))
-    for note in files.notes:
-        console.print(f"[yellow]note:[/] {note}")
-    console.print(f"wrote {files.html} (open in a browser: {files.html.resolve().as_uri()})")
-    console.print(f"wrote {files.markdown} and {len(files.plots)} plots in {files.markdown.parent}")
-
-
-@app.command()
-def compare(
-    run_a: Annotated[str, typer.Argument(metavar="RUN_A")],
-    run_b: Annotated[str, typer.Argument(metavar="RUN_B")],
-    round_a: Annotated[int | None, typer.Option("--round-a", help="round of RUN_A to compare (default: its last)")] = None,
-    round_b: Annotated[int | None, typer.Option("--round-b", help="round of RUN_B to compare (default: its last)")] = None,
-    markdown: Annotated[Path | None, typer.Option("--markdown", help="also write the comparison as Markdown")] = None,
-    store: StoreOption = None,
-) -> None:
-    """Two runs' metrics side by side (e.g. best-of-n vs MCTS-DPO): one round of each, and accuracy by round."""
-    from prefloop.report import accuracy_by_round, compare_runs, load_run, markdown_table
-
-    target = _store(store)
-    first, second = load_run(target, run_a), load_run(target, run_b)
-    header, rows = compare_runs(first, second, round_a, round_b)
-    side_by_side = Table(*header, title=f"{run_a} vs {run_b}")
-    for row in rows:
-        side_by_side.add_row(*row)
-    console.print(side_by_side)
-    by_round_header, by_round_rows = accuracy_by_round(first, second)
-    by_round = Table(*by_round_header, title="greedy accuracy by round")
-    for row in by_round_rows:
-        by_round.add_row(*row)
-    console.print(by_round)
-    for run_metrics in (first, second):
-        for note in run_metrics.notes:
-            console.print(f"[yellow]note ({run_metrics.run}):[/] {note}")
-    if markdown is not None:
-        markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(f"# {run_a} vs {run_b}\n\n{markdown_table(header, rows)}\n\n## Greedy accuracy by round\n\n"
-                            f"{markdown_table(by_round_header, by_round_rows)}\n", encoding="utf-8")
-        console.print(f"wrote {markdown}")
 
 
 def _parse_inputs(items: list[str]) -> dict[str, str]:
@@ -600,71 +547,15 @@ def _human_bytes(size: int) -> str:
     return f"{size} B"
 
 
-# ----------------------------------------------------------------------------------------------
-# a real Prefect server, deployments and workers
-# ----------------------------------------------------------------------------------------------
-HostOption = Annotated[str, typer.Option(help="address to bind; keep 127.0.0.1 unless behind a proxy")]
-PortOption = Annotated[int, typer.Option(help="port of the Prefect API and UI")]
+def _more_commands() -> None:
+    """Commands kept in modules of their own register on ``app`` when imported (each imports ``app``
+    from here, so importing any of them first works too)."""
+    import prefloop.cli_code  # noqa: F401 - code show, code reuse
+    import prefloop.cli_prefect  # noqa: F401 - server, deploy, worker
+    import prefloop.cli_reports  # noqa: F401 - report, compare
 
 
-@app.command()
-def server(host: HostOption = "127.0.0.1", port: PortOption = 4200) -> None:
-    """Start a Prefect server with its UI (SQLite in PREFECT_HOME; see infra/ for PostgreSQL)."""
-    from prefloop.flows import deploy
-
-    # SIGTERM/SIGINT reach the server (its whole process group) and the CLI exits only once it is gone.
-    with deploy.ProcessSupervisor() as supervisor:
-        try:
-            process = deploy.start_server(host, port, supervisor=supervisor)
-            console.print(f"Prefect UI: http://{host}:{port}   API: {deploy.api_url(host, port)}")
-            console.print(f"Next: 'PREFECT_API_URL={deploy.api_url(host, port)} prefloop deploy', "
-                          "then 'prefloop worker --pool cpu'.")
-            code = supervisor.wait(process)
-        except deploy.StopRequested:
-            code = 0
-    raise typer.Exit(code)
-
-
-@app.command("deploy")
-def deploy_command(
-    api: Annotated[str | None, typer.Option(envvar="PREFECT_API_URL", help="Prefect API URL")] = None,
-) -> None:
-    """Create the cpu and gpu work pools and register every deployment of prefect.yaml."""
-    from prefloop.flows import deploy
-
-    if not api:
-        fail("no Prefect server given: start one with 'prefloop server' and set PREFECT_API_URL (or --api)")
-    deploy.deploy_all(api)
-    console.print(f"registered the deployments of {deploy.project_dir() / 'prefect.yaml'} at {api}")
-
-
-@app.command()
-def worker(
-    pool: Annotated[str, typer.Option(help="work pool: cpu or gpu")] = "cpu",
-    api: Annotated[str | None, typer.Option(envvar="PREFECT_API_URL", help="Prefect API URL")] = None,
-) -> None:
-    """Start a process worker that runs the flow runs of one work pool."""
-    from prefloop.flows import deploy
-
-    if not api:
-        fail("no Prefect server given: set PREFECT_API_URL (or --api) to the server's API, e.g. http://127.0.0.1:4200/api")
-    with deploy.ProcessSupervisor() as supervisor:
-        try:
-            process = deploy.start_worker(pool, api, supervisor=supervisor)
-            console.print(f"worker for pool '{pool}' started against {api} (Ctrl-C or SIGTERM stops it)")
-            code = supervisor.wait(process)
-        except deploy.StopRequested:
-            code = 0
-    raise typer.Exit(code)
-
-
-def _code_commands() -> None:
-    from prefloop.cli_code import code_app
-
-    app.add_typer(code_app, name="code")
-
-
-_code_commands()
+_more_commands()
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,5 +1,8 @@
 """``prefloop code``: the code fingerprints that artifact ids are made of, and the recorded reuse of
-artifacts across a code change known to be harmless (:mod:`prefloop.code_identity`)."""
+artifacts across a code change known to be harmless (:mod:`prefloop.code_identity`).
+
+A command group of the ``prefloop`` app (:mod:`prefloop.cli`), added when that module imports this one.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +13,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from prefloop.cli import StoreOption, app
 from prefloop.storage import ArtifactStore
 
 code_app = typer.Typer(help="Code fingerprints of the stages, and reuse of artifacts across a harmless code change.",
                        no_args_is_help=True)
 console = Console(width=None if Console().is_terminal else 160)
 
-StoreOption = Annotated[
-    str | None,
-    typer.Option("--store", envvar="PREFLOOP_STORE", help="store root: a path or URI (default ./.prefloop/store)"),
-]
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="loop or stage config: the fingerprint of a stage whose code depends on its "
@@ -91,3 +91,6 @@ def reuse(
     record = record_code_reuse(target, stage, current, from_fingerprint, note)
     console.print(f"{stage}: code {record['current']} now reuses the artifacts of code {record['reuses']} "
                   f"(recorded in {target.root}/code-aliases/{stage}.json)")
+
+
+app.add_typer(code_app, name="code")
