@@ -21,7 +21,7 @@ from prefloop.datasets_spec import PROMPTS, SAMPLES, make_drops
 from prefloop.errors import UserError
 from prefloop.ids import content_id
 from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
-from prefloop.tasks.common.prompts import select_prompts
+from prefloop.tasks.common.prompts import round_prompts
 from prefloop.tasks.registry import stage_spec
 
 
@@ -54,8 +54,8 @@ SPEC = stage_spec(
 
 def compute(ctx: StageContext) -> StageOutput:
     config: SamplingConfig = ctx.config
-    block = max(config.round - 1, 0) if config.new_prompts_each_round else 0
-    prompts = select_prompts(ctx.read("prompts", PROMPTS), config.split, config.max_prompts, block)
+    prompts = round_prompts(ctx.read("prompts", PROMPTS), config.split, config.max_prompts, config.round,
+                            config.new_prompts_each_round)
     backend = load_backend(config.backend, ctx.model_dir("policy"), ctx.inputs["policy"].id, config.batch_size)
     params = GenerationParams(n=config.n, temperature=config.temperature, top_p=config.top_p,
                               max_new_tokens=config.max_new_tokens, seed=config.seed)

@@ -19,3 +19,11 @@ def select_prompts(prompts: pa.Table, split: str, max_prompts: int | None, block
     start = (block * max_prompts) % chosen.num_rows
     indices = [(start + i) % chosen.num_rows for i in range(max_prompts)]
     return chosen.take(pa.array(indices))
+
+
+def round_prompts(prompts: pa.Table, split: str, max_prompts: int | None, round_index: int,
+                  new_prompts_each_round: bool) -> pa.Table:
+    """The prompts a round works on (sampling, search): round k takes block k-1 of ``max_prompts``
+    prompts of ``split``, so rounds see fresh prompts; without ``new_prompts_each_round``, the first block."""
+    block = max(round_index - 1, 0) if new_prompts_each_round else 0
+    return select_prompts(prompts, split, max_prompts, block)

@@ -33,7 +33,7 @@ from prefloop.datasets_spec import PROMPTS, TREES, make_drops
 from prefloop.errors import UserError
 from prefloop.ids import content_id
 from prefloop.stage import StageConfig, StageContext, StageOutput
-from prefloop.tasks.common.prompts import select_prompts
+from prefloop.tasks.common.prompts import round_prompts
 from prefloop.tasks.common.search_trees import SearchTree, trees_to_table
 from prefloop.tasks.mcts.search import (
     TreeSearch,
@@ -115,8 +115,8 @@ SPEC = stage_spec(
 
 def compute(ctx: StageContext) -> StageOutput:
     config: MCTSConfig = ctx.config
-    block = max(config.round - 1, 0) if config.new_prompts_each_round else 0
-    prompts = select_prompts(ctx.read("prompts", PROMPTS), config.split, config.max_prompts, block)
+    prompts = round_prompts(ctx.read("prompts", PROMPTS), config.split, config.max_prompts, config.round,
+                            config.new_prompts_each_round)
     backend = load_backend(config.backend, ctx.model_dir("policy"), ctx.inputs["policy"].id, config.batch_size)
     try:
         return _search(ctx, config, prompts, backend)
