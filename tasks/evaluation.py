@@ -369,10 +369,13 @@ def _data_stats(ctx: StageContext, notes: dict[str, str]) -> list[dict]:
     notes["construction_method"] = ", ".join(sorted(methods)) or "none (no pairs kept)"
     flip_rate = manifest.metrics.get("estimated_flip_rate")
     if flip_rate is not None:
-        notes["flip_rate_source"] = f"{manifest.stage} stage estimate"
+        estimator = manifest.metrics.get("flip_rate_estimator")
+        notes["flip_rate_source"] = f"{manifest.stage} stage estimate" + \
+            (f" ({estimator}, before its flips and drops)" if estimator else "")
     else:
+        # The one definition of ε from confidence (tasks.common.confidence), as the filter and train use it.
         flip_rate = estimated_flip_rate(pairs.column("confidence").to_pylist())
-        notes["flip_rate_source"] = "mean(1 − confidence) of kept pairs" if flip_rate is not None else \
+        notes["flip_rate_source"] = "mean of min(1 − confidence, ½) over kept pairs" if flip_rate is not None else \
             "not estimated: the pairs carry no confidence and the filter made no estimate"
     if flip_rate is not None:
         rows.append({"metric": "estimated_flip_rate", "value": float(flip_rate), "count": manifest.rows})

@@ -138,8 +138,9 @@ STAGES: dict[str, StageEntry] = _entries(
                sections=(ConfigSection("pair_trees", "pairs from the search trees (construction method mcts)"),)),
     StageEntry("filter", "prefloop.tasks.filtering.stage", output="preferences",
                inputs={"preferences": "preferences", "eval_prompts": "prompts", "ensemble_labels": "labels",
-                       "policy": "model"},
-               optional_inputs=frozenset({"eval_prompts", "ensemble_labels", "policy"}),
+                       "policy": "model", "consistency_labels": "labels", "previous_labels": "labels"},
+               optional_inputs=frozenset({"eval_prompts", "ensemble_labels", "policy", "consistency_labels",
+                                          "previous_labels"}),
                sections=(ConfigSection("filter"),)),
     # No loop section: a round derives its config from the train section (max_length, mixture weight).
     StageEntry("reference", "prefloop.tasks.training.reference", output="reference_logps",

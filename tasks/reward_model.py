@@ -20,7 +20,11 @@ Evaluation (in ``train-rm``'s metrics, on held-out prompts never trained on):
 
 * pairwise accuracy  p = #(r_w > r_l) / n  (a tie counts as wrong; chance 0.5), SE sqrt(p(1 − p)/n);
 * best-of-4 accuracy (RewardBench 2 style): for a prompt with one correct and three wrong answers,
-  a hit when the correct answer out-scores all three (ties count as wrong; chance 0.25).
+  a hit when the correct answer out-scores all three (ties count as wrong; chance 0.25);
+* misranking rates per |s| bin (metric ``heldout_misranking``): s = the members' mean raw margin
+  r_m(y_w) − r_m(y_l) on each held-out pair, binned by |s|, with the share of pairs where s < 0 —
+  what the filter stage calibrates its label-flip estimate with
+  (:class:`prefloop.tasks.common.confidence.MisrankingCalibration`; valid when the held-out labels are clean).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from prefloop.errors import UserError
 from prefloop.ids import content_id
 from prefloop.lazy import deferred_import
 from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
+from prefloop.tasks.common.confidence import MISRANKING_METRIC, MisrankingCalibration
 from prefloop.tasks.common.ensembles import Aggregation, MemberStandardisation, aggregate_rewards
 from prefloop.tasks.registry import stage_spec
 from prefloop.tasks.training.artifacts import TIMING_METRICS, train_log_table
@@ -210,6 +215,9 @@ def evaluate_reward_models(models: Sequence[PreTrainedModel], tokenizer: PreTrai
                                        score_texts(m, tokenizer, prompts, rejected, batch_size)]) for m in models])
     set_rewards = np.stack([score_texts(m, tokenizer, set_prompts, set_texts, batch_size) for m in models]) \
         if sets else None
+    # The filter's strength s is the mean of the members' raw margins (label-rm's member rows): the same here.
+    strength = (pair_rewards[:, 0] - pair_rewards[:, 1]).mean(axis=0)
+    metrics[MISRANKING_METRIC] = MisrankingCalibration.fit(strength, len(models), "held-out pairs").to_dict()
     scorers: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for index in range(len(models)):
         scorers[f"member_{index}"] = (pair_rewards[index], None if set_rewards is None else set_rewards[index])

@@ -302,28 +302,34 @@ def test_flip_rate_estimate_recovers_an_injected_rate(gaps, noise, estimate_tole
     table, labels, flipped = synthetic(3000, 0.2, gaps, noise, members=members)
     injected = flipped.mean()
     result = apply_filters(table, FilterConfig(), ensemble_labels=labels)
-    assert result.metrics["estimated_flip_rate_input"] == pytest.approx(injected, abs=estimate_tolerance)
-    assert result.metrics["estimated_flip_rate"] == result.metrics["estimated_flip_rate_input"]  # nothing dropped
+    assert result.metrics["estimated_flip_rate"] == pytest.approx(injected, abs=estimate_tolerance)
+    assert result.metrics["flip_rate_estimator"] == "plug_in"  # no calibration given
+    assert result.metrics["estimated_flip_rate_kept"] == result.metrics["estimated_flip_rate"]  # nothing dropped
     # Without the noise correction (plain disagreement) the ensemble overstates the rate by (1 − 2ε)·q̄.
     plain = float(np.mean(ensemble_margins(table, labels).strength < 0))
     expected_excess = (1 - 2 * injected) * misranking_rate(gaps, noise / np.sqrt(members))
     assert plain - injected == pytest.approx(expected_excess, abs=excess_tolerance)
     if expected_excess > excess_tolerance:  # a visible excess: the correction must remove part of it
-        assert abs(result.metrics["estimated_flip_rate_input"] - injected) < abs(plain - injected)
+        assert abs(result.metrics["estimated_flip_rate"] - injected) < abs(plain - injected)
 
 
-def test_flipping_strongly_negative_pairs_lowers_the_kept_estimate():
+def test_the_reported_estimate_is_made_before_flips_only_the_kept_figure_drops():
     table, labels, flipped = synthetic(2000, 0.2, (1.0, 3.0), 0.2, members=5)
     result = apply_filters(table, FilterConfig(strong_negative_strength=0.5), ensemble_labels=labels)
     assert result.metrics["pairs_flipped"] == pytest.approx(flipped.sum(), abs=5)
-    assert result.metrics["estimated_flip_rate"] < 0.01 < result.metrics["estimated_flip_rate_input"]
+    assert result.metrics["estimated_flip_rate"] == pytest.approx(flipped.mean(), abs=1e-12)  # before the flips
+    assert result.metrics["estimated_flip_rate_input"] == result.metrics["estimated_flip_rate"]  # the older name
+    assert result.metrics["estimated_flip_rate_kept"] < 0.01  # after them: biased low, reported apart
 
 
-def test_without_an_ensemble_the_estimate_comes_from_confidences_of_kept_pairs():
+def test_without_an_ensemble_the_estimate_comes_from_the_confidences_as_they_arrive():
     rows = [{"confidence": 0.9}, {"confidence": 0.7}, {"confidence": None},
-            {"confidence": 0.1, "chosen": "same", "rejected": "same"}]  # dropped: does not count
+            {"confidence": 0.1, "chosen": "same", "rejected": "same"}]  # dropped, after the estimate
     result = apply_filters(pairs_table(rows), FilterConfig())
-    assert result.metrics["estimated_flip_rate"] == pytest.approx((0.1 + 0.3) / 2)
+    # ε_i = min(1 − confidence, ½): 0.1, 0.3, (none), ½ (1 − 0.1 = 0.9 clamped).
+    assert result.metrics["estimated_flip_rate"] == pytest.approx((0.1 + 0.3 + 0.5) / 3)
+    assert result.metrics["flip_rate_estimator"] == "confidence"
+    assert result.metrics["estimated_flip_rate_kept"] == pytest.approx((0.1 + 0.3) / 2)
     assert "estimated_flip_rate" not in apply_filters(pairs_table([{}]), FilterConfig()).metrics
 
 
@@ -436,10 +442,11 @@ def test_stage_records_every_drop_and_writes_the_estimate(store):
     assert drops.column("row").null_count == 0  # the dropped rows' content is kept
     kept = store.read_table(result.ref)
     assert kept.num_rows + drops.num_rows == 5 and kept.column("pair_id").to_pylist() == ["p0"]
-    # Strengths −1, 1, 1, 1, 1 with se ≈ 0.115: the input estimate is the disagreement 1/5; the one kept
-    # pair is the one the ensemble says is flipped, so its estimate is 1, clipped to ½.
-    assert result.metrics["estimated_flip_rate_input"] == pytest.approx(0.2, abs=1e-6)
-    assert result.metrics["estimated_flip_rate"] == 0.5
+    # Strengths −1, 1, 1, 1, 1 with se ≈ 0.115: the estimate, made before the drops, is the disagreement 1/5;
+    # the one kept pair is the one the ensemble says is flipped, so the kept figure is 1, clipped to ½.
+    assert result.metrics["estimated_flip_rate"] == pytest.approx(0.2, abs=1e-6)
+    assert result.metrics["flip_rate_estimator"] == "plug_in"  # the labels were not written by label-rm
+    assert result.metrics["estimated_flip_rate_kept"] == 0.5
     assert result.metrics["pairs_in"] == 5 and result.metrics["pairs_kept"] == 1
 
 

@@ -13,22 +13,48 @@ score for both samples. A flipped pair (:func:`flip_pairs`) has chosen and rejec
 sample ids and the margin's sign) swapped; its ``pair_id`` is recomputed from the new content and its
 ``method`` gets the suffix ``+flipped``.
 
-**Estimated label-flip rate ε** (:func:`estimate_flip_rate`). Model: each member's margin is
-d_m = Δ + e_m with Δ the true reward gap in the direction of the label and e_m independent N(0, σ²)
-noise, the same σ for every pair; a label is flipped when Δ < 0. Then the ensemble mean disagrees with
-a label with probability q = Φ(−|Δ|/se), se = σ/√k, and the observed disagreement rate is
-d = ε(1 − q) + (1 − ε)q — two independent symmetric label noises composed, the model of
-class-conditional noise in Natarajan et al. 2013, "Learning with Noisy Labels" — so
+**Estimated label-flip rate ε**, made on the pairs as they arrive, before the filter flips or drops any.
+Model: a label is wrong (flipped) with probability ε, independently of the texts; a scorer (the ensemble
+mean s) misranks a pair — s points against the *correct* order — with probability q_i, which depends on
+the pair (on |s|). Two independent symmetric noises compose (class-conditional noise, Natarajan et al.
+2013, "Learning with Noisy Labels"): the label and the scorer disagree (s < 0 in the label's direction)
+with probability d_i = ε(1 − q_i) + (1 − ε)q_i = q_i + ε(1 − 2q_i). Summed over the pairs and solved
+for ε (:func:`noise_corrected_flip_rate`):
 
-    ε̂ = (d̂ − q̂) / (1 − 2q̂),  clipped to [0, ½],
+    ε̂ = Σ_i (w_i − q_i) / Σ_i (1 − 2q_i) = (d̂ − q̄) / (1 − 2q̄),   clipped to [0, ½],
 
-with d̂ the fraction of pairs with s < 0 (s = 0 counts ½), σ̂² the members' sample variance pooled over
-the scored pairs and q̂ = mean_i Φ(−|s_i| / (σ̂/√k)) the plug-in misranking rate of the ensemble.
-With one member (or members that always agree) q̂ = 0 and ε̂ is the plain disagreement rate. The
-estimate is exact when the ensemble's standard error is small against the reward gaps; with noisy
-members it stays within about 0.03 of the true rate in the simulations of the tests (it slightly
-underestimates, because |s| overstates |Δ| near zero). It assumes the members are unbiased — an
-ensemble that shares the labeler's mistakes cannot see them.
+with w_i = 1 for s_i < 0, ½ for s_i = 0, 0 otherwise, d̂ = mean_i w_i and q̄ = mean_i q_i. Pairs whose q_i
+is near ½ (the scorer cannot tell) weigh almost nothing in the pooled form. Where q_i comes from
+(``flip_rate_estimator`` in the filter's metrics):
+
+- ``calibrated``: q_i = q_b, the misranking rate of |s_i|'s bin measured on *clean* held-out pairs by
+  train-rm (:class:`~prefloop.tasks.common.confidence.MisrankingCalibration`). It counts every mistake
+  the scorer makes, including those all members share, so it stays unbiased when members err together.
+- ``plug_in`` (no calibration available): a noise model of the ensemble's own spread — member margins
+  d_m = Δ + e_m, e_m independent N(0, σ²) — gives q_i = Φ(−|s_i|/se), se = σ̂/√k, σ̂² the members'
+  sample variance pooled over the scored pairs. With one member (or members that always agree) q_i = 0
+  and ε̂ is the plain disagreement rate. Members that make the same mistakes look certain, so q̄ is
+  too small and ε̂ too high: at 0 % flips the noise benchmark measured ε̂ = 0.34.
+
+Measured on the demo's own pairs (round 1's, scored by a 3-member ensemble trained from the SFT policy on
+rounds 2-3's verifier pairs, held-out accuracy 62 %; script in the issue-17 report): at 0 / 20 / 40 %
+injected flips (true 0.000 / 0.208 / 0.440) the plug-in gave 0.324 / 0.393 / 0.484, the calibrated
+estimate 0.029 / 0.215 / 0.458.
+
+**Posterior probability of a wrong label** (:func:`flip_posterior`). With the prior ε and the scorer's
+misranking rate q_i of the pair's |s| bin: a correct label sees s < 0 with probability q_i, a flipped
+one with probability 1 − q_i (flipping negates s relative to the label), and |s| is distributed alike in
+both cases (a flip changes the sign, not the size), so its likelihood cancels. Bayes' rule:
+
+    P(wrong | s < 0) = ε(1 − q) / (ε(1 − q) + (1 − ε)q)
+    P(wrong | s > 0) = εq / (εq + (1 − ε)(1 − q))
+    P(wrong | s = 0) = ε.
+
+The filter writes confidence = 1 − P(wrong | s) into the kept pairs when ``pair_flip_posterior`` is on;
+for a pair it flipped, the posterior of the original label is computed first and the new label is
+wrong exactly when the original was right: P = 1 − P(original wrong | s).
+With the plug-in rates and one member (se = 0, so q = 0) the posterior is 0 or 1: it is only as good
+as the misranking rates, which is why calibrated rates are the ones to use.
 """
 
 from __future__ import annotations
@@ -42,6 +68,7 @@ import pyarrow.compute as pc
 
 from prefloop.stage import StageInputError
 from prefloop.tasks.common.arrow import as_array
+from prefloop.tasks.common.confidence import MisrankingCalibration
 from prefloop.tasks.common.ids import pair_id
 
 # label-rm writes an ensemble's aggregate under this prefix next to its members: not a member itself.
@@ -152,21 +179,51 @@ def pooled_standard_error(ensemble: Ensemble) -> float:
     return float(math.sqrt(ensemble.margins[scored].var(axis=1, ddof=1).mean() / k))
 
 
-def estimate_flip_rate(strength: np.ndarray, standard_error: float) -> float | None:
-    """ε̂ = (d̂ − q̂)/(1 − 2q̂) clipped to [0, ½]; see the module docstring for the model and its assumptions.
+def disagreement_weights(strength: np.ndarray) -> np.ndarray:
+    """w_i = 1 where the scorer disagrees with the label (s < 0), ½ at s = 0, 0 otherwise."""
+    return (strength < 0) + 0.5 * (strength == 0)
 
-    ``strength``: the ensemble strength s_i of each pair (finite values only); ``standard_error``: se
-    of a strength under the noise model (0: the ensemble is taken as exact). None for no pairs.
-    """
+
+def plug_in_misranking(strength: np.ndarray, standard_error: float) -> np.ndarray:
+    """q_i = Φ(−|s_i| / se), the plug-in misranking rate of the ensemble's spread (0 for se = 0)."""
     from scipy.special import ndtr  # the standard normal CDF Φ (imported here: the CLI starts faster)
 
+    if standard_error <= 0:
+        return np.zeros(len(strength))
+    return ndtr(-np.abs(strength) / standard_error)
+
+
+def noise_corrected_flip_rate(strength: np.ndarray, misranking: np.ndarray) -> float | None:
+    """ε̂ = Σ_i (w_i − q_i) / Σ_i (1 − 2q_i), clipped to [0, ½] (module docstring); None for no pairs.
+
+    ``strength``: s_i in the direction of each pair's label (finite values only); ``misranking``: the
+    scorer's q_i of each pair. When q̄ ≥ ½ the scorer is pure noise and nothing can be said: ½.
+    """
     if len(strength) == 0:
         return None
-    disagreement = float(np.mean(strength < 0) + 0.5 * np.mean(strength == 0))
-    misranking = float(np.mean(ndtr(-np.abs(strength) / standard_error))) if standard_error > 0 else 0.0
-    if misranking >= 0.5:  # the ensemble is pure noise: nothing can be said
+    disagreement = float(np.mean(disagreement_weights(strength)))
+    misranked = float(np.mean(misranking))
+    if misranked >= 0.5:
         return 0.5
-    return float(min(max((disagreement - misranking) / (1.0 - 2.0 * misranking), 0.0), 0.5))
+    return float(min(max((disagreement - misranked) / (1.0 - 2.0 * misranked), 0.0), 0.5))
+
+
+def estimate_flip_rate(strength: np.ndarray, standard_error: float) -> float | None:
+    """The plug-in estimate: :func:`noise_corrected_flip_rate` with q_i = Φ(−|s_i|/se) (module docstring)."""
+    return noise_corrected_flip_rate(strength, plug_in_misranking(strength, standard_error))
+
+
+def calibrated_flip_rate(strength: np.ndarray, calibration: MisrankingCalibration) -> float | None:
+    """The calibrated estimate: :func:`noise_corrected_flip_rate` with q_i = q_b of |s_i|'s bin."""
+    return noise_corrected_flip_rate(strength, calibration.misranking(strength))
+
+
+def flip_posterior(strength: np.ndarray, prior: float, misranking: np.ndarray) -> np.ndarray:
+    """P(label wrong | s) per pair by Bayes' rule with prior ε and misranking rates q_i (module docstring)."""
+    q = np.clip(np.asarray(misranking, dtype=np.float64), 0.0, 1.0)
+    against = prior * (1.0 - q) / np.maximum(prior * (1.0 - q) + (1.0 - prior) * q, 1e-300)
+    along = prior * q / np.maximum(prior * q + (1.0 - prior) * (1.0 - q), 1e-300)
+    return np.where(strength < 0, against, np.where(strength > 0, along, prior))
 
 
 def flip_pairs(pairs: pa.Table, rows: np.ndarray) -> pa.Table:

@@ -47,16 +47,34 @@ disagreement``
 
 The ensemble (optional input ``ensemble_labels``) scores pairs; unscored pairs pass the ensemble filters
 untouched and are counted (``ensemble_unscored_pairs``). With ``negative_strength_action = "flip"`` a pair
-with s ≤ −``strong_negative_strength`` is flipped *before* the other filters run. The estimated label-flip
-rate ε (metrics ``estimated_flip_rate`` on the kept pairs — what the robust losses rDPO and cDPO should use
-— and ``estimated_flip_rate_input`` on the scored input pairs) comes from the ensemble (:mod:`.noise`);
-without an ensemble it is mean(1 − confidence) over kept pairs that carry a confidence, and absent when
-none does.
+with s ≤ −``strong_negative_strength`` is flipped *before* the other filters run.
+
+The label-flip rate ε (:mod:`.noise`) is estimated on the pairs as they arrive, before any flip or drop —
+an estimate on the kept pairs would be biased low, since the filter acted on the very scores it
+measures with. Metrics: ``estimated_flip_rate`` (that pre-action figure, what rDPO and cDPO read with
+``label_flip_rate_source: filter_estimate``; ``estimated_flip_rate_input`` repeats it under its older
+name), ``estimated_flip_rate_kept`` (the same estimator on the kept pairs after flips and drops, for
+comparison only) and ``flip_rate_estimator``: ``calibrated`` (the ensemble's misranking rates per |s| bin
+on clean held-out pairs, which train-rm stores in its manifest and the filter finds through the labels'
+``reward_model`` input; ``calibrate_flip_rate``), ``plug_in`` (the ensemble's own spread, biased high
+when members share mistakes) or ``confidence`` (no ensemble: the mean of ε_i = min(1 − confidence, ½)
+over the pairs that carry one — the one definition of :mod:`prefloop.tasks.common.confidence`).
+
+Per-pair ε (both off by default; each writes the kept pairs' ``confidence``, which the train stage turns
+into ε_i = min(1 − confidence, ½) with ``label_flip_rate_source: confidence``):
+``pair_flip_posterior`` — confidence = 1 − P(label wrong | s), Bayes with the prior ε and the misranking
+rates (:func:`.noise.flip_posterior`; scored pairs only); ``consistency_confidence`` — CREAM, confidence
+= (τ_b + 1)/2 of the pair's prompt between this round's and the previous round's rewards of the same
+samples (inputs ``consistency_labels``, ``previous_labels``; :mod:`.cream`). They exclude each other.
 
 The rule-based filters are vectorised over Arrow columns (``pyarrow.compute``, NumPy), with no
 per-row Python; each text is rewritten, lower-cased or hashed only where it has to be (whitespace
 other than single spaces, distinct words, prompts that repeat). One million pairs take about 14 s of
 CPU, 5.4× a plain pyarrow read of the same Parquet file (``benchmarks/filtering.py``).
+
+Over 400 lines: the stage's config, its fourteen filters in their fixed order, the pre-action flip-rate
+estimate and the two per-pair confidence writers share one :class:`~.chain.ChainState`; the algorithms
+themselves live in the package's other modules.
 """
 
 from __future__ import annotations
@@ -68,12 +86,13 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from prefloop.datasets_spec import LABELS, PREFERENCES, PROMPTS, make_drops
 from prefloop.stage import StageConfig, StageContext, StageInputError, StageOutput
+from prefloop.storage import ArtifactRef
 from prefloop.tasks.common.arrow import as_array, as_mask
-from prefloop.tasks.common.confidence import estimated_flip_rate
+from prefloop.tasks.common.confidence import MISRANKING_METRIC, MisrankingCalibration, estimated_flip_rate
 from prefloop.tasks.common.text import normalise_strongly, normalise_whitespace
 from prefloop.tasks.filtering.chain import FILTER_REASONS, ChainState, HiddenStates
 from prefloop.tasks.filtering.ches import (
@@ -82,12 +101,16 @@ from prefloop.tasks.filtering.ches import (
     pair_embeddings,
     similar_to_earlier,
 )
+from prefloop.tasks.filtering.cream import pair_consistency
 from prefloop.tasks.filtering.decontamination import contaminated_rows
 from prefloop.tasks.filtering.dedup import beyond_first, first_occurrences
 from prefloop.tasks.filtering.noise import (
+    disagreement_weights,
     ensemble_margins,
-    estimate_flip_rate,
     flip_pairs,
+    flip_posterior,
+    noise_corrected_flip_rate,
+    plug_in_misranking,
     pooled_standard_error,
 )
 from prefloop.tasks.registry import stage_spec
@@ -117,11 +140,30 @@ class FilterConfig(StageConfig):
         None, gt=0.0, lt=1.0, description="drop this fraction of pairs with the highest CHES (needs input policy)")
     ches_length_normalised: bool = True
     policy_batch_size: int = Field(32, ge=1, description="pairs per forward pass of the policy (CHES, similarity)")
+    calibrate_flip_rate: bool = Field(
+        True, description="estimate ε with the reward model's misranking rates on clean held-out pairs (train-rm's "
+                          "heldout_misranking) when the ensemble_labels' reward model has them; else the plug-in")
+    pair_flip_posterior: bool = Field(
+        False, description="write each kept ensemble-scored pair's confidence = 1 − P(label wrong | s) for per-pair ε")
+    consistency_confidence: bool = Field(
+        False, description="CREAM: set each pair's confidence to (τ+1)/2 of its prompt's rankings by this round's and "
+                           "the previous round's rewards (needs inputs consistency_labels and previous_labels)")
+    consistency_labeler: str | None = Field(
+        None, description="labeler of consistency_labels whose rewards rank the responses (None: its only labeler)")
+    previous_labeler: str | None = Field(
+        None, description="labeler of previous_labels whose rewards rank the responses (None: its only labeler)")
+
+    @model_validator(mode="after")
+    def _one_confidence_source(self) -> FilterConfig:
+        if self.pair_flip_posterior and self.consistency_confidence:
+            raise ValueError("pair_flip_posterior and consistency_confidence both write the pairs' confidence: turn "
+                             "one of them off (the ensemble's posterior or CREAM's consistency)")
+        return self
 
 
 SPEC = stage_spec(
     "filter",
-    version="2",
+    version="3",  # 3: estimated_flip_rate is the pre-action estimate (was: on the kept pairs)
     config_model=FilterConfig,
     output_table=PREFERENCES,
     description="Drop noisy pairs by named reason (ties, duplicates, contamination, ensemble strength, CHES); "
@@ -169,8 +211,18 @@ def _nonfinite(pairs: pa.Table, column: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # The filters, in the order they run (FILTER_REASONS)
 # ---------------------------------------------------------------------------------------------
-def _score_with_ensemble(chain: ChainState, labels: pa.Table) -> None:
-    """The ensemble's margins, the ε of the input, and the flips of strongly negative pairs."""
+def _misranking_of(strength: np.ndarray, standard_error: float,
+                   calibration: MisrankingCalibration | None) -> np.ndarray:
+    """q_i of each pair: the calibrated bin rate when there is a calibration, else the plug-in Φ(−|s|/se)."""
+    return calibration.misranking(strength) if calibration is not None else \
+        plug_in_misranking(strength, standard_error)
+
+
+def _score_with_ensemble(chain: ChainState, labels: pa.Table,
+                         calibration: MisrankingCalibration | None) -> tuple[np.ndarray, MisrankingCalibration | None]:
+    """The ensemble's margins, ε of the pairs as they arrive, each pair's posterior P(label wrong | s) (NaN
+    for unscored pairs; of the label it had on arrival), then the flips of strongly negative pairs.
+    Returns the posteriors and the calibration actually used (None: plug-in)."""
     config = chain.config
     ensemble = ensemble_margins(chain.pairs, labels)
     chain.standard_error = pooled_standard_error(ensemble)
@@ -178,13 +230,32 @@ def _score_with_ensemble(chain: ChainState, labels: pa.Table) -> None:
     chain.metrics["ensemble_members"] = len(ensemble.members)
     chain.metrics["ensemble_unscored_pairs"] = int((~scored).sum())
     chain.metrics["ensemble_standard_error"] = chain.standard_error
-    chain.metrics["estimated_flip_rate_input"] = estimate_flip_rate(ensemble.strength[scored], chain.standard_error)
+    if calibration is not None and calibration.members != len(ensemble.members):
+        chain.metrics["flip_rate_calibration_note"] = (
+            f"the stored misranking rates are of {calibration.members} member(s) but ensemble_labels has "
+            f"{len(ensemble.members)}: they do not describe this ensemble's strength, so the plug-in estimate is used")
+        calibration = None
+    strength = ensemble.strength[scored]
+    misranking = _misranking_of(strength, chain.standard_error, calibration)
+    epsilon = noise_corrected_flip_rate(strength, misranking)
+    chain.metrics["flip_rate_estimator"] = "calibrated" if calibration is not None else "plug_in"
+    chain.metrics["estimated_flip_rate"] = epsilon
+    chain.metrics["estimated_flip_rate_input"] = epsilon
+    if len(strength):
+        chain.metrics["flip_rate_disagreement"] = float(np.mean(disagreement_weights(strength)))
+        chain.metrics["flip_rate_misranking"] = float(np.mean(misranking))
+    posterior = np.full(chain.pairs.num_rows, np.nan)
+    if epsilon is not None:
+        posterior[scored] = flip_posterior(strength, epsilon, misranking)
     if config.strong_negative_strength is not None and config.negative_strength_action == "flip":
         flip_rows = np.flatnonzero(scored & (ensemble.strength <= -config.strong_negative_strength))
         chain.pairs = flip_pairs(chain.pairs, flip_rows)
         ensemble = ensemble.flipped(flip_rows)
+        # The new label is wrong exactly when the label it arrived with was right.
+        posterior[flip_rows] = 1.0 - posterior[flip_rows]
         chain.metrics["pairs_flipped"] = int(len(flip_rows))
     chain.ensemble = ensemble
+    return posterior, calibration
 
 
 def _reject_nonfinite(chain: ChainState) -> None:
@@ -281,30 +352,47 @@ _FILTERS: tuple[Callable[[ChainState], None], ...] = (
 )
 
 
-def _estimate_flip_rate(chain: ChainState) -> None:
-    """ε of the kept pairs: from the ensemble when there is one, else from the pairs' confidences."""
+def _confidences(pairs: pa.Table) -> np.ndarray:
+    return as_array(pairs.column("confidence")).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _estimate_kept_flip_rate(chain: ChainState, calibration: MisrankingCalibration | None) -> None:
+    """``estimated_flip_rate_kept``: the same estimator as the pre-action figure, on the kept pairs after
+    flips and drops (biased low where the filter acted on the scores it measures with)."""
     keep = chain.alive
     if chain.ensemble is not None:
         kept_scored = keep & chain.ensemble.scored
-        chain.metrics["estimated_flip_rate"] = estimate_flip_rate(chain.ensemble.strength[kept_scored],
-                                                                  chain.standard_error)
-        chain.metrics["flip_rate_estimator"] = "ensemble strength, noise-corrected disagreement"
+        strength = chain.ensemble.strength[kept_scored]
+        chain.metrics["estimated_flip_rate_kept"] = noise_corrected_flip_rate(
+            strength, _misranking_of(strength, chain.standard_error, calibration))
     else:
-        confidence = as_array(chain.pairs.column("confidence")).to_numpy(zero_copy_only=False).astype(np.float64)[keep]
-        flip_rate = estimated_flip_rate(confidence.tolist())
-        if flip_rate is not None:
-            chain.metrics["estimated_flip_rate"] = flip_rate
-            chain.metrics["flip_rate_estimator"] = "mean(1 - confidence) of kept pairs"
+        chain.metrics["estimated_flip_rate_kept"] = estimated_flip_rate(_confidences(chain.pairs)[keep].tolist())
+
+
+def _with_confidence(pairs: pa.Table, rows: np.ndarray, values: np.ndarray) -> pa.Table:
+    """``pairs`` with ``confidence`` replaced by ``values`` where ``rows`` is True."""
+    confidence = np.where(rows, values, _confidences(pairs))
+    column = pa.array(confidence, pa.float64(), mask=np.isnan(confidence))
+    return pairs.set_column(pairs.column_names.index("confidence"), "confidence", column)
 
 
 def _check_inputs(config: FilterConfig, pairs: pa.Table, ensemble_labels: pa.Table | None,
-                  have_policy: bool) -> None:
+                  have_policy: bool, have_consistency: bool) -> None:
     ensemble_keys = [k for k in ("strong_negative_strength", "ambiguous_strength", "max_ensemble_std")
                      if getattr(config, k) is not None]
     if ensemble_keys and ensemble_labels is None:
         raise StageInputError(
             f"filter: {', '.join(ensemble_keys)} need the ensemble's scores, but no input ensemble_labels was given: "
             "pass ensemble_labels=REF (a labels artifact, one labeler per member) or unset those keys.")
+    if config.pair_flip_posterior and ensemble_labels is None:
+        raise StageInputError(
+            "filter: pair_flip_posterior needs the ensemble's scores (P(label wrong | s) is a function of the strength "
+            "s), but no input ensemble_labels was given: pass ensemble_labels=REF or turn it off.")
+    if config.consistency_confidence and not have_consistency:
+        raise StageInputError(
+            "filter: consistency_confidence (CREAM) needs this round's and the previous round's rewards of the same "
+            "samples: pass consistency_labels=REF and previous_labels=REF (labels artifacts of the round's samples), "
+            "or turn it off.")
     policy_keys = [k for k in ("near_duplicate_similarity", "ches_top_fraction") if getattr(config, k) is not None]
     if policy_keys and not have_policy:
         raise StageInputError(
@@ -317,21 +405,46 @@ def _check_inputs(config: FilterConfig, pairs: pa.Table, ensemble_labels: pa.Tab
 
 
 def apply_filters(pairs: pa.Table, config: FilterConfig, eval_prompts: pa.Array | pa.ChunkedArray | None = None,
-                  ensemble_labels: pa.Table | None = None, hidden_states: HiddenStates | None = None) -> FilterResult:
+                  ensemble_labels: pa.Table | None = None, hidden_states: HiddenStates | None = None,
+                  misranking: MisrankingCalibration | None = None, consistency_labels: pa.Table | None = None,
+                  previous_labels: pa.Table | None = None) -> FilterResult:
     """Run the filter chain on a conformed preferences table.
 
     ``eval_prompts``: the evaluation prompt texts (decontamination; None: off). ``ensemble_labels``: a
     labels table of the ensemble (None: no ensemble filters, no ensemble estimate). ``hidden_states``:
     the policy's :func:`~prefloop.tasks.filtering.ches.completion_hidden_states` of the rows of the table
-    it is given (None: no CHES, no embedding similarity).
+    it is given (None: no CHES, no embedding similarity). ``misranking``: the ensemble's misranking rates
+    on clean held-out pairs (None: the plug-in estimate; ignored with ``calibrate_flip_rate`` off).
+    ``consistency_labels``, ``previous_labels``: this round's and the previous round's rewards of the
+    same samples, for CREAM (``consistency_confidence``).
     """
-    _check_inputs(config, pairs, ensemble_labels, hidden_states is not None)
+    have_consistency = consistency_labels is not None and previous_labels is not None
+    _check_inputs(config, pairs, ensemble_labels, hidden_states is not None, have_consistency)
     chain = ChainState(pairs, config, eval_prompts, hidden_states)
+    calibration = misranking if config.calibrate_flip_rate else None
+    posterior = None
     if ensemble_labels is not None:
-        _score_with_ensemble(chain, ensemble_labels)  # flips come before every filter
+        posterior, calibration = _score_with_ensemble(chain, ensemble_labels, calibration)  # before every filter
+    else:
+        # The pairs' own confidences, as they arrive.
+        flip_rate = estimated_flip_rate(_confidences(pairs).tolist())
+        if flip_rate is not None:
+            chain.metrics |= {"estimated_flip_rate": flip_rate, "flip_rate_estimator": "confidence"}
     for reject in _FILTERS:
         reject(chain)
-    _estimate_flip_rate(chain)
+    _estimate_kept_flip_rate(chain, calibration)
+    if config.pair_flip_posterior and posterior is not None:
+        rows = chain.alive & np.isfinite(posterior)
+        chain.pairs = _with_confidence(chain.pairs, rows, 1.0 - posterior)
+        chain.metrics["pair_flip_posterior_pairs"] = int(rows.sum())
+        if rows.any():
+            chain.metrics["pair_flip_posterior_mean"] = float(posterior[rows].mean())
+    if config.consistency_confidence:
+        assert consistency_labels is not None and previous_labels is not None  # _check_inputs
+        rates, consistency_metrics = pair_consistency(chain.pairs, consistency_labels, previous_labels,
+                                                      config.consistency_labeler, config.previous_labeler)
+        chain.pairs = _with_confidence(chain.pairs, np.isfinite(rates), rates)
+        chain.metrics |= consistency_metrics
     return FilterResult(table=chain.pairs, codes=chain.codes,
                         metrics={k: v for k, v in chain.metrics.items() if v is not None})
 
@@ -366,18 +479,36 @@ def _policy_hidden_states(ctx: StageContext, config: FilterConfig) -> HiddenStat
     return states
 
 
+def _misranking_calibration(ctx: StageContext, config: FilterConfig) -> tuple[MisrankingCalibration | None, str | None]:
+    """The misranking rates train-rm stored for the reward model that wrote ``ensemble_labels`` (label-rm
+    records it as its ``reward_model`` input), and that model's ref; (None, None) when there are none."""
+    if not config.calibrate_flip_rate or not ctx.has("ensemble_labels"):
+        return None, None
+    model = ctx.store.read_manifest(ctx.inputs["ensemble_labels"]).inputs.get("reward_model")
+    if model is None:
+        return None, None
+    stored = ctx.store.read_manifest(ArtifactRef.parse(str(model))).metrics.get(MISRANKING_METRIC)
+    return (MisrankingCalibration.from_dict(stored), str(model)) if stored else (None, None)
+
+
 def compute(ctx: StageContext) -> StageOutput:
     config: FilterConfig = ctx.config
     pairs = ctx.read("preferences", PREFERENCES)
+    misranking, calibration_source = _misranking_calibration(ctx, config)
     result = apply_filters(
         pairs, config,
         eval_prompts=_eval_prompt_texts(ctx, config) if ctx.has("eval_prompts") else None,
         ensemble_labels=ctx.read("ensemble_labels", LABELS) if ctx.has("ensemble_labels") else None,
         hidden_states=_policy_hidden_states(ctx, config) if ctx.has("policy") else None,
+        misranking=misranking,
+        consistency_labels=ctx.read("consistency_labels", LABELS) if ctx.has("consistency_labels") else None,
+        previous_labels=ctx.read("previous_labels", LABELS) if ctx.has("previous_labels") else None,
     )
     dropped, reasons = result.dropped()
     drops = make_drops(result.table, dropped, reasons, "preferences", detail="filter stage")
     kept = result.table.filter(pa.array(result.keep))
     metrics = {"pairs_in": pairs.num_rows, "pairs_kept": kept.num_rows, "pairs_dropped": int(len(dropped)),
                **result.metrics}
+    if result.metrics.get("flip_rate_estimator") == "calibrated":
+        metrics["flip_rate_calibration"] = calibration_source
     return StageOutput(table=kept, drops=drops, metrics=metrics)
