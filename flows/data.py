@@ -12,6 +12,11 @@ wiring as a Prefect flow (each stage a task, visible in the UI).
 
 Prompts and samples are either refs of artifacts imported before (``prefloop import …``) or
 import specs in the config (``samples: {source: completions.jsonl, map: {completion: output}}``).
+
+With ``reward_model: {model: REF_OR_DIR, aggregate: …}`` a reward model labels the samples instead
+(stage ``label-rm``, the loop's labeling path :func:`prefloop.flows.training.label_with_reward_model`):
+pairs are built by its reward (an ensemble's aggregate of standardised members) and an ensemble's
+member labels are the filter's ``ensemble_labels``.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from prefloop.config import ConfigFileError, read_yaml
+from prefloop.config import ConfigFileError, RewardModelSetting, read_yaml
 from prefloop.errors import UserError
 from prefloop.flows.loop import direct_caller, prefect_caller
+from prefloop.flows.training import label_with_reward_model, labeling_reward_model
 from prefloop.orchestration import call_stage_task, wait_for_artifacts
 from prefloop.stage import StageCaller, StageResult
 from prefloop.storage import DEFAULT_STORE, ArtifactStore
@@ -52,9 +58,20 @@ class DataConfig(BaseModel):
         None, description="ref of a prompts artifact, or an import spec {source, map, …}; the verifier needs it")
     samples: str | ImportSource | None = Field(None, description="ref of a samples artifact, or an import spec")
     label: LabelingConfig = Field(default_factory=lambda: LabelingConfig(labeler="verifier", task="math"))
+    reward_model: RewardModelSetting | None = Field(
+        None, description="label with a reward model instead of the label section (stage label-rm): {model: "
+        "REF_OR_DIR, aggregate: mean|min|uncertainty_weighted, uncertainty_weight: λ}")
     construction: ConstructConfig = Field(default_factory=ConstructConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     export: ExportSettings = Field(default_factory=ExportSettings)
+
+    @model_validator(mode="after")
+    def _a_reward_model_to_label_with(self) -> DataConfig:
+        if self.reward_model is not None and self.reward_model.model is None:
+            raise UserError("the data-only flow labels with a reward model you have (reward_model: {model: REF}); it "
+                             "has no policy to initialise one from: train it first with 'prefloop stage train-rm "
+                             "--input preferences=REF', or run the loop with reward_model: {preferences: REF}")
+        return self
 
 
 def load_data_config(path: str | Path, **overrides: Any) -> DataConfig:
@@ -118,11 +135,23 @@ def run_data(config: DataConfig, store: str = DEFAULT_STORE, prompts: str | None
     if samples_ref is None:
         raise UserError("the data-only flow needs samples: give --samples REF (from 'prefloop import samples FILE') "
                          "or a 'samples: {source: FILE, map: {...}}' section in the config")
-    label_inputs = {"samples": samples_ref} | ({"prompts": prompts_ref} if prompts_ref else {})
-    labels = call("label", label_inputs, config.label.model_dump(), store, f"{name}/labels")
-    pairs = call("construct", {"samples": samples_ref, "labels": labels.output}, config.construction.model_dump(), store,
+    construction = config.construction.model_dump()
+    filter_inputs: dict[str, str] = {}
+    if config.reward_model is None:
+        label_inputs = {"samples": samples_ref} | ({"prompts": prompts_ref} if prompts_ref else {})
+        labels = call("label", label_inputs, config.label.model_dump(), store, f"{name}/labels")
+    else:
+        reward_model, reward_stages = labeling_reward_model(call, config.reward_model, None, 0, name, store)
+        stages += reward_stages
+        scored = label_with_reward_model(call, reward_model, samples_ref, config.reward_model.label_config(), store,
+                                         f"{name}/labels")
+        labels = scored.result
+        construction["labeler"] = construction["labeler"] or scored.scorer
+        if scored.ensemble_labels is not None:
+            filter_inputs["ensemble_labels"] = scored.ensemble_labels
+    pairs = call("construct", {"samples": samples_ref, "labels": labels.output}, construction, store,
                  f"{name}/preferences")
-    kept = call("filter", {"preferences": pairs.output}, config.filter.model_dump(), store,
+    kept = call("filter", {"preferences": pairs.output, **filter_inputs}, config.filter.model_dump(), store,
                 f"{name}/preferences-filtered")
     stages += [labels, pairs, kept]
     export_dir = out or config.export.out

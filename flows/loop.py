@@ -20,7 +20,10 @@ from pydantic import BaseModel
 from prefloop.config import LoopConfig
 from prefloop.errors import UserError
 from prefloop.flows.training import (
+    check_reward_model,
     check_starting_policy,
+    label_with_reward_model,
+    labeling_reward_model,
     reference_and_train,
     reference_model,
     starting_policy,
@@ -105,9 +108,14 @@ def _deferred_flow(**options: Any) -> Callable[[Callable[..., Any]], Callable[..
 
 def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str, prompts_ref: str,
               baseline: str, store: str, previous_metrics: str | None = None, reward_model: str | None = None,
-              call: StageCaller = direct_caller, publish: bool = False) -> RoundSummary:
+              call: StageCaller = direct_caller, publish: bool = False,
+              label_reward_model: str | None = None) -> RoundSummary:
     """One round: sample → label → construct (or, with construction method mcts, mcts → pair-trees) → filter →
     train → evaluate.
+
+    With ``label_reward_model`` (the loop setting ``reward_model``'s model) stage ``label-rm`` labels the
+    samples instead of stage ``label``: construction ranks them by the reward (an ensemble's aggregate),
+    and the filter gets an ensemble's member labels as its ``ensemble_labels`` input.
 
     The evaluation is paired with the SFT model's (``baseline``) and the previous round's
     (``previous_metrics``) on the same held-out prompts, measures the KL to this round's DPO
@@ -116,6 +124,7 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
     a moving reference hides), and the reward under ``reward_model`` when one is given.
     """
     prefix = f"{config.name}/round-{round_index}"
+    ensemble_labels: str | None = None
     if config.construction.method == "mcts":
         # MCTS-DPO: step-level tree search and the pairs of its trees replace sample → label → construct.
         trees = call("mcts", {"policy": policy, "prompts": prompts_ref}, _seeded(config.mcts, config, round_index),
@@ -126,14 +135,23 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
     else:
         samples = call("sample", {"policy": policy, "prompts": prompts_ref},
                        _seeded(config.sampling, config, round_index), store, f"{prefix}/samples")
-        labels = call("label", {"samples": samples.output, "prompts": prompts_ref}, config.label.model_dump(), store,
-                      f"{prefix}/labels")
-        pairs = call("construct", {"samples": samples.output, "labels": labels.output},
-                     _seeded(config.construction, config, round_index), store, f"{prefix}/preferences")
+        construction = _seeded(config.construction, config, round_index)
+        if label_reward_model is None or config.reward_model is None:
+            labels = call("label", {"samples": samples.output, "prompts": prompts_ref}, config.label.model_dump(),
+                          store, f"{prefix}/labels")
+        else:
+            scored = label_with_reward_model(call, label_reward_model, samples.output,
+                                             config.reward_model.label_config(), store, f"{prefix}/labels")
+            labels, ensemble_labels = scored.result, scored.ensemble_labels
+            construction["labeler"] = construction["labeler"] or scored.scorer
+        pairs = call("construct", {"samples": samples.output, "labels": labels.output}, construction, store,
+                     f"{prefix}/preferences")
         built = [samples, labels, pairs]
     # Decontaminated against the prompts this round evaluates on (their held-out split); CHES and the
     # embedding similarity, when configured, read the hidden states of the policy about to be trained.
     filter_inputs = {"preferences": pairs.output, "eval_prompts": prompts_ref}
+    if ensemble_labels is not None:
+        filter_inputs["ensemble_labels"] = ensemble_labels
     if config.filter.ches_top_fraction is not None or config.filter.near_duplicate_similarity is not None:
         filter_inputs["policy"] = policy
     kept = call("filter", filter_inputs, config.filter.model_dump(), store, f"{prefix}/preferences-filtered")
@@ -166,12 +184,13 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
 @_deferred_flow(name="prefloop-round", log_prints=True)
 def round_flow(config: LoopConfig, round_index: int, policy: str, sft_policy: str, prompts_ref: str,
                baseline: str, store: str = DEFAULT_STORE, previous_metrics: str | None = None,
-               reward_model: str | None = None, dispatch: Dispatch = "local") -> RoundSummary:
+               reward_model: str | None = None, dispatch: Dispatch = "local",
+               label_reward_model: str | None = None) -> RoundSummary:
     """One round as a Prefect flow (each stage a task); see :func:`run_round` and :func:`loop_flow`
     for ``dispatch``."""
     try:
         return run_round(config, round_index, policy, sft_policy, prompts_ref, baseline, store, previous_metrics,
-                         reward_model, call=CALLERS[dispatch], publish=True)
+                         reward_model, call=CALLERS[dispatch], publish=True, label_reward_model=label_reward_model)
     finally:
         wait_for_artifacts()
 
@@ -242,7 +261,7 @@ def check_user_prompts(config: LoopConfig, store: ArtifactStore, prompts: str) -
             raise UserError(f"the prompts {prompts} have no '{split}' prompts to {use}; splits found: "
                             f"{sorted(set(table.column('split').to_pylist()))}. Set prompt_split: {{heldout_fraction: "
                             "0.1}} (or {heldout_size: N}) to hold out prompts by hash")
-    if find_labeler(config.label.labeler) is not VERIFIER:
+    if config.reward_model is not None or find_labeler(config.label.labeler) is not VERIFIER:
         return
     answers = table.column("reference_answer").to_pylist() if "reference_answer" in table.column_names else []
     missing = sum(1 for answer in answers if answer is None or not str(answer).strip()) + table.num_rows - len(answers)
@@ -253,10 +272,14 @@ def check_user_prompts(config: LoopConfig, store: ArtifactStore, prompts: str) -
                         "FIELD}}) or label with a reward model")
 
 
-def _check_sources(config: LoopConfig, store: str) -> None:
-    """What the user brings is checked before the run writes anything."""
+def _check_sources(config: LoopConfig, store: str, models: bool = True) -> None:
+    """What the user brings is checked before the run writes anything. ``models``: also load the tokenizers
+    of a reward model and the policy to compare their vocabularies (a lookup-only rerun skips that: what it
+    finds was checked when it was written, and it must not pay for loading tokenizers)."""
     if config.policy is not None:
         check_starting_policy(config.policy, config.demonstrations, store)
+    if config.reward_model is not None and models:
+        check_reward_model(config.reward_model, config.policy, config.filter, store)
     if isinstance(config.prompt_source, str):
         try:
             ref = ArtifactStore(store).resolve(config.prompt_source)
@@ -275,12 +298,15 @@ def run_loop(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str |
 
     The starting policy is the embedded SFT model, or the loop setting ``policy`` (fine-tuned on
     ``demonstrations`` when given); the prompts are the embedded task's or ``prompt_source``'s
-    (:func:`task_prompts`). ``reward_model`` (a model artifact ref, optional) adds the mean reward
-    to every evaluation. Without Prefect by default; :func:`loop_flow` runs the same wiring as a flow.
+    (:func:`task_prompts`). With the loop setting ``reward_model`` a reward model labels the rounds: the
+    user's, or trained by stage ``train-rm`` before round 1 (:func:`~prefloop.flows.training.labeling_reward_model`);
+    every evaluation then reports its mean reward too. ``reward_model`` (a model artifact ref, optional)
+    is the reward model of the evaluations instead (the labeling one when not given). Without Prefect by
+    default; :func:`loop_flow` runs the same wiring as a flow.
     """
     store = ArtifactStore(store).uri
     name = config.name
-    _check_sources(config, store)
+    _check_sources(config, store, models=call is not lookup_caller)
     task_prompts_ref, prompt_stages = task_prompts(config, store, call)
     if config.policy is None:
         sft_prompts = call("prompts", {}, _seeded(config.sft_prompts, config, 0), store, f"{name}/sft-prompts")
@@ -291,6 +317,12 @@ def run_loop(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str |
         start, start_stages = starting_policy(call, config.policy, config.demonstrations,
                                               _seeded(config.sft, config, 0), name, store)
         start_stages = [*prompt_stages, *start_stages]
+    label_reward_model = None
+    if config.reward_model is not None:
+        label_reward_model, reward_stages = labeling_reward_model(call, config.reward_model, start, config.seed, name,
+                                                                  store)
+        start_stages = [*start_stages, *reward_stages]
+        reward_model = reward_model or label_reward_model
     # Round 0 is the starting policy against itself as reference: its KL is 0 by definition (not computed).
     base = call("evaluate", _evaluation_inputs(start, task_prompts_ref, start, reward_model),
                 _seeded(config.evaluation, config, 0), store, f"{name}/round-0/metrics")
@@ -301,7 +333,7 @@ def run_loop(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str |
     for round_index in range(1, config.rounds + 1):
         summary = run_round(config, round_index, policy, start, task_prompts_ref, base.output, store,
                             previous_metrics=rounds[-1].metrics, reward_model=reward_model, call=call,
-                            publish=publish)
+                            publish=publish, label_reward_model=label_reward_model)
         rounds.append(summary)
         policy = summary.policy
     if publish:

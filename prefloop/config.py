@@ -19,11 +19,85 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from prefloop.errors import UserError
+from prefloop.tasks.common.ensembles import Aggregation
 from prefloop.tasks.common.iteration import ReferencePolicy
 from prefloop.tasks.importing.stage import ImportSource
 from prefloop.tasks.registry import STAGES, ConfigSection, StageEntry
 from prefloop.tasks.split_prompts import SplitPromptsConfig
-from prefloop.tasks.training.configs import check_iteration_policy
+from prefloop.tasks.training.configs import RewardModelTrainingConfig, check_iteration_policy
+
+# Filter keys that read an ensemble's member labels (the filter's ensemble_labels input).
+ENSEMBLE_FILTER_KEYS = ("strong_negative_strength", "ambiguous_strength", "max_ensemble_std")
+
+
+def ensemble_filter_keys(filtering: Any) -> list[str]:
+    """The filter settings in use that need an ensemble's member labels: the thresholds of
+    :data:`ENSEMBLE_FILTER_KEYS` that are set, and ``pair_flip_posterior`` when on."""
+    keys = [key for key in ENSEMBLE_FILTER_KEYS if getattr(filtering, key, None) is not None]
+    return keys + (["pair_flip_posterior"] if getattr(filtering, "pair_flip_posterior", False) else [])
+
+
+class RewardModelSetting(BaseModel):
+    """The loop setting ``reward_model``: the rounds are labeled by a reward model (stage ``label-rm``)
+    instead of the label section's labeler.
+
+    Either ``model`` — a reward model the user brings: a model ref (e.g. from ``prefloop import model
+    DIR``), kind/id, or a save_pretrained directory of a one-label sequence classifier, imported on the
+    fly by stage ``import-model`` — or ``preferences`` — pairs the user imported, from which stage
+    ``train-rm`` trains ``members`` Bradley–Terry reward models (seeds ``seed`` … ``seed + members − 1``)
+    before round 1, each initialised from the starting policy (so it reads the policy's tokens).
+
+    An ensemble's score is ``aggregate`` of its members' rewards, each member first standardised on the
+    reference set ``train-rm`` stored (:mod:`prefloop.tasks.common.ensembles`): ``mean`` z̄, ``min``
+    min_i z_i (worst case), ``uncertainty_weighted`` z̄ − λ·var_i z_i with λ = ``uncertainty_weight``
+    (Coste et al. 2023). Construction ranks samples by that score; the filter gets the members' own
+    labels as its ``ensemble_labels`` input (disagreement, flip-rate estimate); the evaluation reports the
+    mean reward and judges win rates by reward (``evaluation.win_judge``, unless set).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = Field(
+        None, description="a reward model: a model ref, kind/id or a save_pretrained directory (one-label sequence "
+        "classifier, safetensors; imported by stage import-model); a train-rm ensemble in the store works too")
+    preferences: str | ImportSource | None = Field(
+        None, description="train the reward model (stage train-rm) before round 1 on these pairs: a preferences "
+        "ref, or an import spec {source, map: {prompt: F, chosen: F, rejected: F}} read by stage import-preferences")
+    members: int = Field(1, ge=1, le=16, description="with preferences: ensemble size k (member i uses seed + i)")
+    aggregate: Aggregation = Field("mean", description="how an ensemble's standardised member rewards become one "
+                                   "score: mean, min (worst case) or uncertainty_weighted (mean − λ·variance)")
+    uncertainty_weight: float = Field(0.5, ge=0.0, description="λ of aggregate uncertainty_weighted")
+    training: RewardModelTrainingConfig = Field(
+        default_factory=RewardModelTrainingConfig, description="with preferences: train-rm's training settings")
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="with preferences: share of prompts held out "
+                                    "for the reward model's accuracy and its members' standardisation")
+    seed: int = Field(0, description="with preferences: seed of member 0 (the loop seed is added)")
+    batch_size: int = Field(64, ge=1, description="scoring batch size of stage label-rm")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardModelSetting:
+        if (self.model is None) == (self.preferences is None):
+            raise UserError("reward_model needs exactly one source: {model: REF_OR_DIR} to label with a reward model "
+                             "you have, or {preferences: REF_OR_IMPORT_SPEC, members: k} to train one (train-rm) "
+                             "before round 1")
+        training_keys = sorted({"members", "training", "heldout_fraction", "seed"} & self.model_fields_set)
+        if self.model is not None and training_keys:
+            raise UserError(f"reward_model: {', '.join(training_keys)} configure training a reward model from "
+                             "preferences, but model is given (it is used as it is): remove them, or give "
+                             "preferences instead of model")
+        return self
+
+    def train_config(self, loop_seed: int) -> dict[str, Any]:
+        """Stage ``train-rm``'s config (the loop seed folded into the members' seeds)."""
+        return {"training": self.training.model_dump(), "ensemble_size": self.members,
+                "seed": self.seed + loop_seed, "heldout_fraction": self.heldout_fraction,
+                "aggregation": self.aggregate, "uncertainty_penalty": self.uncertainty_weight,
+                "batch_size": self.batch_size}
+
+    def label_config(self) -> dict[str, Any]:
+        """Stage ``label-rm``'s config: members plus the aggregate (an ensemble's; a single model ignores it)."""
+        return {"aggregation": self.aggregate, "uncertainty_penalty": self.uncertainty_weight,
+                "batch_size": self.batch_size}
 
 
 class LoopSettings(BaseModel):
@@ -57,6 +131,10 @@ class LoopSettings(BaseModel):
     prompt_split: SplitPromptsConfig | None = Field(
         None, description="with prompt_source: rewrite its train/held-out split by prompt hash (stage split-prompts): "
         "{heldout_size: N} or {heldout_fraction: f}, optional seed; unset keeps the source's own split")
+    reward_model: RewardModelSetting | None = Field(
+        None, description="label the rounds with a reward model instead of the label section's labeler: {model: "
+        "REF_OR_DIR} or {preferences: REF_OR_IMPORT_SPEC, members: k, aggregate: mean|min|uncertainty_weighted, "
+        "uncertainty_weight: λ} (train-rm before round 1); evaluation then reports its mean reward")
 
     @model_validator(mode="after")
     def _starting_points_agree(self) -> LoopSettings:
@@ -82,6 +160,44 @@ class LoopSettings(BaseModel):
         if train is not None:
             check_iteration_policy(self.reference_policy, train.training.loss)
         return self
+
+    @model_validator(mode="after")
+    def _reward_model_labels_the_rounds(self) -> LoopSettings:
+        """Who labels the rounds must be said once: reward_model, or the label section's labeler; the filter's
+        ensemble rules need an ensemble's member labels."""
+        label, construction, filtering = (getattr(self, name, None) for name in ("label", "construction", "filter"))
+        setting = self.reward_model
+        if label is not None:
+            default = type(label).model_fields["labeler"].default
+            if setting is None and label.labeler == "reward_model":
+                raise UserError("label.labeler is reward_model but the loop has no reward model: set the loop setting "
+                                 "reward_model: {model: REF_OR_DIR} (or {preferences: REF, members: k} to train one) "
+                                 "and leave label.labeler unset")
+            if setting is not None and label.labeler not in (default, "reward_model"):
+                raise UserError(f"label.labeler is '{label.labeler}' but reward_model is set too: the rounds are "
+                                 "labeled by one of them; remove reward_model to label with the labeler, or "
+                                 "label.labeler to label with the reward model")
+        if setting is not None and construction is not None and construction.method == "mcts":
+            raise UserError("construction method mcts scores tree nodes by the verifier and the policy's "
+                             "self-evaluation, not by a label stage: remove reward_model, or use best_vs_worst")
+        if filtering is not None:
+            keys = ensemble_filter_keys(filtering)
+            if keys and setting is None:
+                raise UserError(f"filter.{', filter.'.join(keys)} read a reward-model ensemble's member labels, "
+                                 "but the loop has none: set reward_model: {preferences: REF, members: 3} (or an "
+                                 "ensemble model), or unset them")
+            if keys and setting is not None and setting.preferences is not None and setting.members < 2:
+                raise UserError(f"filter.{', filter.'.join(keys)} compare an ensemble's members, but reward_model "
+                                 "trains one model: set reward_model.members to 2 or more, or unset them")
+        return self
+
+    @model_validator(mode="after")
+    def _judge_wins_by_the_reward_model(self) -> LoopSettings:
+        """With a labeling reward model the evaluation judges wins by its reward, unless the config says otherwise."""
+        evaluation = getattr(self, "evaluation", None)
+        if self.reward_model is None or evaluation is None or "win_judge" in evaluation.model_fields_set:
+            return self
+        return self.model_copy(update={"evaluation": evaluation.model_copy(update={"win_judge": "reward_model"})})
 
     @model_validator(mode="after")
     def _evaluate_with_the_label_task(self) -> LoopSettings:

@@ -157,7 +157,8 @@ STAGES: dict[str, StageEntry] = _entries(
                        "preferences": "preferences", "reference": "model", "start": "model", "reward_model": "model"},
                optional_inputs=frozenset({"baseline", "previous", "preferences", "reference", "start", "reward_model"}),
                sections=(ConfigSection("evaluation"),), pool="gpu", retries=1),
-    # Reward models and judges: stages of the data-only flow and of 'prefloop stage', not of the loop yet.
+    # Reward models and judges: train-rm and label-rm run in the loop when the loop setting reward_model is set
+    # (flows/training.py); label-judge is not of the loop yet.
     StageEntry("train-rm", "prefloop.tasks.reward_model", output="model",
                inputs={"preferences": "preferences", "policy": "model", "heldout": "preferences"},
                optional_inputs=frozenset({"policy", "heldout"}), pool="gpu"),
