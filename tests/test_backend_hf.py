@@ -199,3 +199,50 @@ def test_stop_string_cuts_the_same_draw_at_its_first_match(backend: HFBackend) -
         else:
             assert cut == whole
     assert cut_some
+
+
+def test_identical_prompts_are_prefilled_once(backend: HFBackend) -> None:
+    """The n samples of a prompt share one prefill row; decoding then runs every sample."""
+    wide = HFBackend(backend.model, backend.tokenizer, batch_size=16)
+    rows = []
+    forward = wide.model.forward
+    wide.model.forward = lambda *args, **kwargs: rows.append(tuple(kwargs["input_ids"].shape)) or forward(*args, **kwargs)
+    try:
+        wide.generate(PROMPTS[:2], GenerationParams(n=3, max_new_tokens=3, seed=0))
+    finally:
+        wide.model.forward = forward
+    assert rows[0] == (2, max(len(ids) for ids in wide._encode(PROMPTS[:2], True)))
+    assert rows[1][0] > 2 and rows[1][1] == 1  # decoding runs the samples (less any that ended at once)
+
+
+@pytest.mark.parametrize("params", [GenerationParams(n=3, temperature=1.0, max_new_tokens=14, seed=5, stop=["+"]),
+                                    GenerationParams(n=2, temperature=0.7, top_p=0.8, max_new_tokens=10, seed=1)])
+def test_when_finished_rows_are_dropped_does_not_change_the_samples(backend: HFBackend, monkeypatch, params) -> None:
+    """Finished rows are dropped in bulk (COMPACT_FRACTION); the sampler draws for unfinished rows only, so
+    dropping them at once or never gives the same draws."""
+    import prefloop.backends.hf as hf
+
+    results = []
+    for fraction in (0.0, 2.0):  # drop every finished row at once / keep them all to the end
+        monkeypatch.setattr(hf, "COMPACT_FRACTION", fraction)
+        results.append(backend.generate(PROMPTS, params))
+    assert [c.text for g in results[0] for c in g] == [c.text for g in results[1] for c in g]
+    assert len({c.num_tokens for g in results[0] for c in g}) > 1  # rows did finish at different steps
+    assert [c.sum_logprob for g in results[0] for c in g] == pytest.approx(
+        [c.sum_logprob for g in results[1] for c in g], abs=1e-4)
+
+
+def test_kv_buffer_moves_rows_in_place() -> None:
+    from prefloop.backends.hf import _KVBuffer
+
+    storage = torch.zeros(1000)
+    buffer = _KVBuffer(num_layers=1, rows=4, capacity=3, max_rows=6, storage=lambda numel, like: storage[:numel])
+    data = buffer.allocate(heads=1, head_dim=2, like=storage)
+    data[:4] = torch.arange(4, dtype=torch.float32)[:, None, None, None, None, None]
+    buffer.length = 3
+    buffer.select_rows([1, 3])  # compaction
+    assert data[:2, ..., :3, :].flatten(1).mean(1).tolist() == [1.0, 3.0] and buffer.rows == 2
+    buffer.select_rows([0, 0, 0, 1, 1, 1])  # copies of each prompt's prefilled row
+    assert data[:6, ..., :3, :].flatten(1).mean(1).tolist() == [1.0, 1.0, 1.0, 3.0, 3.0, 3.0]
+    buffer.select_rows([5, 0])  # any other order
+    assert data[:2, ..., :3, :].flatten(1).mean(1).tolist() == [3.0, 1.0]

@@ -7,16 +7,20 @@ implementation by config (``backend: hf|vllm``, see :func:`prefloop.backends.loa
 swapping the backend never changes a stage's code.
 
 Besides the protocol this module holds what every implementation shares: the generation
-parameters, the completion record, the error for prompts that do not fit the context window, and
-:func:`yes_probability` (self-evaluation scoring built on ``score_logprobs``).
+parameters, the completion record, the error for prompts that do not fit the context window,
+:func:`yes_probability` (self-evaluation scoring built on ``score_logprobs``) and :func:`prefix_cache`
+(a scope in which a backend may reuse the KV cache of prompts that extend earlier ones, as a tree
+search's do; a backend without such a cache, or with its own, like vLLM's automatic prefix caching,
+needs nothing for it).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -92,6 +96,27 @@ class PolicyBackend(Protocol):
     ) -> list[float]:
         """Sum of log π(continuation | prompt) for each (prompt, continuation) pair, batched."""
         ...
+
+
+@runtime_checkable
+class PrefixCachingBackend(Protocol):
+    """A backend that can keep the KV cache of what it computed for later inputs that start with the same
+    tokens (``HFBackend``). Results are the same with or without it, up to float rounding."""
+
+    def prefix_cache(self, max_bytes: int) -> AbstractContextManager[Any]:
+        """A scope in which the backend reuses cached prefixes, holding at most ``max_bytes`` of them."""
+        ...
+
+
+def prefix_cache(backend: PolicyBackend, max_bytes: int) -> AbstractContextManager[Any]:
+    """``backend.prefix_cache(max_bytes)`` where the backend has one, else a scope that does nothing.
+
+    Callers whose prompts extend earlier prompts (the MCTS search: a node's text is its parent's plus one
+    step) open it around their calls; the value it yields is the backend's cache counters, or None.
+    """
+    if isinstance(backend, PrefixCachingBackend):
+        return backend.prefix_cache(max_bytes)
+    return nullcontext(None)
 
 
 def yes_probability(

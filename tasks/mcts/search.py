@@ -30,6 +30,14 @@ algorithm with the batch cut to one tree: the trees differ only because the back
 samples from one random stream (at temperature 0 they are identical; see
 ``benchmarks/mcts_batching.py``).
 
+**Prefix cache**: a node's text is its parent's plus one step, and its self-evaluation prompt (with the
+default templates) its text plus a question, so every policy call repeats a prefix an earlier call
+computed. Each batch of trees runs inside the backend's prefix-cache scope
+(:func:`~prefloop.backends.base.prefix_cache`, ``prefix_cache_mib`` of KV, least recently used first
+out): the HF backend keeps the KV cache of every generated step and feeds only the tokens after the
+longest cached prefix, so an expansion costs its new tokens instead of the whole path. The trees are
+the same with and without it (at temperature 0 exactly, as ``tests/test_mcts_cache.py`` checks).
+
 Also here: the answer-line verifier, the context-window check and the search's metrics.
 """
 
@@ -41,7 +49,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prefloop.backends.base import GenerationParams, PolicyBackend, yes_probability
+from prefloop.backends.base import GenerationParams, PolicyBackend, prefix_cache, yes_probability
 from prefloop.errors import UserError
 from prefloop.tasks.common.search_trees import (
     CONTEXT_WINDOW,
@@ -87,6 +95,8 @@ class SearchCounters:
     sequences_generated: int = 0
     sequences_scored: int = 0
     simulations: int = 0
+    prefix_tokens_asked: int = 0
+    prefix_tokens_reused: int = 0
 
 
 class TreeSearch:
@@ -110,15 +120,21 @@ class TreeSearch:
     def run(self, trees: list[SearchTree], progress: Callable[[int], None] | None = None) -> list[SearchTree]:
         """Search every tree to the end of its committed path, ``trees_per_batch`` trees at a time."""
         width = self.config.trees_per_batch or max(len(trees), 1)
+        cache_bytes = int(self.config.prefix_cache_mib * 2**20)
         for start in range(0, len(trees), width):
             batch = trees[start : start + width]
             finished = 0
-            while not all(tree.done for tree in batch):
-                self.simulate([tree for tree in batch if not tree.done])
-                now = sum(tree.done for tree in batch)
-                if progress is not None and now > finished:
-                    progress(now - finished)
-                finished = now
+            # One cache per batch of trees: a finished batch's prefixes are never asked for again.
+            with prefix_cache(self.backend, cache_bytes) as cache_stats:
+                while not all(tree.done for tree in batch):
+                    self.simulate([tree for tree in batch if not tree.done])
+                    now = sum(tree.done for tree in batch)
+                    if progress is not None and now > finished:
+                        progress(now - finished)
+                    finished = now
+                if cache_stats is not None:
+                    self.counters.prefix_tokens_asked += cache_stats["tokens_asked"]
+                    self.counters.prefix_tokens_reused += cache_stats["tokens_reused"]
         return trees
 
     def budget(self, tree: SearchTree) -> int:
@@ -299,4 +315,6 @@ def search_metrics(trees: Sequence[SearchTree], search: TreeSearch) -> dict:
         **{f"trees_{status}": statuses[status] for status in TREE_STATUSES},
         "generate_calls": search.counters.generate_calls, "score_calls": search.counters.score_calls,
         "sequences_generated": search.counters.sequences_generated, "simulations": search.counters.simulations,
+        "prefix_tokens_reused": search.counters.prefix_tokens_reused,
+        "prefix_tokens_asked": search.counters.prefix_tokens_asked,
     }

@@ -85,6 +85,10 @@ class MCTSConfig(StageConfig):
     backend: BackendKind = Field("hf", description="hf: transformers in-process (CPU); vllm: a vllm serve process (GPU)")
     trees_per_batch: int | None = Field(None, ge=1, description="trees advanced together (None: all; 1: one at a time)")
     batch_size: int = Field(64, ge=1, description="sequences per forward pass of the backend")
+    prefix_cache_mib: float = Field(
+        256.0, ge=0.0, description="KV cache the backend keeps of the nodes' texts, so an expansion or self-evaluation "
+        "feeds only the tokens after its longest cached prefix (HF backend; LRU by bytes, per batch of trees; 0: off; "
+        "vLLM caches prefixes itself). Trees are the same with or without it, up to float rounding")
     seed: int = 0
     round: int = Field(0, ge=0, description="loop round (recorded in rows)")
 
