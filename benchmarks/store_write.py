@@ -7,16 +7,31 @@ overlapping the Parquet encoding), write zstd Parquet parts with sha256 checksum
 manifest and publish atomically. Prints both times and their ratio, plus what each step costs
 on its own.
 
+With ``--uri s3://BUCKET/PREFIX`` it also runs the same stage write (validation, Parquet, checksums,
+per-writer folder, conditional manifest PUT) into that object store and prints write+validate on
+S3 next to the local store. The endpoint and credentials come from the standard AWS environment
+(``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` …, ``~/.aws``). When no
+endpoint is set, or it names this machine (``localhost``/``127.0.0.1``) and nothing answers there, the
+benchmark starts moto's S3 server (``moto[server]``, a dev dependency) in a thread of its own
+process on that port (a free one when none is set), with throw-away keys, and creates the bucket;
+the S3 figure is then the protocol's cost (HTTP, signing, one PUT per file) with no network, and
+the server's work shares this process's CPU. Against a real bucket the bucket must exist.
+
     .venv/bin/python benchmarks/store_write.py [--rows 1000000] [--repeats 3]
+    .venv/bin/python benchmarks/store_write.py --rows 100000 --repeats 1 --uri s3://prefloop-bench/store
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import socket
 import tempfile
 import time
+import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -63,10 +78,48 @@ def time_it(fn, repeats: int) -> float:
     return best
 
 
+def _answers(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def ensure_s3(uri: str):
+    """Make ``uri`` reachable: start a local moto server when no endpoint is set or the local one is
+    down (see the module docstring); create the bucket on it. Returns the server to stop, or None."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    parsed = urlparse(endpoint) if endpoint else None
+    local = parsed is None or parsed.hostname in ("localhost", "127.0.0.1")
+    if not local or (parsed is not None and _answers(parsed.hostname, parsed.port or 80)):
+        return None
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    port = parsed.port if parsed is not None and parsed.port else 0
+    if not port:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ["AWS_ENDPOINT_URL_S3"] = f"http://127.0.0.1:{port}"
+    for key, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(key, value)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=urlparse(uri).netloc)
+    print(f"started a local S3 server (moto) at http://127.0.0.1:{port}")
+    return server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3, help="best of N for each side")
+    parser.add_argument("--uri", help="also write into this object store, e.g. s3://bucket/prefix")
     args = parser.parse_args()
     table = synthetic_pairs(args.rows)
     work = Path(tempfile.mkdtemp(prefix="prefloop-bench-"))
@@ -84,6 +137,22 @@ def main() -> None:
 
     baseline = time_it(plain, args.repeats)
     ours = time_it(prefloop_write, args.repeats)
+    remote = None
+    if args.uri:
+        server = ensure_s3(args.uri)
+        s3_store = ArtifactStore(f"{args.uri.rstrip('/')}/bench-{uuid.uuid4().hex[:8]}")
+
+        def s3_write() -> None:
+            result = execute(SPEC, lambda ctx: StageOutput(table=table), {}, {"run": next(counter)}, s3_store)
+            assert not result.cached and result.rows == args.rows
+
+        try:
+            s3_store.fs.exists(s3_store.base)  # warm-up: the S3 client and its connection, as the local side's
+            remote = time_it(s3_write, args.repeats)
+            s3_store.fs.rm(s3_store.base, recursive=True)
+        finally:
+            if server is not None:
+                server.stop()
     conformed, _ = conform(table, PREFERENCES)
     parts = {
         "conform": time_it(lambda: conform(table, PREFERENCES), 1),
@@ -101,6 +170,9 @@ def main() -> None:
     print(f"plain pyarrow.parquet.write_table (zstd): {baseline:.2f} s")
     print(f"prefloop store write + validation:        {ours:.2f} s")
     print(f"ratio prefloop / plain: {ours / baseline:.2f}x (target <= 1.5x)")
+    if remote is not None:
+        print(f"prefloop store write + validation on {args.uri}: {remote:.2f} s "
+              f"({remote / ours:.2f}x the local store)")
     for name, seconds in parts.items():
         print(f"  alone: {name:<28} {seconds:6.2f} s")
 

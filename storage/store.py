@@ -6,14 +6,52 @@ Layout under the root (a local path, ``file://``, ``memory://``, ``s3://`` …):
     artifacts/<kind>/<id>/data/part-00000.parquet   the artifact's main table (zstd)
     artifacts/<kind>/<id>/<table>/part-*.parquet    further tables (e.g. ``drops``)
     artifacts/<kind>/<id>/files/...             plain files (model weights, tokenizer)
+    artifacts/<kind>/<id>/w-<nonce>/...         object stores: the same files, in their writer's folder
+    artifacts/<kind>/<id>/.used                 object stores: rewritten by a cache hit (gc dates by it)
     checkpoints/<run>/step-<k>/                 a training run's checkpoints, same protocol
     refs/<name>.json                            human name -> artifact, with the log of moves
     tmp/<id>-<nonce>/                           writes in progress (ignored, cleaned by gc)
 
 Readers trust an artifact only when its manifest exists and every file's sha256 matches it.
-On a local filesystem a write goes to ``tmp/`` and is published with one atomic rename; on
-object stores, which have no directory rename, files land in place and the manifest, written
-last, publishes them. Either way a write killed midway leaves nothing a reader can see.
+On a local filesystem a write goes to ``tmp/`` and is published with one atomic rename, so a write
+killed midway leaves nothing a reader can see.
+
+Object stores (``s3://`` through s3fs, ``gs://``, ``memory://`` …) have no rename, so the manifest
+itself is the pointer that publishes. The protocol, and why it is safe:
+
+1. Each writer puts its files under a folder of its own inside the artifact's directory,
+   ``artifacts/<kind>/<id>/w-<nonce>/data/part-00000.parquet`` (the manifest's ``files_prefix``),
+   so no two writers ever write the same key and no writer overwrites bytes another has listed.
+2. Only when every file is stored (each PUT is atomic: an object is there whole or not at all)
+   does it put ``manifest.json`` — one PUT, sent with ``If-None-Match: *`` (s3fs
+   ``pipe_file(mode="create")``): S3 stores it only if no manifest is there yet, else answers
+   412 Precondition Failed, which s3fs raises as FileExistsError.
+3. A writer that gets the 412 lost the race: it reads the winner's manifest, deletes its own
+   folder and returns the winner's manifest. Two writers of one id therefore leave one manifest
+   that lists only the winner's files, all complete; S3's strong read-after-write consistency
+   means every reader that finds the manifest then finds every file it lists.
+4. A reader trusts a directory only through its manifest, and checks every file's sha256 and size
+   against it as it reads (a corrupted or replaced object is a :class:`TamperedArtifactError`).
+
+Where the server ignores ``If-None-Match`` (some S3-compatible servers, or filesystems whose
+``pipe_file(mode="create")`` is check-then-write), the last manifest PUT wins instead of the first.
+The protocol stays safe because of 1: whichever manifest survives lists its own writer's folder,
+which is complete and which nobody deletes (a writer deletes its folder only after a 412), so a
+reader sees one complete, verified artifact either way; the other folder is an orphan that gc
+removes after its grace period. A writer killed before its manifest leaves a folder no manifest
+lists — invisible to readers, removed by gc. gc removes an artifact by deleting its manifest first,
+then exactly the objects it listed before that, so a writer that starts on the id meanwhile (in a new
+folder) loses nothing. A 409 ConditionalRequestConflict (two conditional
+PUTs in flight at once) is retried. Checkpoints (``area="checkpoints"``) are written in place (no
+per-writer folder) because resume reads ``step-<k>/checkpoint.pt`` by its path; two runs of one
+training id writing one step at once is the only case that can leave a checkpoint whose bytes do
+not match its manifest, and resume refuses that one loudly with the fix.
+
+On object stores the filesystem is opened with ``use_listings_cache=False``: other processes
+write to the same bucket, and a cached listing would hide what they published. Endpoint and
+credentials come from the environment (``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID`` …, or
+``~/.aws``), never from the store URI: a URI with ``user:password@`` is refused, so no key can
+reach a manifest, a ref log or a report (see docs/s3.md).
 
 Publish tells the truth: the only failure a writer swallows is a lost race, i.e. the target id
 already holds a valid manifest (ids are content addresses, so it holds what this write would
@@ -47,7 +85,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field
 
@@ -66,6 +104,13 @@ AREAS = (ARTIFACTS, CHECKPOINTS)
 # gc never removes an artifact, staging directory or checkpoint younger than this: another process
 # may have published it and not yet pointed its ref at it (see prefloop.storage.gc).
 DEFAULT_GC_GRACE_S = 15 * 60.0
+MANIFEST = "manifest.json"
+# On object stores, the marker ArtifactStore.touch rewrites (an object's time cannot be changed in place).
+USED_MARKER = ".used"
+WRITER_PREFIX = "w-"  # per-writer folders inside an artifact's directory on object stores
+# Protocols whose filesystems cache directory listings that other writers make stale.
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})
+MANIFEST_PUT_ATTEMPTS = 4
 
 
 class StoreError(Exception):
@@ -152,9 +197,6 @@ class Manifest(BaseModel):
     seed: int | None = None
     inputs: dict[str, str] = Field(default_factory=dict, description="role -> kind/id (lineage)")
     code_version: str = CODE_VERSION
-    code: dict[str, Any] = Field(
-        default_factory=dict, description="code identity: fingerprint, the one the id used, module digests"
-    )
     created_at: str
     schema_id: str | None = None
     schema_version: int | None = None
@@ -165,6 +207,9 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     validation: dict[str, Any] = Field(default_factory=dict)
     drops: dict[str, int] = Field(default_factory=dict, description="reason -> rows dropped")
+    files_prefix: str = Field(
+        default="", pattern=r"^(w-[0-9a-f]{8,32})?$", description="folder inside the artifact's directory holding its files: one per writer on "
+        "object stores (see the publish protocol in prefloop.storage.store); empty: the directory itself")
     code: dict[str, Any] = Field(default_factory=dict, description="the code fingerprint of the stage that made it, "
                                  "the one its id used, and the module hashes it is made of")
 
@@ -186,7 +231,10 @@ class ArtifactWriter:
 
     Use through :meth:`ArtifactStore.writer`; nothing is visible to readers before
     :meth:`commit` returns. ``area`` is ``artifacts`` (``kind``/``id``) or ``checkpoints`` (there
-    ``kind`` is the training run, i.e. its output id, and ``id`` the step directory).
+    ``kind`` is the training run, i.e. its output id, and ``id`` the step directory). Where the
+    files go until the manifest publishes them: ``tmp/<id>-<nonce>/`` on a local disk (renamed into
+    place), a ``w-<nonce>/`` folder of the artifact's directory on an object store (the manifest's
+    ``files_prefix``), the step directory itself for a checkpoint on an object store.
     """
 
     def __init__(self, store: ArtifactStore, kind: str, artifact_id: str, area: str = ARTIFACTS):
@@ -198,9 +246,12 @@ class ArtifactWriter:
         self.area = area
         self._local = isinstance(store.fs, LocalFileSystem)
         self.final = store._dir(area, kind, artifact_id)
-        self.staging = (
-            f"{store.base}/tmp/{artifact_id}-{uuid.uuid4().hex[:8]}" if self._local else self.final
-        )
+        nonce = uuid.uuid4().hex[:16]
+        self.prefix = f"{WRITER_PREFIX}{nonce}" if not self._local and area == ARTIFACTS else ""
+        if self._local:
+            self.staging = f"{store.base}/tmp/{artifact_id}-{nonce[:8]}"
+        else:
+            self.staging = f"{self.final}/{self.prefix}" if self.prefix else self.final
         self.tables: dict[str, TableEntry] = {}
         self.files: list[FileEntry] = []
         self.committed: Manifest | None = None
@@ -213,7 +264,7 @@ class ArtifactWriter:
     def _fail(self, what: str, path: str, error: OSError) -> NoReturn:
         """Remove this write's staging directory, then raise what failed, where, why and the fix."""
         self.abort()
-        left = ("this write's staging directory was removed" if self._local else
+        left = ("this write's staging directory was removed" if self._local or self.prefix else
                 "the files written so far have no manifest, so no reader sees them ('prefloop gc' removes them)")
         raise PublishError(
             f"{what} for {self.label} failed at {path}: {_describe(error)}. Nothing was published and "
@@ -225,9 +276,12 @@ class ArtifactWriter:
             raise StoreError(f"the writer for {self.label} is closed (committed or aborted); open a new one")
         path = f"{self.staging}/{relpath}"
         try:
-            self.store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            with self.store.fs.open(path, "wb") as handle:
-                handle.write(data)
+            if self._local:
+                self.store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                with self.store.fs.open(path, "wb") as handle:
+                    handle.write(data)
+            else:  # one PUT (multipart above s3fs's chunk size): the object appears whole or not at all
+                self.store.fs.pipe_file(path, data)
         except OSError as error:
             self._fail(f"writing '{relpath}'", path, error)
         return FileEntry(path=relpath, sha256=_sha256(data), bytes=len(data))
@@ -284,21 +338,13 @@ class ArtifactWriter:
             bytes=sum(f.bytes for f in all_files),
             tables=self.tables,
             files=self.files,
+            files_prefix=self.prefix,
             **manifest_fields,
         )
         body = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True).encode("utf-8")
         if not self._local:
-            existing = self.store._valid_manifest(self.area, self.kind, self.id)
-            if existing is not None:
-                # Published by another writer while this one wrote the same files in place: keep its
-                # manifest rather than overwrite it. A race between this check and the write below is
-                # harmless: same id = same inputs, config and code, so both manifests list the same
-                # bytes; were a stage ever not deterministic, the checksums would refuse the mixture
-                # on read (a loud error, never a wrong hit).
-                return self._finish(existing)
-            self._put("manifest.json", body)
-            return self._finish(manifest)
-        self._put("manifest.json", body)
+            return self._finish(self._publish_manifest(manifest, body))
+        self._put(MANIFEST, body)
         try:
             os.makedirs(os.path.dirname(self.final), exist_ok=True)
             os.rename(self.staging, self.final)
@@ -318,16 +364,55 @@ class ArtifactWriter:
             return self._finish(existing)
         return self._finish(manifest)
 
+    def _publish_manifest(self, manifest: Manifest, body: bytes) -> Manifest:
+        """Object stores: put the manifest only if none is there (``If-None-Match: *``); see the module
+        docstring for why this publishes atomically and what happens where the server ignores it."""
+        if self._closed:
+            raise StoreError(f"the writer for {self.label} is closed (committed or aborted); open a new one")
+        path = f"{self.final}/{MANIFEST}"
+        for attempt in range(MANIFEST_PUT_ATTEMPTS):
+            try:
+                self.store.fs.pipe_file(path, body, mode="create")
+                return manifest
+            except FileExistsError:
+                pass  # a manifest is there: judged below
+            except OSError as error:
+                # 409 ConditionalRequestConflict (another conditional PUT in flight), a timeout …: did a
+                # manifest land (ours or theirs)? If not, retry, then give up loudly.
+                if self.store._valid_manifest(self.area, self.kind, self.id) is None:
+                    if attempt + 1 < MANIFEST_PUT_ATTEMPTS:
+                        time.sleep(0.2 * 2**attempt)
+                        continue
+                    self._fail("publishing (writing the manifest)", path, error)
+            existing = self.store._valid_manifest(self.area, self.kind, self.id)
+            if existing is None:
+                self.abort()
+                raise PublishError(
+                    f"cannot publish {self.label}: {path} exists but is not a valid manifest, so that "
+                    "directory is a damaged write no reader trusts. Delete it (or run 'prefloop gc') and "
+                    "rerun; nothing was published"
+                )
+            if existing.files_prefix == self.prefix and existing.created_at == manifest.created_at:
+                return manifest  # ours landed (the answer to a retried PUT was lost)
+            # Lost the race: theirs lists only their own complete files; ours are dropped.
+            self.abort()
+            return existing
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _finish(self, manifest: Manifest) -> Manifest:
         self.committed = manifest
         self._closed = True
         return manifest
 
     def abort(self) -> None:
-        """Discard this write: its staging directory is removed (object stores: nothing was visible)."""
+        """Discard this write: its staging directory (object stores: its own folder) is removed; an
+        object-store checkpoint written in place keeps its unlisted files for gc."""
         self._closed = True
         if self._local:
             shutil.rmtree(self.staging, ignore_errors=True)
+        elif self.prefix:
+            with contextlib.suppress(OSError):
+                self.store.fs.rm(self.staging, recursive=True)
 
 
 class ArtifactStore:
@@ -335,8 +420,19 @@ class ArtifactStore:
 
     def __init__(self, root: str | os.PathLike[str] | None = None):
         root = str(root or os.environ.get("PREFLOOP_STORE") or DEFAULT_STORE)
+        protocol, rest = split_protocol(root)
+        if protocol and "@" in rest.split("/", 1)[0]:
+            raise UserError(
+                f"the store URI '{protocol}://…@{rest.split('@', 1)[1]}' carries credentials before '@'; they "
+                "would be written into every manifest, ref log and report that names the store. Remove them "
+                "from the URI and give them the standard way instead: AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, ~/.aws/credentials, an instance role), and the "
+                "endpoint of a non-AWS server in AWS_ENDPOINT_URL_S3 (see docs/s3.md)"
+            )
         self.root = root
-        self.fs, base = url_to_fs(root)
+        # Other processes publish into the same bucket: a cached listing would hide their artifacts.
+        options = {"use_listings_cache": False} if protocol in OBJECT_STORES else {}
+        self.fs, base = url_to_fs(root, **options)
         self.base = base.rstrip("/") or "/"
         self._verified: set[str] = set()
 
@@ -357,12 +453,17 @@ class ArtifactStore:
     def _artifact_dir(self, ref: ArtifactRef) -> str:
         return self._dir(ARTIFACTS, ref.kind, ref.id)
 
+    def _files_dir(self, ref: ArtifactRef, manifest: Manifest, area: str = ARTIFACTS) -> str:
+        """Where the files a manifest lists are: its writer's folder (object stores) or the directory."""
+        directory = self._dir(area, ref.kind, ref.id)
+        return f"{directory}/{manifest.files_prefix}" if manifest.files_prefix else directory
+
     def _ref_path(self, name: str) -> str:
         return f"{self.base}/refs/{name}.json"
 
     # -- writing -------------------------------------------------------------------------------
     def exists(self, ref: ArtifactRef, area: str = ARTIFACTS) -> bool:
-        return self.fs.exists(f"{self._dir(area, ref.kind, ref.id)}/manifest.json")
+        return self.fs.exists(f"{self._dir(area, ref.kind, ref.id)}/{MANIFEST}")
 
     @contextlib.contextmanager
     def writer(self, kind: str, artifact_id: str, area: str = ARTIFACTS) -> Iterator[ArtifactWriter]:
@@ -385,7 +486,7 @@ class ArtifactStore:
 
     # -- reading -------------------------------------------------------------------------------
     def read_manifest(self, ref: ArtifactRef, area: str = ARTIFACTS) -> Manifest:
-        path = f"{self._dir(area, ref.kind, ref.id)}/manifest.json"
+        path = f"{self._dir(area, ref.kind, ref.id)}/{MANIFEST}"
         try:
             with self.fs.open(path, "rb") as handle:
                 raw = handle.read()
@@ -415,20 +516,30 @@ class ArtifactStore:
             return None
 
     def touch(self, ref: ArtifactRef) -> None:
-        """Mark an artifact as just used (its manifest's mtime), so gc's grace period protects an old,
-        unreferenced artifact that a run has just looked up and is about to point a ref at. Local
-        stores only: object stores cannot change a file's time without rewriting it."""
-        if isinstance(self.fs, LocalFileSystem):
-            now = time.time()
-            with contextlib.suppress(OSError):  # a read-only store has no gc running against it
-                os.utime(f"{self._artifact_dir(ref)}/manifest.json", (now, now))
+        """Mark an artifact as just used, so gc's grace period protects an old, unreferenced artifact
+        that a run has just looked up and is about to point a ref at: the manifest's mtime on a local
+        disk; on object stores, whose objects' times cannot change without a rewrite (and the manifest
+        is never rewritten), a small marker object beside it (``.used``) that gc dates the artifact by."""
+        # A read-only store (or bucket policy) has no gc running against it: nothing to protect.
+        with contextlib.suppress(OSError):
+            if isinstance(self.fs, LocalFileSystem):
+                now = time.time()
+                os.utime(f"{self._artifact_dir(ref)}/{MANIFEST}", (now, now))
+            else:
+                self.fs.pipe_file(f"{self._artifact_dir(ref)}/{USED_MARKER}", _now().encode())
 
-    def _read_verified(self, ref: ArtifactRef, entry: FileEntry) -> bytes:
-        path = f"{self._artifact_dir(ref)}/{entry.path}"
+    def _read_verified(self, ref: ArtifactRef, entry: FileEntry, manifest: Manifest) -> bytes:
+        path = f"{self._files_dir(ref, manifest)}/{entry.path}"
         try:
             with self.fs.open(path, "rb") as handle:
                 data = handle.read()
         except FileNotFoundError:
+            if not self.exists(ref):  # its manifest went too: removed while this read it, not damaged
+                raise ArtifactNotFoundError(
+                    f"artifact {ref} was removed from {self.root} while it was being read (a concurrent "
+                    "'prefloop gc' takes an artifact no ref reaches once it is older than the grace period); "
+                    "rerun the stage that made it, and point a ref at what you read to keep it"
+                ) from None
             raise TamperedArtifactError(
                 f"artifact {ref} is damaged: file '{entry.path}' listed in its manifest is missing; "
                 "the artifact cannot be trusted — delete it and re-run the stage that made it"
@@ -447,9 +558,9 @@ class ArtifactStore:
         manifest = self.read_manifest(ref)
         for table in manifest.tables.values():
             for entry in table.files:
-                self._read_verified(ref, entry)
+                self._read_verified(ref, entry, manifest)
         for entry in manifest.files:
-            self._read_verified(ref, entry)
+            self._read_verified(ref, entry, manifest)
         self._verified.add(str(ref))
         return manifest
 
@@ -461,7 +572,7 @@ class ArtifactStore:
                 f"artifact {ref} has no table '{name}' (it has: {', '.join(manifest.tables) or 'none'})"
             )
         parts = [
-            pq.read_table(pa.BufferReader(self._read_verified(ref, entry)))
+            pq.read_table(pa.BufferReader(self._read_verified(ref, entry, manifest)))
             for entry in manifest.tables[name].files
         ]
         return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
@@ -470,7 +581,7 @@ class ArtifactStore:
         manifest = self.read_manifest(ref)
         for entry in manifest.files:
             if entry.path == f"files/{relpath}":
-                return self._read_verified(ref, entry)
+                return self._read_verified(ref, entry, manifest)
         raise StoreError(f"artifact {ref} has no file '{relpath}'")
 
     def local_files(self, ref: ArtifactRef) -> Path:
@@ -480,9 +591,8 @@ class ArtifactStore:
         filesystems are copied once into a per-id cache.
         """
         if isinstance(self.fs, LocalFileSystem):
-            if str(ref) not in self._verified:
-                self.verify(ref)
-            return Path(self._artifact_dir(ref)) / "files"
+            manifest = self.verify(ref) if str(ref) not in self._verified else self.read_manifest(ref)
+            return Path(self._files_dir(ref, manifest)) / "files"
         cache = Path(tempfile.gettempdir()) / "prefloop-cache" / ref.kind / ref.id
         if not (cache / ".complete").exists():
             staging = cache.with_name(f"{ref.id}.{uuid.uuid4().hex[:6]}")
@@ -490,7 +600,7 @@ class ArtifactStore:
             for entry in manifest.files:
                 target = staging / entry.path
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(self._read_verified(ref, entry))
+                target.write_bytes(self._read_verified(ref, entry, manifest))
             (staging / ".complete").touch()
             shutil.rmtree(cache, ignore_errors=True)
             cache.parent.mkdir(parents=True, exist_ok=True)
