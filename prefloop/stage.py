@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -43,9 +43,21 @@ logger = logging.getLogger("prefloop")
 
 
 class StageConfig(BaseModel):
-    """Base of every stage config: frozen, and unknown keys are an error (typos must not pass)."""
+    """Base of every stage config: frozen, and unknown keys are an error (typos must not pass).
+
+    ``run_options`` names the fields that say how a stage runs, not what it computes (e.g. the
+    training stages' ``{"training": {"distributed"}}``: the number of data-parallel processes): they
+    are left out of :meth:`content`, from which the artifact id and the manifest's ``config`` are
+    made, so two runs that differ only there share one id. A stage records the ones it used in its
+    metrics.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    run_options: ClassVar[dict[str, Any]] = {}
+
+    def content(self) -> dict[str, Any]:
+        """The config as it enters the artifact id and the manifest: JSON values, run options left out."""
+        return self.model_dump(mode="json", exclude=self.run_options or None)
 
 
 class StageInputError(ValueError):
@@ -223,7 +235,8 @@ def output_identity(spec: StageSpec, inputs: Mapping[str, ArtifactRef], config: 
     module = spec.module or (compute.__module__ if compute is not None else "")
     code = code_identity(spec, config, module, compute)
     used = fingerprint_for_ids(store, spec.name, code.fingerprint)
-    artifact_id = fingerprint(spec.name, spec.version, config, {r: str(ref) for r, ref in inputs.items()}, code=used)
+    artifact_id = fingerprint(spec.name, spec.version, config.content(), {r: str(ref) for r, ref in inputs.items()},
+                              code=used)
     return OutputIdentity(ArtifactRef(spec.output_kind, artifact_id), code, used)
 
 
@@ -356,7 +369,7 @@ def _publish(spec: StageSpec, config: StageConfig, inputs: dict[str, ArtifactRef
             return writer.commit(
                 stage=spec.name,
                 stage_version=spec.version,
-                config=config.model_dump(mode="json"),
+                config=config.content(),
                 seed=getattr(config, "seed", None),
                 inputs={role: str(r) for role, r in inputs.items()},
                 metrics=output.metrics,

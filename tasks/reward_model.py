@@ -46,12 +46,13 @@ from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.errors import UserError
 from prefloop.ids import content_id
 from prefloop.lazy import deferred_import
-from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
+from prefloop.stage import StageContext, StageOutput, done_total_callback
 from prefloop.tasks.common.confidence import MISRANKING_METRIC, MisrankingCalibration
 from prefloop.tasks.common.ensembles import Aggregation, MemberStandardisation, aggregate_rewards
 from prefloop.tasks.registry import stage_spec
 from prefloop.tasks.training.artifacts import TIMING_METRICS, train_log_table
-from prefloop.tasks.training.configs import RewardModelTrainingConfig
+from prefloop.tasks.training.configs import RewardModelTrainingConfig, TrainingStageConfig
+from prefloop.tasks.training.distributed import run_info, train_with
 
 if TYPE_CHECKING:
     import transformers
@@ -135,7 +136,7 @@ def heldout_prompt(prompt_key: str, fraction: float) -> bool:
     return unit < fraction
 
 
-class TrainRewardModelConfig(StageConfig):
+class TrainRewardModelConfig(TrainingStageConfig):
     training: RewardModelTrainingConfig = Field(default_factory=RewardModelTrainingConfig)
     model: TinyLlamaConfig = Field(
         default_factory=TinyLlamaConfig, description="architecture of a fresh model (unused with a policy input)")
@@ -284,13 +285,15 @@ def compute(ctx: StageContext) -> StageOutput:
             model = build_reward_model(tokenizer, seed, policy_dir, config.model)
             member_config = config.training.model_copy(update={"seed": seed})
             offset = index * steps_per_member
-            logs.append(train_reward_model(model, tokenizer, triples, member_config,
-                                           progress=lambda done, total, offset=offset: report(offset + done, 0)))
+            logs.append(train_with(train_reward_model, model, tokenizer, triples, member_config,
+                                   distributed=member_config.distributed,
+                                   progress=lambda done, total, offset=offset: report(offset + done, 0)))
             models.append(model)
     steps = _merged_log(logs)
     metrics: dict[str, object] = {"pairs": pairs.num_rows, "train_pairs": train.num_rows,
                                   "ensemble_size": len(models), "member_seeds": seeds,
-                                  "initialised_from": "policy" if policy_dir is not None else "fresh"}
+                                  "initialised_from": "policy" if policy_dir is not None else "fresh",
+                                  **run_info(config.training.distributed)}
     for index, log in enumerate(logs):
         prefix = "" if len(logs) == 1 else f"member_{index}_"
         metrics |= {f"{prefix}final_{k}": float(v) for k, v in log[-1].items()

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-from fsspec.implementations.local import LocalFileSystem
 
 from prefloop.lazy import deferred_import
 from prefloop.storage import ArtifactExistsError, ArtifactRef, ArtifactStore, TamperedArtifactError
@@ -107,18 +106,28 @@ class StoreCheckpointer:
     checkpoints alone however old they are.
     """
 
-    def __init__(self, store: ArtifactStore, output_id: str, stage: str, stage_version: str):
+    def __init__(self, store: ArtifactStore, output_id: str, stage: str, stage_version: str,
+                 writable: bool = True):
         self.store = store
         self.output_id = output_id
         self.stage = stage
         self.stage_version = stage_version
+        self.writable = writable
         self.resumed_from: int | None = None
         self.directory = f"{store.base}/{CHECKPOINTS}/{output_id}"
         self._lock: Any = None
 
+    def read_only(self) -> StoreCheckpointer:
+        """The same checkpoints for a reader that never writes (a data-parallel rank other than 0): it
+        loads the latest, takes no lock, and refuses to save."""
+        return StoreCheckpointer(self.store, self.output_id, self.stage, self.stage_version, writable=False)
+
     def _hold_lock(self) -> None:
-        if self._lock is None and isinstance(self.store.fs, LocalFileSystem):
-            self._lock = hold_writer_lock(self.directory) or False  # False: another live run holds it
+        if not self.writable:
+            return  # the writing process holds it
+        if self._lock is None:
+            # A lock file on local disk, a renewed lease object on an object store (storage.gc).
+            self._lock = hold_writer_lock(self.directory, self.store.fs) or False  # False: another live run holds it
 
     def steps(self) -> list[int]:
         """Steps of this run's complete checkpoints (manifest written), oldest first."""
@@ -174,6 +183,9 @@ class StoreCheckpointer:
     def save(self, checkpoint: Checkpoint) -> None:
         """Publish ``checkpoint`` through the store's writer, then remove the older steps. A failed
         write raises the store's PublishError (what, where, how to fix) and keeps the older steps."""
+        if not self.writable:
+            raise RuntimeError(f"a read-only checkpointer of {self.directory} was asked to save step "
+                               f"{checkpoint.step}: only rank 0 of a data-parallel run writes checkpoints")
         self._hold_lock()
         buffer = io.BytesIO()
         torch.save(checkpoint.to_dict(), buffer)

@@ -4,6 +4,9 @@ Light on purpose (pydantic only, no torch): stage configs nest these models, and
 ``prefloop.config`` builds every stage's config without loading any training machinery.
 
 - :class:`OptimizationConfig`: AdamW, warm-up and linear decay, clipping, accumulation, data seed;
+- :class:`DistributedConfig` (``training.distributed``): how many data-parallel processes run the loop
+  (``tasks/training/distributed.py``). A run option, not part of what is computed: a
+  :class:`TrainingStageConfig` leaves it out of the artifact id and the manifest's config;
 - :class:`SFTConfig`: the supervised warm start (``recipes/sft.py``);
 - :class:`DPOConfig`: preference optimisation with a registered loss (``recipes/dpo.py``);
 - :class:`RewardModelTrainingConfig`: Bradley–Terry reward models (``recipes/reward_model.py``);
@@ -13,10 +16,40 @@ Light on purpose (pydantic only, no torch): stage configs nest these models, and
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prefloop.errors import UserError
+from prefloop.stage import StageConfig
 from prefloop.tasks.training.losses import LossHyperparameters, get_loss_spec
+
+
+class DistributedConfig(BaseModel):
+    """Data-parallel training: ``processes`` ranks each take 1/processes of every micro-batch, their
+    gradients are summed (all-reduce) before clipping, so a step sees the same global batch as one
+    process and the weights agree with a one-process run up to float summation order.
+
+    The stage launches the ranks itself (``processes > 1``); a run started by ``accelerate launch`` /
+    ``torchrun`` joins the launcher's process group instead (docs/cluster-training.md).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    processes: int = Field(1, description="data-parallel ranks the stage launches; 1: train in this process")
+    backend: Literal["gloo", "nccl"] | None = Field(
+        None, description="collective backend; None: nccl where CUDA is available, else gloo (gloo ranks run on CPU)")
+    timeout_s: float = Field(
+        600.0, gt=0.0, description="seconds a rank waits in a collective (or the launch waits for the ranks to "
+        "connect) before it fails: a dead or stuck rank fails the stage instead of hanging it")
+
+    @field_validator("processes")
+    @classmethod
+    def _at_least_one(cls, processes: int) -> int:
+        if processes < 1:
+            raise UserError(f"training.distributed.processes is {processes}: it counts the training processes, so "
+                            "it must be 1 (train in the stage's own process) or more (data-parallel ranks)")
+        return processes
 
 
 class OptimizationConfig(BaseModel):
@@ -43,10 +76,24 @@ class OptimizationConfig(BaseModel):
         100, ge=1, description="optimizer steps between checkpoints (when the caller gives a checkpointer); None: never"
     )
     seed: int = Field(0, description="fixes the data order")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="data-parallel processes (a run option: not part of the artifact id, recorded in its metrics)")
 
     @property
     def examples_per_step(self) -> int:
         return self.batch_size * self.gradient_accumulation_steps
+
+    @model_validator(mode="after")
+    def _every_process_gets_examples(self) -> OptimizationConfig:
+        processes = self.distributed.processes
+        if processes > self.batch_size:
+            raise UserError(
+                f"training.distributed.processes is {processes} but batch_size is {self.batch_size}: every "
+                "micro-batch is split across the processes, so some would get no example. Lower processes to "
+                f"at most {self.batch_size}, or raise batch_size (and lower gradient_accumulation_steps to keep "
+                "the examples per step)")
+        return self
 
 
 class SFTConfig(OptimizationConfig):
@@ -145,3 +192,16 @@ def check_iteration_policy(reference_policy: str, loss: str) -> None:
             f"'{loss}' has no reference to move. Set reference_policy: fixed, or use a loss with a reference "
             "(sigmoid, ipo, ...)"
         )
+
+
+# The run options of a training config: how the training is executed, not what it computes.
+RUN_OPTIONS: dict[str, Any] = {"training": {"distributed"}}
+
+
+class TrainingStageConfig(StageConfig):
+    """A training stage's config: ``training.distributed`` is a run option (:class:`prefloop.stage.StageConfig`),
+    left out of the artifact id and the manifest's config, so a 2-process run has the one-process run's id
+    (same global batch, same result up to float summation order); the process count is recorded in the
+    model's metrics (``distributed_processes``)."""
+
+    run_options = RUN_OPTIONS

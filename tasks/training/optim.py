@@ -18,6 +18,12 @@ Checkpoints: every ``checkpoint_every`` optimizer steps the loop hands a :class:
 reference) to a :class:`Checkpointer`; a run that finds one resumes from it and ends with the same
 weights as an uninterrupted run.
 
+Data parallel (``data_parallel``, :mod:`prefloop.tasks.training.distributed`): every rank runs this
+same loop over the same step order; of each micro-batch m a rank takes its contiguous shard s_r and
+back-propagates (|s_r| / |m|) · mean_{i∈s_r} ℓ_i / M, so the all-reduced SUM of the ranks' gradients is
+(1/M) Σ_m mean_{i∈m} ∇ℓ_i, the one-process gradient. Clipping, AdamW and the schedule then run on
+identical gradients in every rank, so the replicas stay equal; rank 0 alone writes checkpoints.
+
 Determinism: the same config, data, initial weights and thread count give bit-identical weights on CPU.
 """
 
@@ -39,6 +45,7 @@ if TYPE_CHECKING:
 
     from prefloop.backends.base import ProgressCallback
     from prefloop.tasks.training.configs import OptimizationConfig
+    from prefloop.tasks.training.distributed import DataParallel
 else:
     torch = deferred_import("torch")
 
@@ -122,6 +129,10 @@ if TYPE_CHECKING:
     LossForBatch = Callable[[list[int]], tuple[torch.Tensor, dict[str, MetricValue]]]
 
 
+# Per-step metrics that count something in a micro-batch (summed over data-parallel shards, not weighted).
+COUNT_METRICS = frozenset({"tokens"})
+
+
 def _as_floats(history: list[dict[str, MetricValue]]) -> list[dict[str, float]]:
     """Per-step metrics as plain numbers. The loop keeps them as tensors until a checkpoint or the end,
     so no step waits on a host sync just to log."""
@@ -140,6 +151,7 @@ def optimise(
     order: list[list[int]] | None = None,
     extra_state: dict[str, torch.nn.Module] | None = None,
     after_step: Callable[[int], None] | None = None,
+    data_parallel: DataParallel | None = None,
 ) -> list[dict[str, float]]:
     """The one optimisation loop of every trainer (SFT, DPO family, reward models).
 
@@ -150,6 +162,8 @@ def optimise(
     clipped, AdamW steps and the linear warm-up/decay schedule advances. ``after_step(step)`` runs after
     each step (e.g. a reference soft sync). Every ``checkpoint_every`` steps the state, including
     ``extra_state`` modules, goes to ``checkpointer``; a run whose checkpointer holds one resumes there.
+    With ``data_parallel`` this process is one rank of several (module docstring): it trains on its
+    shard of every micro-batch and the gradients and metrics are summed over the ranks.
 
     Returns one metrics dict per step: step, loss, learning_rate, grad_norm, elapsed_s and the
     micro-batch-averaged metrics of ``loss_for_batch``.
@@ -183,6 +197,9 @@ def optimise(
             module.load_state_dict(checkpoint.extra[name])
         history = list(checkpoint.history)
         first_step = checkpoint.step
+    if data_parallel is not None:
+        # Every rank starts from rank 0's state, as DDP does (a no-op when they already agree).
+        data_parallel.broadcast_modules([model, *extra_state.values()])
     max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
     model.train()
     # On a GPU the forward passes run in bf16 autocast (weights and optimizer stay float32); on CPU in float32.
@@ -199,11 +216,20 @@ def optimise(
         optimizer.zero_grad(set_to_none=True)
         totals: dict[str, MetricValue] = {}
         for micro_batch in micro_batches:
+            shard = micro_batch if data_parallel is None else data_parallel.shard(micro_batch)
+            if not shard:
+                continue
+            share = len(shard) / len(micro_batch)  # 1 in one process
             with autocast():
-                loss, metrics = loss_for_batch(micro_batch)
-            (loss / len(micro_batches)).backward()
+                loss, metrics = loss_for_batch(shard)
+            (loss * share / len(micro_batches)).backward()
             for key, value in {"loss": loss.detach(), **metrics}.items():
-                totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
+                # A count (tokens) adds up over the shards; a mean is weighted by the shard's share.
+                weight = 1.0 if key in COUNT_METRICS else share
+                totals[key] = totals.get(key, 0.0) + value * weight / len(micro_batches)
+        if data_parallel is not None:
+            data_parallel.sum_gradients(parameters)
+            totals = data_parallel.sum_metrics(totals)
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         optimizer.step()
         scheduler.step()
@@ -212,7 +238,10 @@ def optimise(
         history.append({"step": step + 1, "loss": totals.pop("loss"), "learning_rate": learning_rate,
                         "grad_norm": grad_norm, "elapsed_s": time.perf_counter() - started, **totals})
         every = config.checkpoint_every
-        if checkpointer is not None and every is not None and (step + 1) % every == 0 and step + 1 < num_steps:
+        # The replicas of a data-parallel run are equal, so rank 0 alone writes the checkpoint.
+        writes = data_parallel is None or data_parallel.rank == 0
+        if checkpointer is not None and every is not None and (step + 1) % every == 0 and step + 1 < num_steps \
+                and writes:
             history = _as_floats(history)
             checkpointer.save(Checkpoint(
                 step=step + 1, num_steps=num_steps, model=model.state_dict(), optimizer=optimizer.state_dict(),

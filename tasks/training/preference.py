@@ -34,7 +34,8 @@ it is held at ``max_label_flip_rate``) and logged. The ε used is recorded in th
 
 Training checkpoints go into the store keyed by this stage's output id (``tasks/training/artifacts``),
 so a killed run resumes from its last checkpoint when the same stage runs again; they are removed
-once the model is published. The output is a new model artifact plus the per-step training log
+once the model is published. ``training.distributed.processes`` trains data-parallel
+(``tasks/training/distributed.py``; the process count is not part of the output id). The output is a new model artifact plus the per-step training log
 (loss, implicit rewards and their margin, implicit-reward accuracy, KL estimate, learning rate,
 gradient norm).
 """
@@ -50,7 +51,7 @@ from prefloop.datasets_spec import PREFERENCES, TRAIN_LOG
 from prefloop.datasets_spec.schemas import REFERENCE_LOGPS
 from prefloop.errors import UserError
 from prefloop.lazy import deferred_import
-from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
+from prefloop.stage import StageContext, StageOutput, done_total_callback
 from prefloop.tasks.common.confidence import pair_flip_rates
 from prefloop.tasks.common.iteration import ReferencePolicy
 from prefloop.tasks.registry import stage_spec
@@ -63,7 +64,8 @@ from prefloop.tasks.training.artifacts import (
     train_log_table,
     training_device,
 )
-from prefloop.tasks.training.configs import DPOConfig, check_iteration_policy
+from prefloop.tasks.training.configs import DPOConfig, TrainingStageConfig, check_iteration_policy
+from prefloop.tasks.training.distributed import run_info, train_with
 from prefloop.tasks.training.losses import get_loss_spec
 
 if TYPE_CHECKING:
@@ -76,7 +78,7 @@ else:
 LabelFlipRateSource = Literal["confidence", "config", "filter_estimate"]
 
 
-class TrainConfig(StageConfig):
+class TrainConfig(TrainingStageConfig):
     training: DPOConfig = Field(default_factory=DPOConfig)
     reference_policy: ReferencePolicy = Field(
         "fixed",
@@ -329,12 +331,14 @@ def compute(ctx: StageContext) -> StageOutput:
         reference_logps.rejected[missing] = scored.rejected.cpu()
     checkpointer = StoreCheckpointer(ctx.store, ctx.output_id, SPEC.name, SPEC.version)
     with ctx.progress(num_steps_for(len(pairs), config.training), "steps") as advance:
-        steps = train_dpo(policy, reference, tokenizer, pairs, training, progress=done_total_callback(advance),
-                          reference_logps=reference_logps, prepared=prepared, fixed_order=fixed_order,
-                          soft_sync=soft_sync, checkpointer=checkpointer)
+        steps = train_with(train_dpo, policy, reference, tokenizer, pairs, training,
+                           distributed=training.distributed, progress=done_total_callback(advance),
+                           reference_logps=reference_logps, prepared=prepared, fixed_order=fixed_order,
+                           soft_sync=soft_sync, checkpointer=checkpointer)
     from_artifact = len(pairs) - len(missing) if reference_logps is not None else 0
     metrics = {"pairs": len(pairs), "off_policy_pairs": off_policy_pairs,
-               "reference_logps_from_artifact": from_artifact, **flip_rate_metrics, **summarize(steps)}
+               "reference_logps_from_artifact": from_artifact, **flip_rate_metrics, **summarize(steps),
+               **run_info(training.distributed)}
     if checkpointer.resumed_from is not None:
         metrics["resumed_from_step"] = checkpointer.resumed_from
     return StageOutput(

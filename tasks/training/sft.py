@@ -9,7 +9,8 @@ Two starting points, one recipe (:func:`prefloop.tasks.training.recipes.sft.trai
   or ``demonstration_samples`` — the completions of a samples artifact (the ``prompts``' gold
   solutions are used too when that input is given).
 
-Checkpoints go to the store so a killed run resumes (see ``tasks/training/artifacts.py``). The
+Checkpoints go to the store so a killed run resumes (see ``tasks/training/artifacts.py``);
+``training.distributed.processes`` trains data-parallel (``tasks/training/distributed.py``). The
 output is a model artifact: safetensors weights, config and tokenizer files.
 """
 
@@ -22,7 +23,7 @@ from prefloop.datasets_spec import PREFERENCES, PROMPTS, SAMPLES, TRAIN_LOG
 from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.errors import UserError
-from prefloop.stage import StageConfig, StageContext, StageInputError, StageOutput, done_total_callback
+from prefloop.stage import StageContext, StageInputError, StageOutput, done_total_callback
 from prefloop.tasks.registry import stage_spec
 from prefloop.tasks.training.artifacts import (
     StoreCheckpointer,
@@ -33,10 +34,11 @@ from prefloop.tasks.training.artifacts import (
     train_log_table,
     training_device,
 )
-from prefloop.tasks.training.configs import SFTConfig
+from prefloop.tasks.training.configs import SFTConfig, TrainingStageConfig
+from prefloop.tasks.training.distributed import run_info, train_with
 
 
-class SFTStageConfig(StageConfig):
+class SFTStageConfig(TrainingStageConfig):
     model: TinyLlamaConfig = Field(default_factory=TinyLlamaConfig,
                                    description="the embedded model's shape (unused when a policy input is given)")
     training: SFTConfig = Field(default_factory=SFTConfig)
@@ -103,12 +105,14 @@ def compute(ctx: StageContext) -> StageOutput:
     total = config.training.max_steps or 0
     checkpointer = StoreCheckpointer(ctx.store, ctx.output_id, SPEC.name, SPEC.version)
     with ctx.progress(total, "steps") as advance:
-        steps = train_sft(model, tokenizer, examples, config.training, progress=done_total_callback(advance),
-                          checkpointer=checkpointer)
+        steps = train_with(train_sft, model, tokenizer, examples, config.training,
+                           distributed=config.training.distributed, progress=done_total_callback(advance),
+                           checkpointer=checkpointer)
     out = save_model_dir(model, tokenizer)
     parameters = sum(p.numel() for p in model.parameters())
     output = StageOutput(files_dir=out, extra_tables={"train_log": (train_log_table(steps), TRAIN_LOG)},
-                         metrics={"examples": len(examples), "parameters": parameters, **summarize(steps)})
+                         metrics={"examples": len(examples), "parameters": parameters, **summarize(steps),
+                                  **run_info(config.training.distributed)})
     if checkpointer.resumed_from is not None:
         output.metrics["resumed_from_step"] = checkpointer.resumed_from
     return output

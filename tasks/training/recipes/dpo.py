@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from prefloop.backends.base import ProgressCallback
+    from prefloop.tasks.training.distributed import DataParallel
     from prefloop.tasks.training.optim import Checkpointer, MetricValue
 else:
     torch = deferred_import("torch")
@@ -170,6 +171,7 @@ def train_dpo(
     fixed_order: Sequence[int] | None = None,
     soft_sync: SoftSync | None = None,
     checkpointer: Checkpointer | None = None,
+    data_parallel: DataParallel | None = None,
 ) -> list[dict[str, float]]:
     """Train ``policy`` in place on (prompt, chosen, rejected) triples against a reference.
 
@@ -182,7 +184,8 @@ def train_dpo(
     stage) or, when they are not given, as log-probs computed here once from ``reference``. With
     ``soft_sync`` (TR-DPO) the reference model changes every k steps, so its log-probs are computed per
     step. ``fixed_order`` is the order of the pairs in every epoch (:func:`example_order`);
-    ``prepared`` skips tokenising again; ``checkpointer`` makes the run resumable.
+    ``prepared`` skips tokenising again; ``checkpointer`` makes the run resumable; ``data_parallel``: this
+    process is one rank of a data-parallel run (``tasks/training/distributed.py``).
     """
     config = config or DPOConfig()
     loss_spec = get_loss_spec(config.loss)
@@ -263,4 +266,4 @@ def train_dpo(
                 soft_sync.apply(policy, reference)
 
     return optimise(policy, len(pairs), config, loss_for_batch, progress, checkpointer=checkpointer, order=order,
-                    extra_state=extra_state, after_step=after_step)
+                    extra_state=extra_state, after_step=after_step, data_parallel=data_parallel)

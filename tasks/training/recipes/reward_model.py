@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from transformers import LlamaForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
     from prefloop.backends.base import ProgressCallback
+    from prefloop.tasks.training.distributed import DataParallel
+    from prefloop.tasks.training.optim import Checkpointer
 else:
     torch = deferred_import("torch")
     transformers = deferred_import("transformers")
@@ -124,11 +126,13 @@ def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
 
 def train_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                        pairs: Sequence[tuple[str, str, str]], config: RewardModelTrainingConfig,
-                       progress: ProgressCallback | None = None) -> list[dict[str, float]]:
+                       progress: ProgressCallback | None = None, *, checkpointer: Checkpointer | None = None,
+                       data_parallel: DataParallel | None = None) -> list[dict[str, float]]:
     """Train ``model`` in place on (prompt, chosen, rejected) triples with the Bradley–Terry loss.
 
     Chosen and rejected rows of a step go through the model in one forward pass. Per-step metrics:
     the loss, the mean margin r_w − r_l and the training accuracy (share of pairs with r_w > r_l).
+    ``data_parallel``: this process is one rank of a data-parallel run (``tasks/training/distributed.py``).
     """
     if not pairs:
         raise UserError("train_reward_model got no pairs: there is nothing to learn a preference from")
@@ -145,7 +149,8 @@ def train_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         # Tensors, not floats: the shared loop converts them at the end, so no step waits on a sync.
         return losses.mean(), {"reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean()}
 
-    return optimise(model, len(pairs), config, loss_for_batch, progress)
+    return optimise(model, len(pairs), config, loss_for_batch, progress, checkpointer=checkpointer,
+                    data_parallel=data_parallel)
 
 
 def save_reward_models(models: Sequence[PreTrainedModel], tokenizer: PreTrainedTokenizerBase,

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from prefloop.backends.base import ProgressCallback
+    from prefloop.tasks.training.distributed import DataParallel
     from prefloop.tasks.training.optim import Checkpointer, MetricValue
 
 
@@ -29,10 +30,12 @@ def train_sft(
     config: SFTConfig | None = None,
     progress: ProgressCallback | None = None,
     checkpointer: Checkpointer | None = None,
+    data_parallel: DataParallel | None = None,
 ) -> list[dict[str, float]]:
     """Fine-tune ``model`` in place on (prompt, completion) pairs; returns per-step metrics.
 
-    Loss: the registered ``sft`` loss, −log π(y|x)/|y|, averaged over the batch.
+    Loss: the registered ``sft`` loss, −log π(y|x)/|y|, averaged over the batch. ``data_parallel``: this
+    process is one rank of a data-parallel run (``tasks/training/distributed.py``).
     """
     config = config or SFTConfig()
     if not examples:
@@ -48,4 +51,5 @@ def train_sft(
                               chosen_lengths=completion_lengths(rows).to(model.device))
         return sft(logps, hyperparameters).losses.mean(), {"tokens": float(sum(len(r.token_ids) for r in rows))}
 
-    return optimise(model, len(encoded), config, loss_for_batch, progress, checkpointer=checkpointer)
+    return optimise(model, len(encoded), config, loss_for_batch, progress, checkpointer=checkpointer,
+                    data_parallel=data_parallel)
