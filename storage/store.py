@@ -218,7 +218,7 @@ class Manifest(BaseModel):
         return ArtifactRef(self.kind, self.id)
 
 
-def _sha256(data: bytes) -> str:
+def _sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -271,7 +271,7 @@ class ArtifactWriter:
             f"{left}; {_advice(error)}"
         ) from error
 
-    def _put(self, relpath: str, data: bytes) -> FileEntry:
+    def _put(self, relpath: str, data: bytes | memoryview) -> FileEntry:
         if self._closed:
             raise StoreError(f"the writer for {self.label} is closed (committed or aborted); open a new one")
         path = f"{self.staging}/{relpath}"
@@ -302,7 +302,10 @@ class ArtifactWriter:
             chunk = table.slice(start, ROWS_PER_PART)
             sink = pa.BufferOutputStream()
             pq.write_table(chunk, sink, compression="zstd")
-            entries.append(self._put(f"{name}/part-{part:05d}.parquet", sink.getvalue().to_pybytes()))
+            buffer = sink.getvalue()
+            # Local disk: hashed and written straight from Arrow's buffer (no copy); an object store's PUT takes bytes.
+            entries.append(self._put(f"{name}/part-{part:05d}.parquet",
+                                     memoryview(buffer) if self._local else buffer.to_pybytes()))
         entry = TableEntry(schema_id=schema_id, schema_version=schema_version, rows=table.num_rows, files=entries)
         self.tables[name] = entry
         return entry

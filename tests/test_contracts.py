@@ -155,3 +155,62 @@ def test_a_failing_expectation_suite_stops_the_publish(store, tmp_path, monkeypa
         execute(spec, lambda ctx: StageOutput(table=pairs()), {}, {}, store, name="run/bad")
     assert _tree(root) == before  # byte-identical: no artifact, no staging directory, no ref
     assert "run/bad" not in store.refs()
+
+
+# ----------------------------------------------------------------------------------------------
+# Row-complete rules, sampled suite (docs/validation.md)
+# ----------------------------------------------------------------------------------------------
+def test_the_suite_sample_is_deterministic_and_spans_the_table():
+    rows = contracts.suite_sample(1_000_000)
+    assert len(rows) == contracts.SUITE_SAMPLE_ROWS and rows[0] == 0 and rows[-1] == 999_999
+    assert (rows == contracts.suite_sample(1_000_000)).all() and (rows[1:] > rows[:-1]).all()
+    assert contracts.suite_sample(25, 10).tolist() == [0, 3, 5, 8, 11, 13, 16, 19, 21, 24]
+    assert contracts.suite_sample(7, 10).tolist() == list(range(7))  # a small table: every row
+    assert contracts.suite_sample(20_000, None).tolist() == list(range(20_000))
+
+
+def _million_pairs(rows: int, bad: dict[str, dict[int, object]]) -> pa.Table:
+    """Valid preference rows, built in bulk, except the cells of ``bad`` ({column: {row: value}})."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    ids = pa.array(np.arange(rows)).cast(pa.string())
+    table = pa.table({
+        "pair_id": pc.binary_join_element_wise("p", ids, ""), "prompt_id": pc.binary_join_element_wise("q", ids, ""),
+        "prompt": pc.binary_join_element_wise(ids, "+1=?", ""), "chosen": pc.binary_join_element_wise("A:", ids, ""),
+        "rejected": pc.binary_join_element_wise("B:", ids, ""), "score_chosen": np.ones(rows),
+        "score_rejected": np.zeros(rows), "margin": np.ones(rows),
+    })
+    for name, cells in bad.items():
+        mask = np.zeros(rows, dtype=bool)
+        mask[list(cells)] = True
+        column = table.column(name)
+        values = pa.array([cells[row] for row in sorted(cells)], column.type)
+        table = table.set_column(table.column_names.index(name), name, pc.replace_with_mask(column, pa.array(mask), values))
+    return table
+
+
+def test_a_violating_row_is_never_published_even_where_the_suite_does_not_look(store):
+    # The guarantee of docs/validation.md: the Arrow row rules see every row of a million, the suite a sample.
+    import pyarrow.compute as pc
+
+    rows = 1_000_000
+    sampled = set(contracts.suite_sample(rows).tolist())
+    unseen = [r for r in range(1, rows) if r not in sampled][:2]  # rows the suite's sample skips
+    table = _million_pairs(rows, {
+        "rejected": {rows - 1: f"A:{rows - 1}"},  # the last row: chosen == rejected
+        "score_chosen": {unseen[0]: math.nan},    # not in the sample
+        "pair_id": {unseen[1]: "p0"},             # the id of row 0, not in the sample
+    })
+    spec = StageSpec(name="million", version="1", config_model=_Empty, output_kind="preferences", inputs={},
+                     output_table=PREFERENCES)
+    result = execute(spec, lambda ctx: StageOutput(table=table), {}, {}, store)
+    assert result.rows == rows - 3
+    assert result.drops == {"chosen_equals_rejected": 1, "nonfinite_score": 1, "duplicate_pair_id": 1}
+    published = store.read_table(result.ref, "data").column("pair_id")
+    assert not pc.any(pc.is_in(published, pa.array([f"p{rows - 1}", f"p{unseen[0]}"]))).as_py()
+    assert pc.count_distinct(published).as_py() == rows - 3  # p0 once
+    report = store.read_manifest(result.ref).validation["data"]
+    assert report["row_rules"]["rows_checked"] == rows
+    assert report["suite"]["success"] and report["suite"]["rows_validated"] == contracts.SUITE_SAMPLE_ROWS
+    assert report["suite"]["rows_total"] == rows - 3

@@ -467,3 +467,13 @@ def test_config_errors_name_the_valid_keys(store):
         run_stage("filter", {}, {"ches_top_fraction": 1.5}, store)
     with pytest.raises(StageInputError, match="negative_strength_action"):
         run_stage("filter", {}, {"negative_strength_action": "swap"}, store)
+
+
+def test_a_vertical_tab_is_whitespace_whatever_the_other_rows_hold():
+    import pyarrow as pa
+
+    from prefloop.tasks.common.text import normalise_whitespace
+
+    # RE2's \s lacks \v: with a rarer whitespace elsewhere in the column the regex path ran and kept it.
+    assert normalise_whitespace(pa.array(["a\x0bb", "c\u2003d"])).to_pylist() == ["a b", "c d"]
+    assert normalise_whitespace(pa.array(["a\x0bb", "x"])).to_pylist() == ["a b", "x"]

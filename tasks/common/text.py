@@ -9,8 +9,9 @@ import pyarrow.compute as pc
 
 from prefloop.tasks.common.arrow import as_array
 
-# RE2 (pyarrow.compute): every Unicode space separator and control whitespace, like Python's \s.
-_WHITESPACE = r"[\s\p{Z}\x{85}\x{1c}-\x{1f}]+"
+# RE2 (pyarrow.compute): every Unicode space separator and control whitespace, like Python's \s. RE2's \s
+# lacks \v (\x0b), named here so that a row's normal form never depends on the other rows of its column.
+_WHITESPACE = r"[\s\x{0b}\p{Z}\x{85}\x{1c}-\x{1f}]+"
 # What makes a text differ from its whitespace-normalised form: whitespace other than a lone space, a
 # double space, or a space at either end. Matching is much cheaper than replacing, so only the texts
 # that match are rewritten.

@@ -4,7 +4,9 @@
 ``near_duplicate_pair``); :func:`beyond_first` marks the rows past the first ``limit`` with the same key
 (``duplicate_prompt``). Both look only at the rows still alive, so a row an earlier filter dropped
 never makes a later one look like a duplicate, and both keep the earliest rows, in table order.
-Keys are compared through their dictionary codes, with no per-row Python.
+Keys are compared through their dictionary codes, with no per-row Python. :func:`repeated_keys` is the
+cheap first pass over integer keys (e.g. :func:`~.chain.whitespace_invariant_key`) that tells which rows
+need the exact comparison at all.
 """
 
 from __future__ import annotations
@@ -16,6 +18,30 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from prefloop.tasks.common.arrow import as_array
+
+
+def splitmix64(values: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a well-mixed 64-bit hash of 64-bit values (vectorised, wraps mod 2⁶⁴)."""
+    z = values + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def repeated_keys(keys: Sequence[np.ndarray]) -> np.ndarray:
+    """True for rows whose tuple of integer ``keys`` (equal-length arrays) occurs in more than one row.
+
+    The tuple is hashed to one uint64 (SplitMix64 chained over the parts) and counted through a hash
+    table (Arrow's dictionary encoding, linear time): a collision can only add rows, never miss one.
+    """
+    if not keys or len(keys[0]) == 0:
+        return np.zeros(len(keys[0]) if keys else 0, dtype=bool)
+    combined = np.zeros(len(keys[0]), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for key in keys:
+            combined = splitmix64(combined ^ key.astype(np.uint64, copy=False))
+    codes = as_array(pc.dictionary_encode(pa.array(combined))).indices.to_numpy()
+    return np.bincount(codes)[codes] > 1
 
 
 def first_occurrences(keys: Sequence[pa.Array], alive: np.ndarray) -> np.ndarray:
