@@ -2,6 +2,11 @@
 
 * ``trl`` — Parquet with exactly ``prompt``, ``chosen``, ``rejected`` (string columns), TRL's
   standard preference format; ``datasets.load_dataset("parquet", data_files=...)`` reads it.
+* ``trl-conversational`` — the same rows in TRL's conversational preference format: ``prompt`` a list
+  of messages (one user message), ``chosen`` and ``rejected`` one assistant message each
+  (``{"role", "content"}`` structs); TRL renders them with the trained model's chat template.
+  Prompts in artifacts are the user's plain text (rendering happens at the model boundary,
+  :mod:`prefloop.chat`), so either format is right for any model.
 * ``jsonl`` — one JSON object per row of the main table.
 * ``parquet`` — the main table as one Parquet file, every column kept.
 
@@ -18,13 +23,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from prefloop.chat import assistant_messages, user_messages
 from prefloop.datasets_spec.schemas import PREFERENCES
 from prefloop.errors import UserError
 from prefloop.storage import ArtifactRef, ArtifactStore
 
-FORMATS = ("trl", "jsonl", "parquet")
+FORMATS = ("trl", "trl-conversational", "jsonl", "parquet")
+PREFERENCE_FORMATS = ("trl", "trl-conversational")
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 RECORD = "prefloop-export.json"
 
 
@@ -58,8 +67,8 @@ def export_artifact(store: ArtifactStore, ref: ArtifactRef, out: str | Path, fmt
     manifest = store.read_manifest(ref)
     if "data" not in manifest.tables:
         raise ExportError(f"{ref} holds files, not a table ({manifest.kind}): only table artifacts can be exported")
-    if fmt == "trl" and manifest.schema_id != PREFERENCES.schema_id:
-        raise ExportError(f"--format trl needs a preferences artifact, but {ref} is {manifest.schema_id}; "
+    if fmt in PREFERENCE_FORMATS and manifest.schema_id != PREFERENCES.schema_id:
+        raise ExportError(f"--format {fmt} needs a preferences artifact, but {ref} is {manifest.schema_id}; "
                           "use --format jsonl or parquet for other tables")
     check_output(out, force)
     table = store.read_table(ref)
@@ -77,6 +86,9 @@ def _write(table, manifest, ref: ArtifactRef, fmt: str, out: Path) -> str:
     if fmt == "trl":
         path = out / "train.parquet"
         pq.write_table(table.select(["prompt", "chosen", "rejected"]), path, compression="zstd")
+    elif fmt == "trl-conversational":
+        path = out / "train.parquet"
+        pq.write_table(conversational(table), path, compression="zstd")
     elif fmt == "parquet":
         path = out / f"{manifest.kind}.parquet"
         pq.write_table(table, path, compression="zstd")
@@ -90,6 +102,16 @@ def _write(table, manifest, ref: ArtifactRef, fmt: str, out: Path) -> str:
                     "stage": f"{manifest.stage}@{manifest.stage_version}", "inputs": manifest.inputs}, indent=2)
     )
     return path.name
+
+
+def conversational(table: pa.Table) -> pa.Table:
+    """``prompt`` / ``chosen`` / ``rejected`` as message lists (TRL's conversational preference format)."""
+    prompts, chosen, rejected = (table.column(name).to_pylist() for name in ("prompt", "chosen", "rejected"))
+    return pa.table({
+        "prompt": pa.array([user_messages(text) for text in prompts], MESSAGES),
+        "chosen": pa.array([assistant_messages(text) for text in chosen], MESSAGES),
+        "rejected": pa.array([assistant_messages(text) for text in rejected], MESSAGES),
+    })
 
 
 def _replace(staging: Path, out: Path) -> None:

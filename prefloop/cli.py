@@ -502,12 +502,14 @@ def validate(ref: Annotated[str, typer.Argument()], store: StoreOption = None) -
 def export(
     ref: Annotated[str, typer.Argument(help="artifact to export (ref name, kind/id or id)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="trl | jsonl | parquet")] = "trl",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="trl (prompt/chosen/rejected strings) | trl-conversational "
+                                     "(the same as message lists) | jsonl | parquet")] = "trl",
     force: Annotated[bool, typer.Option("--force", help="replace OUT when it holds an earlier export")] = False,
     store: StoreOption = None,
 ) -> None:
     """Export a table for downstream use. ``trl`` writes prompt/chosen/rejected Parquet that TRL and
-    ``datasets.load_dataset("parquet", data_files=...)`` read directly."""
+    ``datasets.load_dataset("parquet", data_files=...)`` read directly; ``trl-conversational`` writes them as
+    message lists, which TRL renders with the model's chat template."""
     from prefloop.datasets_spec.exporters import export_artifact
 
     target = _store(store)

@@ -4,8 +4,11 @@ Scoring (``HFBackend.score_logprobs``, evaluation, filtering) and training (the 
 ``tasks/training/recipes``) read their tokens, positions and log-probs here, so they see exactly the
 same numbers. It sits below the backends and the training code and imports neither.
 
-Tokenisation: prompt (with bos) + completion (+ eos), cut to ``max_length`` from the end (keep the
-start, as TRL does); the loss covers the completion and eos only. Right padding needs no attention
+Tokenisation: prompt + completion (+ end of turn), cut to ``max_length`` from the end (keep the
+start, as TRL does); the loss covers the completion and its end token only. The prompt goes through
+:mod:`prefloop.chat` (the chat template when the tokenizer has one, else the prompt with bos), the
+completion is tokenised on its own: the same tokens generation produced, with no BPE merge across the
+prompt/completion boundary. Right padding needs no attention
 mask in the causal paths, since a causal model's real tokens never attend to the pads after them.
 
 Log-prob paths, all Σ log π(y_t | x, y_<t) over completion tokens:
@@ -19,6 +22,9 @@ Log-prob paths, all Σ log π(y_t | x, y_<t) over completion tokens:
 - :func:`selected_logprob_sums`: sums read from flat logits at given positions.
 
 torch is imported on first use (``prefloop.lazy.deferred_import``).
+
+Over 400 lines: it is the one module where tokens and log-probs are computed for scoring and training
+alike; splitting it would give the paths two places to drift apart.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from prefloop.chat import encode_continuations, encode_prompts, end_of_turn_id
 from prefloop.errors import UserError
 from prefloop.lazy import deferred_import
 
@@ -36,17 +43,29 @@ if TYPE_CHECKING:
 else:
     torch = deferred_import("torch")
 
-def encode_completion(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, append_eos: bool
-) -> tuple[list[int], int]:
-    """Token ids of prompt + completion (+ eos) and the number of prompt tokens.
 
-    The prompt gets the tokenizer's special tokens (bos), the completion none, exactly as in generation.
+def encode_completion(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    completion: str,
+    append_eos: bool,
+    completion_ids: Sequence[int] | None = None,
+    response_prefix: str = "",
+) -> tuple[list[int], int]:
+    """Token ids of prompt + completion (+ end of turn) and the number of prompt tokens.
+
+    The prompt is encoded by :func:`prefloop.chat.encode_prompts` (rendered through the chat template
+    when the tokenizer has one, else with the tokenizer's special tokens), the completion on its own
+    without special tokens, exactly as generation put them together; ``append_eos`` appends the token
+    generation stops at (:func:`prefloop.chat.end_of_turn_id`: the template's end-of-turn, else eos).
+    ``completion_ids`` (the ids generation produced, ``Completion.token_ids``) replace re-encoding the
+    text, so a sampled token sequence that is not the tokenizer's own encoding of its text is kept as is.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_prompts(tokenizer, [prompt], [response_prefix] if response_prefix else None)[0]
+    completion_ids = list(completion_ids) if completion_ids is not None else \
+        encode_continuations(tokenizer, [completion])[0]
     if append_eos:
-        completion_ids = completion_ids + [tokenizer.eos_token_id]
+        completion_ids = completion_ids + [end_of_turn_id(tokenizer)]
     return prompt_ids + completion_ids, len(prompt_ids)
 
 
@@ -148,15 +167,21 @@ def encode_examples(
     prompts: Sequence[str],
     completions: Sequence[str],
     max_length: int | None = None,
+    response_prefixes: Sequence[str] | None = None,
 ) -> list[EncodedExample]:
-    """Tokenise (prompt, completion) pairs; eos is appended so the model learns to stop.
+    """Tokenise (prompt, completion) pairs as :func:`encode_completion` does, in one tokenizer call per
+    side; the end token (eos, or the template's end of turn) is appended so the model learns to stop.
 
     With ``max_length`` a longer sequence keeps its first ``max_length`` tokens (the cut completion
-    then has no eos); a prompt that leaves no completion token at all is an error.
+    then has no end token); a prompt that leaves no completion token at all is an error.
     """
+    if len(prompts) != len(completions):
+        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+    end = end_of_turn_id(tokenizer)
+    prompt_ids = encode_prompts(tokenizer, prompts, response_prefixes)
     encoded = []
-    for index, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        token_ids, prompt_length = encode_completion(tokenizer, prompt, completion, append_eos=True)
+    for index, (ids, more) in enumerate(zip(prompt_ids, encode_continuations(tokenizer, completions), strict=True)):
+        token_ids, prompt_length = ids + more + [end], len(ids)
         if max_length is not None and len(token_ids) > max_length:
             if prompt_length >= max_length:
                 raise UserError(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,8 +58,12 @@ class Completion:
     ``sum_logprob`` equals ``score_logprobs([prompt], [text])[0]`` up to float rounding.
     ``token_logprobs`` holds the same log-probs one per token of ``text`` (``num_tokens`` of them,
     summing to ``sum_logprob``); it is empty only for completions built by hand.
-    ``finish_reason`` is ``stop`` (eos or a stop string) or ``length`` (``max_new_tokens`` or the
-    model's context window was reached: the text is truncated).
+    ``finish_reason`` is ``stop`` (eos, the chat template's end-of-turn token or a stop string) or
+    ``length`` (``max_new_tokens`` or the model's context window was reached: the text is truncated).
+    ``token_ids`` are the sampled ids of ``text`` where the backend knows them (``HFBackend``): training
+    on them (``prefloop.forward.encode_completion(..., completion_ids=...)``) sees exactly the sampled
+    sequence even where it is not the tokenizer's own encoding of the text. Not compared: two
+    completions with the same text and log-probs are equal whichever backend made them.
     """
 
     text: str
@@ -67,6 +71,7 @@ class Completion:
     sum_logprob: float
     finish_reason: FinishReason
     token_logprobs: tuple[float, ...] = ()
+    token_ids: tuple[int, ...] = field(default=(), compare=False)
 
 
 class ContextWindowError(ValueError):
@@ -86,9 +91,12 @@ class PolicyBackend(Protocol):
     """What sampling, construction and evaluation need from a policy."""
 
     def generate(
-        self, prompts: list[str], params: GenerationParams, progress: ProgressCallback | None = None
+        self, prompts: list[str], params: GenerationParams, progress: ProgressCallback | None = None,
+        response_prefixes: list[str] | None = None,
     ) -> list[list[Completion]]:
-        """``params.n`` completions for each prompt, in prompt order."""
+        """``params.n`` completions for each prompt, in prompt order; a prompt is the user's plain text
+        (the backend renders it through the model's chat template, :mod:`prefloop.chat`), and
+        ``response_prefixes`` are answers already begun that the completions continue."""
         ...
 
     def score_logprobs(

@@ -22,7 +22,9 @@ Over 400 lines: the generation loop, the in-place KV buffer and the prefix cache
 (rows right-aligned, cached tokens left of a common fed block) and are read together.
 
 Tokens, padding and log-prob sums come from :mod:`prefloop.forward`, the one forward module shared
-with training, so scoring and training see exactly the same tokens and positions.
+with training, so scoring and training see exactly the same tokens and positions; prompts are encoded
+by :mod:`prefloop.chat` (rendered through the tokenizer's chat template when it has one), and
+generation stops at eos or the template's end-of-turn token.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prefloop.backends.base import Completion, ContextWindowError, GenerationParams, ProgressCallback
+from prefloop.chat import encode_continuations, encode_prompts, stop_token_ids
 from prefloop.errors import UserError
 from prefloop.forward import pad_right, selected_logprob_sums
 from prefloop.lazy import deferred_import
@@ -301,7 +304,9 @@ class HFBackend:
         window = getattr(model.config, "max_position_embeddings", None)
         self.context_window: int | None = int(window) if window else None
         self._decode_ids = _fast_decoder(tokenizer)
-        self._eos_id = int(tokenizer.eos_token_id)  # read per sampled token: the tokenizer's getattr is slow
+        # Read per sampled token (the tokenizer's getattr is slow); checks the chat template, so a template that
+        # raises fails here, when the model is loaded, before a stage writes anything.
+        self._stop_ids = stop_token_ids(tokenizer)
         self._num_layers = int(model.config.num_hidden_layers)
         self._prefix_cache: _PrefixCache | None = None
         self._storage: torch.Tensor | None = None  # what the batches' KV buffers are views of (_KVBuffer)
@@ -311,19 +316,13 @@ class HFBackend:
     def close(self) -> None:
         """Nothing to release (the model lives in this process); present so stages close any backend."""
 
-    def prompt_lengths(self, prompts: list[str]) -> list[int]:
-        """Tokens of each prompt as generation sees it (special tokens included)."""
-        return [len(ids) for ids in self._encode(prompts, special_tokens=True)]
+    def prompt_lengths(self, prompts: list[str], response_prefixes: list[str] | None = None) -> list[int]:
+        """Tokens of each prompt as generation sees it (rendered, special tokens included)."""
+        return [len(ids) for ids in encode_prompts(self.tokenizer, prompts, response_prefixes)]
 
     def _encode(self, texts: list[str], special_tokens: bool) -> list[list[int]]:
-        """Token ids of each text, each distinct text encoded once, all in one tokenizer call (the same ids
-        as encoding them one by one: a fast tokenizer encodes a list text by text)."""
-        distinct = list(dict.fromkeys(texts))
-        if not distinct:
-            return []
-        encoded = dict(zip(distinct, self.tokenizer(distinct, add_special_tokens=special_tokens)["input_ids"],
-                           strict=True))
-        return [encoded[text] for text in texts]
+        """Prompts (``special_tokens``: as generation encodes them, :mod:`prefloop.chat`) or continuations."""
+        return encode_prompts(self.tokenizer, texts) if special_tokens else encode_continuations(self.tokenizer, texts)
 
     def _check_context(self, lengths: list[int], what: str, room: int) -> None:
         if self.context_window is None:
@@ -349,14 +348,17 @@ class HFBackend:
         return cls(model.eval(), tokenizer, batch_size)
 
     def generate(
-        self, prompts: list[str], params: GenerationParams, progress: ProgressCallback | None = None
+        self, prompts: list[str], params: GenerationParams, progress: ProgressCallback | None = None,
+        response_prefixes: list[str] | None = None,
     ) -> list[list[Completion]]:
         """``params.n`` completions per prompt; the same (prompts, params, batch_size) gives the same output.
 
-        Raises :class:`ContextWindowError` (with the offending prompt indices) when a prompt leaves no
+        ``response_prefixes`` (one per prompt) are answers begun already, continued by the completions
+        (an MCTS node's steps): with a chat template they follow the rendered prompt inside the assistant
+        turn. Raises :class:`ContextWindowError` (with the offending prompt indices) when a prompt leaves no
         room for a new token in the context window.
         """
-        encoded = self._encode(prompts, special_tokens=True)  # once per prompt, not once per sample
+        encoded = encode_prompts(self.tokenizer, prompts, response_prefixes)  # once per prompt, not once per sample
         self._check_context([len(ids) for ids in encoded], "prompts", room=1)
         jobs = [ids for ids in encoded for _ in range(params.n)]
         generator = torch.Generator().manual_seed(params.seed)
@@ -372,7 +374,8 @@ class HFBackend:
     ) -> list[float]:
         """Σ log π(continuation | prompt) per pair (no eos appended), batched.
 
-        The tokens are those of ``encode_completion`` (prompt with special tokens, continuation without).
+        The tokens are those of ``encode_completion`` (the prompt as generation encodes it, the continuation
+        on its own without special tokens).
         A pair needs the logits at its continuation's positions only, i.e. one forward pass over its
         sequence without the last token; pairs with the same such input share one row of the batch, so
         scoring several one-token answers to one prompt (a yes/no self-evaluation) costs one row, not two.
@@ -380,8 +383,9 @@ class HFBackend:
         """
         if len(prompts) != len(continuations):
             raise ValueError(f"got {len(prompts)} prompts but {len(continuations)} continuations")
-        prompt_ids = self._encode(prompts, special_tokens=True)
-        sequences = [ids + more for ids, more in zip(prompt_ids, self._encode(continuations, False), strict=True)]
+        prompt_ids = encode_prompts(self.tokenizer, prompts)
+        sequences = [ids + more for ids, more in zip(prompt_ids, encode_continuations(self.tokenizer, continuations),
+                                                     strict=True)]
         starts = [len(ids) for ids in prompt_ids]
         self._check_context([len(sequence) for sequence in sequences], "prompt + continuation pairs", room=0)
         # Token t of a pair's sequence is scored by the logits at t − 1, for its continuation tokens (as in
@@ -575,7 +579,7 @@ class HFBackend:
 
     def _advance(self, row: _Row, token: int, logprob: float, params: GenerationParams) -> bool:
         """Append a token to a row; return True (and set ``row.completion``) when the row is finished."""
-        if token == self._eos_id:
+        if token in self._stop_ids:
             row.completion = self._finish(row, len(row.token_ids), None, "stop")
             return True
         row.token_ids.append(token)
@@ -610,4 +614,5 @@ class HFBackend:
             sum_logprob=float(sum(token_logprobs)),
             finish_reason=reason,  # type: ignore[arg-type]
             token_logprobs=token_logprobs,
+            token_ids=tuple(kept),
         )

@@ -13,8 +13,11 @@ or, without ``$PREFLOOP_VLLM_URL``, the backend starts that command itself from 
 environment (``$PREFLOOP_VLLM_BIN``, else ``vllm`` on PATH) on a free local port, waits until it
 answers, and stops it on :meth:`VLLMBackend.close` (:func:`start_server`).
 
-The client loads only the artifact's tokenizer (no weights) and sends token ids, so prompts are
-tokenised exactly as by ``HFBackend`` (bos included) and scored continuations are the same tokens.
+The client loads only the artifact's tokenizer (no weights) and sends token ids, encoded by the same
+:mod:`prefloop.chat` as ``HFBackend``'s: the prompt rendered through the chat template when the
+tokenizer has one (else with bos), so both backends feed the model identical prompt tokens, and scored
+continuations are the same tokens. With a template whose end-of-turn token is not eos, requests carry
+``stop_token_ids`` (vLLM's extension) so generation stops there, as in ``HFBackend``.
 
 Mapping onto the OpenAI completions API (``POST {url}/completions``):
 
@@ -46,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from prefloop.backends.base import Completion, ContextWindowError, GenerationParams, ProgressCallback
+from prefloop.chat import encode_continuations, encode_prompts, stop_token_ids
 from prefloop.errors import UserError
 
 DEFAULT_URL = "http://127.0.0.1:8000/v1"
@@ -65,6 +69,8 @@ class VLLMBackend:
         if tokenizer.eos_token_id is None:
             raise UserError("VLLMBackend needs a tokenizer with an eos token")
         self.tokenizer = tokenizer
+        # eos is vLLM's own stop; the template's end-of-turn token is sent (raises here on a broken template).
+        self.extra_stop_ids = sorted(stop_token_ids(tokenizer) - {int(tokenizer.eos_token_id)})
         self.model = model
         self.base_url = (base_url or os.environ.get(URL_ENVIRONMENT_VARIABLE) or DEFAULT_URL).rstrip("/")
         self.batch_size = batch_size
@@ -107,13 +113,15 @@ class VLLMBackend:
 
     # --- the PolicyBackend interface ---------------------------------------------------------------
 
-    def prompt_lengths(self, prompts: list[str]) -> list[int]:
-        return [len(ids) for ids in self._encode(prompts)]
+    def prompt_lengths(self, prompts: list[str], response_prefixes: list[str] | None = None) -> list[int]:
+        return [len(ids) for ids in encode_prompts(self.tokenizer, prompts, response_prefixes)]
 
     def generate(self, prompts: list[str], params: GenerationParams,
-                 progress: ProgressCallback | None = None) -> list[list[Completion]]:
-        """``params.n`` completions per prompt, in prompt order (see the module docstring for the mapping)."""
-        encoded = self._encode(prompts)
+                 progress: ProgressCallback | None = None,
+                 response_prefixes: list[str] | None = None) -> list[list[Completion]]:
+        """``params.n`` completions per prompt, in prompt order (see the module docstring for the mapping);
+        ``response_prefixes`` as in ``HFBackend.generate``."""
+        encoded = encode_prompts(self.tokenizer, prompts, response_prefixes)
         room = [params.max_new_tokens] * len(prompts)
         if self.context_window is not None:
             self._check_context([len(ids) for ids in encoded], "prompts", room=1)
@@ -133,6 +141,8 @@ class VLLMBackend:
                     "seed": params.seed, "stop": list(params.stop) or None, "logprobs": 0,
                     "skip_special_tokens": True,
                 }
+                if self.extra_stop_ids:
+                    body["stop_token_ids"] = self.extra_stop_ids
                 choices = self._choices(self._post("completions", body), len(chunk) * params.n)
                 for position, index in enumerate(chunk):
                     results[index] = [completion_from_choice(choice)
@@ -147,8 +157,8 @@ class VLLMBackend:
         """Σ log π(continuation | prompt) per pair (no eos appended), from the server's echoed log-probs."""
         if len(prompts) != len(continuations):
             raise ValueError(f"got {len(prompts)} prompts but {len(continuations)} continuations")
-        prompt_ids = self._encode(prompts)
-        continuation_ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in continuations]
+        prompt_ids = encode_prompts(self.tokenizer, prompts)
+        continuation_ids = encode_continuations(self.tokenizer, continuations)
         joined = [p + c for p, c in zip(prompt_ids, continuation_ids, strict=True)]
         if self.context_window is not None:
             self._check_context([len(ids) for ids in joined], "prompt + continuation pairs", room=0)
@@ -165,9 +175,6 @@ class VLLMBackend:
         return scores
 
     # --- helpers -----------------------------------------------------------------------------------
-
-    def _encode(self, prompts: list[str]) -> list[list[int]]:
-        return [list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]) for prompt in prompts]
 
     def _check_context(self, lengths: list[int], what: str, room: int) -> None:
         too_long = [i for i, length in enumerate(lengths) if length + room > self.context_window]  # type: ignore[operator]

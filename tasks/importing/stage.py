@@ -214,6 +214,9 @@ def _model_compute(snapshot: SourceSnapshot, skipped: list[str]):
                                    "save it beside the model with tokenizer.save_pretrained(DIR)") from None
         metrics: dict[str, Any] = {"source": str(source), "weight_files": [w.name for w in weights],
                                    "skipped_files": skipped, "has_chat_template": bool(tokenizer.chat_template)}
+        from prefloop.chat import check_chat_template
+
+        check_chat_template(tokenizer)  # a template that raises is refused here, not at the first stage using it
         if tokenizer.eos_token_id is None:
             raise UnsafeModelError(f"{source}: the tokenizer has no eos token, so generation cannot stop; set "
                                    "tokenizer.eos_token and save it again")
