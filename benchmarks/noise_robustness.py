@@ -14,7 +14,8 @@ wrong answer per prompt (clean labels: the verifier is exact). Then, for each fl
 3. **filter** — the demo's filter plus the ensemble: strength s = mean member margin; pairs with
    s ≤ −t are dropped (or, the variant ``flip``, swapped back), t set so that only ``--false-flip``
    of the ensemble's own held-out *clean* pairs fall below −t. The filter reports its estimate ε̂ of
-   the flip rate (``estimated_flip_rate_input`` on all pairs, ``estimated_flip_rate`` on the kept ones);
+   the flip rate (``estimated_flip_rate`` on the pairs as they arrive, before any action, calibrated on the
+   ensemble's clean held-out misranking; ``estimated_flip_rate_kept`` on the kept ones);
 4. **train** from the SFT policy with the demo's train settings (β, learning rate, batch, epochs),
    the loss swapped: plain DPO (``sigmoid``) on the demo-filtered noisy pairs, against rdpo / cdpo on
    the ensemble-filtered pairs with ε = the filter's estimate (train ``label_flip_rate_source:
@@ -322,10 +323,10 @@ def main() -> None:
                 filter_base | {"strong_negative_strength": threshold, "negative_strength_action": action},
                 f"noise/{tag}/filtered-ensemble-{action}")
         row = {"rate": rate, "true_input": true_flip_rate(noisy_table, clean),
-               "estimate_input": ensemble_filtered["drop"].metrics.get("estimated_flip_rate_input")}
+               "estimate_input": ensemble_filtered["drop"].metrics.get("estimated_flip_rate")}
         for action, result in ensemble_filtered.items():
             row[action] = {"kept": result.rows, "true": true_flip_rate(store.read_table(result.ref), clean),
-                           "estimate": result.metrics.get("estimated_flip_rate"),
+                           "estimate": result.metrics.get("estimated_flip_rate_kept"),
                            "changed": result.drops.get("strength_negative", 0) + result.metrics.get("pairs_flipped", 0)}
         row["pairs"] = noisy_table.num_rows
         estimates.append(row)

@@ -137,7 +137,7 @@ def test_rdpo_holds_confidence_flip_rates_below_one_half(setup, caplog) -> None:
 def test_filter_estimate_is_read_from_the_filter_manifest(setup) -> None:
     store, _ = setup
     raw = put(store, "confident", "preferences", pairs_table([0.9, 0.8, 0.7, 0.8]), PREFERENCES)
-    # Without an ensemble the filter estimates ε as mean(1 − confidence) of the kept pairs: 0.2.
+    # Without an ensemble the filter estimates ε as the mean of min(1 − confidence, ½) over the pairs as they arrive: 0.2.
     filtered = run_stage("filter", {"preferences": raw.output}, {}, store)
     assert filtered.metrics["estimated_flip_rate"] == pytest.approx(0.2)
     result, loss = train(setup, filtered.output, "rdpo", label_flip_rate_source="filter_estimate")
