@@ -26,6 +26,17 @@ scoring of samples with the policy, reference and reward models, and the metric 
 outcomes go to the table ``eval_results`` so later rounds can be paired with this one. The model
 backends and the forward code load where they are used, so importing this module (as
 ``prefloop.config`` does) loads no model code.
+
+Data-parallel (``sharding``, :mod:`prefloop.sharding`): the prompts are cut into units of ``batch_size``
+prompts (one greedy batch); a unit's sampled prompts are drawn in seed blocks of ``max(1, batch_size //
+samples_per_prompt)`` prompts, each from its own random stream (:func:`~prefloop.sharding.block_seed` of
+``seed`` and the block's first prompt id), and scored by the reference / start / reward models in the
+same blocks. Units run in shards; every metric is computed once, from the merged per-prompt results, so
+1 or 3 shards publish the same artifact. (Earlier code drew all samples from one stream: the metrics mean the
+same, the samples behind pass@k and the KL differ, and the code fingerprint gives new ids.)
+
+Over 400 lines: the per-unit work a shard runs (greedy decoding, sampling, KL and reward scoring) and the
+metrics computed from the merged units are two halves of one computation and are read together.
 """
 
 from __future__ import annotations
@@ -44,7 +55,15 @@ from prefloop.backends.base import Completion, GenerationParams
 from prefloop.datasets_spec import EVAL_RESULTS, METRICS, PREFERENCES, PROMPTS
 from prefloop.errors import UserError
 from prefloop.lazy import deferred_import
-from prefloop.stage import StageConfig, StageContext, StageOutput, done_total_callback
+from prefloop.sharding import (
+    ShardedStageConfig,
+    block_seed,
+    blocks,
+    model_loading,
+    run_sharded,
+    sharding_metrics,
+)
+from prefloop.stage import StageContext, StageOutput
 from prefloop.storage import ArtifactRef
 from prefloop.tasks.answers import TaskDefinition, resolve_task
 from prefloop.tasks.common.confidence import estimated_flip_rate
@@ -68,7 +87,7 @@ else:
     torch = deferred_import("torch")
 
 
-class EvaluationConfig(StageConfig):
+class EvaluationConfig(ShardedStageConfig):
     split: str = "heldout"
     max_prompts: int | None = Field(1000, ge=1)
     max_new_tokens: int = Field(64, ge=1)
@@ -158,22 +177,44 @@ def score_rewards(model_dir: str | Path, prompts: Sequence[str], completions: Se
 # ----------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------
-def compute(ctx: StageContext) -> StageOutput:
-    from prefloop.backends.hf import HFBackend
+@dataclass
+class _UnitResult:
+    """Per-prompt results of one unit of prompts (greedy for all, sampled for its first ``sampled``)."""
 
+    completions: list[Completion]
+    correct: list[bool]
+    samples_correct: list[int]
+    policy_logprobs: list[float]  # one per sample of the sampled prompts (flat), when a KL is estimated
+    other_logprobs: dict[str, list[float]]  # role -> the same samples under that role's model
+    rewards: np.ndarray | None  # [members, prompts] raw rewards of the greedy completions
+
+
+def _kl_roles(ctx: StageContext) -> list[str]:
+    config: EvaluationConfig = ctx.config
+    if config.samples_per_prompt == 0 or config.temperature != 1.0:
+        return []
+    return [role for role in ("reference", "start") if ctx.has(role)]
+
+
+def compute(ctx: StageContext) -> StageOutput:
     config: EvaluationConfig = ctx.config
     prompts = select_prompts(ctx.read("prompts", PROMPTS), config.split, config.max_prompts)
-    backend = HFBackend.from_directory(ctx.model_dir("policy"), batch_size=config.batch_size)
+    if config.win_judge == "reward_model" and not ctx.has("reward_model"):
+        raise UserError("evaluate: win_judge is 'reward_model' but no reward model was given; pass the input "
+                         "reward_model=REF (a sequence-classification model artifact) or set win_judge: verifier")
+    resolve_task(config.task)
     texts = prompts.column("prompt").to_pylist()
-    answers = prompts.column("reference_answer").to_pylist()
     prompt_ids = prompts.column("prompt_id").to_pylist()
+    count = min(len(texts), config.sampled_prompts or len(texts)) if config.samples_per_prompt else 0
+    units = blocks(len(texts), config.batch_size)
+    parts = [(prompts.slice(run.start, len(run)), max(0, min(count, run.stop) - run.start)) for run in units]
+    roles = _kl_roles(ctx)
+    weights = [part.num_rows + sampled * config.samples_per_prompt * (1 + len(roles)) for part, sampled in parts]
+    results, shards = run_sharded(ctx, config.sharding, parts, evaluate_units, units=[p.num_rows for p, _ in parts],
+                                  weights=weights, description="held-out prompts")
+    completions = [c for unit in results for c in unit.completions]
+    correct = [c for unit in results for c in unit.correct]
     notes: list[str] = []
-
-    greedy = GenerationParams(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens)
-    with ctx.progress(len(texts), "held-out prompts (greedy)") as advance:
-        completions = [group[0] for group in backend.generate(texts, greedy, progress=done_total_callback(advance))]
-    task = resolve_task(config.task)
-    correct = [task.verify(c.text, a) for c, a in zip(completions, answers, strict=True)]
     n = len(correct)
     accuracy, accuracy_stderr = accuracy_with_stderr(correct)
     length, length_stderr = mean_with_stderr([c.num_tokens for c in completions])
@@ -182,7 +223,7 @@ def compute(ctx: StageContext) -> StageOutput:
         {"metric": "mean_length", "value": length, "stderr": length_stderr, "count": n},
         {"metric": "truncated_rate", "value": sum(c.finish_reason == "length" for c in completions) / n, "count": n},
     ]
-    results = {
+    results_columns = {
         "prompt_id": prompt_ids,
         "completion": [c.text for c in completions],
         "correct": correct,
@@ -190,21 +231,19 @@ def compute(ctx: StageContext) -> StageOutput:
         "finish_reason": [c.finish_reason for c in completions],
     }
 
-    sampled = _sampled_metrics(ctx, backend, texts, answers, prompt_ids, notes)
+    sampled = _sampled_metrics(ctx, results, prompt_ids, count, notes)
     rows.extend(sampled.rows)
-    results |= sampled.columns
+    results_columns |= sampled.columns
 
     rewards: list[float] | None = None
     if ctx.has("reward_model"):
-        rewards = score_rewards(ctx.model_dir("reward_model"), texts, results["completion"], config.batch_size)
+        rewards = _aggregate_rewards(ctx.model_dir("reward_model"),
+                                     np.concatenate([unit.rewards for unit in results], axis=1))
         reward, reward_stderr = mean_with_stderr(rewards)
         rows.append({"metric": "mean_reward", "value": reward, "stderr": reward_stderr, "count": n})
-        results["reward"] = pa.array(rewards, pa.float64())
+        results_columns["reward"] = pa.array(rewards, pa.float64())
     else:
         notes.append(NO_REWARD_MODEL)
-        if config.win_judge == "reward_model":
-            raise UserError("evaluate: win_judge is 'reward_model' but no reward model was given; pass the input "
-                             "reward_model=REF (a sequence-classification model artifact) or set win_judge: verifier")
 
     judged = rewards if config.win_judge == "reward_model" else [float(c) for c in correct]
     own_scores = dict(zip(prompt_ids, judged, strict=True))
@@ -234,10 +273,77 @@ def compute(ctx: StageContext) -> StageOutput:
     )
     metrics: dict = {row["metric"]: row["value"] for row in rows}
     metrics |= {f"{row['metric']}_stderr": row["stderr"] for row in rows if row.get("stderr") is not None}
-    metrics |= data_notes | {"win_judge": config.win_judge, "notes": notes}
-    results_table = pa.table({name: results.get(name, pa.nulls(n, EVAL_RESULTS.schema.field(name).type))
+    metrics |= data_notes | {"win_judge": config.win_judge, "notes": notes} | sharding_metrics(config.sharding, shards)
+    results_table = pa.table({name: results_columns.get(name, pa.nulls(n, EVAL_RESULTS.schema.field(name).type))
                               for name in EVAL_RESULTS.column_names}, schema=EVAL_RESULTS.schema)
     return StageOutput(table=table, extra_tables={"eval_results": (results_table, EVAL_RESULTS)}, metrics=metrics)
+
+
+def _aggregate_rewards(model_dir: Path, rewards: np.ndarray) -> list[float]:
+    """One reward per completion from the members' raw rewards, as :func:`score_rewards` combines them."""
+    from prefloop.tasks.common.ensembles import MemberStandardisation, aggregate_rewards
+
+    if rewards.shape[0] == 1:
+        return rewards[0].tolist()
+    return aggregate_rewards(rewards, "mean", standardisation=MemberStandardisation.read(model_dir)).tolist()
+
+
+def evaluate_units(ctx: StageContext, parts: list[tuple[pa.Table, int]], advance) -> list[_UnitResult]:
+    """One shard: greedy decoding, sampling, KL scoring and rewards of each unit of prompts (module docstring)."""
+    from prefloop.backends.hf import HFBackend
+    from prefloop.tasks.training.recipes.reward_model import (
+        load_reward_model,
+        reward_model_members,
+        score_texts,
+    )
+
+    config: EvaluationConfig = ctx.config
+    task = resolve_task(config.task)
+    policy_ref = str(ctx.inputs["policy"])
+    # A model is scored once however many roles name it; a role naming the policy gets the policy's scores.
+    others = {str(ctx.inputs[role]): role for role in _kl_roles(ctx) if str(ctx.inputs[role]) != policy_ref}
+    with model_loading():
+        backend = HFBackend.from_directory(ctx.model_dir("policy"), batch_size=config.batch_size)
+        scorers = {ref: HFBackend.from_directory(ctx.model_dir(role), batch_size=config.batch_size)
+                   for ref, role in others.items()}
+        members = [load_reward_model(member) for member in reward_model_members(ctx.model_dir("reward_model"))] \
+            if ctx.has("reward_model") else []
+    greedy = GenerationParams(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens)
+    block_size = max(1, config.batch_size // max(1, config.samples_per_prompt))
+    results = []
+    for prompts, sampled in parts:
+        texts = prompts.column("prompt").to_pylist()
+        answers = prompts.column("reference_answer").to_pylist()
+        prompt_ids = prompts.column("prompt_id").to_pylist()
+        completions = [group[0] for group in backend.generate(texts, greedy)]
+        unit = _UnitResult(completions=completions,
+                           correct=[task.verify(c.text, a) for c, a in zip(completions, answers, strict=True)],
+                           samples_correct=[], policy_logprobs=[], other_logprobs={role: [] for role in _kl_roles(ctx)},
+                           rewards=None)
+        for run in blocks(sampled, block_size):
+            params = GenerationParams(n=config.samples_per_prompt, temperature=config.temperature,
+                                      max_new_tokens=config.max_new_tokens,
+                                      seed=block_seed(config.seed, prompt_ids[run.start]))
+            groups = backend.generate(texts[run.start:run.stop], params)
+            unit.samples_correct.extend(sum(task.verify(c.text, answers[run.start + i]) for c in group)
+                                        for i, group in enumerate(groups))
+            if not unit.other_logprobs:
+                continue
+            flat_prompts = [texts[run.start + i] for i, group in enumerate(groups) for _ in group]
+            flat = [completion for group in groups for completion in group]
+            scored = {ref: completion_sequence_logprobs(scorer, flat_prompts, flat) for ref, scorer in scorers.items()}
+            own = completion_sequence_logprobs(backend, flat_prompts, flat) if scorers else [0.0] * len(flat)
+            scored[policy_ref] = own
+            unit.policy_logprobs.extend(own)
+            for role in unit.other_logprobs:
+                unit.other_logprobs[role].extend(scored[str(ctx.inputs[role])])
+        if members:
+            completions_text = [c.text for c in completions]
+            unit.rewards = np.stack([score_texts(model, tokenizer, texts, completions_text, config.batch_size)
+                                     for model, tokenizer in members])
+        results.append(unit)
+        advance(len(texts))
+    return results
 
 
 @dataclass
@@ -246,43 +352,35 @@ class _Sampled:
     columns: dict[str, pa.Array]
 
 
-def _sampled_metrics(ctx: StageContext, backend: HFBackend, texts: list[str], answers: list[str],
-                     prompt_ids: list[str], notes: list[str]) -> _Sampled:
+def _sampled_metrics(ctx: StageContext, results: list[_UnitResult], prompt_ids: list[str], count: int,
+                     notes: list[str]) -> _Sampled:
     """pass@k and the KL estimate from ``samples_per_prompt`` samples on the first ``sampled_prompts`` prompts."""
     config: EvaluationConfig = ctx.config
     if config.samples_per_prompt == 0:
         notes.append("samples_per_prompt is 0: pass@k and the KL to the reference are not measured")
         return _Sampled([], {})
-    count = min(len(texts), config.sampled_prompts or len(texts))
-    params = GenerationParams(n=config.samples_per_prompt, temperature=config.temperature,
-                              max_new_tokens=config.max_new_tokens, seed=config.seed)
-    with ctx.progress(count * config.samples_per_prompt, "held-out samples (pass@k)") as advance:
-        groups = backend.generate(texts[:count], params, progress=done_total_callback(advance))
-    task = resolve_task(config.task)
-    correct_counts = [sum(task.verify(c.text, answers[i]) for c in group) for i, group in enumerate(groups)]
+    correct_counts = [c for unit in results for c in unit.samples_correct]
     counts = [(config.samples_per_prompt, c) for c in correct_counts]
     rows = []
     for k in config.pass_k:
         value, stderr = mean_pass_at_k(counts, k)
         rows.append({"metric": f"pass@{k}", "value": value, "stderr": stderr, "count": count})
-    padding = [None] * (len(texts) - count)
+    padding = [None] * (len(prompt_ids) - count)
     columns = {
         "samples_drawn": pa.array([config.samples_per_prompt] * count + padding, pa.int32()),
         "samples_correct": pa.array(correct_counts + padding, pa.int32()),
     }
-    roles = [role for role in ("reference", "start") if ctx.has(role)]
     if not ctx.has("reference"):
         notes.append("no reference model given: the KL to the reference is not measured")
-    if not roles:
+    if not any(ctx.has(role) for role in ("reference", "start")):
         return _Sampled(rows, columns)
     if config.temperature != 1.0:
         notes.append(f"samples drawn at temperature {config.temperature}, not from π itself: KL not estimated "
                      "(set evaluation temperature: 1.0 to measure it)")
         return _Sampled(rows, columns)
-    flat_prompts = [texts[i] for i, group in enumerate(groups) for _ in group]
-    flat_ids = [prompt_ids[i] for i, group in enumerate(groups) for _ in group]
-    flat = [completion for group in groups for completion in group]
-    policy_scores, other_scores = _sequence_logprobs_by_role(ctx, backend, roles, flat_prompts, flat)
+    flat_ids = [prompt_ids[i] for i in range(count) for _ in range(config.samples_per_prompt)]
+    policy_scores = [s for unit in results for s in unit.policy_logprobs]
+    other_scores = {role: [s for unit in results for s in unit.other_logprobs[role]] for role in _kl_roles(ctx)}
     rows.extend(kl_rows(policy_scores, other_scores, flat_ids))
     if "reference" in other_scores:
         ratios = np.asarray(policy_scores) - np.asarray(other_scores["reference"])
@@ -300,28 +398,6 @@ def kl_rows(policy_logprobs: Sequence[float], other_logprobs: Mapping[str, Seque
         kl, stderr = kl_estimate(policy_logprobs, logprobs, prompt_ids)
         rows.append({"metric": f"kl_to_{role}", "value": kl, "stderr": stderr, "count": len(prompt_ids)})
     return rows
-
-
-def _sequence_logprobs_by_role(ctx: StageContext, backend: HFBackend, roles: Sequence[str], prompts: list[str],
-                               samples: list[Completion]) -> tuple[list[float], dict[str, list[float]]]:
-    """log π(y) of the samples and log π_role(y) for each role; a model is scored once however many roles
-    name it, and a role naming the policy itself gets the policy's own scores (its KL is exactly 0)."""
-    from prefloop.backends.hf import HFBackend
-
-    policy_ref = str(ctx.inputs["policy"])
-    others = {str(ctx.inputs[role]): role for role in roles if str(ctx.inputs[role]) != policy_ref}
-    if not others:
-        zeros = [0.0] * len(samples)  # every role is the policy: nothing to score
-        return zeros, {role: zeros for role in roles}
-    scored: dict[str, list[float]] = {}
-    with ctx.progress(1 + len(others), "KL to the reference / start (scoring)") as advance:
-        scored[policy_ref] = completion_sequence_logprobs(backend, prompts, samples)
-        advance(1)
-        for ref, role in others.items():
-            model = HFBackend.from_directory(ctx.model_dir(role), batch_size=ctx.config.batch_size)
-            scored[ref] = completion_sequence_logprobs(model, prompts, samples)
-            advance(1)
-    return scored[policy_ref], {role: scored[str(ctx.inputs[role])] for role in roles}
 
 
 def _judged_scores(ctx: StageContext, role: str, other: pa.Table, judge: str) -> dict[str, float]:

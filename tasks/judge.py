@@ -21,6 +21,10 @@ Label rows (``target_kind = "pair"``, ``target_id`` = pair id), per pair:
 
 Metrics: agreement with the pairs' labels (both orders prefer chosen), the order-disagreement rate
 and the mean position bias (mean of P(A) over both orders − 0.5).
+
+Data-parallel (``sharding``, :mod:`prefloop.sharding`): pairs are judged in blocks of ``batch_size`` (both
+orders of a block in one call), blocks run in shards and the judgements are merged in pair order, so the
+labels do not depend on the shard count.
 """
 
 from __future__ import annotations
@@ -36,14 +40,15 @@ from prefloop.backends.base import PolicyBackend, yes_probability
 from prefloop.datasets_spec import LABELS, PREFERENCES, make_drops
 from prefloop.errors import UserError
 from prefloop.ids import content_id
-from prefloop.stage import StageConfig, StageContext, StageOutput
+from prefloop.sharding import ShardedStageConfig, blocks, model_loading, run_sharded, sharding_metrics
+from prefloop.stage import StageContext, StageOutput
 from prefloop.tasks.registry import stage_spec
 
 LABELER_VERSION = "1"
 DEFAULT_TEMPLATE = "{prompt}\nAnswer A:\n{answer_a}\nAnswer B:\n{answer_b}\nBetter answer:"
 
 
-class JudgeConfig(StageConfig):
+class JudgeConfig(ShardedStageConfig):
     template: str = Field(DEFAULT_TEMPLATE, description="judge prompt; must contain {prompt}, {answer_a}, {answer_b} "
                           "(and use only characters the judge's tokenizer knows)")
     option_a: str = Field(" A", description="continuation that names answer A")
@@ -143,18 +148,33 @@ def compute(ctx: StageContext) -> StageOutput:
     pairs = ctx.read("preferences", PREFERENCES)
     if pairs.num_rows == 0:
         raise UserError(f"preferences {ctx.inputs['preferences']} is empty: there are no pairs to judge")
-    backend = load_backend(config.backend, ctx.model_dir("judge"), ctx.inputs["judge"].id, config.batch_size)
+    parts = [pairs.slice(run.start, len(run)).select(["prompt", "chosen", "rejected"])
+             for run in blocks(pairs.num_rows, config.batch_size)]
+    judged, shards = run_sharded(ctx, config.sharding, parts, judge_blocks, units=[p.num_rows for p in parts],
+                                 description="pairs (judge)")
+    p_first = np.concatenate([first for first, _ in judged])
+    p_second = np.concatenate([second for _, second in judged])
+    output = labels_output(pairs, f"judge:{ctx.inputs['judge'].id}", p_first, p_second)
+    output.metrics |= sharding_metrics(config.sharding, shards)
+    return output
+
+
+def judge_blocks(ctx: StageContext, parts: list[pa.Table], advance) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One shard: (p₁, p₂) of each block of pairs."""
+    config: JudgeConfig = ctx.config
+    with model_loading():
+        backend = load_backend(config.backend, ctx.model_dir("judge"), ctx.inputs["judge"].id, config.batch_size)
     try:
-        with ctx.progress(1, "judging") as advance:
-            p_first, p_second = judge_pairs(backend, pairs.column("prompt").to_pylist(),
-                                            pairs.column("chosen").to_pylist(), pairs.column("rejected").to_pylist(),
-                                            config)
-            advance(1)
+        results = []
+        for part in parts:
+            results.append(judge_pairs(backend, part.column("prompt").to_pylist(), part.column("chosen").to_pylist(),
+                                       part.column("rejected").to_pylist(), config))
+            advance(part.num_rows)
+        return results
     finally:
         close = getattr(backend, "close", None)
         if close is not None:
             close()  # a vLLM server this stage started is stopped; HF: nothing to do
-    return labels_output(pairs, f"judge:{ctx.inputs['judge'].id}", p_first, p_second)
 
 
 def labels_output(pairs: pa.Table, labeler: str, p_first: np.ndarray, p_second: np.ndarray) -> StageOutput:

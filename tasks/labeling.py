@@ -17,6 +17,10 @@ Rows that cannot be labeled go to the artifact's drops table with a named reason
 and ``truncated`` (no answer could be extracted from the completion). With the default
 ``score_zero`` such completions are kept as wrong answers (score 0, verdict ``unparseable`` or
 ``truncated``), which is right for a policy that is learning the answer format.
+
+``sharding`` (a run option, :mod:`prefloop.sharding`) spreads a model labeler's work over shards (the
+``reward_model`` labeler scores its blocks of samples in them); the verifier takes milliseconds and runs
+in the stage's own process whatever it says.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from pydantic import BaseModel, Field, ValidationError
 from prefloop.datasets_spec import DROPS, LABELS, PROMPTS, SAMPLES, make_drops
 from prefloop.errors import UserError
 from prefloop.ids import content_id
-from prefloop.stage import StageConfig, StageContext, StageInputError, StageOutput
+from prefloop.sharding import ShardedStageConfig
+from prefloop.stage import StageContext, StageInputError, StageOutput
 from prefloop.tasks.answers import TaskDefinition, resolve_task
 from prefloop.tasks.common.labelers import (
     LabelBatch,
@@ -44,7 +49,7 @@ from prefloop.tasks.common.labelers import (
 from prefloop.tasks.registry import stage_spec
 
 
-class LabelingConfig(StageConfig):
+class LabelingConfig(ShardedStageConfig):
     labeler: str = Field("exact_answer", description="registered labeler: verifier (alias exact_answer), or a plugin")
     task: str | TaskDefinition = Field(
         "arithmetic", description="verifier: a task preset name (arithmetic, gsm8k, math, answer_line) or a definition "

@@ -29,6 +29,11 @@ This is its own stage rather than a labeler inside ``label``: it writes several 
 member, plus the aggregate) into one artifact and can label pairs as well as samples, where a ``label``
 labeler writes one score per sample under one name. For that simpler case the ``label`` stage has the
 labeler ``reward_model`` (:mod:`prefloop.tasks.reward_model_labeler`).
+
+Data-parallel (``sharding``, :mod:`prefloop.sharding`): rows are scored in blocks of ``batch_size`` (a pair
+block's chosen and rejected completions in one call, so each member loads once per shard), blocks run in
+shards, and the raw member rewards are merged before standardisation and aggregation, so the labels do
+not depend on the shard count.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from pydantic import Field
 from prefloop.datasets_spec import LABELS, PREFERENCES, SAMPLES, make_drops
 from prefloop.errors import UserError
 from prefloop.ids import content_id
-from prefloop.stage import StageConfig, StageContext, StageOutput
+from prefloop.sharding import ShardedStageConfig, blocks, model_loading, run_sharded, sharding_metrics
+from prefloop.stage import StageContext, StageOutput
 from prefloop.tasks.common.ensembles import (
     PER_CALL_NOTE,
     Aggregation,
@@ -55,7 +61,7 @@ from prefloop.tasks.registry import stage_spec
 LABELER_VERSION = "2"  # 2: the ensemble aggregate standardises each member first
 
 
-class RewardLabelConfig(StageConfig):
+class RewardLabelConfig(ShardedStageConfig):
     aggregation: Aggregation | None = Field(
         None, description="also write this ensemble aggregate next to the members (null: members only, the form "
                           "the filter stage's ensemble_labels input expects)")
@@ -100,9 +106,45 @@ def label_rows(target_ids: list[str], prompt_ids: list[str | None], kind: str, l
     }
 
 
-def compute(ctx: StageContext) -> StageOutput:
-    from prefloop.tasks.training.recipes.reward_model import score_with_members
+def score_blocks(ctx: StageContext, parts: list[tuple[list[str], list[str]]], advance) -> list[np.ndarray]:
+    """One shard: raw rewards [members, rows] of each block of (prompts, completions).
 
+    The shard's blocks go to the recipe in one call (each member loads once per shard); a shard starts at a
+    block boundary, so the recipe's batches of ``batch_size`` are the blocks. The call loads the models, so
+    it holds :func:`~prefloop.sharding.model_loading` (shards in threads score one at a time; processes and
+    Ray workers in parallel)."""
+    from prefloop.tasks.training.recipes import reward_model as recipe
+
+    prompts = [prompt for part_prompts, _ in parts for prompt in part_prompts]
+    completions = [completion for _, part_completions in parts for completion in part_completions]
+    with model_loading():
+        rewards = recipe.score_with_members(ctx.model_dir("reward_model"), prompts, completions, ctx.config.batch_size)
+    advance(len(prompts))
+    bounds = np.cumsum([0] + [len(part_prompts) for part_prompts, _ in parts])
+    return [rewards[:, start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _score(ctx: StageContext, prompts: list[str], completions: list[str], pairs: bool) -> tuple[np.ndarray, int]:
+    """Rewards [members, rows] in blocks of batch_size rows, sharded; for pairs, ``completions`` is chosen +
+    rejected and a block scores its rows' chosen and rejected together (returned in the same layout)."""
+    config: RewardLabelConfig = ctx.config
+    count = len(prompts) // 2 if pairs else len(prompts)
+    runs = blocks(count, config.batch_size)
+    if pairs:
+        parts = [(prompts[r.start:r.stop] * 2, completions[r.start:r.stop] + completions[count + r.start:count + r.stop])
+                 for r in runs]
+    else:
+        parts = [(prompts[r.start:r.stop], completions[r.start:r.stop]) for r in runs]
+    scored, shards = run_sharded(ctx, config.sharding, parts, score_blocks, units=[len(p) for p, _ in parts],
+                                 description="rows (reward model)")
+    if not pairs:
+        return np.concatenate(scored, axis=1), shards
+    chosen = np.concatenate([block[:, : block.shape[1] // 2] for block in scored], axis=1)
+    rejected = np.concatenate([block[:, block.shape[1] // 2:] for block in scored], axis=1)
+    return np.concatenate([chosen, rejected], axis=1), shards
+
+
+def compute(ctx: StageContext) -> StageOutput:
     config: RewardLabelConfig = ctx.config
     if ctx.has("samples") == ctx.has("preferences"):
         raise UserError("label-rm scores either samples (--input samples=REF) or pairs (--input preferences=REF): "
@@ -116,13 +158,12 @@ def compute(ctx: StageContext) -> StageOutput:
     prompts = table.column("prompt").to_pylist()
     if role == "samples":
         kind, target_ids = "sample", table.column("sample_id").to_pylist()
-        rewards = score_with_members(model_dir, prompts, table.column("completion").to_pylist(), config.batch_size)
+        rewards, shards = _score(ctx, prompts, table.column("completion").to_pylist(), pairs=False)
         chosen = rejected = None
     else:
         kind, target_ids = "pair", table.column("pair_id").to_pylist()
-        # Chosen and rejected in one call, so each member is loaded once.
-        both = score_with_members(model_dir, prompts + prompts, table.column("chosen").to_pylist()
-                                  + table.column("rejected").to_pylist(), config.batch_size)
+        both, shards = _score(ctx, prompts + prompts, table.column("chosen").to_pylist()
+                              + table.column("rejected").to_pylist(), pairs=True)
         chosen, rejected = both[:, : len(prompts)], both[:, len(prompts):]
         rewards = chosen - rejected
     finite = np.isfinite(rewards).all(axis=0)
@@ -138,7 +179,8 @@ def compute(ctx: StageContext) -> StageOutput:
     parts = [label_rows(kept_ids, kept_prompts, kind, labeler, rewards[index, kept])
              for index, labeler in enumerate(labelers)]
     metrics: dict[str, object] = {"targets": table.num_rows, "target_kind": kind, "labeled": int(len(kept)),
-                                  "nonfinite_reward": int(len(bad)), "members": members}
+                                  "nonfinite_reward": int(len(bad)), "members": members,
+                                  **sharding_metrics(config.sharding, shards)}
     if members > 1 and len(kept):
         stored = MemberStandardisation.read(model_dir)
         scale = stored

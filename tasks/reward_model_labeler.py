@@ -8,6 +8,10 @@ this call's samples, with a note in the metrics). A sample for which a member re
 or inf is dropped as ``nonfinite_reward``. The ``label-rm`` stage is the richer alternative: every
 member's score, and pairs as well as samples.
 
+Data-parallel with the label stage's ``sharding`` (:mod:`prefloop.sharding`): the samples are scored in
+blocks of ``batch_size`` (one batch each), the blocks run in shards, and the raw member rewards are merged
+before any aggregation or standardisation, so the labels do not depend on the shard count.
+
 Registered with :mod:`prefloop.tasks.common.labelers` when imported (the label stage imports it the
 first time the labeler is asked for).
 """
@@ -17,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from prefloop.sharding import blocks, model_loading, run_sharded, sharding_metrics
+from prefloop.stage import StageContext
 from prefloop.tasks.common.ensembles import (
     PER_CALL_NOTE,
     Aggregation,
@@ -39,13 +45,14 @@ class RewardModelSettings(BaseModel):
 
 def label_with_reward_model(request: LabelRequest) -> LabelBatch:
     """One score per sample: r(x, y) of a single reward model, or the aggregate of an ensemble's members."""
-    from prefloop.tasks.training.recipes.reward_model import score_with_members
-
     settings = request.settings or RewardModelSettings()
     samples = request.samples
     model_dir = request.ctx.model_dir("model")
-    rewards = score_with_members(model_dir, samples.column("prompt").to_pylist(),
-                                 samples.column("completion").to_pylist(), settings.batch_size)
+    parts = [samples.slice(run.start, len(run)).select(["prompt", "completion"])
+             for run in blocks(samples.num_rows, settings.batch_size)]
+    scored, shards = run_sharded(request.ctx, request.config.sharding, parts, score_blocks,
+                                 units=[part.num_rows for part in parts], description="samples (reward model)")
+    rewards = np.concatenate(scored, axis=1) if scored else np.zeros((1, 0))
     finite = np.isfinite(rewards).all(axis=0)
     kept = np.flatnonzero(finite)
     stored = MemberStandardisation.read(model_dir) if rewards.shape[0] > 1 else None
@@ -57,12 +64,29 @@ def label_with_reward_model(request: LabelRequest) -> LabelBatch:
         batch.add(sample_ids[index], prompt_ids[index], float(score))
     for index in np.flatnonzero(~finite):
         batch.drop(int(index), "nonfinite_reward", "a reward-model member gave NaN or inf for this sample")
-    batch.metrics = {"members": int(rewards.shape[0]), "nonfinite_reward": int((~finite).sum())}
+    batch.metrics = {"members": int(rewards.shape[0]), "nonfinite_reward": int((~finite).sum()),
+                     **sharding_metrics(request.config.sharding, shards)}
     if rewards.shape[0] > 1:
         batch.metrics["aggregation"] = aggregation_name(settings.aggregation, settings.uncertainty_penalty)
         if stored is None:
             batch.metrics["notes"] = [PER_CALL_NOTE]
     return batch
+
+
+def score_blocks(ctx: StageContext, parts: list, advance) -> list[np.ndarray]:
+    """One shard: the raw rewards [members, rows] of each block of (prompt, completion) rows, from one call of
+    the recipe (each member loads once per shard; the shard starts at a block boundary, so the recipe's
+    batches are the blocks), holding :func:`~prefloop.sharding.model_loading` since the call loads models."""
+    from prefloop.tasks.training.recipes import reward_model as recipe
+
+    settings = RewardModelSettings.model_validate(ctx.config.settings)
+    prompts = [prompt for part in parts for prompt in part.column("prompt").to_pylist()]
+    completions = [completion for part in parts for completion in part.column("completion").to_pylist()]
+    with model_loading():
+        rewards = recipe.score_with_members(ctx.model_dir("model"), prompts, completions, settings.batch_size)
+    advance(len(prompts))
+    bounds = np.cumsum([0] + [part.num_rows for part in parts])
+    return [rewards[:, start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 REWARD_MODEL_LABELER = register_labeler(Labeler(

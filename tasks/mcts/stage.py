@@ -16,11 +16,18 @@ mcts}``. Every node of every tree is written to the ``trees`` table (visits, Q, 
 self-evaluation, committed path, the visits and Q each step had when the decision above it was
 committed, the tree's final status), so ``pair-trees`` derives preference pairs — and can re-derive
 them with another rule — without searching again.
+
+Data-parallel (``sharding``, :mod:`prefloop.sharding`): the prompts are cut into batches of
+``trees_per_batch`` trees (None: one batch of all of them, which cannot be split); each batch is searched
+by its own :class:`TreeSearch` whose random stream is seeded by :func:`~prefloop.sharding.block_seed` from
+``seed`` and the batch's first prompt id, so a batch's trees do not depend on which shard searched it and
+1 or 3 shards publish the same trees. (Version 2: version 1 numbered the expansion seeds across batches.)
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
@@ -32,10 +39,19 @@ from prefloop.backends.base import PolicyBackend
 from prefloop.datasets_spec import PROMPTS, TREES, make_drops
 from prefloop.errors import UserError
 from prefloop.ids import content_id
+from prefloop.sharding import (
+    ShardedStageConfig,
+    block_seed,
+    blocks,
+    model_loading,
+    run_sharded,
+    sharding_metrics,
+)
 from prefloop.stage import StageConfig, StageContext, StageOutput
 from prefloop.tasks.common.prompts import round_prompts
 from prefloop.tasks.common.search_trees import SearchTree, trees_to_table
 from prefloop.tasks.mcts.search import (
+    SearchCounters,
     TreeSearch,
     answer_line,
     context_fits,
@@ -50,7 +66,7 @@ from prefloop.tasks.registry import stage_spec
 ROOT_SIMULATION_FACTOR = 4
 
 
-class MCTSConfig(StageConfig):
+class MCTSConfig(ShardedStageConfig):
     """Search settings; the defaults are the paper's (Xie et al. 2024, §2 and appendix) and, where the paper
     is silent, the authors' code's (the root's budget)."""
 
@@ -110,7 +126,7 @@ class MCTSConfig(StageConfig):
 
 SPEC = stage_spec(
     "mcts",
-    version="1",
+    version="2",
     config_model=MCTSConfig,
     output_table=TREES,
     description="Step-level MCTS (MCTS-DPO) per prompt; every node of every tree is stored.",
@@ -121,45 +137,75 @@ def compute(ctx: StageContext) -> StageOutput:
     config: MCTSConfig = ctx.config
     prompts = round_prompts(ctx.read("prompts", PROMPTS), config.split, config.max_prompts, config.round,
                             config.new_prompts_each_round)
-    backend = load_backend(config.backend, ctx.model_dir("policy"), ctx.inputs["policy"].id, config.batch_size)
+    if config.sharding.shards > 1 and config.trees_per_batch is None and prompts.num_rows > 1:
+        raise UserError(f"mcts: sharding.shards is {config.sharding.shards} but trees_per_batch is None, so all "
+                        f"{prompts.num_rows} trees advance as one batch that a single worker must search; set "
+                        f"trees_per_batch (e.g. {max(1, prompts.num_rows // config.sharding.shards)}) to search "
+                        "batches of trees in parallel shards")
+    size = config.trees_per_batch or max(prompts.num_rows, 1)
+    parts = [prompts.slice(run.start, len(run)) for run in blocks(prompts.num_rows, size)]
+    results, shards = run_sharded(ctx, config.sharding, parts, search_blocks, units=[p.num_rows for p in parts],
+                                  description="trees")
+    trees = [tree for part_trees, _, _ in results for tree in part_trees]
+    reasons = [reason for _, part_reasons, _ in results for reason in part_reasons]
+    dropped = [index for index, reason in enumerate(reasons) if reason is not None]
+    if not trees:
+        raise UserError(
+            f"no prompt of split '{config.split}' can be searched ({dict(Counter(r for r in reasons if r))}): prompts "
+            f"need a reference answer, and room in the model's context window for a step of max_step_tokens "
+            f"({config.max_step_tokens})" + (" and the self-evaluation prompt (self_eval_template) with its answer"
+                                              if config.self_eval_weight else "")
+            + ": shorten the prompts or the template, lower max_step_tokens, or use a model with a longer context")
+    counters = SearchCounters()
+    for _, _, part_counters in results:
+        for name, value in vars(part_counters).items():
+            setattr(counters, name, getattr(counters, name) + value)
+    search = SimpleNamespace(counters=counters)  # search_metrics reads the (merged) counters only
+    table = trees_to_table(trees, config.round, ctx.inputs["policy"].id)
+    drops = make_drops(prompts, np.array(dropped, dtype=np.int64), [reasons[i] for i in dropped], "prompts",
+                       detail="prompt not searched: no reference answer to verify, or too long for the context window")
+    return StageOutput(table=table, drops=drops, metrics={"prompts": prompts.num_rows, **search_metrics(trees, search),
+                                                          **sharding_metrics(config.sharding, shards)})
+
+
+def search_blocks(ctx: StageContext, parts: list[pa.Table], advance) -> list[tuple[list[SearchTree], list, object]]:
+    """One shard: each batch of prompts searched by its own TreeSearch, seeded from its first prompt id;
+    per batch the trees, each prompt's drop reason (None: searched) and the search's counters."""
+    config: MCTSConfig = ctx.config
+    with model_loading():
+        backend = load_backend(config.backend, ctx.model_dir("policy"), ctx.inputs["policy"].id, config.batch_size)
     try:
-        return _search(ctx, config, prompts, backend)
+        results = []
+        for part in parts:
+            block = config.model_copy(update={"seed": block_seed(config.seed, part.column("prompt_id")[0].as_py()),
+                                              "trees_per_batch": None})
+            results.append(_search(ctx, block, part, backend, advance))
+        return results
     finally:
         backend.close()  # a vLLM server this stage started is stopped; HF: nothing to do
 
 
-def _search(ctx: StageContext, config: MCTSConfig, prompts: pa.Table, backend: PolicyBackend) -> StageOutput:
+def _search(ctx: StageContext, config: MCTSConfig, prompts: pa.Table, backend: PolicyBackend,
+            advance) -> tuple[list[SearchTree], list, object]:
     fits = context_fits(backend, config.context_window)
     eval_overhead = self_eval_overhead(config)
     rows = prompts.select(["prompt_id", "prompt", "reference_answer"]).to_pylist()
     room = fits([row["prompt"] + eval_overhead for row in rows], room_needed(config)) if fits else [True] * len(rows)
     trees: list[SearchTree] = []
-    dropped: list[int] = []
-    reasons: list[str] = []
-    for index, (row, fits_window) in enumerate(zip(rows, room, strict=True)):
+    reasons: list[str | None] = []
+    for row, fits_window in zip(rows, room, strict=True):
         if row["reference_answer"] is None or not row["reference_answer"].strip():
-            dropped.append(index)
             reasons.append("missing_reference_answer")
         elif not fits_window:
-            dropped.append(index)
             reasons.append("prompt_exceeds_context_window")
         else:
+            reasons.append(None)
             trees.append(SearchTree(tree_id=content_id(ctx.output_id, row["prompt_id"]), prompt_id=row["prompt_id"],
                                     prompt=row["prompt"], reference_answer=row["reference_answer"]))
-    if not trees:
-        raise UserError(
-            f"no prompt of split '{config.split}' can be searched ({dict(Counter(reasons))}): prompts need a "
-            f"reference answer, and room in the model's context window for a step of max_step_tokens "
-            f"({config.max_step_tokens})" + (" and the self-evaluation prompt (self_eval_template) with its answer"
-                                              if config.self_eval_weight else "")
-            + ": shorten the prompts or the template, lower max_step_tokens, or use a model with a longer context")
     search = TreeSearch(backend, config, answer_line(config.answer_prefix), fits)
-    with ctx.progress(len(trees), "trees") as advance:
-        search.run(trees, progress=advance)
-    table = trees_to_table(trees, config.round, ctx.inputs["policy"].id)
-    drops = make_drops(prompts, np.array(dropped, dtype=np.int64), reasons, "prompts",
-                       detail="prompt not searched: no reference answer to verify, or too long for the context window")
-    return StageOutput(table=table, drops=drops, metrics={"prompts": prompts.num_rows, **search_metrics(trees, search)})
+    search.run(trees, progress=advance)
+    advance(len(rows) - len(trees))
+    return trees, reasons, search.counters
 
 
 class MCTSConstruction(StageConfig):

@@ -1,0 +1,239 @@
+"""Data-parallel stages (prefloop.sharding): 1 and 3 shards publish byte-identical artifacts with the same
+id for sample, evaluate, label (reward model), label-rm, label-judge and mcts on the smoke model; threads,
+processes and Ray engines; the block planner; bad sharding configs fail with a clear error."""
+
+from __future__ import annotations
+
+import builtins
+import shutil
+
+import pyarrow as pa
+import pytest
+from helpers import arithmetic_pairs
+
+from prefloop.datasets_spec import PREFERENCES
+from prefloop.errors import UserError
+from prefloop.sharding import RAY_INSTALL, ShardingConfig, block_seed, blocks, plan_shards
+from prefloop.stage import (
+    StageConfig,
+    StageInputError,
+    StageOutput,
+    StageSpec,
+    execute,
+    output_ref,
+    parse_config,
+)
+from prefloop.storage import ArtifactStore
+from prefloop.tasks.registry import run_stage, stage_entry
+
+# configs/smoke.yaml's model and task sizes.
+SMOKE_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+               "max_position_embeddings": 64}
+SMOKE_TASK = {"min_ops": 1, "max_ops": 2}
+THREE_THREADS = {"shards": 3, "engine": "threads"}
+
+
+class _Content(StageConfig):
+    name: str
+
+
+def _put_pairs(store: ArtifactStore, count: int, short: bool = False) -> str:
+    """Pairs on embedded problems; ``short``: a one-step prompt and bare answers (they fit a judge prompt)."""
+    table = arithmetic_pairs(count)
+    if short:
+        table = pa.table({"pair_id": table.column("pair_id"), "prompt_id": table.column("prompt_id"),
+                          "prompt": [f"{i}+1=?" for i in range(count)], "chosen": [f"A:{i + 1}" for i in range(count)],
+                          "rejected": [f"A:{i}" for i in range(count)], "margin": table.column("margin")})
+    spec = StageSpec("hand-preferences", "1", _Content, "preferences", {}, PREFERENCES)
+    return execute(spec, lambda ctx: StageOutput(table=table), {}, {"name": f"pairs-{short}"}, store).output
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A store with the smoke loop's inputs: prompts, an SFT policy, samples, pairs and a reward model."""
+    store = ArtifactStore(tmp_path_factory.mktemp("sharding") / "store")
+    sft_prompts = run_stage("prompts", {}, {"n_train": 32, "n_heldout": 0, "task": SMOKE_TASK}, store)
+    prompts = run_stage("prompts", {}, {"n_train": 10, "n_heldout": 10, "task": SMOKE_TASK}, store)
+    policy = run_stage("sft", {"prompts": sft_prompts.output},
+                       {"model": SMOKE_MODEL, "training": {"max_steps": 30, "batch_size": 16, "learning_rate": 0.003}},
+                       store)
+    reference = run_stage("sft", {"prompts": sft_prompts.output},
+                          {"model": SMOKE_MODEL, "training": {"max_steps": 5, "batch_size": 16}}, store)
+    samples = run_stage("sample", {"policy": policy.output, "prompts": prompts.output},
+                        {"max_prompts": 10, "n": 3, "max_new_tokens": 12, "batch_size": 6}, store)
+    pairs = _put_pairs(store, 10)
+    short_pairs = _put_pairs(store, 10, short=True)
+    reward_model = run_stage("train-rm", {"preferences": pairs},
+                             {"model": SMOKE_MODEL, "training": {"max_steps": 2, "batch_size": 4}}, store)
+    return {"store": store, "prompts": prompts.output, "policy": policy.output, "reference": reference.output, "samples": samples.output,
+            "pairs": pairs, "short_pairs": short_pairs, "reward_model": reward_model.output}
+
+
+def _run_fresh(source: dict, tmp_path, name: str, stage: str, inputs: dict, config: dict):
+    """Run ``stage`` in a copy of the source store (so an earlier run's artifact is not simply found)."""
+    root = tmp_path / name
+    shutil.copytree(source["store"].base, root)
+    store = ArtifactStore(root)
+    result = run_stage(stage, inputs, config, store)
+    assert not result.cached
+    return store, result
+
+
+def _table_checksums(store: ArtifactStore, ref) -> dict[str, list[str]]:
+    """sha256 of every Parquet part of every table of an artifact (data, drops, extra tables)."""
+    manifest = store.read_manifest(ref)
+    return {name: [part.sha256 for part in table.files] for name, table in manifest.tables.items()}
+
+
+def _same_artifact_with_1_and_3_shards(source, tmp_path, stage: str, inputs: dict, config: dict,
+                                       sharding: dict | None = None) -> tuple:
+    one_store, one = _run_fresh(source, tmp_path, "one", stage, inputs, config)
+    three_store, three = _run_fresh(source, tmp_path, "three", stage, inputs,
+                                    {**config, "sharding": sharding or THREE_THREADS})
+    assert three.output == one.output
+    assert _table_checksums(three_store, three.ref) == _table_checksums(one_store, one.ref)
+    assert one.metrics["shards"] == 1 and three.metrics["shards"] == 3
+    assert "sharding" not in three_store.read_manifest(three.ref).config
+    return one_store, one
+
+
+# ---------------------------------------------------------------------------------------------
+# 1 vs 3 shards, threads engine
+# ---------------------------------------------------------------------------------------------
+def test_sample_gives_the_same_artifact_with_1_and_3_shards(source, tmp_path) -> None:
+    store, result = _same_artifact_with_1_and_3_shards(
+        source, tmp_path, "sample", {"policy": source["policy"], "prompts": source["prompts"]},
+        {"max_prompts": 10, "n": 2, "max_new_tokens": 12, "batch_size": 4})
+    assert store.read_table(result.ref).num_rows == 20
+
+
+def test_evaluate_gives_the_same_artifact_with_1_and_3_shards(source, tmp_path) -> None:
+    """Greedy accuracy, pass@k samples, the KL to a reference and the rewards, merged from shards."""
+    store, result = _same_artifact_with_1_and_3_shards(
+        source, tmp_path, "evaluate",
+        {"policy": source["policy"], "prompts": source["prompts"], "reference": source["reference"],
+         "reward_model": source["reward_model"]},
+        {"max_prompts": 10, "max_new_tokens": 12, "batch_size": 4, "samples_per_prompt": 2, "pass_k": [1, 2],
+         "sampled_prompts": 7})
+    assert {"pass@2", "kl_to_reference", "mean_reward"} <= set(result.metrics)
+    assert result.metrics["kl_to_reference"] != 0.0  # the reference is another model: its scores were computed
+
+
+def test_label_with_a_reward_model_gives_the_same_artifact_with_1_and_3_shards(source, tmp_path) -> None:
+    store, result = _same_artifact_with_1_and_3_shards(
+        source, tmp_path, "label", {"samples": source["samples"], "model": source["reward_model"]},
+        {"labeler": "reward_model", "settings": {"batch_size": 4}})
+    assert store.read_table(result.ref).num_rows == 30
+
+
+SEARCH = {"max_prompts": 6, "children_per_node": 2, "simulations": 2, "lookahead_depth": 2, "max_depth": 4,
+          "max_step_tokens": 8, "self_eval_template": "{prompt}{steps}?", "self_eval_yes": "A", "self_eval_no": "?",
+          "trees_per_batch": 2}
+
+
+def test_mcts_gives_the_same_trees_with_1_and_3_shards(source, tmp_path) -> None:
+    store, result = _same_artifact_with_1_and_3_shards(
+        source, tmp_path, "mcts", {"policy": source["policy"], "prompts": source["prompts"]}, SEARCH)
+    assert result.metrics["trees"] == 6
+
+
+def test_mcts_refuses_shards_when_all_trees_form_one_batch(source, tmp_path) -> None:
+    with pytest.raises(UserError, match="trees_per_batch is None"):
+        run_stage("mcts", {"policy": source["policy"], "prompts": source["prompts"]},
+                  {**SEARCH, "trees_per_batch": None, "sharding": THREE_THREADS}, source["store"])
+
+
+@pytest.mark.parametrize("target", ["samples", "preferences"])
+def test_label_rm_gives_the_same_artifact_with_1_and_3_shards(source, tmp_path, target) -> None:
+    inputs = {"reward_model": source["reward_model"], target: source["samples" if target == "samples" else "pairs"]}
+    store, result = _same_artifact_with_1_and_3_shards(source, tmp_path, "label-rm", inputs, {"batch_size": 3})
+    assert store.read_table(result.ref).num_rows == (30 if target == "samples" else 10)
+
+
+def test_label_judge_gives_the_same_artifact_with_1_and_3_shards(source, tmp_path) -> None:
+    store, result = _same_artifact_with_1_and_3_shards(
+        source, tmp_path, "label-judge", {"preferences": source["short_pairs"], "judge": source["policy"]},
+        {"batch_size": 3, "template": "{prompt}{answer_a}|{answer_b}|", "option_a": "1", "option_b": "2"})
+    assert store.read_table(result.ref).num_rows == 30  # the combined label and one per order, for 10 pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Other engines: worker processes and Ray tasks reopen the store from its URI
+# ---------------------------------------------------------------------------------------------
+SAMPLE_CONFIG = {"max_prompts": 10, "n": 2, "max_new_tokens": 12, "batch_size": 4}
+
+
+@pytest.mark.slow  # three spawned interpreters each import torch and transformers (~30 s on 2 busy cores)
+def test_sample_in_worker_processes_gives_the_same_artifact(source, tmp_path) -> None:
+    _same_artifact_with_1_and_3_shards(source, tmp_path, "sample",
+                                       {"policy": source["policy"], "prompts": source["prompts"]}, SAMPLE_CONFIG,
+                                       sharding={"shards": 3, "engine": "processes"})
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    ray = pytest.importorskip("ray", reason=f"Ray is not installed ({RAY_INSTALL}): the ray engine is not tested")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_sample_on_ray_gives_the_same_artifact(source, tmp_path, ray_instance) -> None:
+    """Ray tasks rebuild the stage context from the store's URI and read the policy from the store."""
+    _same_artifact_with_1_and_3_shards(source, tmp_path, "sample",
+                                       {"policy": source["policy"], "prompts": source["prompts"]}, SAMPLE_CONFIG,
+                                       sharding={"shards": 3, "engine": "ray"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan, the id and bad configs
+# ---------------------------------------------------------------------------------------------
+def test_blocks_and_shard_plans_are_contiguous_balanced_and_cover_everything() -> None:
+    assert blocks(10, 4) == [range(0, 4), range(4, 8), range(8, 10)]
+    assert plan_shards([4, 4, 2], 3) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert plan_shards([4, 4, 2], 5) == [range(0, 1), range(1, 2), range(2, 3)]  # never an empty shard
+    assert plan_shards([1] * 10, 3) == [range(0, 4), range(4, 7), range(7, 10)]
+    assert plan_shards([9, 1, 1, 1], 2) == [range(0, 1), range(1, 4)]  # balanced by weight, not by count
+    assert plan_shards([], 3) == []
+    assert block_seed(0, "p1") == block_seed(0, "p1") != block_seed(0, "p2") != block_seed(1, "p1")
+
+
+@pytest.mark.parametrize("stage", ["sample", "evaluate", "label", "label-rm", "label-judge", "mcts"])
+def test_the_id_and_the_manifest_config_do_not_depend_on_sharding(source, stage) -> None:
+    spec = stage_entry(stage).load().SPEC
+    inputs = {role: source["policy"] if kind == "model" else source["prompts"] for role, kind in spec.inputs.items()
+              if role not in spec.optional_inputs and kind in ("model", "prompts")}
+    one = parse_config(spec, {})
+    three = parse_config(spec, {"sharding": {"shards": 3, "engine": "ray", "address": "auto"}})
+    assert output_ref(spec, _refs(source, inputs), one) == output_ref(spec, _refs(source, inputs), three)
+    assert three.content() == one.content() and "sharding" not in three.content()
+
+
+def _refs(source, inputs):
+    return {role: source["store"].resolve(ref) for role, ref in inputs.items()}
+
+
+def test_bad_sharding_configs_fail_with_a_clear_error(source) -> None:
+    spec = stage_entry("sample").load().SPEC
+    with pytest.raises(StageInputError, match="shards is 0: it counts the parallel shards"):
+        parse_config(spec, {"sharding": {"shards": 0}})
+    with pytest.raises(StageInputError, match="engine 'dask' is not an engine .* threads, processes, ray"):
+        parse_config(spec, {"sharding": {"shards": 2, "engine": "dask"}})
+    with pytest.raises(StageInputError, match="address names a Ray cluster"):
+        parse_config(spec, {"sharding": {"shards": 2, "engine": "threads", "address": "auto"}})
+    assert ShardingConfig().shards == 1  # the default: one shard, in the stage's own process
+
+
+def test_the_ray_engine_without_ray_says_how_to_install_it(source, tmp_path, monkeypatch) -> None:
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    monkeypatch.delitem(__import__("sys").modules, "ray", raising=False)
+    with pytest.raises(UserError, match=r"Ray is not installed .*pip install 'prefloop\[ray\]'"):
+        run_stage("sample", {"policy": source["policy"], "prompts": source["prompts"]},
+                  {**SAMPLE_CONFIG, "seed": 5, "sharding": {"shards": 2, "engine": "ray"}}, source["store"])
