@@ -10,6 +10,16 @@ a progress artifact for each long piece of work; the flows publish each round's 
 run's summary (:func:`publish_round_report`, :func:`publish_run_report`). The stage cores know
 nothing of this: without Prefect they run exactly the same.
 
+What a flow adds to the stage cores is kept small (issue 19, item 5; ``benchmarks/prefect_overhead.py``):
+one Prefect task per stage, named from its parameters, with no result persistence and no cache-key
+evaluation; one log record per stage (its final state's message); artifacts written by one
+background thread, in order, while the stages compute; under :func:`run_flow_locally` the last
+artifacts are written while the server records the run, and that wait polls with back-off.
+
+Over 400 lines: it is the whole Prefect side of a stage (its task, artifacts, progress, dispatch to a
+pool's deployment, the local server's start and wait) in one module, so that stage code never imports
+Prefect; the parts share the artifact publisher.
+
 Importing this module does not import Prefect (about 1.5 s, more on a busy machine): each function
 imports what it uses. So :func:`lookup_caller` — the loop's wiring walked with lookups only, which
 ``prefloop run`` does before it starts Prefect (:func:`prefloop.flows.loop.lookup_loop`) — costs no
@@ -37,6 +47,10 @@ from prefloop.tasks.registry import StageEntry, stage_entry
 # A progress artifact is updated at most this often (in percentage points): each update is an API call.
 PROGRESS_STEP_PERCENT = 10.0
 PROGRESS_EVERY_SECONDS = 2.0
+# run_flow_locally asks the local server whether it has recorded every task run after 0.05 s, then
+# backs off (x1.5, at most 0.3 s apart): each question is a query the busy server answers between
+# the recordings it is asked about, so asking often slows what it waits for.
+RECORDED_POLL_SECONDS = (0.05, 1.5, 0.3)
 
 
 def artifact_key(*parts: str) -> str:
@@ -79,8 +93,25 @@ def _publish(what: str, create: Callable[[], Any]) -> None:
     _pending.append(_publisher.submit(run))
 
 
+# Set by run_flow_locally while its flow runs: the flow's own final wait_for_artifacts is then left
+# to run_flow_locally, so the last artifacts (the round and run reports, published as the flow ends)
+# are written while the flow run finishes and the server records it, not before.
+_caller_waits_for_artifacts: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "prefloop_caller_waits_for_artifacts", default=False)
+
+
 def wait_for_artifacts() -> None:
-    """Block until every artifact published so far has been written (flows call this last)."""
+    """Block until every artifact published so far has been written (flows call this last).
+
+    Inside :func:`run_flow_locally` this returns at once: that function waits after the flow has
+    returned, with the API client kept open until then.
+    """
+    if _caller_waits_for_artifacts.get():
+        return
+    _drain_artifacts()
+
+
+def _drain_artifacts() -> None:
     while _pending:
         _pending.pop(0).result()
 
@@ -153,37 +184,43 @@ def prefect_progress(key: str) -> Iterator[None]:
 def prefect_stage_task(stage: str):
     """The Prefect task of registered stage ``stage``: named after it, with the registry's retries; it
     runs the stage's pure core and publishes what happened."""
-    from prefect import task
+    from prefect import State, task
     from prefect.artifacts import create_table_artifact
     from prefect.cache_policies import NO_CACHE
-    from prefect.logging import get_run_logger
     from prefect.states import Completed
 
     entry = stage_entry(stage)
     spec = entry.spec
     retries = entry.retries
 
+    def task_run_name(parameters: dict[str, Any]) -> str:
+        # Named after the output's ref when there is one. Resolved from the call's parameters:
+        # ``with_options(task_run_name=...)`` per call would build a new Task each time (~5 ms).
+        return parameters.get("name") or spec.name
+
     @task(name=spec.name, description=spec.description, cache_policy=NO_CACHE, persist_result=False,
-          retries=retries, retry_delay_seconds=[5, 30, 120][:retries] or 0)
+          retries=retries, retry_delay_seconds=[5, 30, 120][:retries] or 0, task_run_name=task_run_name)
     def run_stage_task(inputs: Mapping[str, str], config: Mapping[str, Any] | None, store: str,
-                       name: str | None = None) -> StageResult:
+                       name: str | None = None) -> State:
         key = name or spec.name
         with prefect_progress(key):
             result = entry.run(dict(inputs), config, ArtifactStore(store), name)
-        logger = get_run_logger()
-        status = "cached" if result.cached else f"computed in {result.seconds:.1f}s"
-        logger.info("%s -> %s (%s, %d rows%s)", spec.name, name or result.output, status, result.rows,
-                    f", dropped {sum(result.drops.values())}" if result.drops else "")
+        # What happened is the final state's message, so Prefect's own "Finished in state ..." log
+        # line says it (one log record per stage, not two: each costs a console render and an API
+        # log entry). The task run is named after the output's ref; the stage is the task's name.
         if result.cached:
             # The store, not Prefect's result cache, decides what is done; a lookup is shown in the
             # UI as a "Cached" completed state. Its table artifact (same key) was published by the
             # run that computed it, so a lookup does not publish it again.
             return Completed(data=result, name="Cached", message=f"found {result.output} in the store")
+        status = f"computed in {result.seconds:.1f}s, {result.rows} rows"
+        if result.drops:
+            status += f", dropped {sum(result.drops.values())}"
         rows = stage_result_table(result)
         if rows:
             _publish("table", lambda: create_table_artifact(
-                rows, key=artifact_key(key), description=f"{spec.name}: {result.output} ({status}, {result.rows} rows)"))
-        return result
+                rows, key=artifact_key(key), description=f"{spec.name}: {result.output} ({status})"))
+        return Completed(data=result, message=f"{status}: {result.output}")
 
     return run_stage_task
 
@@ -193,15 +230,12 @@ def call_stage_task(stage: str, inputs: Mapping[str, str], config: Mapping[str, 
     """Run registered stage ``stage`` as its Prefect task and return its StageResult (also when the
     task ran as a lookup).
 
-    The task run is named after the output's ref (``demo/round-2/samples``) when there is one, so a
-    run's stages read as the rounds they belong to in the UI.
+    The task run is named after the output's ref (``demo/round-2/samples``) when there is one (else
+    after the stage), so a run's stages read as the rounds they belong to in the UI.
     """
     from prefect import State
 
-    stage_task_function = prefect_stage_task(stage)
-    if name:
-        stage_task_function = stage_task_function.with_options(task_run_name=name)
-    outcome = stage_task_function(inputs, config, store, name)
+    outcome = prefect_stage_task(stage)(inputs, config, store, name)
     return outcome.result() if isinstance(outcome, State) else outcome
 
 
@@ -291,17 +325,23 @@ _early_server: list[threading.Thread] = []
 def start_ephemeral_server_early() -> None:
     """Start Prefect's ephemeral API server in a background thread, so its start-up (seconds) overlaps
     whatever the caller does next (importing torch, reading configs). No-op against a real server
-    (``PREFECT_API_URL`` set). :func:`local_flow_settings` waits for it before any flow runs."""
+    (``PREFECT_API_URL`` set). :func:`local_flow_settings` waits for it before any flow runs.
+
+    Prefect's events worker (the websocket that carries every task-run state to the server) is
+    started there too, once the server is up: otherwise the flow's first task run starts it, and waits.
+    """
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value() or _early_server:
         return
 
     def start() -> None:
+        from prefect.events.worker import EventsWorker
         from prefect.server.api.server import SubprocessASGIServer
 
         with contextlib.suppress(Exception):  # a failed early start is retried, and reported, by Prefect itself
             SubprocessASGIServer().start()
+            EventsWorker.instance()  # the same worker (same server address) the flow's events then use
 
     thread = threading.Thread(target=start, name="prefloop-prefect-server", daemon=True)
     thread.start()
@@ -316,15 +356,23 @@ def local_flow_settings() -> Iterator[None]:
     process, so no one could act on flow-run heartbeats (they feed a server's crashed-run
     detection); their thread costs up to a second at the end of every flow run. They are switched
     off here and left to Prefect's default against a real server.
+
+    The settings are the current ones with only ``flows.heartbeat_frequency`` replaced, by a copy:
+    Prefect's ``temporary_settings`` would rebuild and re-validate every setting from the
+    environment and the profile file (about 0.1 s, more on a busy machine) for this one field.
     """
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.context import SettingsContext, get_settings_context
+    from prefect.settings import PREFECT_API_URL
 
     for thread in _early_server:
         thread.join()
     if PREFECT_API_URL.value():
         yield
         return
-    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    context = get_settings_context()
+    settings = context.settings
+    quiet = settings.model_copy(update={"flows": settings.flows.model_copy(update={"heartbeat_frequency": None})})
+    with SettingsContext(profile=context.profile, settings=quiet):
         yield
 
 
@@ -337,35 +385,58 @@ def run_flow_locally(flow: Callable[..., Any], *args: Any, expected_task_runs: C
     run in a final state: the client sends task-run states as events that the server records in the
     background, and stopping it mid-flush loses the last ones (and prints the server's errors).
     ``expected_task_runs(result)`` says how many task runs the flow made.
+
+    The Prefect artifacts the flow published last (its reports) are written meanwhile, in the
+    background, and waited for at the end: one API client serves the flow, the artifacts and the
+    wait, and stays open until all are done.
     """
-    with local_flow_settings():
-        state = flow(*args, return_state=True, **kwargs)
-    result = state.result()  # raises the flow's exception when it failed
-    wait_until_recorded(state.state_details.flow_run_id,
-                                 expected_task_runs(result) if expected_task_runs else 0)
+    from prefect.context import SyncClientContext
+
+    with local_flow_settings(), SyncClientContext.get_or_create():
+        deferred = _caller_waits_for_artifacts.set(True)
+        try:
+            state = flow(*args, return_state=True, **kwargs)
+        finally:
+            _caller_waits_for_artifacts.reset(deferred)
+        try:
+            result = state.result()  # raises the flow's exception when it failed
+            wait_until_recorded(state.state_details.flow_run_id,
+                                expected_task_runs(result) if expected_task_runs else 0)
+        finally:
+            _drain_artifacts()
     return result
 
 
 def wait_until_recorded(flow_run_id: Any, expected: int, timeout_s: float = 10.0) -> None:
+    """Against the ephemeral server, wait until it shows ``expected`` task runs of ``flow_run_id``, all
+    final (at most ``timeout_s``, then a warning); against a real server, return at once. Prefect's
+    own exit hook sends whatever events are still queued before the ephemeral server stops."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value() or flow_run_id is None:
         return  # a real server outlives this process and records everything in its own time
-    EventsWorker.drain_all(timeout=timeout_s)
-    APILogWorker.drain_all(timeout=timeout_s)
+    # The task-run states travel as events, sent one by one by Prefect's events worker: the server
+    # showing every task run final is the condition itself. Then the logs, which are batched (every
+    # 2 s by default): draining sends the last batch now. (Draining stops every Prefect queue service,
+    # the events worker included; done only once its queue is empty, that prints no "Still processing
+    # items" warning.)
     deadline = time.monotonic() + timeout_s
+    recorded = False
+    pause, factor, longest = RECORDED_POLL_SECONDS
     with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
+        while not recorded and time.monotonic() < deadline:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            if len(runs) >= expected and all(run.state is not None and run.state.is_final() for run in runs):
-                return
-            time.sleep(0.1)
-    _logger().warning("the local Prefect server had not recorded every task run of flow run %s after %.0f s; "
-                      "the UI may show some of them unfinished", flow_run_id, timeout_s)
+            recorded = len(runs) >= expected and all(run.state is not None and run.state.is_final() for run in runs)
+            if not recorded:
+                time.sleep(pause)
+                pause = min(pause * factor, longest)
+    APILogWorker.drain_all(timeout=max(deadline - time.monotonic(), 1.0))
+    if not recorded:
+        _logger().warning("the local Prefect server had not recorded every task run of flow run %s after %.0f s; "
+                          "the UI may show some of them unfinished", flow_run_id, timeout_s)
 
 
 def publish_round_report(store: str, run: str, round_index: int) -> None:
