@@ -34,7 +34,12 @@ DEFAULT_PORT = 4200
 
 
 def project_dir() -> Path:
-    """The repository root (where ``prefect.yaml`` lives): the parent of this ``flows/`` folder."""
+    """The project directory (where ``prefect.yaml`` lives): ``$PREFLOOP_PROJECT_DIR`` when it holds one
+    (the container images install prefloop as a package and set it to their copy of the project),
+    else the parent of this ``flows/`` folder (a checkout, installed editable)."""
+    configured = os.environ.get("PREFLOOP_PROJECT_DIR")
+    if configured and (Path(configured) / "prefect.yaml").exists():
+        return Path(configured)
     root = Path(__file__).resolve().parents[1]
     if not (root / "prefect.yaml").exists():
         raise UserError(

@@ -383,3 +383,14 @@ def test_container_runtime_reports_why_none_answers(monkeypatch, tmp_path):
     fake.unlink()
     runtime, reason = container_runtime()
     assert runtime is None and "'docker info' failed" in reason and "Cannot connect" in reason
+
+
+def test_the_project_directory_can_be_named_for_an_installed_package(tmp_path, monkeypatch):
+    from prefloop.flows.deploy import project_dir
+
+    # The images install prefloop non-editable and set PREFLOOP_PROJECT_DIR to their copy of the project.
+    (tmp_path / "prefect.yaml").write_text("name: prefloop\n")
+    monkeypatch.setenv("PREFLOOP_PROJECT_DIR", str(tmp_path))
+    assert project_dir() == tmp_path
+    monkeypatch.setenv("PREFLOOP_PROJECT_DIR", str(tmp_path / "elsewhere"))  # no prefect.yaml there: the checkout
+    assert (project_dir() / "prefect.yaml").exists() and project_dir() != tmp_path / "elsewhere"
