@@ -11,7 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-all bench reliability gpu-check server lint clean install
+.PHONY: demo test test-all bench reliability gpu-check own-model server lint clean install
 
 install: $(STAMP)
 
@@ -44,6 +44,14 @@ reliability: $(STAMP)
 # On a CUDA worker: vLLM venv + CUDA torch, then every GPU check (10 min budget); elsewhere one line, exit 0.
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py --out gpu-check.json
+
+# The loop on "your own" model: a locally built chat model, prompts and reward-model pairs written as a
+# user's files (prefloop example own-model), then iterative DPO labeled by a reward model and by the verifier.
+own-model: $(STAMP)
+	$(VENV)/bin/prefloop example own-model .prefloop/own-model
+	$(VENV)/bin/prefloop run --config configs/own_model.yaml
+	$(VENV)/bin/prefloop run --config configs/own_model_verifier.yaml
+	$(VENV)/bin/prefloop compare own-model own-model-verifier
 
 server: $(STAMP)
 	$(VENV)/bin/prefloop server --port 4200

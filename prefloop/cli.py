@@ -553,6 +553,7 @@ def _more_commands() -> None:
     """Commands kept in modules of their own register on ``app`` when imported (each imports ``app``
     from here, so importing any of them first works too)."""
     import prefloop.cli_code  # noqa: F401 - code show, code reuse
+    import prefloop.cli_example  # noqa: F401 - example own-model
     import prefloop.cli_prefect  # noqa: F401 - server, deploy, worker
     import prefloop.cli_reports  # noqa: F401 - report, compare
 

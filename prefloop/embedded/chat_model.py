@@ -70,12 +70,19 @@ def word_problem_lines(count: int, seed: int = 0) -> list[str]:
 
 
 def build_chat_tokenizer(texts: Sequence[str] | None = None, vocab_size: int = 512,
-                         chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+                         chat_template: str | None = CHAT_TEMPLATE, split_digits: bool = False,
+                         model_max_length: int = SMALL_CHAT_MODEL.max_position_embeddings) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on ``texts`` (default: 400 generated word-problem lines) with pad/bos/eos and
-    the chat markers as special tokens, ``chat_template`` set (None: a model without a template), left padding."""
+    the chat markers as special tokens, ``chat_template`` set (None: a model without a template), left padding.
+
+    ``split_digits``: every digit is its own token (as Llama 2 and DeepSeek tokenizers do), so a number's
+    tokens follow its digits and a small model can learn column arithmetic; otherwise BPE merges digit runs.
+    """
     texts = list(texts) if texts is not None else word_problem_lines(200)
     raw = tokenizers.Tokenizer(tokenizers.models.BPE())
-    raw.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.pre_tokenizer = (tokenizers.pre_tokenizers.Sequence(
+        [tokenizers.pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level)
     raw.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
@@ -84,7 +91,7 @@ def build_chat_tokenizer(texts: Sequence[str] | None = None, vocab_size: int = 5
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=raw, pad_token=PAD_TOKEN, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
         additional_special_tokens=[USER_TOKEN, ASSISTANT_TOKEN, END_OF_TURN_TOKEN],
-        padding_side="left", model_max_length=SMALL_CHAT_MODEL.max_position_embeddings,
+        padding_side="left", model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
     if chat_template is not None:
