@@ -10,8 +10,9 @@ decided by the rule printed with it from the measured numbers, never by hand.
 Rows (``--rows``, default all that are defined):
 
 - ``bon-fixed`` — best-vs-worst pairs from n = 8 verified samples, DPO + NLL (Iterative RPO), the
-  reference fixed at the SFT model (configs/demo.yaml as shipped before this table chose its settings);
-- ``bon-previous`` — the same with ``reference_policy: previous_round`` (iterative DPO: RLHFlow, SPIN);
+  reference fixed at the SFT model (configs/demo.yaml's setting before this table chose ``previous_round``);
+- ``bon-previous`` — the same with ``reference_policy: previous_round`` (iterative DPO: RLHFlow, SPIN;
+  configs/demo.yaml as shipped);
 - ``bon-previous-half-lr`` — the same at half the learning rate (5e-5): the third setting declared for
   choosing the demo's, before any result was seen;
 - ``rso`` — statistical rejection sampling (configs/rso.yaml);
