@@ -132,10 +132,12 @@ class StoreCheckpointer:
     def steps(self) -> list[int]:
         """Steps of this run's complete checkpoints (manifest written), oldest first."""
         fs = self.store.fs
-        if not fs.exists(self.directory):
+        try:
+            listed = fs.ls(self.directory, detail=False)
+        except FileNotFoundError:  # none yet, or a concurrent run of the same stage published and cleared them
             return []
         found = []
-        for path in fs.ls(self.directory, detail=False):
+        for path in listed:
             name = path.rstrip("/").rsplit("/", 1)[-1]
             if name.startswith("step-") and fs.exists(f"{path.rstrip('/')}/{CHECKPOINT_MANIFEST}"):
                 found.append(int(name[len("step-"):]))
