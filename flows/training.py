@@ -93,6 +93,13 @@ def check_starting_policy(policy: str, demonstrations: str | None, store: str) -
 def _check_tokenizer(directory: Path) -> None:
     from transformers import AutoTokenizer
 
+    from prefloop.chat import check_chat_template
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+    if not any((directory / name).exists() for name in names):
+        raise UnsafeModelError(f"{directory}: no tokenizer files ({', '.join(names)}); the loop tokenises prompts "
+                               "with the model's own tokenizer: save it beside the model with "
+                               "tokenizer.save_pretrained(DIR)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
     except Exception as error:  # noqa: BLE001 - any failure means the directory has no usable tokenizer
@@ -101,6 +108,8 @@ def _check_tokenizer(directory: Path) -> None:
     if tokenizer.eos_token_id is None:
         raise UnsafeModelError(f"{directory}: the tokenizer has no eos token, so generation cannot stop; set "
                                "tokenizer.eos_token and save it again")
+    # A template that raises is refused here, before the loop imports the prompts (nothing written).
+    check_chat_template(tokenizer)
 
 
 def starting_policy(call: StageCaller, policy: str, demonstrations: str | None, sft_config: dict[str, Any],
@@ -246,6 +255,7 @@ def check_reward_model(setting: RewardModelSetting, policy: str | None, filter_c
     directory = policy_directory(given)
     if directory is not None:
         check_model_dir(directory)
+        _check_tokenizer(directory)
         members = [directory]
     else:
         ref = _resolve(target, given, "reward_model.model", "model",

@@ -181,21 +181,25 @@ def run(
 
 
 def round_table(store: ArtifactStore, run_name: str) -> Table:
-    """Per-round summary of a run, read back from its metrics artifacts (formatted as in the report)."""
+    """Per-round summary of a run, read back from its metrics artifacts (formatted as in the report): pair
+    counts, then the headline columns (accuracy ± SE, paired gain vs round 0 ± SE and, when a reward model
+    scored the run, mean reward ± SE and win rate vs the previous round ± SE), win/tie/loss vs the previous
+    round, KL and length."""
     from prefloop.report import MISSING, format_metric, load_run
+    from prefloop.report.data import headline_columns
 
-    table = Table(title=f"run '{run_name}'")
-    columns = (("pairs built", "pairs_built"), ("kept", "pairs_kept"), ("dropped", "pairs_dropped"),
-               ("accuracy", "accuracy"), ("gain vs SFT", "accuracy_gain"), ("KL to ref", "kl_to_reference"),
-               ("mean length", "mean_length"))
-    for header in ("round", *(h for h, _ in columns[:5]), "win/tie/loss vs prev", *(h for h, _ in columns[5:])):
+    run = load_run(store, run_name)
+    table = Table(title=f"run '{run_name}'" + (": wins judged by the reward model" if run.judged_by_reward else ""))
+    columns = [("pairs built", "pairs_built"), ("kept", "pairs_kept"), ("dropped", "pairs_dropped"),
+               *headline_columns(run)]
+    after = [("KL to ref", "kl_to_reference"), ("mean length", "mean_length")]
+    for header in ("round", *(h for h, _ in columns), "win/tie/loss vs prev", *(h for h, _ in after)):
         table.add_column(header, justify="right")
-    for metrics in load_run(store, run_name).rounds:
-        cells = {metric: format_metric(metric, metrics.get(metric)) for _, metric in columns}
+    for metrics in run.rounds:
         outcomes = [metrics.get(f"{outcome}_rate_vs_previous") for outcome in ("win", "tie", "loss")]
         win_tie_loss = "/".join(f"{o.value * 100:.0f}" for o in outcomes) if all(outcomes) else MISSING
-        table.add_row(str(metrics.round), *(cells[m] for _, m in columns[:5]), win_tie_loss,
-                      *(cells[m] for _, m in columns[5:]))
+        table.add_row(str(metrics.round), *(format_metric(m, metrics.get(m)) for _, m in columns), win_tie_loss,
+                      *(format_metric(m, metrics.get(m)) for _, m in after))
     return table
 
 

@@ -51,7 +51,10 @@ def compare(
         side_by_side.add_row(*row)
     console.print(side_by_side)
     by_round_header, by_round_rows = accuracy_by_round(first, second)
-    by_round = Table(*by_round_header, title="greedy accuracy by round")
+    judged = [run.run for run in (first, second) if run.judged_by_reward]
+    by_round = Table(*by_round_header, title="greedy accuracy by round, paired gain vs round 0"
+                     + (", mean reward and win rate vs the previous round" if first.has_reward or second.has_reward
+                        else "") + (f" (wins of {' and '.join(judged)} judged by the reward model)" if judged else ""))
     for row in by_round_rows:
         by_round.add_row(*row)
     console.print(by_round)
@@ -60,7 +63,7 @@ def compare(
             console.print(f"[yellow]note ({run_metrics.run}):[/] {note}")
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(f"# {run_a} vs {run_b}\n\n{markdown_table(header, rows)}\n\n## Greedy accuracy by round\n\n"
+        markdown.write_text(f"# {run_a} vs {run_b}\n\n{markdown_table(header, rows)}\n\n## {str(by_round.title)[:1].upper()}{str(by_round.title)[1:]}\n\n"
                             f"{markdown_table(by_round_header, by_round_rows)}\n", encoding="utf-8")
         console.print(f"wrote {markdown}")
 

@@ -52,7 +52,8 @@ class RewardModelSetting(BaseModel):
     min_i z_i (worst case), ``uncertainty_weighted`` z̄ − λ·var_i z_i with λ = ``uncertainty_weight``
     (Coste et al. 2023). Construction ranks samples by that score; the filter gets the members' own
     labels as its ``ensemble_labels`` input (disagreement, flip-rate estimate); the evaluation reports the
-    mean reward and judges win rates by reward (``evaluation.win_judge``, unless set).
+    mean reward under the same aggregate (``evaluation.reward_aggregation``/``uncertainty_penalty``) and judges
+    win rates by reward (``evaluation.win_judge``), unless its section sets them.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -193,11 +194,18 @@ class LoopSettings(BaseModel):
 
     @model_validator(mode="after")
     def _judge_wins_by_the_reward_model(self) -> LoopSettings:
-        """With a labeling reward model the evaluation judges wins by its reward, unless the config says otherwise."""
+        """With a labeling reward model the evaluation judges wins by its reward, and scores an ensemble with the
+        aggregate the rounds are labeled by (reward_model.aggregate, uncertainty_weight), unless the evaluation
+        section sets its own."""
         evaluation = getattr(self, "evaluation", None)
-        if self.reward_model is None or evaluation is None or "win_judge" in evaluation.model_fields_set:
+        if self.reward_model is None or evaluation is None:
             return self
-        return self.model_copy(update={"evaluation": evaluation.model_copy(update={"win_judge": "reward_model"})})
+        wanted = {"win_judge": "reward_model", "reward_aggregation": self.reward_model.aggregate,
+                  "uncertainty_penalty": self.reward_model.uncertainty_weight}
+        update = {key: value for key, value in wanted.items() if key not in evaluation.model_fields_set}
+        if not update:
+            return self
+        return self.model_copy(update={"evaluation": evaluation.model_copy(update=update)})
 
     @model_validator(mode="after")
     def _evaluate_with_the_label_task(self) -> LoopSettings:

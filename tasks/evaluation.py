@@ -2,7 +2,9 @@
 
 On held-out prompts (the same prompts in every round, so rounds can be paired):
 
-* ``accuracy`` — greedy decoding, verified exactly, ± sqrt(p(1 − p)/n);
+* ``accuracy`` — greedy decoding, verified exactly, ± sqrt(p(1 − p)/n), over the n prompts that have a
+  reference answer (its ``count``; a note says how many lack one; None, never 0, when none has one —
+  pass@k, the gain and verifier-judged wins likewise leave those prompts out);
 * ``accuracy_gain`` against the ``baseline`` evaluation (the SFT model's): mean of
   d_i = correct_i − baseline_i with paired standard error std(d)/√n, the comparison that can
   separate a few points on 1000 prompts where unpaired errors cannot;
@@ -13,7 +15,8 @@ On held-out prompts (the same prompts in every round, so rounds can be paired):
   under ``reference_policy: previous_round`` the reference moves every round, so only the KL to the
   start shows the total drift; the loop passes ``start`` whenever the round's reference is not it;
 * ``mean_reward`` of the greedy completions under a ``reward_model`` (optional: without one the
-  metric is absent and the manifest's ``notes`` say so);
+  metric is absent and the manifest's ``notes`` say so); an ensemble's reward is ``reward_aggregation``
+  (mean / min / uncertainty_weighted) of its standardised members, the aggregate the loop labels with;
 * ``win_rate`` / ``tie_rate`` / ``loss_rate`` against the SFT model (``baseline``) and the
   previous round (``previous``), judged by the verifier or the reward model, ties counted apart;
 * ``mean_length`` (completion tokens, ± SE) and ``truncated_rate``;
@@ -67,6 +70,7 @@ from prefloop.stage import StageContext, StageOutput
 from prefloop.storage import ArtifactRef
 from prefloop.tasks.answers import TaskDefinition, resolve_task
 from prefloop.tasks.common.confidence import estimated_flip_rate
+from prefloop.tasks.common.ensembles import Aggregation, aggregation_name
 from prefloop.tasks.common.prompts import select_prompts
 from prefloop.tasks.common.statistics import (
     accuracy_with_stderr,
@@ -103,6 +107,11 @@ class EvaluationConfig(ShardedStageConfig):
     seed: int = 0
     win_judge: Literal["verifier", "reward_model"] = Field(
         "verifier", description="who decides a win: the verifier (correct beats wrong) or the reward model")
+    reward_aggregation: Aggregation = Field(
+        "mean", description="how an ensemble reward model's standardised member rewards become the reward of "
+        "mean_reward and reward-judged wins: mean, min or uncertainty_weighted (a loop takes its reward_model's "
+        "aggregate unless set here); a single reward model ignores it")
+    uncertainty_penalty: float = Field(0.5, ge=0.0, description="λ of reward_aggregation uncertainty_weighted")
     task: str | TaskDefinition = Field(
         "arithmetic", description="how answers are extracted and checked: a task preset (arithmetic, gsm8k, math, "
         "answer_line) or a definition, as in the label stage; a loop uses its label stage's task unless set here")
@@ -158,20 +167,31 @@ def completion_sequence_logprobs(backend: HFBackend, prompts: Sequence[str],
 
 
 def score_rewards(model_dir: str | Path, prompts: Sequence[str], completions: Sequence[str],
-                  batch_size: int = 64) -> list[float]:
+                  batch_size: int = 64, aggregation: Aggregation = "mean",
+                  uncertainty_penalty: float = 0.5) -> list[float]:
     """Scalar reward r(x, y) of each (prompt, completion) under a reward-model artifact written by the
     ``train-rm`` stage (or any one-label sequence-classification model in that format): the label's
-    logit, or for an ensemble the mean of the members' standardised rewards z_i = (r_i − μ_i)/σ_i
-    (:func:`prefloop.tasks.common.ensembles.aggregate_rewards`, with the μ_i, σ_i ``train-rm`` stored).
-    Loading and scoring are the reward-model stage's own
+    logit, or for an ensemble ``aggregation`` of the members' standardised rewards z_i = (r_i − μ_i)/σ_i
+    (:func:`prefloop.tasks.common.ensembles.aggregate_rewards`, with the μ_i, σ_i ``train-rm`` stored):
+    z̄, min_i z_i, or z̄ − λ·var_i z_i. Loading and scoring are the reward-model stage's own
     (:func:`prefloop.tasks.training.recipes.reward_model.score_with_members`)."""
-    from prefloop.tasks.common.ensembles import MemberStandardisation, aggregate_rewards
     from prefloop.tasks.training.recipes.reward_model import score_with_members
 
     rewards = score_with_members(model_dir, prompts, completions, batch_size)
+    return combine_member_rewards(model_dir, rewards, aggregation, uncertainty_penalty)
+
+
+def combine_member_rewards(model_dir: str | Path, rewards: np.ndarray, aggregation: Aggregation = "mean",
+                           uncertainty_penalty: float = 0.5) -> list[float]:
+    """One reward per completion from the members' raw rewards [members, n]: a single model's own, an
+    ensemble's standardised aggregate — the same aggregate label-rm ranks the round's samples by, so the
+    evaluation's mean reward measures what the rounds optimise."""
+    from prefloop.tasks.common.ensembles import MemberStandardisation, aggregate_rewards
+
     if rewards.shape[0] == 1:
         return rewards[0].tolist()
-    return aggregate_rewards(rewards, "mean", standardisation=MemberStandardisation.read(model_dir)).tolist()
+    return aggregate_rewards(rewards, aggregation, uncertainty_penalty,
+                             standardisation=MemberStandardisation.read(model_dir)).tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,8 +202,8 @@ class _UnitResult:
     """Per-prompt results of one unit of prompts (greedy for all, sampled for its first ``sampled``)."""
 
     completions: list[Completion]
-    correct: list[bool]
-    samples_correct: list[int]
+    correct: list[bool | None]  # None: the prompt has no reference answer to verify against
+    samples_correct: list[int | None]
     policy_logprobs: list[float]  # one per sample of the sampled prompts (flat), when a KL is estimated
     other_logprobs: dict[str, list[float]]  # role -> the same samples under that role's model
     rewards: np.ndarray | None  # [members, prompts] raw rewards of the greedy completions
@@ -216,10 +236,9 @@ def compute(ctx: StageContext) -> StageOutput:
     correct = [c for unit in results for c in unit.correct]
     notes: list[str] = []
     n = len(correct)
-    accuracy, accuracy_stderr = accuracy_with_stderr(correct)
     length, length_stderr = mean_with_stderr([c.num_tokens for c in completions])
     rows: list[dict] = [
-        {"metric": "accuracy", "value": accuracy, "stderr": accuracy_stderr, "count": n},
+        verifier_accuracy_row(correct, notes),
         {"metric": "mean_length", "value": length, "stderr": length_stderr, "count": n},
         {"metric": "truncated_rate", "value": sum(c.finish_reason == "length" for c in completions) / n, "count": n},
     ]
@@ -236,30 +255,41 @@ def compute(ctx: StageContext) -> StageOutput:
     results_columns |= sampled.columns
 
     rewards: list[float] | None = None
+    ensemble = False
     if ctx.has("reward_model"):
-        rewards = _aggregate_rewards(ctx.model_dir("reward_model"),
-                                     np.concatenate([unit.rewards for unit in results], axis=1))
+        member_rewards = np.concatenate([unit.rewards for unit in results], axis=1)
+        ensemble = member_rewards.shape[0] > 1
+        rewards = combine_member_rewards(ctx.model_dir("reward_model"), member_rewards,
+                                         config.reward_aggregation, config.uncertainty_penalty)
         reward, reward_stderr = mean_with_stderr(rewards)
         rows.append({"metric": "mean_reward", "value": reward, "stderr": reward_stderr, "count": n})
         results_columns["reward"] = pa.array(rewards, pa.float64())
     else:
         notes.append(NO_REWARD_MODEL)
 
-    judged = rewards if config.win_judge == "reward_model" else [float(c) for c in correct]
-    own_scores = dict(zip(prompt_ids, judged, strict=True))
+    # Prompts without a reference answer have no verifier outcome: they take no part in verifier-judged wins.
+    judged = rewards if config.win_judge == "reward_model" else [None if c is None else float(c) for c in correct]
+    own_scores = {p: score for p, score in zip(prompt_ids, judged, strict=True) if score is not None}
     if ctx.has("baseline"):
         baseline = ctx.store.read_table(ctx.inputs["baseline"], "eval_results")
-        baseline_correct = dict(zip(baseline.column("prompt_id").to_pylist(), baseline.column("correct").to_pylist(),
-                                    strict=True))
-        gain, stderr, shared = paired_gain(dict(zip(prompt_ids, correct, strict=True)), baseline_correct)
-        rows.append({"metric": "accuracy_gain", "value": gain, "stderr": stderr, "count": shared})
-        rows.extend(_win_rows("sft", own_scores, _judged_scores(ctx, "baseline", baseline, config.win_judge)))
+        baseline_correct = {p: c for p, c in zip(baseline.column("prompt_id").to_pylist(),
+                                                  baseline.column("correct").to_pylist(), strict=True) if c is not None}
+        verified = {p: c for p, c in zip(prompt_ids, correct, strict=True) if c is not None}
+        if verified and baseline_correct:
+            gain, stderr, shared = paired_gain(verified, baseline_correct)
+            rows.append({"metric": "accuracy_gain", "value": gain, "stderr": stderr, "count": shared})
+        else:
+            notes.append("no prompt has a verifier outcome in both this and the baseline evaluation: the accuracy "
+                         "gain is not measured")
+        rows.extend(_win_rows("sft", own_scores, _judged_scores(ctx, "baseline", baseline, config.win_judge, ensemble),
+                              notes))
     else:
         notes.append("no baseline evaluation given (round 0 is the SFT model itself): "
                      "accuracy gain and win rate vs SFT are not measured")
     if ctx.has("previous"):
         previous = ctx.store.read_table(ctx.inputs["previous"], "eval_results")
-        rows.extend(_win_rows("previous", own_scores, _judged_scores(ctx, "previous", previous, config.win_judge)))
+        rows.extend(_win_rows("previous", own_scores,
+                              _judged_scores(ctx, "previous", previous, config.win_judge, ensemble), notes))
     else:
         notes.append("no previous round: win rate vs the previous round is not measured")
 
@@ -274,18 +304,34 @@ def compute(ctx: StageContext) -> StageOutput:
     metrics: dict = {row["metric"]: row["value"] for row in rows}
     metrics |= {f"{row['metric']}_stderr": row["stderr"] for row in rows if row.get("stderr") is not None}
     metrics |= data_notes | {"win_judge": config.win_judge, "notes": notes} | sharding_metrics(config.sharding, shards)
+    if ensemble:
+        metrics["reward_aggregation"] = aggregation_name(config.reward_aggregation, config.uncertainty_penalty)
     results_table = pa.table({name: results_columns.get(name, pa.nulls(n, EVAL_RESULTS.schema.field(name).type))
                               for name in EVAL_RESULTS.column_names}, schema=EVAL_RESULTS.schema)
     return StageOutput(table=table, extra_tables={"eval_results": (results_table, EVAL_RESULTS)}, metrics=metrics)
 
 
-def _aggregate_rewards(model_dir: Path, rewards: np.ndarray) -> list[float]:
-    """One reward per completion from the members' raw rewards, as :func:`score_rewards` combines them."""
-    from prefloop.tasks.common.ensembles import MemberStandardisation, aggregate_rewards
+def has_reference(answer: object) -> bool:
+    """Whether a prompt's reference answer can be verified against: present and not blank."""
+    return answer is not None and bool(str(answer).strip())
 
-    if rewards.shape[0] == 1:
-        return rewards[0].tolist()
-    return aggregate_rewards(rewards, "mean", standardisation=MemberStandardisation.read(model_dir)).tolist()
+
+def verifier_accuracy_row(correct: Sequence[bool | None], notes: list[str]) -> dict:
+    """The ``accuracy`` row over the prompts that have a reference answer (``correct`` is None for the others):
+    p = c/m with sqrt(p(1 − p)/m) and count m, the number verified. With m = 0 the value is None (not 0:
+    nothing was measured) and a note says why; with some prompts unverified a note says how many."""
+    verified = [c for c in correct if c is not None]
+    missing = len(correct) - len(verified)
+    if not verified:
+        notes.append(f"none of the {len(correct)} evaluated prompts has a reference answer: verifier accuracy, "
+                     "pass@k, the accuracy gain and verifier-judged wins are not measured (import the prompts with "
+                     "a reference_answer mapping to measure them)")
+        return {"metric": "accuracy", "value": None, "stderr": None, "count": 0}
+    if missing:
+        notes.append(f"{missing} of the {len(correct)} evaluated prompts have no reference answer: verifier "
+                     f"accuracy, pass@k and the accuracy gain are over the {len(verified)} that have one")
+    accuracy, stderr = accuracy_with_stderr(verified)
+    return {"metric": "accuracy", "value": accuracy, "stderr": stderr, "count": len(verified)}
 
 
 def evaluate_units(ctx: StageContext, parts: list[tuple[pa.Table, int]], advance) -> list[_UnitResult]:
@@ -317,7 +363,8 @@ def evaluate_units(ctx: StageContext, parts: list[tuple[pa.Table, int]], advance
         prompt_ids = prompts.column("prompt_id").to_pylist()
         completions = [group[0] for group in backend.generate(texts, greedy)]
         unit = _UnitResult(completions=completions,
-                           correct=[task.verify(c.text, a) for c, a in zip(completions, answers, strict=True)],
+                           correct=[task.verify(c.text, a) if has_reference(a) else None
+                                    for c, a in zip(completions, answers, strict=True)],
                            samples_correct=[], policy_logprobs=[], other_logprobs={role: [] for role in _kl_roles(ctx)},
                            rewards=None)
         for run in blocks(sampled, block_size):
@@ -325,8 +372,9 @@ def evaluate_units(ctx: StageContext, parts: list[tuple[pa.Table, int]], advance
                                       max_new_tokens=config.max_new_tokens,
                                       seed=block_seed(config.seed, prompt_ids[run.start]))
             groups = backend.generate(texts[run.start:run.stop], params)
-            unit.samples_correct.extend(sum(task.verify(c.text, answers[run.start + i]) for c in group)
-                                        for i, group in enumerate(groups))
+            unit.samples_correct.extend(
+                sum(task.verify(c.text, answers[run.start + i]) for c in group)
+                if has_reference(answers[run.start + i]) else None for i, group in enumerate(groups))
             if not unit.other_logprobs:
                 continue
             flat_prompts = [texts[run.start + i] for i, group in enumerate(groups) for _ in group]
@@ -360,11 +408,11 @@ def _sampled_metrics(ctx: StageContext, results: list[_UnitResult], prompt_ids: 
         notes.append("samples_per_prompt is 0: pass@k and the KL to the reference are not measured")
         return _Sampled([], {})
     correct_counts = [c for unit in results for c in unit.samples_correct]
-    counts = [(config.samples_per_prompt, c) for c in correct_counts]
+    counts = [(config.samples_per_prompt, c) for c in correct_counts if c is not None]
     rows = []
-    for k in config.pass_k:
+    for k in config.pass_k if counts else ():  # no sampled prompt has a reference answer: pass@k not measured
         value, stderr = mean_pass_at_k(counts, k)
-        rows.append({"metric": f"pass@{k}", "value": value, "stderr": stderr, "count": count})
+        rows.append({"metric": f"pass@{k}", "value": value, "stderr": stderr, "count": len(counts)})
     padding = [None] * (len(prompt_ids) - count)
     columns = {
         "samples_drawn": pa.array([config.samples_per_prompt] * count + padding, pa.int32()),
@@ -400,23 +448,37 @@ def kl_rows(policy_logprobs: Sequence[float], other_logprobs: Mapping[str, Seque
     return rows
 
 
-def _judged_scores(ctx: StageContext, role: str, other: pa.Table, judge: str) -> dict[str, float]:
-    """The other policy's per-prompt scores under the configured judge."""
+def _judged_scores(ctx: StageContext, role: str, other: pa.Table, judge: str, ensemble: bool) -> dict[str, float]:
+    """The other policy's per-prompt scores under the configured judge (prompts without one left out)."""
     prompt_ids = other.column("prompt_id").to_pylist()
     if judge == "verifier":
         return {p: float(c) for p, c in zip(prompt_ids, other.column("correct").to_pylist(), strict=True)
                 if c is not None}
-    other_model = ctx.store.read_manifest(ctx.inputs[role]).inputs.get("reward_model")
+    manifest = ctx.store.read_manifest(ctx.inputs[role])
+    other_model = manifest.inputs.get("reward_model")
     if "reward" not in other.column_names or other_model != str(ctx.inputs["reward_model"]):
         raise UserError(
             f"evaluate: win_judge is 'reward_model' but the '{role}' evaluation ({ctx.inputs[role]}) was not scored "
             f"by the same reward model (it used {other_model or 'none'}); evaluate it again with "
             f"reward_model={ctx.inputs['reward_model']} or set win_judge: verifier")
+    config: EvaluationConfig = ctx.config
+    # An ensemble's rewards under another aggregate are on another scale: wins against them would mean nothing.
+    theirs = (manifest.config.get("reward_aggregation", "mean"), manifest.config.get("uncertainty_penalty", 0.5))
+    if ensemble and theirs != (config.reward_aggregation, config.uncertainty_penalty):
+        raise UserError(
+            f"evaluate: the '{role}' evaluation ({ctx.inputs[role]}) aggregated the ensemble's rewards as "
+            f"{theirs[0]} (λ = {theirs[1]}), this one as {config.reward_aggregation} (λ = {config.uncertainty_penalty}): "
+            "their rewards are not comparable; evaluate both with the same reward_aggregation or set win_judge: verifier")
     return {p: r for p, r in zip(prompt_ids, other.column("reward").to_pylist(), strict=True) if r is not None}
 
 
-def _win_rows(opponent: str, scores: Mapping[str, float], other_scores: Mapping[str, float]) -> list[dict]:
+def _win_rows(opponent: str, scores: Mapping[str, float], other_scores: Mapping[str, float],
+              notes: list[str]) -> list[dict]:
     outcome = win_rate(scores, other_scores)
+    if outcome.n == 0:  # e.g. verifier-judged, and no prompt has a reference answer: a rate of nothing is no rate
+        notes.append(f"no prompt was judged in both this and the '{opponent}' evaluation: win rate vs {opponent} "
+                     "not measured")
+        return []
     rows = []
     for name, key in (("win_rate", "wins"), ("tie_rate", "ties"), ("loss_rate", "losses")):
         value, stderr = outcome.rate(key)  # type: ignore[arg-type]

@@ -66,6 +66,11 @@ class RunMetrics:
     def has_reward(self) -> bool:
         return any(r.get("mean_reward") for r in self.rounds)
 
+    @property
+    def judged_by_reward(self) -> bool:
+        """Whether its win rates were judged by the reward model (``evaluation.win_judge``; RM-labeled loops)."""
+        return any(r.info.get("win_judge") == "reward_model" for r in self.rounds)
+
     def pass_ks(self) -> list[int]:
         ks = {int(name.split("@", 1)[1]) for r in self.rounds for name in r.values if re.fullmatch(r"pass@\d+", name)}
         return sorted(ks)
@@ -176,12 +181,25 @@ def format_metric(metric: str, value: MetricValue | None, signed: bool = False) 
     return text + suffix
 
 
+def headline_columns(run: RunMetrics) -> list[tuple[str, str]]:
+    """(header, metric) of what a run's rounds are judged by, for the table ``prefloop run`` prints and the
+    by-round table of ``prefloop compare``: greedy accuracy ± SE and its paired gain vs round 0 (the
+    starting policy) ± SE; when a reward model scored the run, its mean reward ± SE and the win rate vs the
+    previous round ± SE (judged by the reward model when the run's ``win_judge`` is, as in RM-labeled loops:
+    :attr:`RunMetrics.judged_by_reward`, which the tables say in their titles)."""
+    columns = [("accuracy", "accuracy"), ("gain vs round 0", "accuracy_gain")]
+    if run.has_reward:
+        columns += [("mean reward", "mean_reward"), ("win vs prev", "win_rate_vs_previous")]
+    return columns
+
+
 def summary_columns(run: RunMetrics) -> list[tuple[str, str]]:
     """(header, metric) of the per-round summary table."""
-    columns = [("accuracy", "accuracy"), ("gain vs SFT", "accuracy_gain")]
+    columns = [("accuracy", "accuracy"), ("gain vs round 0", "accuracy_gain")]
     columns += [(f"pass@{k}", f"pass@{k}") for k in run.pass_ks()]
     columns += [("KL to ref", "kl_to_reference"), ("mean reward", "mean_reward"),
-                ("win vs SFT", "win_rate_vs_sft"), ("tie vs SFT", "tie_rate_vs_sft"), ("loss vs SFT", "loss_rate_vs_sft"),
+                ("win vs round 0", "win_rate_vs_sft"), ("tie vs round 0", "tie_rate_vs_sft"),
+                ("loss vs round 0", "loss_rate_vs_sft"),
                 ("win vs prev", "win_rate_vs_previous"), ("tie vs prev", "tie_rate_vs_previous"),
                 ("loss vs prev", "loss_rate_vs_previous"), ("mean length", "mean_length"),
                 ("pairs built", "pairs_built"), ("kept", "pairs_kept"), ("dropped", "pairs_dropped"),

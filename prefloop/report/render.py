@@ -25,6 +25,7 @@ from prefloop.report.data import (
     all_metric_rows,
     drop_rows,
     format_metric,
+    headline_columns,
     load_run,
     pick_round,
     round_drop_rows,
@@ -130,9 +131,11 @@ def compare_runs(first: RunMetrics, second: RunMetrics, round_first: int | None 
 
 
 def accuracy_by_round(first: RunMetrics, second: RunMetrics) -> tuple[list[str], list[list[str]]]:
-    """Greedy accuracy of both runs round by round."""
+    """Both runs round by round: greedy accuracy ± SE and the paired gain vs round 0, and — for a run a reward
+    model scored — its mean reward ± SE and win rate vs the previous round (:func:`headline_columns`)."""
     indices = sorted({r.round for r in first.rounds} | {r.round for r in second.rounds})
-    by_round = [{r.round: r for r in run.rounds} for run in (first, second)]
-    rows = [[str(i), *(format_metric("accuracy", rounds[i].get("accuracy")) if i in rounds else MISSING
-                       for rounds in by_round)] for i in indices]
-    return ["round", first.run, second.run], rows
+    runs = [(run, headline_columns(run), {r.round: r for r in run.rounds}) for run in (first, second)]
+    header = ["round", *(f"{run.run}: {title}" for run, columns, _ in runs for title, _ in columns)]
+    rows = [[str(i), *(format_metric(metric, rounds[i].get(metric)) if i in rounds else MISSING
+                       for _, columns, rounds in runs for _, metric in columns)] for i in indices]
+    return header, rows

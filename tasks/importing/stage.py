@@ -214,9 +214,12 @@ def _model_compute(snapshot: SourceSnapshot, skipped: list[str]):
                                    "save it beside the model with tokenizer.save_pretrained(DIR)") from None
         metrics: dict[str, Any] = {"source": str(source), "weight_files": [w.name for w in weights],
                                    "skipped_files": skipped, "has_chat_template": bool(tokenizer.chat_template)}
-        from prefloop.chat import check_chat_template
+        from prefloop.chat import ChatTemplateError, check_chat_template
 
-        check_chat_template(tokenizer)  # a template that raises is refused here, not at the first stage using it
+        try:
+            check_chat_template(tokenizer)  # a template that raises is refused here, not at the first stage using it
+        except ChatTemplateError as error:  # name the user's directory, not the snapshot this reads
+            raise ChatTemplateError(str(error).replace(str(out), str(source))) from None
         if tokenizer.eos_token_id is None:
             raise UnsafeModelError(f"{source}: the tokenizer has no eos token, so generation cannot stop; set "
                                    "tokenizer.eos_token and save it again")
