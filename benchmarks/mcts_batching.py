@@ -36,6 +36,7 @@ from pathlib import Path
 
 from prefloop.backends.hf import HFBackend
 from prefloop.datasets_spec import PROMPTS
+from prefloop.environment import apply_offline_defaults
 from prefloop.storage import ArtifactStore
 from prefloop.tasks.common.prompts import select_prompts
 from prefloop.tasks.common.search_trees import SearchTree
@@ -105,6 +106,7 @@ def describe(trees: list[SearchTree], runner: TreeSearch) -> str:
 
 
 def main() -> None:
+    apply_offline_defaults()  # the settings real runs use (e.g. no tokenizer thread pool on 2 cores)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trees", type=int, default=32, help="prompts searched (one tree each)")
     parser.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the policy trained first")

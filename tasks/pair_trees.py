@@ -2,7 +2,7 @@
 
 Xie et al. 2024, "Monte Carlo Tree Search Boosts Reasoning via Iterative Preference Learning": at
 each depth of the committed path, the sibling steps with the highest and the lowest Q form a pair
-that shares its prefix — prompt = problem + the committed steps above, chosen = the highest-Q step,
+that shares its prefix (the problem and the committed steps above) — chosen = the highest-Q step,
 rejected = the lowest-Q step — at most ``max_pairs_per_tree`` (8) per tree, from the top down. Each
 pair carries the confidence of its label from the visit counts,
 
@@ -28,10 +28,40 @@ truncated (``require_correct``); every other tree is recorded in ``drops`` with 
 ``tree_context_window``, ``tree_unfinished``).
 
 Rules (``rule``): ``committed_path`` (the paper's), or ``all_expanded`` — the same highest-vs-lowest
-pair at every expanded node of the tree, committed or not. ``completion``: ``step`` (the paper's
-single step, with its newline unless it is the answer line) or ``to_leaf`` (each side continued along
-its most-visited finished descendants to a leaf, so a pair ending in answers compares whole
-continuations — useful with trainers that append eos to every completion).
+pair at every expanded node of the tree, committed or not. ``completion``: what follows the shared
+steps on each side — ``step`` (the paper's single step, with its newline unless it is the answer line)
+or ``to_leaf`` (the step continued along its most-visited finished descendants to a leaf, so a pair
+ending in answers compares whole continuations — useful with trainers that append eos to every
+completion).
+
+**Layout of a pair** (version 2): ``prompt`` = the problem alone; ``chosen`` = the shared steps s (every
+step from the root down to the pair's parent, each with its newline) followed by the chosen step;
+``rejected`` = the same s followed by the rejected step. So a pair trains on the tokens the search
+sampled from: with a chat template the problem is the user turn and s the start of the assistant turn,
+as the search fed them (``prefloop.tasks.mcts.search``, "What the policy reads"), never s inside the user
+message; without a template the token sequences are the ones version 1 made (prompt = problem + s),
+only the completion mask now covers s too. (Version 1 put s at the end of the prompt.)
+
+Which losses train exactly as with s in the prompt: log π(s + y | x) = log π(s | x) + log π(y | x, s), so
+every loss that depends on a pair only through the DPO margin of *summed* log-probs,
+h = [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)], sees the s terms cancel, in value and
+gradient: ``sigmoid`` (DPO), ``cdpo`` (MCTS-DPO's conservative DPO), ``rdpo``, ``hinge``, and ``ipo``
+without ``length_normalize``. (The trainer runs the two sides' common tokens once,
+``prefloop.forward.pair_sequence_logprobs``, so s costs little and its log-probs are the same numbers on
+both sides; the per-side rewards it logs include s's log-ratio, their difference does not.) Not the
+same: length-normalised forms (``simpo``, ``ipo``/``tdpo`` with ``length_normalize``: dividing by |s + y|
+weighs the sides differently), ``sppo`` (regresses each side's log-ratio on its own, so s enters both),
+``rpo`` and ``sft`` (their NLL term now covers s too, per token over |s + y_w|: on verified committed
+paths that is NLL on the correct solution so far, as Iterative RPO trains the whole winning answer),
+``tdpo`` (the rejected side's sequential KL, which carries the gradient, now sums over s's positions
+while the chosen side's is stop-gradient). Filters that read completions see s too: ``length_ratio``
+compares whole answers, ``max_pairs_per_prompt`` counts pairs per problem rather than per node, and the
+CHES score and pair embeddings include s's hidden states.
+
+Why not a separate response-prefix column: the preferences table, its exports (TRL's prompt / chosen /
+rejected has no such field; its conversational form makes ``chosen`` an assistant message, which is
+exactly s + step) and every consumer would have to learn it, while rows in this layout are ordinary
+pairs that every trainer and export reads correctly.
 """
 
 from __future__ import annotations
@@ -59,14 +89,15 @@ class PairTreesConfig(StageConfig):
     rule: Literal["committed_path", "all_expanded"] = Field(
         "committed_path", description="which nodes' children are paired (committed_path: the paper's)")
     completion: Literal["step", "to_leaf"] = Field(
-        "step", description="step: the sibling steps alone (paper); to_leaf: each continued to its most-visited leaf")
+        "step", description="after the shared steps, step: each side's own step (paper); to_leaf: it continued to its "
+        "most-visited leaf")
     max_pairs_per_tree: int = Field(8, ge=1)
     require_correct: bool = Field(True, description="pair only trees whose committed answer is verified correct")
 
 
 SPEC = stage_spec(
     "pair-trees",
-    version="1",
+    version="2",
     config_model=PairTreesConfig,
     output_table=PREFERENCES,
     description="Step-level pairs (highest-Q vs lowest-Q siblings) from stored MCTS trees, with visit-count confidence.",
@@ -143,9 +174,10 @@ def pair_rows(tree: SearchTree, pairs: list[StepPair], completion: str, round_in
               policy_model_id: str | None) -> list[dict]:
     rows = []
     for pair in pairs:
-        prompt = tree.prefix(pair.parent)
-        chosen_text = completion_text(tree, pair.chosen, completion)
-        rejected_text = completion_text(tree, pair.rejected, completion)
+        # The problem is the prompt; the steps above the pair start both answers (module docstring).
+        prompt, shared = tree.prompt, tree.steps_text(pair.parent)
+        chosen_text = shared + completion_text(tree, pair.chosen, completion)
+        rejected_text = shared + completion_text(tree, pair.rejected, completion)
         rows.append({
             "pair_id": pair_id(prompt, chosen_text, rejected_text), "prompt_id": tree.prompt_id, "prompt": prompt,
             "chosen": chosen_text, "rejected": rejected_text, "score_chosen": pair.score_chosen,

@@ -73,10 +73,12 @@ class ScriptedPolicy:
             return Completion(text[:2], 2, -1.0, "length")
         return Completion(text, len(text), -0.1 * len(text), "stop")
 
-    def generate(self, prompts, params: GenerationParams, progress=None):
+    def generate(self, prompts, params: GenerationParams, progress=None, response_prefixes=None):
         self.generate_calls.append(len(prompts))
         assert params.stop == ["\n"]
-        return [[self._next(p, self.kinds[j % len(self.kinds)]) for j in range(params.n)] for p in prompts]
+        # The search passes the problem as the prompt and the steps so far as the response prefix.
+        texts = [p + r for p, r in zip(prompts, response_prefixes or [""] * len(prompts), strict=True)]
+        return [[self._next(p, self.kinds[j % len(self.kinds)]) for j in range(params.n)] for p in texts]
 
     def score_logprobs(self, prompts, continuations, progress=None):
         self.score_calls.append(len(prompts))
@@ -223,8 +225,9 @@ def test_pairs_and_confidences_by_hand():
     assert [p.confidence for p in pairs] == pytest.approx([0.8, 2 / 3])
     assert all(p.decision_time for p in pairs)
     rows = pair_trees.pair_rows(tree, pairs, "step", 1, "m")
+    # The prompt is the problem; the committed steps above a pair start both of its sides.
     assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [
-        ("1+2=?\n", "1+2=3\n", "1+2=4\n"), ("1+2=?\n1+2=3\n", "A:3", "A:4")]
+        ("1+2=?\n", "1+2=3\n", "1+2=4\n"), ("1+2=?\n", "1+2=3\nA:3", "1+2=3\nA:4")]
     assert [r["margin"] for r in rows] == pytest.approx([1 / 3 + 0.2, 2.0])
     assert (rows[1]["score_chosen"], rows[1]["score_rejected"]) == pytest.approx((0.5, -1.5))
     assert rows[0]["method"] == "mcts_step"
@@ -385,8 +388,9 @@ def test_empty_and_truncated_siblings_are_never_paired():
 
 
 def test_context_window_and_max_depth_end_trees():
-    def fits(texts, extra):
-        return [len(text) + extra <= 30 for text in texts]
+    def fits(texts, extra, response_prefixes=None):
+        prefixes = response_prefixes or [""] * len(texts)
+        return [len(text + prefix) + extra <= 30 for text, prefix in zip(texts, prefixes, strict=True)]
 
     tree = TreeSearch(ScriptedPolicy(), MCTSConfig(**SCRIPT_CONFIG | {"max_step_tokens": 10}), extract_answer,
                       fits).run([_tree("1+2+3+4+5+6=?\n", "21")])[0]

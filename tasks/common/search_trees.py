@@ -7,6 +7,9 @@ arXiv:2405.00451): a node is a partial solution, a step one line of text ending 
 without searching again. The tree's statuses say why a committed path did not end in a verified answer.
 Each node also keeps its visit count and Q as they were when the decision at its parent was committed
 (``decision_visits``, ``decision_q_value``): MCTS-DPO's pair confidence is defined on those.
+The tree's ``prompt`` is the problem alone; a node's steps (:meth:`SearchTree.steps_text`) are the
+partial answer, which the search hands the policy as a response prefix (inside the assistant turn of a
+chat template) and ``pair-trees`` puts at the start of both sides of a pair.
 The search itself (PUCT, backup, the batched runner) lives in ``prefloop.tasks.mcts``.
 """
 
@@ -92,9 +95,14 @@ class SearchTree:
             index = self.nodes[index].parent
         return steps[::-1]
 
+    def steps_text(self, index: int) -> str:
+        """The partial answer at a node: every step from the root to it, each with its newline."""
+        return "".join(step + STEP_SEPARATOR for step in self.steps_to(index))
+
     def prefix(self, index: int) -> str:
-        """The text the policy continues from at a node: the prompt and every step with its newline."""
-        return self.prompt + "".join(step + STEP_SEPARATOR for step in self.steps_to(index))
+        """The prompt and the partial answer as one text (what a model without a chat template reads; the
+        search passes the two apart, so a chat template puts the steps in the assistant turn)."""
+        return self.prompt + self.steps_text(index)
 
     def committed_path(self) -> list[int]:
         path = [0]

@@ -20,6 +20,18 @@ this module adds the steps that need the policy:
 After expansion the simulation continues into one new child, chosen by PUCT, so every simulation
 adds one visit along its whole path.
 
+**What the policy reads.** An expansion is ``generate(prompts=[problem], response_prefixes=[steps so
+far])``: the backend renders the problem alone as the user turn (:mod:`prefloop.chat`) and puts the steps,
+tokenised on their own, at the start of the assistant turn, where sampling writes a whole answer and
+where ``pair-trees``' pairs train them (prompt = problem, each side = steps so far + its step). Without a
+chat template the backend appends the steps to the prompt text: the same tokens as when the search
+passed problem + steps as one prompt. The self-evaluation is a question *about* the partial solution
+(the authors' code asks it as a new question quoting the proposed solution), so its prompt is
+``self_eval_template`` filled with the problem and the steps, rendered as one user turn, and the answer
+(``self_eval_yes`` / ``self_eval_no``) is scored as the assistant's reply; without a template that is the
+text it always was. (A follow-up user turn after the assistant's steps would need multi-turn rendering,
+which :mod:`prefloop.chat` does not offer.)
+
 **Batched**: the trees of a batch advance together — each round runs every tree's simulations until
 the tree needs the policy (a leaf to expand; simulations ending at a terminal node or the look-ahead
 limit are backed up at once), then every expansion is one ``generate`` call and every self-evaluation
@@ -30,13 +42,14 @@ algorithm with the batch cut to one tree: the trees differ only because the back
 samples from one random stream (at temperature 0 they are identical; see
 ``benchmarks/mcts_batching.py``).
 
-**Prefix cache**: a node's text is its parent's plus one step, and its self-evaluation prompt (with the
-default templates) its text plus a question, so every policy call repeats a prefix an earlier call
-computed. Each batch of trees runs inside the backend's prefix-cache scope
-(:func:`~prefloop.backends.base.prefix_cache`, ``prefix_cache_mib`` of KV, least recently used first
-out): the HF backend keeps the KV cache of every generated step and feeds only the tokens after the
-longest cached prefix, so an expansion costs its new tokens instead of the whole path. The trees are
-the same with and without it (at temperature 0 exactly, as ``tests/test_mcts_cache.py`` checks).
+**Prefix cache**: a node's text is its parent's plus one step, and (without a chat template) its
+self-evaluation prompt, with the default templates, its text plus a question, so every policy call
+repeats a prefix an earlier call computed. (With a chat template the self-evaluation's user turn quotes
+the steps, so it shares only the problem's tokens with the expansions.) Each batch of trees runs inside
+the backend's prefix-cache scope (:func:`~prefloop.backends.base.prefix_cache`, ``prefix_cache_mib`` of
+KV, least recently used first out): the HF backend keeps the KV cache of every generated step and
+feeds only the tokens after the longest cached prefix, so an expansion costs its new tokens instead of
+the whole path. The trees are the same with and without it (at temperature 0 exactly, as ``tests/test_mcts_cache.py`` checks).
 
 Also here: the answer-line verifier, the context-window check and the search's metrics.
 """
@@ -83,9 +96,27 @@ def room_needed(config: MCTSConfig) -> int:
     return config.max_step_tokens + max(len(config.self_eval_yes), len(config.self_eval_no))
 
 
-def self_eval_overhead(config: MCTSConfig) -> str:
-    """The text the self-evaluation prompt adds to a node's text (none when self-evaluation is off)."""
-    return "" if config.self_eval_weight == 0.0 else config.self_eval_template.format(prompt="", steps="")
+def self_eval_prompt(config: MCTSConfig, prompt: str, steps: str) -> str:
+    """The self-evaluation question of a node: ``self_eval_template`` filled with the problem and its steps
+    so far (each ending in a newline), rendered as one user turn by a chat template."""
+    return config.self_eval_template.format(prompt=prompt, steps=steps)
+
+
+Fits = Callable[..., list[bool]]
+"""``fits(prompts, extra_tokens, response_prefixes=None)``: for each prompt (with its response prefix, the
+steps so far) whether its tokens as the policy reads them plus ``extra_tokens`` fit the context window."""
+
+
+def room_for_next_step(fits: Fits, config: MCTSConfig, prompts: Sequence[str], steps: Sequence[str]) -> list[bool]:
+    """Whether a node (problem, steps so far) leaves room in the context window for another step and, with
+    self-evaluation on, for the self-evaluation of the node that step makes: its question plus the step and
+    an answer (a token is at least one character, so the answers' lengths bound their token counts)."""
+    prompts, steps = list(prompts), list(steps)
+    room = fits(prompts, config.max_step_tokens, response_prefixes=steps)
+    if config.self_eval_weight == 0.0:
+        return room
+    questions = [self_eval_prompt(config, prompt, done) for prompt, done in zip(prompts, steps, strict=True)]
+    return [a and b for a, b in zip(room, fits(questions, room_needed(config)), strict=True)]
 
 
 @dataclass
@@ -103,19 +134,18 @@ class TreeSearch:
     """Runs MCTS on many trees with one policy backend; see the docstrings of this module and of
     ``tree_ops.py`` for the algorithm.
 
-    ``fits(texts, extra_tokens)`` says for each text whether it plus ``extra_tokens`` more tokens fits in
-    the policy's context window (None: no limit known); it is called once per round of expansions.
+    ``fits`` (:data:`Fits`) says which policy inputs fit the context window with room to spare (None: no
+    limit known); it is called once per round of expansions.
     """
 
     def __init__(self, backend: PolicyBackend, config: MCTSConfig, extract_answer: Callable[[str], str | None],
-                 fits: Callable[[list[str], int], list[bool]] | None = None):
+                 fits: Fits | None = None):
         self.backend = backend
         self.config = config
         self.extract_answer = extract_answer
         self.fits = fits
         self.counters = SearchCounters()
         self._calls = 0
-        self._eval_overhead = self_eval_overhead(config)
 
     def run(self, trees: list[SearchTree], progress: Callable[[int], None] | None = None) -> list[SearchTree]:
         """Search every tree to the end of its committed path, ``trees_per_batch`` trees at a time."""
@@ -181,10 +211,11 @@ class TreeSearch:
             max_new_tokens=config.max_step_tokens, seed=config.seed * 1_000_003 + self._calls, stop=[STEP_SEPARATOR],
         )
         self._calls += 1
-        prefixes = [tree.prefix(path[-1]) for tree, path in expanding]
-        groups = self.backend.generate(prefixes, params)
+        # The problem is the prompt and the steps so far the response prefix (module docstring).
+        groups = self.backend.generate([tree.prompt for tree, _ in expanding], params,
+                                       response_prefixes=[tree.steps_text(path[-1]) for tree, path in expanding])
         self.counters.generate_calls += 1
-        self.counters.sequences_generated += len(prefixes) * config.children_per_node
+        self.counters.sequences_generated += len(expanding) * config.children_per_node
         children: list[tuple[SearchTree, Node]] = []
         for (tree, path), group in zip(expanding, groups, strict=True):
             leaf = tree.nodes[path[-1]]
@@ -197,8 +228,9 @@ class TreeSearch:
         """A node without room for another step (and its self-evaluation) ends its solution: truncated."""
         if self.fits is None or not open_children:
             return
-        texts = [tree.prefix(child.index) + self._eval_overhead for tree, child in open_children]
-        for (_, child), fits in zip(open_children, self.fits(texts, room_needed(self.config)), strict=True):
+        room = room_for_next_step(self.fits, self.config, [tree.prompt for tree, _ in open_children],
+                                  [tree.steps_text(child.index) for tree, child in open_children])
+        for (_, child), fits in zip(open_children, room, strict=True):
             if not fits:
                 child.invalid_reason = CONTEXT_WINDOW
                 child.terminal, child.correct = True, False
@@ -245,7 +277,7 @@ class TreeSearch:
         judged = [(tree, index) for tree, index in nodes if tree.nodes[index].invalid_reason is None]
         if config.self_eval_weight != 0.0 and judged and self.fits is not None:
             # _check_context gave open nodes room for a step and the answer; answer lines are checked here.
-            texts = [tree.prefix(index) + self._eval_overhead for tree, index in judged]
+            texts = [self_eval_prompt(config, tree.prompt, tree.steps_text(index)) for tree, index in judged]
             answer_room = max(len(config.self_eval_yes), len(config.self_eval_no))
             judged = [node for node, fits in zip(judged, self.fits(texts, answer_room), strict=True) if fits]
         confidence = self._self_evaluate(judged) if config.self_eval_weight != 0.0 and judged else {}
@@ -256,9 +288,7 @@ class TreeSearch:
     def _self_evaluate(self, nodes: list[tuple[SearchTree, int]]) -> dict[tuple[int, int], float]:
         """C = P(yes) of each node's self-evaluation prompt (stored as the node's ``self_eval``)."""
         config = self.config
-        prompts = [config.self_eval_template.format(
-            prompt=tree.prompt, steps="".join(step + STEP_SEPARATOR for step in tree.steps_to(index)))
-            for tree, index in nodes]
+        prompts = [self_eval_prompt(config, tree.prompt, tree.steps_text(index)) for tree, index in nodes]
         # One score_logprobs call for both answers of every prompt: P(yes) = σ(log π(yes|e) − log π(no|e)).
         probabilities = yes_probability(self.backend, prompts, config.self_eval_yes, config.self_eval_no)
         self.counters.score_calls += 1
@@ -292,16 +322,18 @@ def answer_line(prefix: str) -> Callable[[str], str | None]:
     return extract
 
 
-def context_fits(backend: PolicyBackend, window: int | None) -> Callable[[list[str], int], list[bool]] | None:
-    """``fits(texts, extra_tokens)`` from the backend's token counts (``prompt_lengths``) and context window
-    (``window``, else the backend's ``context_window``); None when either is unknown."""
+def context_fits(backend: PolicyBackend, window: int | None) -> Fits | None:
+    """:data:`Fits` from the backend's token counts (``prompt_lengths``, which render prompts and response
+    prefixes as generation does) and context window (``window``, else the backend's ``context_window``);
+    None when either is unknown."""
     window = window or getattr(backend, "context_window", None)
     counter = getattr(backend, "prompt_lengths", None)
     if window is None or counter is None:
         return None
 
-    def fits(texts: list[str], extra_tokens: int) -> list[bool]:
-        return [length + extra_tokens <= window for length in counter(texts)]
+    def fits(prompts: list[str], extra_tokens: int, response_prefixes: list[str] | None = None) -> list[bool]:
+        lengths = counter(prompts, response_prefixes) if response_prefixes is not None else counter(prompts)
+        return [length + extra_tokens <= window for length in lengths]
 
     return fits
 

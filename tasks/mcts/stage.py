@@ -22,6 +22,11 @@ Data-parallel (``sharding``, :mod:`prefloop.sharding`): the prompts are cut into
 by its own :class:`TreeSearch` whose random stream is seeded by :func:`~prefloop.sharding.block_seed` from
 ``seed`` and the batch's first prompt id, so a batch's trees do not depend on which shard searched it and
 1 or 3 shards publish the same trees. (Version 2: version 1 numbered the expansion seeds across batches.)
+
+Version 3: the policy continues a node from the problem as its prompt and the steps so far as the start
+of its answer (``prefloop.tasks.mcts.search``, "What the policy reads"), so with a chat template the
+steps sit in the assistant turn instead of inside the user message; trees of models without a template
+are unchanged.
 """
 
 from __future__ import annotations
@@ -55,9 +60,8 @@ from prefloop.tasks.mcts.search import (
     TreeSearch,
     answer_line,
     context_fits,
-    room_needed,
+    room_for_next_step,
     search_metrics,
-    self_eval_overhead,
 )
 from prefloop.tasks.registry import stage_spec
 
@@ -126,7 +130,7 @@ class MCTSConfig(ShardedStageConfig):
 
 SPEC = stage_spec(
     "mcts",
-    version="2",
+    version="3",
     config_model=MCTSConfig,
     output_table=TREES,
     description="Step-level MCTS (MCTS-DPO) per prompt; every node of every tree is stored.",
@@ -188,9 +192,9 @@ def search_blocks(ctx: StageContext, parts: list[pa.Table], advance) -> list[tup
 def _search(ctx: StageContext, config: MCTSConfig, prompts: pa.Table, backend: PolicyBackend,
             advance) -> tuple[list[SearchTree], list, object]:
     fits = context_fits(backend, config.context_window)
-    eval_overhead = self_eval_overhead(config)
     rows = prompts.select(["prompt_id", "prompt", "reference_answer"]).to_pylist()
-    room = fits([row["prompt"] + eval_overhead for row in rows], room_needed(config)) if fits else [True] * len(rows)
+    room = (room_for_next_step(fits, config, [row["prompt"] for row in rows], [""] * len(rows)) if fits
+            else [True] * len(rows))
     trees: list[SearchTree] = []
     reasons: list[str | None] = []
     for row, fits_window in zip(rows, room, strict=True):
