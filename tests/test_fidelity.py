@@ -55,13 +55,115 @@ def test_claims_are_decided_from_the_numbers_and_unmeasured_rows_say_so(fidelity
 
 
 def test_quick_mode_runs_every_row_on_the_smoke_config(fidelity, tmp_path):
+    from prefloop.storage import ArtifactStore
+
     assert fidelity.main(["--quick", "--store", str(tmp_path / "store"), "--out", str(tmp_path)]) == 0
     written = json.loads((tmp_path / "fidelity.json").read_text())
     assert set(written["rows"]) == set(fidelity.ROWS)
     for name, row in written["rows"].items():
         assert [int(s) for s in row["seeds"]] == [0, 1], name
         assert len(row["rounds"]) == 2, name  # SFT and one round
+    noise = written["noise"]
+    assert [int(s) for s in noise["seeds"]] == [0, 1]
+    assert [r["rate"] for r in noise["rates"]] == list(fidelity.NOISE_RATES)
+    assert all(list(r["arms"]) == list(fidelity.NOISE_ARMS) for r in noise["rates"])
+    assert {r["estimators"][0] for r in noise["rates"]} == {"calibrated"}  # ε̂ from train-rm's clean held-out pairs
+    for name in fidelity.RM_ROWS:
+        rounds = written["overoptimisation"][name]["rounds"]
+        assert len(rounds) == fidelity.QUICK_RM_ROUNDS + 1, name
+        assert all(r["kl_mean"] is not None and r["reward_mean"] is not None for r in rounds), name
+    store = ArtifactStore(str(tmp_path / "store"))
+    for seed in ("0", "1"):
+        # The noise rows train from bon-previous's SFT model and round-1 samples: the same ids, found in the store.
+        shared = noise["shared"][seed]
+        loop = f"fidelity-{fidelity.BASE_ROW}-seed{seed}"
+        assert shared["sft"] == {"id": str(store.resolve(f"{loop}/round-0/policy")), "cached": True}
+        assert shared["round-1 samples"] == {"id": str(store.resolve(f"{loop}/round-1/samples")), "cached": True}
+        # rm-ensemble's labeling reward model is the noise rows' ensemble.
+        assert str(store.resolve(f"fidelity-rm-ensemble-seed{seed}/reward-model")) == shared["reward model"]["id"]
+        # The reward models learned from prompts that no round samples or evaluates.
+        used = set(store.read_table(store.resolve(f"{loop}/prompts")).column("prompt").to_pylist())
+        reward_prompts = store.read_table(store.resolve(f"fidelity-noise-seed{seed}/reward-data/prompts"))
+        assert reward_prompts.num_rows == fidelity.QUICK_RM_PROMPTS
+        assert not used & set(reward_prompts.column("prompt").to_pylist())
     assert (tmp_path / "fidelity.png").stat().st_size > 0
     # A second call tabulates the finished runs without computing anything.
     assert fidelity.main(["--quick", "--report-only", "--store", str(tmp_path / "store"), "--out", str(tmp_path)]) == 0
-    assert json.loads((tmp_path / "fidelity.json").read_text())["rows"] == written["rows"]
+    again = json.loads((tmp_path / "fidelity.json").read_text())
+    assert again["rows"] == written["rows"] and again["overoptimisation"] == written["overoptimisation"]
+    assert again["noise"]["rates"] == noise["rates"]
+    assert all(value["cached"] for shared in again["noise"]["shared"].values() for value in shared.values())
+
+
+def _noise(clean: float, plain: dict[float, float], robust: dict[float, float], arm: str = "filter-cdpo") -> dict:
+    """A noise table's aggregate with only the cells the claim reads: mean accuracy per (rate, arm)."""
+    rates = [{"rate": 0.0, "arms": {"plain": {"accuracy_mean": clean}, arm: {"accuracy_mean": clean}}}]
+    rates += [{"rate": rate, "arms": {"plain": {"accuracy_mean": plain[rate]}, arm: {"accuracy_mean": robust[rate]}}}
+              for rate in sorted(plain)]
+    return {"rates": rates}
+
+
+def test_noise_claim_needs_the_robust_arm_near_clean_and_plain_dpo_falling(fidelity):
+    claim = fidelity.noise_robust
+    # clean 50 %: the robust arm at 49 / 48.5 % (within 2 points), plain DPO at 40 % flips 45 % (drops 5).
+    assert claim({"noise": _noise(0.50, {0.2: 0.47, 0.4: 0.45}, {0.2: 0.49, 0.4: 0.485})}, "filter-cdpo") is True
+    # The robust arm falls 3 points at 40 %: not within 2.
+    assert claim({"noise": _noise(0.50, {0.2: 0.47, 0.4: 0.45}, {0.2: 0.49, 0.4: 0.47})}, "filter-cdpo") is False
+    # ... and at 20 % only: every injected rate counts.
+    assert claim({"noise": _noise(0.50, {0.2: 0.47, 0.4: 0.45}, {0.2: 0.47, 0.4: 0.49})}, "filter-cdpo") is False
+    # Plain DPO loses only 1 point at the highest rate: no drop to be robust against.
+    assert claim({"noise": _noise(0.50, {0.2: 0.50, 0.4: 0.49}, {0.2: 0.50, 0.4: 0.50})}, "filter-cdpo") is False
+    # Not measured: no noise table, or not the arm the claim is about.
+    assert claim({}, "filter-cdpo") is None
+    assert claim({"noise": _noise(0.50, {0.2: 0.47, 0.4: 0.45}, {0.2: 0.49, 0.4: 0.49})}, "filter-rdpo") is None
+    verdicts = {c.rule: c.check({"noise": _noise(0.5, {0.2: 0.47, 0.4: 0.45}, {0.2: 0.49, 0.4: 0.49}, "filter-rdpo")})
+                for c in fidelity.CLAIMS}
+    assert [v for rule, v in verdicts.items() if "rDPO" in rule] == [True]
+    assert [v for rule, v in verdicts.items() if "cDPO" in rule] == [None]
+
+
+def _gold(*accuracies: float) -> dict:
+    return {"rounds": [{"accuracy_mean": a} for a in accuracies]}
+
+
+def test_overoptimisation_claim_needs_the_single_model_to_fall_and_the_ensemble_to_end_higher(fidelity):
+    claim = fidelity.ensemble_delays_overoptimisation
+    assert claim({"rm-single": _gold(0.40, 0.50, 0.45, 0.41), "rm-ensemble": _gold(0.40, 0.48, 0.50, 0.49)}) is True
+    # The single model never falls from its peak: no over-optimisation to delay.
+    assert claim({"rm-single": _gold(0.40, 0.45, 0.50), "rm-ensemble": _gold(0.40, 0.48, 0.55)}) is False
+    # The single model falls, but the ensemble ends lower still.
+    assert claim({"rm-single": _gold(0.40, 0.50, 0.45), "rm-ensemble": _gold(0.40, 0.42, 0.44)}) is False
+    # Peak at SFT (round 0), then a fall, ensemble higher at the end: over-optimised from the first round.
+    assert claim({"rm-single": _gold(0.40, 0.35, 0.30), "rm-ensemble": _gold(0.40, 0.38, 0.39)}) is True
+    assert claim({"rm-single": _gold(0.40, 0.50, 0.45), "rm-ensemble": {}}) is None
+
+
+def _noise_seed(sft: float, plain: float, cdpo: float, estimate: float) -> dict:
+    arm = {"loss": "sigmoid", "pairs": 10, "epsilon": None, "accuracy_stderr": 0.01, "gain_stderr": 0.02}
+    return {"sft": {"accuracy": sft}, "reward_model": {"heldout_pairwise_accuracy": 0.6},
+            "rates": [{"rate": 0.4, "true_flip_rate": 0.4, "estimated_flip_rate": estimate, "estimator": "calibrated",
+                       "arms": {"plain": arm | {"accuracy": plain, "gain": plain - sft},
+                                "filter-cdpo": arm | {"accuracy": cdpo, "gain": cdpo - sft, "epsilon": estimate,
+                                                      "vs_plain": cdpo - plain}}}]}
+
+
+def test_noise_and_overoptimisation_aggregates_across_seeds(fidelity):
+    noise = fidelity.aggregate_noise({0: _noise_seed(0.40, 0.38, 0.44, 0.30), 1: _noise_seed(0.30, 0.26, 0.30, 0.40)})
+    cell = noise["rates"][0]["arms"]["filter-cdpo"]
+    assert cell["accuracy_mean"] == pytest.approx(0.37) and cell["accuracy_sd"] == pytest.approx(0.07 * math.sqrt(2))
+    assert cell["gain_mean"] == pytest.approx(0.02) and cell["vs_plain_mean"] == pytest.approx(0.05)
+    assert noise["rates"][0]["estimated_flip_rate_mean"] == pytest.approx(0.35)
+    assert noise["sft_mean"] == pytest.approx(0.35)
+    markdown = "\n".join(fidelity.render_noise(noise))
+    assert "| 40 % | 0.400 | 0.350 ± 0.071 (calibrated) | filter s≤−t + cDPO (calibrated ε) | 10 | 0.350 | 37.0 ± 9.9 |" \
+        in markdown
+
+    def seed(accuracies: tuple[float, ...], kls: tuple[float, ...]) -> list[dict]:
+        return [r | {"kl": kl, "reward": 0.1 * k, "rm_heldout_accuracy": 0.6}
+                for k, (r, kl) in enumerate(zip(_rounds(*accuracies), kls, strict=True))]
+
+    rm = fidelity.aggregate_rm({0: seed((0.40, 0.50, 0.44), (0.0, 1.0, 2.0)), 1: seed((0.30, 0.42, 0.36), (0.0, 3.0, 4.0))})
+    assert rm["peak_round"] == 1 and rm["peak_kl"] == pytest.approx(2.0)
+    assert rm["rounds"][2]["kl_mean"] == pytest.approx(3.0) and rm["rounds"][2]["reward_mean"] == pytest.approx(0.2)
+    table = "\n".join(fidelity.render_overoptimisation({"rm-single": rm}))
+    assert "| single reward model | 60.0 % | 1 (peak) | 2.000 ± 1.414 | 0.100 ± 0.000 | 46.0 ± 5.7 |" in table
