@@ -1,11 +1,17 @@
 """Data-parallel stages (prefloop.sharding): 1 and 3 shards publish byte-identical artifacts with the same
 id for sample, evaluate, label (reward model), label-rm, label-judge and mcts on the smoke model; threads,
-processes and Ray engines; the block planner; bad sharding configs fail with a clear error."""
+processes and Ray engines; the block queue; what a worker process imports and its thread count; bad
+sharding configs fail with a clear error."""
 
 from __future__ import annotations
 
 import builtins
+import importlib.util
+import itertools
+import os
 import shutil
+import sys
+import types
 
 import pyarrow as pa
 import pytest
@@ -13,9 +19,10 @@ from helpers import arithmetic_pairs
 
 from prefloop.datasets_spec import PREFERENCES
 from prefloop.errors import UserError
-from prefloop.sharding import RAY_INSTALL, ShardingConfig, block_seed, blocks, plan_shards
+from prefloop.sharding import RAY_INSTALL, BlockQueue, ShardingConfig, block_seed, blocks, run_sharded
 from prefloop.stage import (
     StageConfig,
+    StageContext,
     StageInputError,
     StageOutput,
     StageSpec,
@@ -167,7 +174,7 @@ SAMPLE_CONFIG = {"max_prompts": 10, "n": 2, "max_new_tokens": 12, "batch_size": 
 def test_sample_in_worker_processes_gives_the_same_artifact(source, tmp_path) -> None:
     _same_artifact_with_1_and_3_shards(source, tmp_path, "sample",
                                        {"policy": source["policy"], "prompts": source["prompts"]}, SAMPLE_CONFIG,
-                                       sharding={"shards": 3, "engine": "processes"})
+                                       sharding={"shards": 3, "engine": "processes", "local_shard": False})
 
 
 @pytest.fixture(scope="module")
@@ -179,23 +186,75 @@ def ray_instance():
 
 
 def test_sample_on_ray_gives_the_same_artifact(source, tmp_path, ray_instance) -> None:
-    """Ray tasks rebuild the stage context from the store's URI and read the policy from the store."""
+    """Ray actors rebuild the stage context from the store's URI and read the policy from the store (every
+    block on Ray: without local_shard: false this process would compute the blocks while the actors start)."""
     _same_artifact_with_1_and_3_shards(source, tmp_path, "sample",
                                        {"policy": source["policy"], "prompts": source["prompts"]}, SAMPLE_CONFIG,
-                                       sharding={"shards": 3, "engine": "ray"})
+                                       sharding={"shards": 3, "engine": "ray", "local_shard": False})
 
 
 # ---------------------------------------------------------------------------------------------
 # The plan, the id and bad configs
 # ---------------------------------------------------------------------------------------------
-def test_blocks_and_shard_plans_are_contiguous_balanced_and_cover_everything() -> None:
+def _all_runs(queue: BlockQueue) -> list[range]:
+    return list(iter(queue.take, None))
+
+
+def test_the_block_queue_hands_out_contiguous_shrinking_runs_that_cover_everything() -> None:
     assert blocks(10, 4) == [range(0, 4), range(4, 8), range(8, 10)]
-    assert plan_shards([4, 4, 2], 3) == [range(0, 1), range(1, 2), range(2, 3)]
-    assert plan_shards([4, 4, 2], 5) == [range(0, 1), range(1, 2), range(2, 3)]  # never an empty shard
-    assert plan_shards([1] * 10, 3) == [range(0, 4), range(4, 7), range(7, 10)]
-    assert plan_shards([9, 1, 1, 1], 2) == [range(0, 1), range(1, 4)]  # balanced by weight, not by count
-    assert plan_shards([], 3) == []
+    runs = _all_runs(BlockQueue([1] * 64, 2))
+    assert runs[0].start == 0 and runs[-1].stop == 64
+    assert all(earlier.stop == later.start for earlier, later in itertools.pairwise(runs))  # contiguous, no gap
+    lengths = [len(run) for run in runs]
+    # guided self-scheduling: a quarter of what is left (2 shards), down to single blocks at the end
+    assert lengths[:4] == [16, 12, 9, 6] and lengths == sorted(lengths, reverse=True) and lengths[-3:] == [1, 1, 1]
+    assert _all_runs(BlockQueue([9, 1, 1, 1, 1, 1, 1, 1, 1, 1], 2))[:2] == [range(0, 1), range(1, 3)]  # by weight
+    assert _all_runs(BlockQueue([0, 0, 0], 3)) == [range(0, 1), range(1, 2), range(2, 3)]  # no weights: count
+    assert _all_runs(BlockQueue([], 3)) == []
+    stopped = BlockQueue([1] * 8, 2)
+    assert stopped.take() == range(0, 2)
+    stopped.stop()
+    assert stopped.take() is None  # a failed shard stops the others taking more
     assert block_seed(0, "p1") == block_seed(0, "p1") != block_seed(0, "p2") != block_seed(1, "p1")
+
+
+HEAVY_MODULES = ("prefect", "great_expectations", "pandas", "datasets", "prefloop.cli")
+
+
+def report_worker(ctx: StageContext, parts: list[int], advance) -> list[dict]:
+    """Shard work that reports, per part, the process it ran in, its thread setting and heavy imports."""
+    return [{"part": part, "pid": os.getpid(), "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+             "heavy": sorted(name for name in HEAVY_MODULES if name in sys.modules)} for part in parts]
+
+
+def test_worker_processes_import_no_prefect_even_under_prefects_engine(source, monkeypatch) -> None:
+    """A flow run's main module is ``prefect.engine``; spawned workers must not re-import it (nor the CLI):
+    they start without the parent's ``__main__``, with ``threads_per_shard`` torch threads."""
+    engine_main = types.ModuleType("__main__")
+    engine_main.__spec__ = importlib.util.find_spec("prefect.engine")  # what `python -m prefect.engine` leaves
+    monkeypatch.setitem(sys.modules, "__main__", engine_main)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = stage_entry("sample").load().SPEC
+    ctx = StageContext(spec=spec, config=parse_config(spec, {}), inputs={}, store=source["store"], output_id="x")
+    sharding = ShardingConfig(shards=2, engine="processes", threads_per_shard=2, local_shard=False)
+    results, shards = run_sharded(ctx, sharding, list(range(6)), report_worker)
+    assert shards == 2 and [result["part"] for result in results] == list(range(6))
+    assert all(result["pid"] != os.getpid() for result in results)  # local_shard: false, every block in a worker
+    assert [result["heavy"] for result in results] == [[]] * 6
+    assert {result["omp_threads"] for result in results} == {"2"}
+    assert sys.modules["__main__"] is engine_main  # the parent's main is back
+
+
+def test_the_local_shard_computes_in_the_stages_process(source) -> None:
+    """threads: every shard in this process; the blocks come back in order whichever shard ran them."""
+    spec = stage_entry("sample").load().SPEC
+    ctx = StageContext(spec=spec, config=parse_config(spec, {}), inputs={}, store=source["store"], output_id="x")
+    results, shards = run_sharded(ctx, ShardingConfig(shards=3, engine="threads"), list(range(40)), report_worker)
+    assert shards == 3 and [result["part"] for result in results] == list(range(40))
+    assert {result["pid"] for result in results} == {os.getpid()}
+    assert ShardingConfig(engine="processes").runs_local_shard()
+    assert ShardingConfig(engine="ray").runs_local_shard()
+    assert not ShardingConfig(engine="ray", address="auto").runs_local_shard()  # a cluster: not the driver
 
 
 @pytest.mark.parametrize("stage", ["sample", "evaluate", "label", "label-rm", "label-judge", "mcts"])
@@ -221,6 +280,8 @@ def test_bad_sharding_configs_fail_with_a_clear_error(source) -> None:
         parse_config(spec, {"sharding": {"shards": 2, "engine": "dask"}})
     with pytest.raises(StageInputError, match="address names a Ray cluster"):
         parse_config(spec, {"sharding": {"shards": 2, "engine": "threads", "address": "auto"}})
+    with pytest.raises(StageInputError, match="local_shard is false but the engine is 'threads'"):
+        parse_config(spec, {"sharding": {"shards": 2, "engine": "threads", "local_shard": False}})
     assert ShardingConfig().shards == 1  # the default: one shard, in the stage's own process
 
 
