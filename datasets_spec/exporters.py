@@ -10,6 +10,12 @@
 * ``jsonl`` — one JSON object per row of the main table.
 * ``parquet`` — the main table as one Parquet file, every column kept.
 
+Sampled token ids (``chosen_token_ids``, ``rejected_token_ids``, ``tokenizer_fingerprint``) are left out
+of both TRL formats: TRL tokenises ``prompt``/``chosen``/``rejected`` itself with the trained model's
+tokenizer, its preference formats have exactly those columns, and the ids mean something only to the
+tokenizer that sampled them. ``jsonl`` and ``parquet`` are the artifact's full table and keep them
+(lists of integers), so an export read back loses nothing.
+
 An export never overwrites: an existing non-empty ``out`` is refused unless ``force`` is given, and
 even then only an earlier export (a folder with ``prefloop-export.json``) is replaced. The export is
 written to a sibling folder first and moved into place when complete, so a failed export leaves

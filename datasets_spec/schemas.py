@@ -105,6 +105,13 @@ SAMPLES = TableSpec(
         # Added for imported samples (nullable, so older artifacts still read): the name of the model
         # that wrote the completion when it is not a model artifact of this store (e.g. "gpt-4o").
         pa.field("policy_name", pa.string()),
+        # Added with sample@3 (nullable; null in older and imported samples): the token ids the policy
+        # sampled (``Completion.token_ids``), so training and the reference score exactly that sequence even
+        # where it is not the tokenizer's own encoding of ``completion``, and the fingerprint of the
+        # tokenizer they belong to (prefloop.forward.tokenizer_fingerprint): ids are used only by a model
+        # whose tokenizer has the same fingerprint, any other re-encodes the text.
+        pa.field("completion_token_ids", pa.list_(pa.int32())),
+        pa.field("tokenizer_fingerprint", pa.string()),
     ),
     required=("sample_id", "prompt_id", "prompt", "completion"),
     rules=(
@@ -160,6 +167,14 @@ PREFERENCES = TableSpec(
         pa.field("rejected_sample_id", pa.string()),
         pa.field("round", pa.int32()),
         pa.field("policy_model_id", pa.string()),
+        # Added with construct@3 (nullable; null for imported pairs, pairs of tree search and pairs whose
+        # samples carry no ids): the sampled token ids of chosen and rejected, carried from the samples'
+        # ``completion_token_ids``, and the fingerprint of the tokenizer they belong to. Training, SFT on
+        # chosen responses and the reference stage use them when the model's tokenizer has that fingerprint,
+        # else they re-encode the text (prefloop.forward.sampled_completion_ids).
+        pa.field("chosen_token_ids", pa.list_(pa.int32())),
+        pa.field("rejected_token_ids", pa.list_(pa.int32())),
+        pa.field("tokenizer_fingerprint", pa.string()),
     ),
     required=("pair_id", "prompt", "chosen", "rejected"),
     rules=(

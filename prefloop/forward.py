@@ -7,8 +7,10 @@ same numbers. It sits below the backends and the training code and imports neith
 Tokenisation: prompt + completion (+ end of turn), cut to ``max_length`` from the end (keep the
 start, as TRL does); the loss covers the completion and its end token only. The prompt goes through
 :mod:`prefloop.chat` (the chat template when the tokenizer has one, else the prompt with bos), the
-completion is tokenised on its own: the same tokens generation produced, with no BPE merge across the
-prompt/completion boundary. Right padding needs no attention
+completion is tokenised on its own, with no BPE merge across the prompt/completion boundary; where the
+ids sampling produced are known (stored with samples and pairs, :func:`tokenizer_fingerprint` naming
+their tokenizer) they replace re-encoding the text, so training and the reference see exactly the
+sampled sequence (:func:`sampled_completion_ids`). Right padding needs no attention
 mask in the causal paths, since a causal model's real tokens never attend to the pads after them.
 
 Log-prob paths, all Σ log π(y_t | x, y_<t) over completion tokens:
@@ -29,9 +31,11 @@ alike; splitting it would give the paths two places to drift apart.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prefloop.chat import encode_continuations, encode_prompts, end_of_turn_id
 from prefloop.errors import UserError
@@ -42,6 +46,53 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 else:
     torch = deferred_import("torch")
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of the tokenizer's id → token map (its vocabulary, added and special tokens included).
+
+    Sampled token ids (``Completion.token_ids``, stored as ``completion_token_ids`` / ``chosen_token_ids``)
+    mean the same tokens to another model only when its tokenizer maps every id to the same token; two
+    tokenizers with equal fingerprints do (a model saved and loaded again, the next round's policy, the
+    SFT reference of the same family). Normalisation and pre-tokenisation rules are left out: they decide
+    how text becomes ids, not what an id is, and stored ids are not text.
+    """
+    vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    payload = json.dumps(vocabulary, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return "vocab-sha256:" + hashlib.sha256(payload).hexdigest()[:32]
+
+
+def generated_ids(completion: Any, tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
+    """The ids generation produced for ``completion`` (a :class:`prefloop.backends.base.Completion`) when they
+    can be trusted, else None: the backend gave none (or not one per counted token), or they do not decode
+    to the completion's text (a stop string cut inside a token), so scoring or training on them would use
+    other text than the one labeled."""
+    ids = list(completion.token_ids)
+    if not ids or len(ids) != completion.num_tokens:
+        return None
+    return ids if tokenizer.decode(ids, skip_special_tokens=False) == completion.text else None
+
+
+def sampled_completion_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: Sequence[Sequence[int] | None],
+    fingerprints: Sequence[str | None],
+) -> list[list[int] | None]:
+    """The stored sampled ids a model with ``tokenizer`` may train on: each row's ids where its
+    ``tokenizer_fingerprint`` equals this tokenizer's, else None (the text is re-encoded instead).
+
+    Ids are valid only for the tokenizer of the policy that sampled them: fed to a model whose
+    vocabulary differs they would be other tokens (or out of range), so a row sampled by another
+    tokenizer, or without a fingerprint (imported, written before ids were stored), falls back to
+    encoding its text with ``tokenizer`` (:func:`encode_examples`), as before ids were stored.
+    """
+    if len(token_ids) != len(fingerprints):
+        raise ValueError(f"got {len(token_ids)} token id rows but {len(fingerprints)} fingerprints")
+    if all(ids is None for ids in token_ids):
+        return [None] * len(token_ids)
+    own = tokenizer_fingerprint(tokenizer)
+    return [list(ids) if ids is not None and fingerprint == own else None
+            for ids, fingerprint in zip(token_ids, fingerprints, strict=True)]
 
 
 def encode_completion(
@@ -168,19 +219,28 @@ def encode_examples(
     completions: Sequence[str],
     max_length: int | None = None,
     response_prefixes: Sequence[str] | None = None,
+    completion_ids: Sequence[Sequence[int] | None] | None = None,
 ) -> list[EncodedExample]:
     """Tokenise (prompt, completion) pairs as :func:`encode_completion` does, in one tokenizer call per
     side; the end token (eos, or the template's end of turn) is appended so the model learns to stop.
 
-    With ``max_length`` a longer sequence keeps its first ``max_length`` tokens (the cut completion
-    then has no end token); a prompt that leaves no completion token at all is an error.
+    ``completion_ids`` (one entry per completion, None where unknown): the ids sampling produced, used
+    instead of re-encoding that completion's text, so the model is trained and scored on exactly the
+    sampled sequence (a byte-level BPE re-encodes a sampled sequence to other ids whenever sampling
+    did not pick the tokenizer's own merges). Callers pass only ids of this tokenizer
+    (:func:`sampled_completion_ids`). With ``max_length`` a longer sequence keeps its first
+    ``max_length`` tokens (the cut completion then has no end token); a prompt that leaves no
+    completion token at all is an error.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+    if completion_ids is not None and len(completion_ids) != len(completions):
+        raise ValueError(f"got {len(completion_ids)} completion id rows for {len(completions)} completions")
     end = end_of_turn_id(tokenizer)
     prompt_ids = encode_prompts(tokenizer, prompts, response_prefixes)
+    continuation_ids = _continuation_ids(tokenizer, completions, completion_ids)
     encoded = []
-    for index, (ids, more) in enumerate(zip(prompt_ids, encode_continuations(tokenizer, completions), strict=True)):
+    for index, (ids, more) in enumerate(zip(prompt_ids, continuation_ids, strict=True)):
         token_ids, prompt_length = ids + more + [end], len(ids)
         if max_length is not None and len(token_ids) > max_length:
             if prompt_length >= max_length:
@@ -191,6 +251,17 @@ def encode_examples(
             token_ids = token_ids[:max_length]
         encoded.append(EncodedExample(token_ids, prompt_length))
     return encoded
+
+
+def _continuation_ids(
+    tokenizer: PreTrainedTokenizerBase, completions: Sequence[str], completion_ids: Sequence[Sequence[int] | None] | None
+) -> list[list[int]]:
+    """Each completion's given ids, or its text encoded (only the texts without ids go to the tokenizer)."""
+    if completion_ids is None:
+        return encode_continuations(tokenizer, completions)
+    missing = [index for index, ids in enumerate(completion_ids) if ids is None]
+    encoded = iter(encode_continuations(tokenizer, [completions[index] for index in missing]))
+    return [next(encoded) if ids is None else list(ids) for ids in completion_ids]
 
 
 def collate(examples: Sequence[EncodedExample], pad_id: int) -> Batch:

@@ -23,6 +23,11 @@ Bad candidates never reach a pair; each is recorded in the artifact's ``drops`` 
 reason: ``missing_label`` (no score from the chosen labeler), ``nonfinite_score`` (NaN/inf reward),
 ``empty_completion`` (the policy returned nothing), ``truncated_completion`` (finish reason
 ``length``: cut by max_new_tokens or the context window; kept only with ``drop_truncated: false``).
+
+Sampled token ids (version 3): a pair carries its two samples' ``completion_token_ids`` as
+``chosen_token_ids`` / ``rejected_token_ids`` with their ``tokenizer_fingerprint``, so training and the
+reference score the sequences the policy sampled; a side without ids (imported samples) stays null and
+is re-encoded from its text downstream.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ class ConstructConfig(StageConfig):
 
 SPEC = stage_spec(
     "construct",
-    version="2",
+    version="3",
     config_model=ConstructConfig,
     output_table=PREFERENCES,
     description="Pair scored samples: best-of-n (best vs worst/random), all pairs above a margin, or RSO.",
@@ -92,6 +97,8 @@ class Candidate:
     score: float
     round: int | None = None
     policy_model_id: str | None = None
+    token_ids: tuple[int, ...] | None = None  # the sampled ids of ``completion`` (None: unknown)
+    tokenizer_fingerprint: str | None = None  # the tokenizer those ids belong to
 
 
 # --- candidates -------------------------------------------------------------------------------------
@@ -136,9 +143,10 @@ def candidate_drop_reason(completion: str | None, finish_reason: str | None, sco
 def collect_candidates(samples: pa.Table, scores: dict[str, float], drop_truncated: bool
                        ) -> tuple[dict[str, list[Candidate]], list[int], list[str]]:
     """Candidates per prompt (in sampling order), and the sample rows left out with their reasons."""
-    columns = {name: samples.column(name).to_pylist() for name in
-               ("sample_id", "prompt_id", "prompt", "completion", "finish_reason", "sample_index", "round",
-                "policy_model_id")}
+    # Tables conformed to SAMPLES have every column; a hand-made table may lack the optional ones (null).
+    columns = {name: samples.column(name).to_pylist() if name in samples.column_names else [None] * samples.num_rows
+               for name in ("sample_id", "prompt_id", "prompt", "completion", "finish_reason", "sample_index", "round",
+                            "policy_model_id", "completion_token_ids", "tokenizer_fingerprint")}
     order = sorted(range(samples.num_rows),
                    key=lambda i: (columns["prompt_id"][i], columns["sample_index"][i] is None,
                                   columns["sample_index"][i] or 0, i))
@@ -156,6 +164,8 @@ def collect_candidates(samples: pa.Table, scores: dict[str, float], drop_truncat
             sample_id=columns["sample_id"][i], prompt_id=columns["prompt_id"][i], prompt=columns["prompt"][i],
             completion=columns["completion"][i], score=float(score), round=columns["round"][i],  # type: ignore[arg-type]
             policy_model_id=columns["policy_model_id"][i],
+            token_ids=None if (ids := columns["completion_token_ids"][i]) is None else tuple(ids),
+            tokenizer_fingerprint=columns["tokenizer_fingerprint"][i],
         ))
     return dict(by_prompt), dropped, reasons
 
@@ -265,7 +275,20 @@ def pair_accepted(accepted: Sequence[Candidate], pairing: str, rng: random.Rando
 # --- the stage ---------------------------------------------------------------------------------------
 
 
+def pair_token_ids(chosen: Candidate, rejected: Candidate) -> tuple[list[int] | None, list[int] | None, str | None]:
+    """(chosen ids, rejected ids, their tokenizer fingerprint) for a pair: each side's sampled ids where it has
+    them; none at all when the two sides' ids come from different tokenizers (a pair names one tokenizer)."""
+    known = [c.token_ids is not None and c.tokenizer_fingerprint is not None for c in (chosen, rejected)]
+    fingerprints = {c.tokenizer_fingerprint for c, has in zip((chosen, rejected), known, strict=True) if has}
+    if len(fingerprints) != 1:
+        return None, None, None
+    return (list(chosen.token_ids) if known[0] else None,  # type: ignore[arg-type]
+            list(rejected.token_ids) if known[1] else None,  # type: ignore[arg-type]
+            fingerprints.pop())
+
+
 def _pair_row(chosen: Candidate, rejected: Candidate, method: str) -> dict:
+    chosen_ids, rejected_ids, fingerprint = pair_token_ids(chosen, rejected)
     return {
         "pair_id": pair_id(chosen.prompt, chosen.completion, rejected.completion),
         "prompt_id": chosen.prompt_id,
@@ -281,6 +304,9 @@ def _pair_row(chosen: Candidate, rejected: Candidate, method: str) -> dict:
         "rejected_sample_id": rejected.sample_id,
         "round": chosen.round,
         "policy_model_id": chosen.policy_model_id,
+        "chosen_token_ids": chosen_ids,
+        "rejected_token_ids": rejected_ids,
+        "tokenizer_fingerprint": fingerprint,
     }
 
 

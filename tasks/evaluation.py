@@ -147,17 +147,28 @@ NO_REWARD_MODEL = "no reward model configured: mean reward and reward-judged win
 # Scoring with models
 # ----------------------------------------------------------------------------------------------
 def completion_sequence_logprobs(backend: HFBackend, prompts: Sequence[str],
-                                 completions: Sequence[Completion]) -> list[float]:
+                                 completions: Sequence[Completion], sampled_with: str | None = None) -> list[float]:
     """log π(y | x) of whole sampled sequences, the end-of-sequence token included when generation stopped.
 
     Counting eos makes r = log π − log π_ref the log-ratio of the *generation* distributions (a
     truncated sample has no eos and is scored as the prefix it is), so the KL estimate is unbiased.
+    ``sampled_with`` is the fingerprint of the sampling tokenizer: when it equals the scorer's, the
+    sampled ids are scored as they were generated (re-encoding a sampled text can give other ids with
+    a BPE tokenizer); otherwise the text is re-encoded.
     """
-    from prefloop.forward import completion_logprobs, encode_completion, pad_right
+    from prefloop.forward import (
+        completion_logprobs,
+        encode_completion,
+        generated_ids,
+        pad_right,
+        tokenizer_fingerprint,
+    )
 
     tokenizer, scores = backend.tokenizer, []
+    same_ids = sampled_with is not None and sampled_with == tokenizer_fingerprint(tokenizer)
     for start in range(0, len(prompts), backend.batch_size):
-        encoded = [encode_completion(tokenizer, prompt, completion.text, append_eos=completion.finish_reason == "stop")
+        encoded = [encode_completion(tokenizer, prompt, completion.text, append_eos=completion.finish_reason == "stop",
+                                     completion_ids=generated_ids(completion, tokenizer) if same_ids else None)
                    for prompt, completion in zip(prompts[start:start + backend.batch_size],
                                                  completions[start:start + backend.batch_size], strict=True)]
         batch = pad_right([ids for ids, _ in encoded], [length for _, length in encoded], int(tokenizer.pad_token_id))
@@ -379,8 +390,13 @@ def evaluate_units(ctx: StageContext, parts: list[tuple[pa.Table, int]], advance
                 continue
             flat_prompts = [texts[run.start + i] for i, group in enumerate(groups) for _ in group]
             flat = [completion for group in groups for completion in group]
-            scored = {ref: completion_sequence_logprobs(scorer, flat_prompts, flat) for ref, scorer in scorers.items()}
-            own = completion_sequence_logprobs(backend, flat_prompts, flat) if scorers else [0.0] * len(flat)
+            from prefloop.forward import tokenizer_fingerprint
+
+            sampled_with = tokenizer_fingerprint(backend.tokenizer)
+            scored = {ref: completion_sequence_logprobs(scorer, flat_prompts, flat, sampled_with)
+                      for ref, scorer in scorers.items()}
+            own = completion_sequence_logprobs(backend, flat_prompts, flat, sampled_with) if scorers \
+                else [0.0] * len(flat)
             scored[policy_ref] = own
             unit.policy_logprobs.extend(own)
             for role in unit.other_logprobs:

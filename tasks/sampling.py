@@ -14,6 +14,13 @@ its own random stream, seeded by :func:`~prefloop.sharding.block_seed` from ``se
 prompt id. A block's samples therefore depend only on its prompts and the config, never on which shard
 (or how many) ran it, so 1 or 3 shards publish the same artifact. (Version 2: version 1 drew every batch
 from one stream seeded by ``seed``, so a batch's samples depended on the batches before it.)
+
+Sampled token ids (version 3): each sample keeps the ids the policy sampled (``completion_token_ids``)
+and the fingerprint of its tokenizer (:func:`prefloop.forward.tokenizer_fingerprint`), so construct,
+the reference stage and training score exactly the sampled sequence rather than the tokenizer's
+re-encoding of the text (which differs for a byte-level BPE whenever sampling did not pick the
+tokenizer's own merges). They are null where the backend does not report ids (the vLLM client) or where
+the ids do not decode to the stored text.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ class SamplingConfig(ShardedStageConfig):
 
 SPEC = stage_spec(
     "sample",
-    version="2",
+    version="3",
     config_model=SamplingConfig,
     output_table=SAMPLES,
     description="Sample n completions per prompt from the policy.",
@@ -70,7 +77,8 @@ SPEC = stage_spec(
 
 SAMPLE_COLUMNS = {"sample_id": pa.string(), "prompt_id": pa.string(), "prompt": pa.string(),
                   "completion": pa.string(), "sample_index": pa.int64(), "completion_tokens": pa.int64(),
-                  "sum_logprob": pa.float64(), "finish_reason": pa.string()}
+                  "sum_logprob": pa.float64(), "finish_reason": pa.string(),
+                  "completion_token_ids": pa.list_(pa.int32()), "tokenizer_fingerprint": pa.string()}
 
 
 def prompts_per_block(batch_size: int, n: int) -> int:
@@ -108,6 +116,7 @@ def compute(ctx: StageContext) -> StageOutput:
         "empty": sum(1 for text in table.column("completion").to_pylist() if not text),
         "prompts_beyond_context": drops.num_rows,
         "mean_completion_tokens": (sum(tokens) / n_rows) if n_rows else 0.0,
+        "samples_with_token_ids": n_rows - table.column("completion_token_ids").null_count,
         **sharding_metrics(config.sharding, shards),
     }
     return StageOutput(table=table, drops=drops, metrics=metrics)
@@ -118,7 +127,12 @@ def sample_blocks(ctx: StageContext, parts: list[pa.Table], advance) -> list[tup
     config: SamplingConfig = ctx.config
     with model_loading():
         backend = load_backend(config.backend, ctx.model_dir("policy"), ctx.inputs["policy"].id, config.batch_size)
+    # Imported here: reading a loop config loads this module, and must not load the forward machinery.
+    from prefloop.forward import tokenizer_fingerprint
+
     results = []
+    tokenizer = getattr(backend, "tokenizer", None)
+    fingerprint = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
     try:
         for part in parts:
             kept, drops = _drop_prompts_beyond_context(backend, part)
@@ -127,15 +141,27 @@ def sample_blocks(ctx: StageContext, parts: list[pa.Table], advance) -> list[tup
                                       max_new_tokens=config.max_new_tokens,
                                       seed=block_seed(config.seed, part.column("prompt_id")[0].as_py()))
             completions = backend.generate(texts, params) if texts else []
-            results.append((_sample_rows(ctx.output_id, kept.column("prompt_id").to_pylist(), texts, completions),
-                            drops))
+            results.append((_sample_rows(ctx.output_id, kept.column("prompt_id").to_pylist(), texts, completions,
+                                         tokenizer, fingerprint), drops))
             advance(part.num_rows * config.n)
     finally:
         backend.close()  # a vLLM server this stage started is stopped; HF: nothing to do
     return results
 
 
-def _sample_rows(output_id: str, prompt_ids: list[str], texts: list[str], completions) -> pa.Table:
+def sampled_ids(completion, tokenizer, fingerprint: str | None) -> tuple[list[int] | None, str | None]:
+    """(ids, tokenizer fingerprint) to store for a completion, or (None, None) when there are no trustworthy ids
+    (:func:`prefloop.forward.generated_ids`)."""
+    from prefloop.forward import generated_ids
+
+    if tokenizer is None or fingerprint is None:
+        return None, None
+    ids = generated_ids(completion, tokenizer)
+    return (ids, fingerprint) if ids is not None else (None, None)
+
+
+def _sample_rows(output_id: str, prompt_ids: list[str], texts: list[str], completions, tokenizer=None,
+                 fingerprint: str | None = None) -> pa.Table:
     rows: dict[str, list] = {name: [] for name in SAMPLE_COLUMNS}
     for prompt_id, prompt, group in zip(prompt_ids, texts, completions, strict=True):
         for index, completion in enumerate(group):
@@ -147,6 +173,9 @@ def _sample_rows(output_id: str, prompt_ids: list[str], texts: list[str], comple
             rows["completion_tokens"].append(completion.num_tokens)
             rows["sum_logprob"].append(completion.sum_logprob)
             rows["finish_reason"].append(completion.finish_reason)
+            ids, ids_fingerprint = sampled_ids(completion, tokenizer, fingerprint)
+            rows["completion_token_ids"].append(ids)
+            rows["tokenizer_fingerprint"].append(ids_fingerprint)
     return pa.table({name: pa.array(values, SAMPLE_COLUMNS[name]) for name, values in rows.items()})
 
 

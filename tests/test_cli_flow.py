@@ -116,7 +116,7 @@ def test_inspection_commands(smoke):
     manifest = json.loads(shown.output)
     assert manifest["stage"] == "filter" and manifest["validation"]["data"]["suite"]["success"]
     lineage = cli("lineage", "smoke/round-1/policy", "--store", store_path)
-    assert lineage.exit_code == 0 and "sft@1" in lineage.output and "construct@2" in lineage.output
+    assert lineage.exit_code == 0 and "sft@2" in lineage.output and "construct@3" in lineage.output
     valid = cli("validate", "smoke/round-1/samples", "--store", store_path)
     assert valid.exit_code == 0 and "checksums: ok" in valid.output
     dry = cli("gc", "--dry-run", "--store", store_path)

@@ -38,6 +38,12 @@ once the model is published. ``training.distributed.processes`` trains data-para
 (``tasks/training/distributed.py``; the process count is not part of the output id). The output is a new model artifact plus the per-step training log
 (loss, implicit rewards and their margin, implicit-reward accuracy, KL estimate, learning rate,
 gradient norm).
+
+Tokens (version 4): pairs that carry the ids their policy sampled (``chosen_token_ids`` /
+``rejected_token_ids``, written by construct) are trained on exactly those ids when the policy's
+tokenizer is the one that sampled them (same ``tokenizer_fingerprint``); other pairs, and every pair
+when the tokenizer differs, are encoded from their text
+(:func:`~prefloop.tasks.training.recipes.dpo.pair_completion_ids`), as the reference stage does.
 """
 
 from __future__ import annotations
@@ -133,13 +139,14 @@ class TrainConfig(TrainingStageConfig):
 
 SPEC = stage_spec(
     "train",
-    version="3",
+    version="4",
     config_model=TrainConfig,
     after_publish=clear_checkpoints,
     description="Preference optimisation (DPO family) of the policy against a reference.",
 )
 
-PAIR_COLUMNS = ["pair_id", "prompt", "chosen", "rejected", "margin", "confidence"]
+PAIR_COLUMNS = ["pair_id", "prompt", "chosen", "rejected", "margin", "confidence", "chosen_token_ids",
+                "rejected_token_ids", "tokenizer_fingerprint"]
 
 
 def _read_pairs(ctx: StageContext, role: str) -> pa.Table:
@@ -167,7 +174,7 @@ def training_pairs(ctx: StageContext, config: TrainConfig) -> tuple[pa.Table, in
     on_policy_ids = set(pairs.column("pair_id").to_pylist())
     earlier = _read_pairs(ctx, "off_policy")
     earlier = earlier.filter(pa.array([pid not in on_policy_ids for pid in earlier.column("pair_id").to_pylist()], pa.bool_()))
-    for name in pairs.column_names:  # an optional column (margin, confidence) earlier pairs lack: null there
+    for name in pairs.column_names:  # an optional column (margin, confidence, ids) earlier pairs lack: null there
         if name not in earlier.column_names:
             earlier = earlier.append_column(name, pa.nulls(earlier.num_rows, pairs.schema.field(name).type))
     wanted = round(config.off_policy_ratio / (1.0 - config.off_policy_ratio) * pairs.num_rows)
@@ -281,6 +288,7 @@ def compute(ctx: StageContext) -> StageOutput:
     from prefloop.tasks.training.recipes.dpo import (
         PreparedPairs,
         SoftSync,
+        pair_completion_ids,
         prepare_pairs,
         reference_logprobs,
         train_dpo,
@@ -297,7 +305,8 @@ def compute(ctx: StageContext) -> StageOutput:
     training, per_pair_flip_rates, flip_rate_metrics = label_flip_rates(ctx, config, pairs_table)
     policy, tokenizer = load_policy(ctx.model_dir("policy"))
     policy.to(training_device())
-    prepared = prepare_pairs(tokenizer, pairs, config.training.max_length, per_pair_flip_rates)
+    chosen_ids, rejected_ids = pair_completion_ids(tokenizer, pairs_table)
+    prepared = prepare_pairs(tokenizer, pairs, config.training.max_length, per_pair_flip_rates, chosen_ids, rejected_ids)
     soft_sync = None
     reference_logps = None
     missing: list[int] = []
@@ -337,6 +346,7 @@ def compute(ctx: StageContext) -> StageOutput:
                            soft_sync=soft_sync, checkpointer=checkpointer)
     from_artifact = len(pairs) - len(missing) if reference_logps is not None else 0
     metrics = {"pairs": len(pairs), "off_policy_pairs": off_policy_pairs,
+               "completions_from_sampled_ids": sum(ids is not None for ids in chosen_ids + rejected_ids),
                "reference_logps_from_artifact": from_artifact, **flip_rate_metrics, **summarize(steps),
                **run_info(training.distributed)}
     if checkpointer.resumed_from is not None:

@@ -15,7 +15,11 @@ up to a per-prompt normaliser that cancels in every DPO-family log-ratio differe
 
 Pairs of an ``off_policy`` input (earlier rounds' pairs that train may mix in) are scored too, so
 every pair train can draw has its reference log-probs here. Tokenisation and ``max_length`` must
-match the train stage's; train checks the stored token counts against its own.
+match the train stage's; train checks the stored token counts against its own. Both take a pair's
+sampled ids (``chosen_token_ids`` / ``rejected_token_ids``) where the reference's tokenizer is the one
+that sampled them, and encode the text otherwise (version 2;
+:func:`~prefloop.tasks.training.recipes.dpo.pair_completion_ids`): the reference scores the sequences
+the policy sampled and will be trained on.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class ReferenceConfig(StageConfig):
 
 SPEC = stage_spec(
     "reference",
-    version="1",
+    version="2",
     config_model=ReferenceConfig,
     output_table=REFERENCE_LOGPS,
     description="Sequence log-probs of every pair under the round's reference (or INPO mixture), computed once.",
@@ -56,11 +60,17 @@ SPEC = stage_spec(
 
 def pair_rows(ctx: StageContext, role: str) -> pa.Table:
     table = ctx.read(role, PREFERENCES)
-    return table.select(["pair_id", "prompt", "chosen", "rejected"])
+    return table.select(["pair_id", "prompt", "chosen", "rejected", "chosen_token_ids", "rejected_token_ids",
+                         "tokenizer_fingerprint"])
 
 
 def compute(ctx: StageContext) -> StageOutput:
-    from prefloop.tasks.training.recipes.dpo import geometric_mixture, prepare_pairs, reference_logprobs
+    from prefloop.tasks.training.recipes.dpo import (
+        geometric_mixture,
+        pair_completion_ids,
+        prepare_pairs,
+        reference_logprobs,
+    )
 
     config: ReferenceConfig = ctx.config
     if (config.mixture_weight is None) != (not ctx.has("mixture_with")):
@@ -85,7 +95,8 @@ def compute(ctx: StageContext) -> StageOutput:
                      strict=True))
     reference, tokenizer = load_policy(ctx.model_dir("reference"))
     reference.to(training_device())
-    prepared = prepare_pairs(tokenizer, pairs, config.max_length)
+    chosen_ids, rejected_ids = pair_completion_ids(tokenizer, pairs_table)
+    prepared = prepare_pairs(tokenizer, pairs, config.max_length, chosen_ids=chosen_ids, rejected_ids=rejected_ids)
     logps = reference_logprobs(reference, prepared, tokenizer.pad_token_id)
     if config.mixture_weight is not None:
         other, _ = load_policy(ctx.model_dir("mixture_with"))
@@ -94,6 +105,7 @@ def compute(ctx: StageContext) -> StageOutput:
                                   config.mixture_weight)
     return StageOutput(table=reference_table(pairs_table.column("pair_id").to_pylist(), logps, prepared),
                        metrics={"pairs": pairs_table.num_rows,
+                                "completions_from_sampled_ids": sum(ids is not None for ids in chosen_ids + rejected_ids),
                                 "mean_chosen_logp": float(logps.chosen.double().mean()),
                                 "mean_rejected_logp": float(logps.rejected.double().mean())})
 

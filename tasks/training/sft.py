@@ -9,6 +9,10 @@ Two starting points, one recipe (:func:`prefloop.tasks.training.recipes.sft.trai
   or ``demonstration_samples`` — the completions of a samples artifact (the ``prompts``' gold
   solutions are used too when that input is given).
 
+Demonstrations that carry the ids their policy sampled (``chosen_token_ids`` of pairs,
+``completion_token_ids`` of samples) are trained on those ids when the model's tokenizer is the one
+that sampled them (version 2; :func:`prefloop.forward.sampled_completion_ids`), else on their text.
+
 Checkpoints go to the store so a killed run resumes (see ``tasks/training/artifacts.py``);
 ``training.distributed.processes`` trains data-parallel (``tasks/training/distributed.py``). The
 output is a model artifact: safetensors weights, config and tokenizer files.
@@ -48,7 +52,7 @@ class SFTStageConfig(TrainingStageConfig):
 
 SPEC = stage_spec(
     "sft",
-    version="1",
+    version="2",
     config_model=SFTStageConfig,
     after_publish=clear_checkpoints,
     description="Build the embedded tiny Llama (or take the policy input) and train it on gold solutions or "
@@ -65,25 +69,34 @@ def _gold_solutions(ctx: StageContext, split: str) -> list[tuple[str, str]]:
                                    prompts.column("reference_solution").to_pylist(), strict=True) if s]
 
 
-def _demonstrations(ctx: StageContext) -> list[tuple[str, str]]:
-    """(prompt, response) pairs: chosen responses of ``demonstrations``, completions of ``demonstration_samples``."""
-    examples: list[tuple[str, str]] = []
-    for role, table_spec, column in (("demonstrations", PREFERENCES, "chosen"),
-                                     ("demonstration_samples", SAMPLES, "completion")):
+Demonstration = tuple[str, str, list[int] | None, str | None]
+"""(prompt, response, the response's sampled ids or None, the fingerprint of the tokenizer they belong to)."""
+
+
+def _demonstrations(ctx: StageContext) -> list[Demonstration]:
+    """Chosen responses of ``demonstrations`` and completions of ``demonstration_samples``, with their sampled
+    ids where the table has them."""
+    examples: list[Demonstration] = []
+    for role, table_spec, column, ids_column in (("demonstrations", PREFERENCES, "chosen", "chosen_token_ids"),
+                                                 ("demonstration_samples", SAMPLES, "completion",
+                                                  "completion_token_ids")):
         if ctx.has(role):
             table = ctx.read(role, table_spec)
-            examples += [(p, r) for p, r in zip(table.column("prompt").to_pylist(), table.column(column).to_pylist(),
-                                                strict=True) if p and r]
+            examples += [row for row in zip(table.column("prompt").to_pylist(), table.column(column).to_pylist(),
+                                            table.column(ids_column).to_pylist(),
+                                            table.column("tokenizer_fingerprint").to_pylist(), strict=True)
+                         if row[0] and row[1]]
     return examples
 
 
-def _examples(ctx: StageContext, config: SFTStageConfig) -> list[tuple[str, str]]:
+def _examples(ctx: StageContext, config: SFTStageConfig) -> list[Demonstration]:
     if not ctx.has("policy"):
         if ctx.has("demonstrations") or ctx.has("demonstration_samples") or not ctx.has("prompts"):
             raise StageInputError("sft without a policy input trains the embedded model on the prompts' gold "
                                   "solutions: pass --input prompts=REF (demonstrations need --input policy=MODEL)")
-        return _gold_solutions(ctx, config.split)
-    examples = _demonstrations(ctx) + (_gold_solutions(ctx, config.split) if ctx.has("prompts") else [])
+        return [(p, s, None, None) for p, s in _gold_solutions(ctx, config.split)]
+    examples = _demonstrations(ctx) + ([(p, s, None, None) for p, s in _gold_solutions(ctx, config.split)]
+                                       if ctx.has("prompts") else [])
     if not examples:
         raise StageInputError("sft on a policy input needs something to imitate: --input demonstrations=PREFERENCES "
                               "(their chosen responses), --input demonstration_samples=SAMPLES, or prompts with "
@@ -92,26 +105,32 @@ def _examples(ctx: StageContext, config: SFTStageConfig) -> list[tuple[str, str]
 
 
 def compute(ctx: StageContext) -> StageOutput:
+    from prefloop.forward import sampled_completion_ids
     from prefloop.tasks.training.recipes.sft import train_sft
 
     config: SFTStageConfig = ctx.config
-    examples = _examples(ctx, config)
+    demonstrations = _examples(ctx, config)
+    examples = [(prompt, response) for prompt, response, _, _ in demonstrations]
     if ctx.has("policy"):
         model, tokenizer = load_policy(ctx.model_dir("policy"))
         model = model.to(training_device())
     else:
         tokenizer = build_tokenizer()
         model = build_model(config.model, len(tokenizer), config.seed, tokenizer).to(training_device())
+    completion_ids = sampled_completion_ids(tokenizer, [ids for _, _, ids, _ in demonstrations],
+                                            [fingerprint for _, _, _, fingerprint in demonstrations])
     total = config.training.max_steps or 0
     checkpointer = StoreCheckpointer(ctx.store, ctx.output_id, SPEC.name, SPEC.version)
     with ctx.progress(total, "steps") as advance:
         steps = train_with(train_sft, model, tokenizer, examples, config.training,
                            distributed=config.training.distributed, progress=done_total_callback(advance),
-                           checkpointer=checkpointer)
+                           checkpointer=checkpointer, completion_ids=completion_ids)
     out = save_model_dir(model, tokenizer)
     parameters = sum(p.numel() for p in model.parameters())
     output = StageOutput(files_dir=out, extra_tables={"train_log": (train_log_table(steps), TRAIN_LOG)},
-                         metrics={"examples": len(examples), "parameters": parameters, **summarize(steps),
+                         metrics={"examples": len(examples), "parameters": parameters,
+                                  "completions_from_sampled_ids": sum(ids is not None for ids in completion_ids),
+                                  **summarize(steps),
                                   **run_info(config.training.distributed)})
     if checkpointer.resumed_from is not None:
         output.metrics["resumed_from_step"] = checkpointer.resumed_from

@@ -26,6 +26,7 @@ from prefloop.forward import (
     encode_examples,
     logps_and_kl_to_reference,
     pair_sequence_logprobs,
+    sampled_completion_ids,
 )
 from prefloop.lazy import deferred_import
 from prefloop.tasks.training.configs import DPOConfig
@@ -33,6 +34,7 @@ from prefloop.tasks.training.losses import LossOutput, SequenceLogps, get_loss_s
 from prefloop.tasks.training.optim import example_order, num_steps_for, optimise
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -65,18 +67,42 @@ def prepare_pairs(
     pairs: Sequence[tuple[str, str, str]],
     max_length: int | None = None,
     label_flip_rates: Sequence[float] | None = None,
+    chosen_ids: Sequence[Sequence[int] | None] | None = None,
+    rejected_ids: Sequence[Sequence[int] | None] | None = None,
 ) -> PreparedPairs:
     """Tokenise preference triples once, for the reference pass and for training; ``label_flip_rates``
-    (one ε per pair) travel with them to the loss."""
+    (one ε per pair) travel with them to the loss. ``chosen_ids`` / ``rejected_ids``: the sampled ids of
+    each side where they are valid for ``tokenizer`` (:func:`pair_completion_ids`), used instead of
+    re-encoding that side's text."""
     prompts = [prompt for prompt, _, _ in pairs]
     if label_flip_rates is not None and len(label_flip_rates) != len(pairs):
         raise ValueError(f"got {len(label_flip_rates)} label flip rates for {len(pairs)} pairs: give one per pair")
     return PreparedPairs(
-        chosen=encode_examples(tokenizer, prompts, [chosen for _, chosen, _ in pairs], max_length),
-        rejected=encode_examples(tokenizer, prompts, [rejected for _, _, rejected in pairs], max_length),
+        chosen=encode_examples(tokenizer, prompts, [chosen for _, chosen, _ in pairs], max_length,
+                               completion_ids=chosen_ids),
+        rejected=encode_examples(tokenizer, prompts, [rejected for _, _, rejected in pairs], max_length,
+                                 completion_ids=rejected_ids),
         label_flip_rates=(torch.tensor(label_flip_rates, dtype=torch.float32)
                           if label_flip_rates is not None else None),
     )
+
+
+PAIR_TOKEN_ID_COLUMNS = ("chosen_token_ids", "rejected_token_ids", "tokenizer_fingerprint")
+
+
+def pair_completion_ids(
+    tokenizer: PreTrainedTokenizerBase, table: pa.Table
+) -> tuple[list[list[int] | None], list[list[int] | None]]:
+    """The sampled ids of each pair's chosen and rejected completion that a model with ``tokenizer`` may
+    use: those whose ``tokenizer_fingerprint`` is this tokenizer's; None (re-encode the text) for pairs
+    without ids (imported, tree search, older artifacts) or sampled by a model with another vocabulary
+    (:func:`prefloop.forward.sampled_completion_ids`). The train and reference stages both call it, so
+    they tokenise every pair alike."""
+    if any(name not in table.column_names for name in PAIR_TOKEN_ID_COLUMNS):
+        return [None] * table.num_rows, [None] * table.num_rows
+    fingerprints = table.column("tokenizer_fingerprint").to_pylist()
+    return (sampled_completion_ids(tokenizer, table.column("chosen_token_ids").to_pylist(), fingerprints),
+            sampled_completion_ids(tokenizer, table.column("rejected_token_ids").to_pylist(), fingerprints))
 
 
 @dataclass(frozen=True)

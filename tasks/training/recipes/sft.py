@@ -7,6 +7,7 @@ averaged over the batch, one optimiser step of the shared loop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from prefloop.forward import completion_lengths, encode_examples, grouped_sequence_logprobs
@@ -31,16 +32,21 @@ def train_sft(
     progress: ProgressCallback | None = None,
     checkpointer: Checkpointer | None = None,
     data_parallel: DataParallel | None = None,
+    completion_ids: Sequence[Sequence[int] | None] | None = None,
 ) -> list[dict[str, float]]:
     """Fine-tune ``model`` in place on (prompt, completion) pairs; returns per-step metrics.
 
     Loss: the registered ``sft`` loss, −log π(y|x)/|y|, averaged over the batch. ``data_parallel``: this
-    process is one rank of a data-parallel run (``tasks/training/distributed.py``).
+    process is one rank of a data-parallel run (``tasks/training/distributed.py``). ``completion_ids``:
+    per example, the sampled ids of its completion valid for ``tokenizer``
+    (:func:`prefloop.forward.sampled_completion_ids`), trained on instead of the re-encoded text; None
+    where unknown.
     """
     config = config or SFTConfig()
     if not examples:
         raise ValueError("train_sft got no examples")
-    encoded = encode_examples(tokenizer, [p for p, _ in examples], [c for _, c in examples], config.max_length)
+    encoded = encode_examples(tokenizer, [p for p, _ in examples], [c for _, c in examples], config.max_length,
+                              completion_ids=completion_ids)
     sft = get_loss("sft")
     hyperparameters = LossHyperparameters()
     pad_id = tokenizer.pad_token_id
