@@ -19,8 +19,8 @@ Sampled token ids (version 3): each sample keeps the ids the policy sampled (``c
 and the fingerprint of its tokenizer (:func:`prefloop.forward.tokenizer_fingerprint`), so construct,
 the reference stage and training score exactly the sampled sequence rather than the tokenizer's
 re-encoding of the text (which differs for a byte-level BPE whenever sampling did not pick the
-tokenizer's own merges). They are null where the backend does not report ids (the vLLM client) or where
-the ids do not decode to the stored text.
+tokenizer's own merges). They are null where the backend does not report ids (the vLLM client against
+vLLM < 0.10.2) or where the ids do not decode to the stored text.
 """
 
 from __future__ import annotations

@@ -3,12 +3,16 @@ the interface contract against a real ``vllm serve`` wherever vLLM is installed.
 
 The fake server answers like vLLM's completions endpoint (token-id prompts, ``n``, ``logprobs``,
 ``echo``, choices indexed prompt·n + j, a matched stop string's token and the eos token reported
-after the end of the text) and computes its answers with ``HFBackend`` on the same tiny model, so
-the client's results can be compared with the in-process backend's.
+after the end of the text; with ``return_token_ids``, as vLLM >= 0.10.2 does, each choice's
+``prompt_token_ids`` and ``token_ids``, every generated id aligned with the log-probs, the stop token's
+included) and computes its answers with ``HFBackend`` on the same tiny model, so the client's results
+can be compared with the in-process backend's. ``returns_token_ids = False`` makes it answer like the
+older vLLM the pin allows (0.10.1), which ignores ``return_token_ids``.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import random
@@ -24,11 +28,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 from prefloop.backends import load_backend
 from prefloop.backends.base import ContextWindowError, GenerationParams, PolicyBackend, yes_probability
 from prefloop.backends.hf import HFBackend
 from prefloop.backends.vllm import VLLMBackend, VLLMServerError, completion_from_choice, serve_command
+from prefloop.chat import encode_prompts, end_of_turn_id, has_chat_template, user_messages
 from prefloop.embedded.model import TinyLlamaConfig, build_model
 from prefloop.embedded.tokenizer import build_tokenizer
 from prefloop.forward import pad_right
@@ -37,12 +43,14 @@ TINY = TinyLlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=
 PROMPTS = ["1+2=?\n", "15-3+4-9=?\n", "7+7+7=?\n"]
 MODEL = "model-artifact-id"
 STOP_TOKEN_LOGPROB = -0.25  # what the fake reports for a stop-string or eos token past the text
+_CONTENT = "\x00prompt\x00"  # stands for the user's text when the fake splits a rendered prompt around it
 
 
 class FakeVLLM(BaseHTTPRequestHandler):
     backend: HFBackend
     requests: list[dict]
     model_name: str = MODEL
+    returns_token_ids: bool = True  # False: like vLLM < 0.10.2, which ignores return_token_ids
 
     def log_message(self, *args) -> None:  # keep test output quiet
         pass
@@ -67,32 +75,59 @@ class FakeVLLM(BaseHTTPRequestHandler):
             return self._reply(404, {"error": {"message": f"no route {self.path}"}})
         if body["model"] != self.model_name:
             return self._reply(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
-        choices = self._echo(body) if body.get("echo") else self._generate(body)
+        try:
+            choices = self._echo(body) if body.get("echo") else self._generate(body)
+        except ValueError as error:
+            return self._reply(400, {"error": {"message": str(error)}})
         random.Random(0).shuffle(choices)  # clients must order by index, not by position
         self._reply(200, {"id": "cmpl-1", "object": "text_completion", "model": MODEL, "choices": choices})
 
     def _text(self, token_ids: list[int]) -> str:
         return self.backend.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def _prompt(self, token_ids: list[int]) -> str:
+        """The user's prompt text that the client rendered and encoded into ``token_ids``: HFBackend renders it
+        again, so both feed the model the same tokens (checked; a prompt the fake cannot undo is refused)."""
+        tokenizer = self.backend.tokenizer
+        if has_chat_template(tokenizer):
+            before, after = tokenizer.apply_chat_template(user_messages(_CONTENT), add_generation_prompt=True,
+                                                          tokenize=False).split(_CONTENT)
+            rendered = tokenizer.decode(token_ids, skip_special_tokens=False)
+            text = rendered[len(before) : len(rendered) - len(after)]
+        else:
+            text = self._text(token_ids)
+        if encode_prompts(tokenizer, [text])[0] != list(token_ids):
+            raise ValueError("the fake vLLM server cannot recover the prompt text of these token ids")
+        return text
+
     def _generate(self, body: dict) -> list[dict]:
         choices = []
+        stop_id = end_of_turn_id(self.backend.tokenizer)
         for prompt_index, token_ids in enumerate(body["prompt"]):
             params = GenerationParams(n=body["n"], temperature=body["temperature"], top_p=body["top_p"],
                                       max_new_tokens=body["max_tokens"], seed=body["seed"], stop=body["stop"] or [])
-            [group] = self.backend.generate([self._text(token_ids)], params)
+            [group] = self.backend.generate([self._prompt(token_ids)], params)
             for j, completion in enumerate(group):
-                # Every token decodes to at least one character, so token k starts at or before character k.
-                offsets = list(range(completion.num_tokens))
+                ids = list(completion.token_ids)
+                # Where each token starts in the text (vLLM sums the lengths of the decoded tokens before it).
+                offsets = [len(self._text(ids[:k])) for k in range(len(ids))]
                 values = list(completion.token_logprobs)
-                if completion.finish_reason == "stop":  # vLLM also reports the stop/eos token after the text
+                if completion.finish_reason == "stop":
+                    # vLLM also reports the token generation stopped at (eos, end of turn, or the one that completed a
+                    # stop string) after the text, in the log-probs and in token_ids; end of turn stands for any.
                     offsets.append(len(completion.text))
                     values.append(STOP_TOKEN_LOGPROB)
-                choices.append({
+                    ids.append(stop_id)
+                choice = {
                     "index": prompt_index * body["n"] + j, "text": completion.text,
                     "finish_reason": completion.finish_reason,
                     "logprobs": {"tokens": ["?"] * len(values), "token_logprobs": values,
                                  "text_offset": offsets, "top_logprobs": None},
-                })
+                }
+                if self.returns_token_ids:  # vLLM >= 0.10.2 always has the fields: null unless requested
+                    wanted = bool(body.get("return_token_ids"))
+                    choice |= {"prompt_token_ids": list(token_ids) if wanted else None, "token_ids": ids if wanted else None}
+                choices.append(choice)
         return choices
 
     def _echo(self, body: dict) -> list[dict]:
@@ -337,9 +372,18 @@ def test_contract_against_a_real_vllm_server(tmp_path) -> None:
         assert [len(g) for g in completions] == [3] * len(PROMPTS)
         assert client.generate(PROMPTS, params) == completions  # seeds make it reproducible
         flat = [c for g in completions for c in g]
+        # vLLM >= 0.10.2 answers return_token_ids; 0.10.1 (the pin's floor) ignores it: no ids, text re-encoded.
+        returns_ids = Version(importlib.metadata.version("vllm")) >= Version("0.10.2")
         for completion in flat:
             assert "\n" not in completion.text and completion.finish_reason in ("stop", "length")
             assert math.isclose(sum(completion.token_logprobs), completion.sum_logprob, abs_tol=1e-6)
+            if returns_ids:  # the sampled ids of the text, the stop string's and eos tokens dropped
+                assert len(completion.token_ids) == completion.num_tokens
+                assert tokenizer.decode(completion.token_ids, skip_special_tokens=False) == completion.text
+            else:
+                assert completion.token_ids == ()
+        if returns_ids:
+            assert any(c.token_ids for c in flat)
         prompts = [p for p in PROMPTS for _ in range(3)]
         served = client.score_logprobs(prompts, [c.text for c in flat])
         assert [c.sum_logprob for c in flat] == pytest.approx(served, abs=1e-2)

@@ -26,7 +26,14 @@ Mapping onto the OpenAI completions API (``POST {url}/completions``):
   back indexed ``prompt_index · n + j``. vLLM reports raw (untempered) log-probs by default
   (``--logprobs-mode raw_logprobs``), as ``Completion.sum_logprob`` requires; the tokens of the
   text are those whose ``text_offset`` lies inside the returned text, so a matched stop string and
-  the eos token are not counted, as in ``HFBackend``.
+  the eos token are not counted, as in ``HFBackend``. ``return_token_ids: true`` (vLLM >= 0.10.2) makes
+  each choice carry ``token_ids``, every generated id aligned with ``logprobs``: the first ``num_tokens``
+  of them are ``Completion.token_ids`` (the matched stop string's and the eos token's ids dropped, as in
+  ``HFBackend``), so training sees the sampled tokens, not a re-encoding of the text. An older server
+  ignores the field; its completions then carry no ids (logged at debug level, with the reason) and
+  training re-encodes their text, as for any sample without ids. (``return_tokens_as_token_ids`` is
+  not used: it puts ``token_id:N`` strings in ``logprobs.tokens``, and vLLM derives ``text_offset``
+  from those strings' lengths, which breaks the stop-token rule above.)
 * ``score_logprobs``: ``prompt`` = prompt ids + continuation ids, ``echo: true``, ``max_tokens: 1``,
   ``logprobs: 0``: the echoed prompt's ``token_logprobs`` at the continuation's positions are summed.
 * ``max_tokens`` is capped so prompt + completion fits the context window (vLLM would refuse the
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import shutil
 import socket
@@ -55,6 +63,8 @@ from prefloop.errors import UserError
 DEFAULT_URL = "http://127.0.0.1:8000/v1"
 URL_ENVIRONMENT_VARIABLE = "PREFLOOP_VLLM_URL"
 BIN_ENVIRONMENT_VARIABLE = "PREFLOOP_VLLM_BIN"
+
+logger = logging.getLogger(__name__)
 
 
 class VLLMServerError(RuntimeError):
@@ -139,14 +149,19 @@ class VLLMBackend:
                     "model": self.model, "prompt": [encoded[i] for i in chunk], "n": params.n,
                     "temperature": params.temperature, "top_p": params.top_p, "max_tokens": limit,
                     "seed": params.seed, "stop": list(params.stop) or None, "logprobs": 0,
-                    "skip_special_tokens": True,
+                    "skip_special_tokens": True, "return_token_ids": True,
                 }
                 if self.extra_stop_ids:
                     body["stop_token_ids"] = self.extra_stop_ids
                 choices = self._choices(self._post("completions", body), len(chunk) * params.n)
+                without_ids: list[str] = []
                 for position, index in enumerate(chunk):
-                    results[index] = [completion_from_choice(choice)
+                    results[index] = [completion_from_choice(choice, without_ids)
                                       for choice in choices[position * params.n : (position + 1) * params.n]]
+                if without_ids:
+                    logger.debug("the vLLM server at %s gave no usable sampled token ids for %d of %d completions "
+                                 "(%s): training re-encodes their text", self.base_url, len(without_ids),
+                                 len(choices), "; ".join(sorted(set(without_ids))))
                 done += len(chunk)
                 if progress is not None:
                     progress(done * params.n, len(prompts) * params.n)
@@ -217,11 +232,12 @@ class VLLMBackend:
             ) from None
 
 
-def completion_from_choice(choice: dict) -> Completion:
-    """A ``Completion`` from one completions-API choice with ``logprobs``.
+def completion_from_choice(choice: dict, without_ids: list[str] | None = None) -> Completion:
+    """A ``Completion`` from one completions-API choice with ``logprobs`` (and ``token_ids``, if returned).
 
     Tokens starting at or after the end of the returned text (a matched stop string, eos) are not
-    part of the completion.
+    part of the completion. Where the choice has no usable ``token_ids`` the completion has none, and
+    the reason is appended to ``without_ids``.
     """
     text = choice.get("text") or ""
     logprobs = choice.get("logprobs") or {}
@@ -237,8 +253,29 @@ def completion_from_choice(choice: dict) -> Completion:
     reason = choice.get("finish_reason")
     if reason not in ("stop", "length"):
         raise VLLMServerError(f"unexpected finish_reason {reason!r} from the vLLM server (expected stop or length)")
+    token_ids, missing = sampled_token_ids(choice.get("token_ids"), len(values), len(token_logprobs))
+    if missing is not None and without_ids is not None:
+        without_ids.append(missing)
     return Completion(text=text, num_tokens=len(token_logprobs), sum_logprob=float(sum(token_logprobs)),
-                      finish_reason=reason, token_logprobs=token_logprobs)
+                      finish_reason=reason, token_logprobs=token_logprobs, token_ids=token_ids)
+
+
+def sampled_token_ids(ids: Any, reported: int, num_tokens: int) -> tuple[tuple[int, ...], str | None]:
+    """The first ``num_tokens`` of a choice's ``token_ids`` and None, or () and why there are none.
+
+    vLLM's ``token_ids`` are all generated ids, the stop-string's and eos tokens included, one per
+    reported log-prob (``reported``); ids that do not line up with the log-probs cannot be told apart
+    from the stop tokens, so they are not used.
+    """
+    if num_tokens == 0:
+        return (), None  # nothing was generated before the stop: no ids is the right answer
+    if ids is None:
+        return (), "the server returned no token_ids: vLLM < 0.10.2 ignores return_token_ids"
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        return (), "token_ids is not a list of token ids"
+    if len(ids) != reported:
+        return (), f"{len(ids)} token_ids for {reported} token log-probs"
+    return tuple(ids[:num_tokens]), None
 
 
 def echoed_continuation_logprob(choice: dict, prompt_tokens: int, continuation_tokens: int) -> float:
