@@ -62,8 +62,9 @@ class Completion:
     ``length`` (``max_new_tokens`` or the model's context window was reached: the text is truncated).
     ``token_ids`` are the sampled ids of ``text`` where the backend knows them (``HFBackend``;
     ``VLLMBackend`` against vLLM >= 0.10.2): training on them
-    (``prefloop.forward.encode_completion(..., completion_ids=...)``) sees exactly the sampled sequence even where it is not the tokenizer's own encoding of the text. Not compared: two
-    completions with the same text and log-probs are equal whichever backend made them.
+    (``prefloop.forward.encode_completion(..., completion_ids=...)``) sees exactly the sampled sequence
+    even where it is not the tokenizer's own encoding of the text. Not compared: two completions with
+    the same text and log-probs are equal whichever backend made them.
     """
 
     text: str
