@@ -109,17 +109,20 @@ def inject_flips(ctx: StageContext) -> StageOutput:
                                                      replace=False)
     flags = np.zeros(pairs.num_rows, dtype=bool)
     flags[rows] = True
-    columns = {name: np.array(pairs.column(name).to_pylist(), dtype=object) for name in pairs.column_names}
-    for first, second in (("chosen", "rejected"), ("chosen_sample_id", "rejected_sample_id")):
-        columns[first][flags], columns[second][flags] = columns[second][flags], columns[first][flags].copy()
-    columns["pair_id"][flags] = [pair_id(*texts) for texts in
-                                 zip(columns["prompt"][flags], columns["chosen"][flags], columns["rejected"][flags],
-                                     strict=True)]
-    table = pa.Table.from_pydict({name: list(values) for name, values in columns.items()}, schema=pairs.schema)
+    columns = {name: pairs.column(name).to_pylist() for name in pairs.column_names}
+    # The sampled token ids move with their texts: training feeds them in place of the texts.
+    swapped = [(a, b) for a, b in (("chosen", "rejected"), ("chosen_sample_id", "rejected_sample_id"),
+                                   ("chosen_token_ids", "rejected_token_ids")) if a in columns]
+    for index in np.flatnonzero(flags):
+        for first, second in swapped:
+            columns[first][index], columns[second][index] = columns[second][index], columns[first][index]
+        columns["pair_id"][index] = pair_id(columns["prompt"][index], columns["chosen"][index],
+                                            columns["rejected"][index])
+    table = pa.Table.from_pydict(columns, schema=pairs.schema)
     return StageOutput(table=table, metrics={"pairs": pairs.num_rows, "flipped": int(flags.sum())})
 
 
-INJECT_FLIPS = StageSpec("benchmark-inject-flips", "1", InjectFlipsConfig, "preferences",
+INJECT_FLIPS = StageSpec("benchmark-inject-flips", "2", InjectFlipsConfig, "preferences",
                          {"preferences": "preferences"}, PREFERENCES,
                          description="Swap chosen and rejected on a seeded random share of the pairs.")
 

@@ -363,3 +363,40 @@ def test_evaluation_scores_the_sampled_ids_for_its_kl(bpe):
     assert same[0] == pytest.approx(sequence_logp(model, sampled, len(prompt_ids)), abs=1e-4)
     assert other[0] == pytest.approx(sequence_logp(model, reencoded, len(prompt_ids)), abs=1e-4)
     assert abs(same[0] - other[0]) > 1e-3  # the two sequences really differ for this sample
+
+
+def test_a_flipped_pair_carries_its_token_ids_with_its_texts(bpe):
+    """The filter's flip (tasks/filtering/noise.py) and the benchmarks' injected flips swap the sampled ids
+    together with the texts: training reads the ids, so ids left in place would train the original order."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from prefloop.tasks.filtering.noise import flip_pairs
+
+    store = bpe["store"]
+    pairs = store.read_table(bpe["pairs"].ref)
+    assert pairs.num_rows >= 2
+    flipped = flip_pairs(pairs, np.array([0])).to_pylist()
+    original = pairs.to_pylist()
+    assert flipped[0]["chosen"] == original[0]["rejected"]
+    assert flipped[0]["chosen_token_ids"] == original[0]["rejected_token_ids"]
+    assert flipped[0]["rejected_token_ids"] == original[0]["chosen_token_ids"]
+    assert flipped[1] == original[1]
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "noise_robustness.py"
+    spec = importlib.util.spec_from_file_location("noise_robustness_for_ids", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    injected = module.INJECT_FLIPS
+    result = execute(injected, module.inject_flips, {"preferences": bpe["pairs"].output},
+                     {"flip_rate": 1.0, "seed": 0}, store, None)
+    swapped = {row["chosen_sample_id"]: row for row in store.read_table(result.ref).to_pylist()}
+    assert injected.version == "2" and len(swapped) == len(original)
+    for row in original:
+        mirror = swapped[row["rejected_sample_id"]]
+        assert mirror["chosen_token_ids"] == row["rejected_token_ids"]
+        assert mirror["rejected_token_ids"] == row["chosen_token_ids"]

@@ -10,7 +10,7 @@ with member margins d_m = r_m(y_w) − r_m(y_l), m = 1..k, the preference streng
 Large Language Models Part II: Reward Modeling", Wang et al. 2024) is s = mean_m d_m and the
 disagreement is std_m d_m (ddof = 1; 0 for k = 1). A pair is *scored* when every member has a finite
 score for both samples. A flipped pair (:func:`flip_pairs`) has chosen and rejected (and their scores,
-sample ids and the margin's sign) swapped; its ``pair_id`` is recomputed from the new content and its
+sample ids, sampled token ids and the margin's sign) swapped; its ``pair_id`` is recomputed from the new content and its
 ``method`` gets the suffix ``+flipped``.
 
 **Estimated label-flip rate ε**, made on the pairs as they arrive, before the filter flips or drops any.
@@ -227,7 +227,8 @@ def flip_posterior(strength: np.ndarray, prior: float, misranking: np.ndarray) -
 
 
 def flip_pairs(pairs: pa.Table, rows: np.ndarray) -> pa.Table:
-    """Swap chosen and rejected (texts, scores, sample ids, the margin's sign) of ``rows``; new pair ids."""
+    """Swap chosen and rejected (texts, scores, sample ids, sampled token ids, the margin's sign) of ``rows``;
+    new pair ids. The token ids move with their texts: training feeds them in place of the texts."""
     if len(rows) == 0:
         return pairs
     mask = np.zeros(pairs.num_rows, dtype=bool)
@@ -235,7 +236,9 @@ def flip_pairs(pairs: pa.Table, rows: np.ndarray) -> pa.Table:
     flags = pa.array(mask)
     columns = {name: pairs.column(name) for name in pairs.column_names}
     for first, second in (("chosen", "rejected"), ("score_chosen", "score_rejected"),
-                          ("chosen_sample_id", "rejected_sample_id")):
+                          ("chosen_sample_id", "rejected_sample_id"), ("chosen_token_ids", "rejected_token_ids")):
+        if first not in columns:
+            continue
         columns[first], columns[second] = (pc.if_else(flags, pairs.column(second), pairs.column(first)),
                                            pc.if_else(flags, pairs.column(first), pairs.column(second)))
     columns["margin"] = pc.if_else(flags, pc.negate(pairs.column("margin")), pairs.column("margin"))
