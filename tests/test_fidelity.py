@@ -86,6 +86,7 @@ def test_quick_mode_runs_every_row_on_the_smoke_config(fidelity, tmp_path):
         reward_prompts = store.read_table(store.resolve(f"fidelity-noise-seed{seed}/reward-data/prompts"))
         assert reward_prompts.num_rows == fidelity.QUICK_RM_PROMPTS
         assert not used & set(reward_prompts.column("prompt").to_pylist())
+    _assert_every_quick_round_trained(fidelity, store, written)
     assert (tmp_path / "fidelity.png").stat().st_size > 0
     # A second call tabulates the finished runs without computing anything.
     assert fidelity.main(["--quick", "--report-only", "--store", str(tmp_path / "store"), "--out", str(tmp_path)]) == 0
@@ -93,6 +94,46 @@ def test_quick_mode_runs_every_row_on_the_smoke_config(fidelity, tmp_path):
     assert again["rows"] == written["rows"] and again["overoptimisation"] == written["overoptimisation"]
     assert again["noise"]["rates"] == noise["rates"]
     assert all(value["cached"] for shared in again["noise"]["shared"].values() for value in shared.values())
+
+
+# A round whose training does not move the policy leaves the evaluation's KL estimate at its sampling noise: with
+# the smoke config's own DPO step (lr 3e-6, one step) it was 0.0004-0.002 in magnitude, either sign.
+MOVED_KL = 0.02
+
+
+def _weights(manifest) -> str:
+    return next(f.sha256 for f in manifest.files if f.path.endswith("model.safetensors"))
+
+
+def _assert_every_quick_round_trained(fidelity, store, written: dict) -> None:
+    """Every round of every quick row trained on pairs: optimizer steps > 0, weights that differ from the SFT
+    model's, and (where the evaluation measures it) a KL to the round's reference above the estimate's noise."""
+    def metric(ref: str, name: str) -> float:
+        return next(r["value"] for r in store.read_table(store.resolve(ref)).to_pylist() if r["metric"] == name)
+
+    for seed in ("0", "1"):
+        sft = _weights(store.read_manifest(store.resolve(f"fidelity-{fidelity.BASE_ROW}-seed{seed}/round-0/policy")))
+        rounds = {f"fidelity-{name}-seed{seed}": 1 for name in fidelity.ROWS}
+        rounds |= {f"fidelity-{name}-seed{seed}": fidelity.QUICK_RM_ROUNDS for name in fidelity.RM_ROWS}
+        for loop, count in rounds.items():
+            for k in range(1, count + 1):
+                # No pair kept: the loop carries the policy over untrained (and publishes no round policy).
+                assert metric(f"{loop}/round-{k}/metrics", "pairs_kept") > 0, (loop, k)
+                trained = store.read_manifest(store.resolve(f"{loop}/round-{k}/policy")).metrics
+                assert trained["pairs"] > 0 and trained["steps"] > 0, (loop, k, trained)
+                assert _weights(store.read_manifest(store.resolve(f"{loop}/round-{k}/policy"))) != sft, (loop, k)
+                assert metric(f"{loop}/round-{k}/metrics", "kl_to_reference") > MOVED_KL, (loop, k)
+        for record in written["noise"]["rates"]:
+            for arm, cell in record["arms"].items():
+                value = cell["per_seed"][seed]
+                policy = store.read_manifest(store.resolve(
+                    f"fidelity-noise-seed{seed}/noise-{round(100 * record['rate'])}-{arm}/round-1/policy"))
+                assert value["pairs"] > 0 and policy.metrics["steps"] > 0, (seed, record["rate"], arm)
+                # cDPO at ε = 0.5 has no gradient where the policy equals its reference (d/dx = σ(x) − (1 − ε)
+                # = 0 at x = 0), so it cannot move: the quick reward model is at chance (a few dozen pairs)
+                # and the calibrated ε̂ it gives is 0.5. Every other arm must move.
+                if value["loss"] != "cdpo" or value["epsilon"] < 0.5:
+                    assert _weights(policy) != sft, (seed, record["rate"], arm)
 
 
 def _noise(clean: float, plain: dict[float, float], robust: dict[float, float], arm: str = "filter-cdpo") -> dict:
