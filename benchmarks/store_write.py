@@ -3,12 +3,13 @@
 Both sides get the same Arrow table. The baseline is ``pyarrow.parquet.write_table`` (zstd) to a
 local file. prefloop's side is a stage's real write path (``prefloop.stage.execute``): conform to
 the schema, quarantine bad rows (the row rules, vectorised, on every row), run the
-great-expectations suite on its sample (in a thread, overlapping the Parquet encoding), write zstd
+great-expectations suite on its sample (before anything is written), write zstd
 Parquet parts with sha256 checksums of the bytes written, write the manifest and publish
 atomically. The sides run in alternating rounds; every round is printed, with the best and the
 median of each side and their ratios, the process's CPU time (on a loaded machine the wall times
-inflate, the CPU times much less), the load average, the same checks and write run one after the
-other (what the overlap saves) and the store's write alone, plus what each step costs on its own.
+inflate, the CPU times much less), the load average, the same contract and write called without the
+stage around them (what the stage's own bookkeeping costs) and the store's write alone, plus what each
+step costs on its own.
 
 With ``--uri s3://BUCKET/PREFIX`` it also runs the same stage write (validation, Parquet, checksums,
 per-writer folder, conditional manifest PUT) into that object store and prints write+validate on
@@ -160,7 +161,7 @@ def main() -> None:
         assert not result.cached and result.rows == args.rows
 
     def checks_then_write() -> None:
-        """The same checks and write one after the other: what the stage's overlap saves."""
+        """The same contract and write without the stage around them (code identity, metrics, refs)."""
         result = apply_contract(table, PREFERENCES, "bench")
         with store.writer("preferences", f"seq{next(counter):08d}") as writer:
             writer.write_table(result.kept, "data", PREFERENCES.schema_id, PREFERENCES.version)
@@ -215,7 +216,7 @@ def main() -> None:
           f"{load_after:.1f} on {os.cpu_count()} CPUs (wall times inflate when it exceeds them)")
     for name, label in (("plain", "plain pyarrow.parquet.write_table (zstd)"),
                         ("prefloop", "prefloop store write + validation"),
-                        ("sequential", "  the same, checks then write (no overlap)"),
+                        ("sequential", "  the same contract + write, no stage around"),
                         ("write only", "  the store's write alone (no checks)")):
         walls = " ".join(f"{wall:.2f}" for wall, _ in runs[name])
         cpu = min(cpu for _, cpu in runs[name])
@@ -224,7 +225,7 @@ def main() -> None:
     print(f"ratio prefloop / plain: {best('prefloop') / best('plain'):.2f}x best of each, "
           f"{median('prefloop') / median('plain'):.2f}x median (target <= 1.5x); per round: "
           + " ".join(f"{r:.2f}" for r in ratios))
-    print(f"  checks then write / plain: {best('sequential') / best('plain'):.2f}x; "
+    print(f"  contract + write without the stage / plain: {best('sequential') / best('plain'):.2f}x; "
           f"write alone / plain: {best('write only') / best('plain'):.2f}x")
     if remote is not None:
         print(f"prefloop store write + validation on {args.uri}: {remote:.2f} s "

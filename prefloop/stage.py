@@ -18,7 +18,6 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -314,9 +313,9 @@ def _write(spec: StageSpec, config: StageConfig, inputs: dict[str, ArtifactRef],
            identity: OutputIdentity, output: StageOutput):
     """Apply each table's contract and publish the artifact.
 
-    Row rules run first (the kept rows are what gets written); the great-expectations suite then
-    runs in a thread while the Parquet parts are encoded and written, and the manifest is committed
-    only once every suite has passed — a failing suite aborts the write, so nothing is published.
+    Row rules run first (the kept rows are what gets written); the great-expectations suite then runs
+    on them, and only when every suite has passed are the Parquet parts written and the manifest
+    committed — a failing suite raises before anything is written, so nothing is published.
     """
     if spec.output_table is None and output.files_dir is None:
         raise StoreError(f"stage '{spec.name}' produced neither a table nor files; nothing was written")
@@ -352,28 +351,27 @@ def _write(spec: StageSpec, config: StageConfig, inputs: dict[str, ArtifactRef],
 def _publish(spec: StageSpec, config: StageConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
              identity: OutputIdentity, output: StageOutput, checked: list, drop_tables: list[pa.Table],
              drop_counts: dict[str, int]):
-    """Write the tables and files while the suites run; commit only when every suite passed."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefloop-suite") as pool:
-        suites = [pool.submit(run_suite, result.kept, table_spec) for _, table_spec, result, _ in checked]
-        ref = identity.ref
-        with store.writer(ref.kind, ref.id) as writer:
-            for name, table_spec, result, _ in checked:
-                writer.write_table(result.kept, name, table_spec.schema_id, table_spec.version)
-            if drop_tables:
-                writer.write_table(pa.concat_tables(drop_tables), "drops", DROPS.schema_id, DROPS.version)
-            if output.files_dir is not None:
-                writer.add_directory(output.files_dir)
-            validation = {}
-            for (name, table_spec, result, source), suite in zip(checked, suites, strict=True):
-                validation[name] = attach_suite(result, suite.result(), table_spec, source).report
-            return writer.commit(
-                stage=spec.name,
-                stage_version=spec.version,
-                config=config.content(),
-                seed=getattr(config, "seed", None),
-                inputs={role: str(r) for role, r in inputs.items()},
-                metrics=output.metrics,
-                validation=validation,
-                drops=drop_counts,
-                code=identity.manifest_record(),
-            )
+    """Run every suite, then write the tables and files and commit: a failing suite raises before anything
+    is written. (Running the suites in a thread while the Parquet parts were encoded was measured slower:
+    the suite holds the GIL and stalls the encoder, benchmarks/store_write.py.)"""
+    validation = {name: attach_suite(result, run_suite(result.kept, table_spec), table_spec, source).report
+                  for name, table_spec, result, source in checked}
+    ref = identity.ref
+    with store.writer(ref.kind, ref.id) as writer:
+        for name, table_spec, result, _ in checked:
+            writer.write_table(result.kept, name, table_spec.schema_id, table_spec.version)
+        if drop_tables:
+            writer.write_table(pa.concat_tables(drop_tables), "drops", DROPS.schema_id, DROPS.version)
+        if output.files_dir is not None:
+            writer.add_directory(output.files_dir)
+        return writer.commit(
+            stage=spec.name,
+            stage_version=spec.version,
+            config=config.content(),
+            seed=getattr(config, "seed", None),
+            inputs={role: str(r) for role, r in inputs.items()},
+            metrics=output.metrics,
+            validation=validation,
+            drops=drop_counts,
+            code=identity.manifest_record(),
+        )
