@@ -1,5 +1,7 @@
 """Helpers shared by tests (imported as a plain module: pytest puts tests/ on sys.path)."""
 
+from contextlib import contextmanager
+
 import pyarrow as pa
 
 from prefloop.embedded.arithmetic import make_problems
@@ -45,3 +47,25 @@ def save_tiny_policy(out, model_config, examples: list[tuple[str, str]] | None =
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@contextmanager
+def fed_rows(model, pad_id: int):
+    """Every input row the model is fed inside the scope, pads stripped from both ends."""
+    rows: list[list[int]] = []
+
+    def hook(_module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        for row in input_ids.tolist():
+            start, end = 0, len(row)
+            while start < end and row[start] == pad_id:
+                start += 1
+            while end > start and row[end - 1] == pad_id:
+                end -= 1
+            rows.append(row[start:end])
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        handle.remove()

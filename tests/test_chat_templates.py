@@ -8,10 +8,9 @@ independently of prefloop.chat, and the models' inputs are read with a forward p
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 import torch
+from helpers import fed_rows
 
 from prefloop import chat
 from prefloop.backends import load_backend
@@ -63,28 +62,6 @@ def rendered(tokenizer, prompt: str) -> list[int]:
                                         tokenize=True, return_dict=False)
     assert ids[0] == tokenizer.bos_token_id and ids[-2] == tokenizer.convert_tokens_to_ids("<|assistant|>")
     return list(ids)
-
-
-@contextmanager
-def fed_rows(model, pad_id: int):
-    """Every input row the model is fed inside the scope, pads stripped from both ends."""
-    rows: list[list[int]] = []
-
-    def hook(_module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        for row in input_ids.tolist():
-            start, end = 0, len(row)
-            while start < end and row[start] == pad_id:
-                start += 1
-            while end > start and row[end - 1] == pad_id:
-                end -= 1
-            rows.append(row[start:end])
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield rows
-    finally:
-        handle.remove()
 
 
 def assert_rendered(rows: list[list[int]], tokenizer, prompts: list[str]) -> None:

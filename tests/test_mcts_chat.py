@@ -9,10 +9,10 @@ expected rendering is transformers' own ``apply_chat_template(..., tokenize=True
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 
 import pytest
 import torch
+from helpers import fed_rows
 
 from prefloop.backends.base import Completion, GenerationParams
 from prefloop.backends.hf import HFBackend
@@ -28,28 +28,6 @@ PROBLEMS, SOLUTIONS = LINES[0::2], LINES[1::2]
 CHAT_SEARCH = dict(children_per_node=2, root_simulations=6, simulations=4, lookahead_depth=3, max_depth=4,
                    max_step_tokens=4, self_eval_weight=0.5, self_eval_yes="yes", self_eval_no="no", seed=1,
                    prefix_cache_mib=0)  # no cache: every expansion feeds its whole input, which the hook reads
-
-
-@contextmanager
-def fed_rows(model, pad_id: int):
-    """Every input row the model is fed inside the scope, pads stripped from both ends."""
-    rows: list[list[int]] = []
-
-    def hook(_module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        for row in input_ids.tolist():
-            start, end = 0, len(row)
-            while start < end and row[start] == pad_id:
-                start += 1
-            while end > start and row[end - 1] == pad_id:
-                end -= 1
-            rows.append(row[start:end])
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield rows
-    finally:
-        handle.remove()
 
 
 def rendered(tokenizer, prompt: str) -> list[int]:
