@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -152,15 +153,24 @@ def hf() -> HFBackend:
     return HFBackend(build_model(TINY, len(tokenizer), seed=0, tokenizer=tokenizer).eval(), tokenizer, batch_size=4)
 
 
+@contextmanager
+def serving(backend: HFBackend, **attributes):
+    """A FakeVLLM server on a free port of 127.0.0.1 answering with ``backend``: (httpd, its handler class,
+    whose ``requests`` records every request body)."""
+    handler = type("Handler", (FakeVLLM,), {"backend": backend, "requests": [], **attributes})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield httpd, handler
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 @pytest.fixture(scope="module")
 def server(hf: HFBackend):
-    handler = type("Handler", (FakeVLLM,), {"backend": hf, "requests": []})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd, handler
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(hf) as served:
+        yield served
 
 
 @pytest.fixture()

@@ -12,13 +12,11 @@ the client parses can be compared with those the in-process backend sampled.
 from __future__ import annotations
 
 import logging
-import threading
-from http.server import ThreadingHTTPServer
 
 import pyarrow as pa
 import pytest
 import torch
-from test_backend_vllm import MODEL, PROMPTS, TINY, FakeVLLM
+from test_backend_vllm import MODEL, PROMPTS, TINY, serving
 
 from prefloop.backends.base import GenerationParams
 from prefloop.backends.hf import HFBackend
@@ -51,12 +49,8 @@ def hf() -> HFBackend:
 
 @pytest.fixture(scope="module")
 def server(hf: HFBackend):
-    handler = type("Handler", (FakeVLLM,), {"backend": hf, "requests": []})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield httpd, handler
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(hf) as served:
+        yield served
 
 
 @pytest.fixture()
@@ -125,18 +119,11 @@ def test_the_sample_stage_stores_the_ids_it_gets_through_vllm(tmp_path, monkeypa
 
     prompts = execute(StageSpec("hand-prompts", "1", Hand, "prompts", {}, PROMPTS_SPEC),
                       lambda ctx: StageOutput(table=table), {}, {}, store, None).output
-    handler = type("Handler", (FakeVLLM,), {"backend": HFBackend.from_directory(model_dir), "requests": [],
-                                            "model_name": policy.ref.id})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    monkeypatch.setenv("PREFLOOP_VLLM_URL", f"http://127.0.0.1:{httpd.server_address[1]}/v1")
-    try:
+    with serving(HFBackend.from_directory(model_dir), model_name=policy.ref.id) as (httpd, handler):
+        monkeypatch.setenv("PREFLOOP_VLLM_URL", f"http://127.0.0.1:{httpd.server_address[1]}/v1")
         sampled = run_stage("sample", {"prompts": prompts, "policy": policy.output},
                             {"n": 4, "temperature": 1.0, "max_new_tokens": 10, "batch_size": 12, "backend": "vllm"},
                             store)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert handler.requests and all(request["return_token_ids"] for request in handler.requests)
     rows = store.read_table(sampled.ref).to_pylist()
     assert sampled.metrics["samples_with_token_ids"] == len(rows) == 12
