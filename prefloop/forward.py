@@ -57,9 +57,16 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     SFT reference of the same family). Normalisation and pre-tokenisation rules are left out: they decide
     how text becomes ids, not what an id is, and stored ids are not text.
     """
+    # Kept on the tokenizer (a large vocabulary takes a while to hash, and evaluation asks once per block),
+    # keyed by its size: adding tokens changes the map and is seen.
+    cached = getattr(tokenizer, "_prefloop_fingerprint", None)
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
     vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     payload = json.dumps(vocabulary, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return "vocab-sha256:" + hashlib.sha256(payload).hexdigest()[:32]
+    fingerprint = "vocab-sha256:" + hashlib.sha256(payload).hexdigest()[:32]
+    tokenizer._prefloop_fingerprint = (len(tokenizer), fingerprint)
+    return fingerprint
 
 
 def generated_ids(completion: Any, tokenizer: PreTrainedTokenizerBase) -> list[int] | None:

@@ -400,3 +400,11 @@ def test_a_flipped_pair_carries_its_token_ids_with_its_texts(bpe):
         mirror = swapped[row["rejected_sample_id"]]
         assert mirror["chosen_token_ids"] == row["rejected_token_ids"]
         assert mirror["rejected_token_ids"] == row["chosen_token_ids"]
+
+
+def test_the_fingerprint_is_kept_on_the_tokenizer_and_follows_added_tokens():
+    tokenizer = build_chat_tokenizer()
+    first = tokenizer_fingerprint(tokenizer)
+    assert tokenizer_fingerprint(tokenizer) == first == tokenizer._prefloop_fingerprint[1]
+    tokenizer.add_tokens(["<|new|>"])
+    assert tokenizer_fingerprint(tokenizer) != first  # another id -> token map: another fingerprint
