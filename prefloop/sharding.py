@@ -17,8 +17,11 @@ Engines (``sharding.engine``), all existing ones — this module only cuts, hand
 * ``threads``: every shard a thread of this process (the calling one and ``shards - 1`` more), torch's
   intra-op threads set to ``threads_per_shard`` while they run. Nothing to start; it scales only where
   the work releases the GIL (large models' matrix products), not the small models' per-token Python loop;
-* ``processes``: spawned worker processes on this machine (``concurrent.futures.ProcessPoolExecutor``);
-  it scales on the cores of one machine whatever the model size (the default engine);
+* ``processes``: worker processes on this machine (``concurrent.futures.ProcessPoolExecutor``); it scales
+  on the cores of one machine whatever the model size (the default engine). Workers are forked from a
+  fork server (:func:`worker_context`) that has imported torch and transformers once, so a stage's workers
+  start in a fraction of a second from the second sharded stage of a process on (a fresh interpreter each,
+  where the platform has no fork server);
 * ``ray``: one Ray actor per shard (``ray.remote``; an actor, not a task per block, so a worker's
   imports and loaded files serve all its blocks) on the Ray instance this process is connected to,
   else on ``address`` (``auto``: the local cluster; ``ray://host:10001``: a remote one), else on a
@@ -28,7 +31,7 @@ Engines (``sharding.engine``), all existing ones — this module only cuts, hand
 With ``processes`` and ``ray`` the stage's own process is one of the shards (``local_shard``; not for a
 Ray cluster ``address``): it computes blocks from the first second, while the workers start — a
 spawned worker pays its interpreter, torch, transformers and the model (6–10 s on the embedded
-model), which on a two-shard run would otherwise leave a core idle for that long. A worker warms up
+model; forked from the fork server, little more than the model), which on a two-shard run would otherwise leave a core idle for that long. A worker warms up
 before it takes a block (:func:`warm_up`: the work called with no parts loads what it needs), so no
 block waits on a worker's start-up; a worker still warming up when no block is left is stopped, not
 waited for. A worker imports only what its blocks need: it is started without the parent's
@@ -418,7 +421,8 @@ def _without_main(keep: bool) -> Iterator[None]:
         yield
         return
     main = sys.modules.get("__main__")
-    # Held for the few milliseconds the workers take to start (their preparation data is read at start).
+    # Held while the workers start (their preparation data is read at start): milliseconds, or, at a process's
+    # first sharded stage, the seconds the fork server takes to import before it forks the first worker.
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
         yield
@@ -427,20 +431,52 @@ def _without_main(keep: bool) -> Iterator[None]:
             sys.modules["__main__"] = main
 
 
+WORKER_PRELOAD = ("torch", "transformers", "transformers.modeling_utils")
+"""What the fork server imports once for every worker it forks: the seconds of imports a spawned worker pays
+before it can load a model."""
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The processes engine's start method: ``forkserver`` preloading :data:`WORKER_PRELOAD`, else ``spawn``.
+
+    Never a plain ``fork`` of the stage's process: it may hold torch's thread pool, Prefect's threads or
+    locks mid-use. The fork server is a fresh interpreter started once per process (at the first sharded
+    stage), single-threaded, that has only imported those modules — no torch op ran in it, so forking it is
+    safe — and each worker is a fork of it, started in milliseconds with torch already imported; the
+    worker still sets its own thread count (:func:`run_job`). It lives until this process exits."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(WORKER_PRELOAD))  # no effect once the server runs: it keeps its imports
+    return context
+
+
 @contextlib.contextmanager
 def _process_lanes(sharding: ShardingConfig, count: int, work: Callable[..., Any],
                    job: Callable[[range], ShardJob], report: Callable[[range], None]) -> Iterator[list[_Lane]]:
-    """``count`` spawned worker processes, started at once (they import and load while the local shard
-    computes), each fed one run at a time; a worker keeps its imports across runs."""
-    # spawn, not fork: the parent may hold torch's thread pool, Prefect's threads or locks mid-use.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=count, mp_context=context, initializer=start_worker,
-                             initargs=(sharding.threads_per_shard,)) as pool:
-        with _without_main(keep=getattr(work, "__module__", None) == "__main__"):
-            # One submit per worker starts it now (the pool spawns a process for a submit that finds none idle).
-            warm = [pool.submit(warm_up, job(range(0))) for _ in range(count)]
+    """``count`` worker processes (:func:`worker_context`), started at once by a starter thread (they import and
+    load while the local shard computes), each fed one run at a time; a worker keeps its imports across runs.
 
-        def lane(started: Any, index: int) -> _Lane:
+    Starting a worker from the fork server waits until the server has imported :data:`WORKER_PRELOAD` (seconds,
+    once per process), so the starts happen in a thread of their own, never in the local shard's."""
+    with ProcessPoolExecutor(max_workers=count, mp_context=worker_context(), initializer=start_worker,
+                             initargs=(sharding.threads_per_shard,)) as pool:
+        warm: list[Any] = []
+        start_errors: list[BaseException] = []
+
+        def start_all() -> None:
+            try:
+                with _without_main(keep=getattr(work, "__module__", None) == "__main__"):
+                    # One submit per worker starts it now (the pool starts a process for a submit that finds
+                    # none idle).
+                    warm.extend(pool.submit(warm_up, job(range(0))) for _ in range(count))
+            except BaseException as error:  # noqa: BLE001 — raised by the lanes, in their threads
+                start_errors.append(error)
+
+        starter = threading.Thread(target=start_all, name="prefloop-shard-starter", daemon=True)
+        starter.start()
+
+        def lane(index: int) -> _Lane:
             def run(blocks_run: range) -> list[Any]:
                 output = pool.submit(run_job, job(blocks_run)).result()
                 report(blocks_run)
@@ -448,18 +484,24 @@ def _process_lanes(sharding: ShardingConfig, count: int, work: Callable[..., Any
 
             def ready(exhausted: Callable[[], bool]) -> bool:
                 while True:
-                    try:
-                        _log_warm_up(index, *started.result(timeout=POLL_SECONDS))
-                        return True
-                    except TimeoutError:
-                        if exhausted():
-                            return False
+                    starter.join(timeout=POLL_SECONDS)
+                    if not starter.is_alive():
+                        if start_errors:
+                            raise start_errors[0]
+                        try:
+                            _log_warm_up(index, *warm[index].result(timeout=POLL_SECONDS))
+                            return True
+                        except TimeoutError:
+                            pass
+                    if exhausted():
+                        return False
 
             return _Lane(f"shard {index} (worker process)", run, ready=ready)
 
         try:
-            yield [lane(started, index) for index, started in enumerate(warm)]
+            yield [lane(index) for index in range(count)]
         finally:
+            starter.join()  # a start under way finishes (the fork server's first imports, at worst)
             if not all(started.done() for started in warm):
                 _stop_workers(pool)  # still warming up and no block left for them: not worth the wait
 

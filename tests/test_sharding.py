@@ -8,6 +8,7 @@ from __future__ import annotations
 import builtins
 import importlib.util
 import itertools
+import multiprocessing
 import os
 import shutil
 import sys
@@ -224,7 +225,8 @@ HEAVY_MODULES = ("prefect", "great_expectations", "pandas", "datasets", "prefloo
 def report_worker(ctx: StageContext, parts: list[int], advance) -> list[dict]:
     """Shard work that reports, per part, the process it ran in, its thread setting and heavy imports."""
     return [{"part": part, "pid": os.getpid(), "omp_threads": os.environ.get("OMP_NUM_THREADS"),
-             "heavy": sorted(name for name in HEAVY_MODULES if name in sys.modules)} for part in parts]
+             "heavy": sorted(name for name in HEAVY_MODULES if name in sys.modules),
+             "torch_loaded": "torch" in sys.modules} for part in parts]
 
 
 def test_worker_processes_import_no_prefect_even_under_prefects_engine(source, monkeypatch) -> None:
@@ -243,6 +245,9 @@ def test_worker_processes_import_no_prefect_even_under_prefects_engine(source, m
     assert [result["heavy"] for result in results] == [[]] * 6
     assert {result["omp_threads"] for result in results} == {"2"}
     assert sys.modules["__main__"] is engine_main  # the parent's main is back
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        # forked from the fork server, which imported torch once: work that never touches torch finds it loaded
+        assert {result["torch_loaded"] for result in results} == {True}
 
 
 def test_the_local_shard_computes_in_the_stages_process(source) -> None:
