@@ -48,7 +48,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -133,7 +133,7 @@ class EvaluationConfig(ShardedStageConfig):
 
 SPEC = stage_spec(
     "evaluate",
-    version="2",
+    version="3",
     config_model=EvaluationConfig,
     output_table=METRICS,
     description="Held-out accuracy, pass@k, KL to the reference and to the starting policy, reward, win rates vs "
@@ -323,8 +323,23 @@ def compute(ctx: StageContext) -> StageOutput:
 
 
 def has_reference(answer: object) -> bool:
-    """Whether a prompt's reference answer can be verified against: present and not blank."""
+    """Whether a prompt has a reference answer: present and not blank."""
     return answer is not None and bool(str(answer).strip())
+
+
+def readable_references(task: TaskDefinition, answers: Sequence[object]) -> list[Any]:
+    """Each reference answer in the task checker's form, None where there is none or the checker cannot read
+    it: such a prompt is unverifiable, left out of the accuracy like a prompt without a reference (as the
+    ``label`` stage drops it as ``unparseable_reference``), never counted wrong."""
+    return [task.parse_reference(str(answer)) if has_reference(answer) else None for answer in answers]
+
+
+def verify_against(task: TaskDefinition, completion: str, gold: Any) -> bool | None:
+    """The verdict on one completion against a reference read by :func:`readable_references` (None: none)."""
+    if gold is None:
+        return None
+    extracted = task.extract_answer(completion)
+    return extracted is not None and task.is_correct(extracted, gold)
 
 
 def verifier_accuracy_row(correct: Sequence[bool | None], notes: list[str]) -> dict:
@@ -334,12 +349,13 @@ def verifier_accuracy_row(correct: Sequence[bool | None], notes: list[str]) -> d
     verified = [c for c in correct if c is not None]
     missing = len(correct) - len(verified)
     if not verified:
-        notes.append(f"none of the {len(correct)} evaluated prompts has a reference answer: verifier accuracy, "
-                     "pass@k, the accuracy gain and verifier-judged wins are not measured (import the prompts with "
-                     "a reference_answer mapping to measure them)")
+        notes.append(f"none of the {len(correct)} evaluated prompts has a reference answer the task's checker can "
+                     "read: verifier accuracy, pass@k, the accuracy gain and verifier-judged wins are not measured "
+                     "(import the prompts with a reference_answer mapping, in a form the task's check reads)")
         return {"metric": "accuracy", "value": None, "stderr": None, "count": 0}
     if missing:
-        notes.append(f"{missing} of the {len(correct)} evaluated prompts have no reference answer: verifier "
+        notes.append(f"{missing} of the {len(correct)} evaluated prompts have no reference answer the checker "
+                     "can read: verifier "
                      f"accuracy, pass@k and the accuracy gain are over the {len(verified)} that have one")
     accuracy, stderr = accuracy_with_stderr(verified)
     return {"metric": "accuracy", "value": accuracy, "stderr": stderr, "count": len(verified)}
@@ -370,12 +386,12 @@ def evaluate_units(ctx: StageContext, parts: list[tuple[pa.Table, int]], advance
     results = []
     for prompts, sampled in parts:
         texts = prompts.column("prompt").to_pylist()
-        answers = prompts.column("reference_answer").to_pylist()
+        golds = readable_references(task, prompts.column("reference_answer").to_pylist())
         prompt_ids = prompts.column("prompt_id").to_pylist()
         completions = [group[0] for group in backend.generate(texts, greedy)]
         unit = _UnitResult(completions=completions,
-                           correct=[task.verify(c.text, a) if has_reference(a) else None
-                                    for c, a in zip(completions, answers, strict=True)],
+                           correct=[verify_against(task, c.text, gold) for c, gold in zip(completions, golds,
+                                                                                           strict=True)],
                            samples_correct=[], policy_logprobs=[], other_logprobs={role: [] for role in _kl_roles(ctx)},
                            rewards=None)
         for run in blocks(sampled, block_size):
@@ -384,8 +400,8 @@ def evaluate_units(ctx: StageContext, parts: list[tuple[pa.Table, int]], advance
                                       seed=block_seed(config.seed, prompt_ids[run.start]))
             groups = backend.generate(texts[run.start:run.stop], params)
             unit.samples_correct.extend(
-                sum(task.verify(c.text, answers[run.start + i]) for c in group)
-                if has_reference(answers[run.start + i]) else None for i, group in enumerate(groups))
+                sum(bool(verify_against(task, c.text, golds[run.start + i])) for c in group)
+                if golds[run.start + i] is not None else None for i, group in enumerate(groups))
             if not unit.other_logprobs:
                 continue
             flat_prompts = [texts[run.start + i] for i, group in enumerate(groups) for _ in group]

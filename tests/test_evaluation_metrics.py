@@ -1,7 +1,7 @@
 """The evaluation stage's estimators on hand-made numbers, and the stage on a tiny model.
 
 Unit tier: accuracy, pass@k (Chen et al. 2021), win rate with ties, the KL estimate, flip rate.
-Stage tier: evaluate@2 with baseline, previous round, reference and reward model inputs.
+Stage tier: evaluate@3 with baseline, previous round, reference and reward model inputs.
 """
 
 import math
@@ -153,7 +153,7 @@ def test_config_refuses_pass_k_above_the_samples_drawn():
 def test_report_knows_the_current_evaluate_version():
     from prefloop.report import CURRENT_EVALUATE_VERSION
 
-    assert evaluation.SPEC.version == CURRENT_EVALUATE_VERSION == "2"
+    assert evaluation.SPEC.version == CURRENT_EVALUATE_VERSION == "3"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -146,9 +146,10 @@ def test_reward_wins_against_an_evaluation_under_another_aggregate_are_refused(h
 
 
 def test_accuracy_is_over_the_prompts_with_a_reference_answer(hand_models, store, tmp_path):
-    # q0 right, q1 wrong, q2 and q3 without a reference answer (None, blank): accuracy 1/2 over 2 prompts.
-    prompts = _hand_prompts(store, ["1", "5", None, "  "])
-    answers = {f"question {i}?": f"#### {i + 1}" for i in range(4)}
+    # q0 right, q1 wrong, q2 and q3 without a reference answer (None, blank), q4's reference unreadable by the
+    # task's numeric check (answered "5": counting it would score it wrong): accuracy 1/2 over 2 prompts.
+    prompts = _hand_prompts(store, ["1", "5", None, "  ", "five"])
+    answers = {f"question {i}?": f"#### {i + 1}" for i in range(5)}
     policy = _hand_model(store, tmp_path, "policy", {"answers.json": answers})
     config = EVALUATE | {"samples_per_prompt": 2, "pass_k": [1, 2], "sampled_prompts": None}
     result = run_stage("evaluate", {"policy": policy.output, "prompts": prompts.output}, config, store)
@@ -156,11 +157,12 @@ def test_accuracy_is_over_the_prompts_with_a_reference_answer(hand_models, store
     assert (rows["accuracy"]["value"], rows["accuracy"]["count"]) == (0.5, 2)
     assert rows["accuracy"]["stderr"] == pytest.approx(math.sqrt(0.5 * 0.5 / 2))
     assert (rows["pass@1"]["value"], rows["pass@1"]["count"]) == (0.5, 2)
-    assert rows["mean_length"]["count"] == 4  # what is not about answers still covers every prompt
-    assert any("2 of the 4 evaluated prompts have no reference answer" in note for note in result.metrics["notes"])
+    assert rows["mean_length"]["count"] == 5  # what is not about answers still covers every prompt
+    assert any("3 of the 5 evaluated prompts have no reference answer the checker can read" in note
+               for note in result.metrics["notes"])
     per_prompt = store.read_table(result.ref, "eval_results").to_pylist()
-    assert [r["correct"] for r in per_prompt] == [True, False, None, None]
-    assert [r["samples_correct"] for r in per_prompt] == [2, 0, None, None]
+    assert [r["correct"] for r in per_prompt] == [True, False, None, None, None]
+    assert [r["samples_correct"] for r in per_prompt] == [2, 0, None, None, None]
 
     # Paired with a baseline that got q1 right: the gain is over the 2 prompts both verified.
     better = _hand_model(store, tmp_path, "baseline", {"answers.json": answers | {"question 1?": "#### 5"}})

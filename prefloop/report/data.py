@@ -21,7 +21,7 @@ from prefloop.storage import ArtifactRef, ArtifactStore, StoreError
 
 # The evaluate stage version this module knows every metric of (tests check it equals
 # prefloop.tasks.evaluation.SPEC.version; not imported, so reports load without torch or Prefect).
-CURRENT_EVALUATE_VERSION = "2"
+CURRENT_EVALUATE_VERSION = "3"
 NO_REWARD_MODEL_NOTE = "no reward model configured: mean reward is not measured (the reward-vs-KL plot shows verifier accuracy instead)"
 
 # Metrics a current evaluation writes in every round (others depend on inputs: baseline, previous, reference …).
