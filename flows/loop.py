@@ -7,6 +7,10 @@ in its task (``prefloop.tasks``). Rerunning a finished run is a series of store 
 Importing this module does not import Prefect: ``round_flow`` and ``loop_flow`` are built on first
 access (``from prefloop.flows.loop import loop_flow``, or Prefect loading the entrypoint
 ``flows/loop.py:loop_flow``), by the module's ``__getattr__`` at the end.
+
+Over 400 lines: a round's wiring (its stages, the optional ones included: CREAM's rewards, reward-model
+labels), the run around the rounds and its lookup share one reading order; the heavier parts of the
+wiring (starting policy, reward models, reference + train) live in :mod:`prefloop.flows.training`.
 """
 
 from __future__ import annotations
@@ -109,13 +113,18 @@ def _deferred_flow(**options: Any) -> Callable[[Callable[..., Any]], Callable[..
 def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str, prompts_ref: str,
               baseline: str, store: str, previous_metrics: str | None = None, reward_model: str | None = None,
               call: StageCaller = direct_caller, publish: bool = False,
-              label_reward_model: str | None = None) -> RoundSummary:
+              label_reward_model: str | None = None, previous_policy: str | None = None) -> RoundSummary:
     """One round: sample → label → construct (or, with construction method mcts, mcts → pair-trees) → filter →
     train → evaluate.
 
     With ``label_reward_model`` (the loop setting ``reward_model``'s model) stage ``label-rm`` labels the
     samples instead of stage ``label``: construction ranks them by the reward (an ensemble's aggregate),
     and the filter gets an ensemble's member labels as its ``ensemble_labels`` input.
+
+    With ``filter.consistency_confidence`` (CREAM) stage ``label-policy`` scores the round's samples twice
+    (:func:`cream_rewards`): by ``policy`` and by ``previous_policy`` (the policy that started the round
+    before), and the filter sets each pair's confidence from how well the two rankings agree. Without a
+    previous policy (round 1) there is nothing to compare: the filter runs with consistency off, and says so.
 
     The evaluation is paired with the SFT model's (``baseline``) and the previous round's
     (``previous_metrics``) on the same held-out prompts, measures the KL to this round's DPO
@@ -154,7 +163,19 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
         filter_inputs["ensemble_labels"] = ensemble_labels
     if config.filter.ches_top_fraction is not None or config.filter.near_duplicate_similarity is not None:
         filter_inputs["policy"] = policy
-    kept = call("filter", filter_inputs, config.filter.model_dump(), store, f"{prefix}/preferences-filtered")
+    filter_config = config.filter.model_dump()
+    if config.filter.consistency_confidence and config.construction.method != "mcts":
+        if previous_policy is None:
+            _round_logger(call).warning(
+                "round %d: filter.consistency_confidence (CREAM) compares the rankings of this round's and the "
+                "previous round's policy, and round %d has no previous policy: its pairs keep their confidence "
+                "(consistency starts in round 2)", round_index, round_index)
+            filter_config["consistency_confidence"] = False
+        else:
+            rewards = cream_rewards(config, call, samples.output, policy, previous_policy, sft_policy, store, prefix)
+            built.extend(rewards)
+            filter_inputs |= {"consistency_labels": rewards[0].output, "previous_labels": rewards[1].output}
+    kept = call("filter", filter_inputs, filter_config, store, f"{prefix}/preferences-filtered")
     stages = [*built, kept]
     new_policy = policy
     reference = reference_model(config.reference_policy, policy, sft_policy)
@@ -185,14 +206,45 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
 def round_flow(config: LoopConfig, round_index: int, policy: str, sft_policy: str, prompts_ref: str,
                baseline: str, store: str = DEFAULT_STORE, previous_metrics: str | None = None,
                reward_model: str | None = None, dispatch: Dispatch = "local",
-               label_reward_model: str | None = None) -> RoundSummary:
+               label_reward_model: str | None = None, previous_policy: str | None = None) -> RoundSummary:
     """One round as a Prefect flow (each stage a task); see :func:`run_round` and :func:`loop_flow`
     for ``dispatch``."""
     try:
         return run_round(config, round_index, policy, sft_policy, prompts_ref, baseline, store, previous_metrics,
-                         reward_model, call=CALLERS[dispatch], publish=True, label_reward_model=label_reward_model)
+                         reward_model, call=CALLERS[dispatch], publish=True, label_reward_model=label_reward_model,
+                         previous_policy=previous_policy)
     finally:
         wait_for_artifacts()
+
+
+def cream_rewards(config: LoopConfig, call: StageCaller, samples: str, policy: str, previous_policy: str,
+                  sft_policy: str, store: str, prefix: str) -> list[StageResult]:
+    """CREAM's two rankings of a round's samples (Wang et al. 2024), by stage ``label-policy``:
+    ``PREFIX/policy-rewards`` (the filter's ``consistency_labels``) by the round's policy and
+    ``PREFIX/previous-policy-rewards`` (``previous_labels``) by the previous round's.
+
+    Each model's reward is its DPO implicit reward log π − log π_ref against the starting policy
+    ``sft_policy`` — one reference for every round, as the authors measure every iteration against M0 —
+    and, for the starting policy itself (the previous policy of round 2, which has no model before it), its
+    length-normalised log-likelihood, the authors' reward of M0. A policy measured against itself would
+    score every sample 0, which ranks nothing.
+    """
+    def scored_by(model: str, name: str) -> StageResult:
+        inputs = {"samples": samples, "policy": model}
+        if model != sft_policy:
+            inputs["reference"] = sft_policy
+        return call("label-policy", inputs, config.policy_rewards.model_dump(), store, f"{prefix}/{name}")
+
+    if policy == previous_policy:
+        _round_logger(call).warning(
+            "%s: the previous round trained nothing, so this round's policy is the previous one and CREAM's two "
+            "rankings agree by construction (consistency 1 for every prompt)", prefix)
+    return [scored_by(policy, "policy-rewards"), scored_by(previous_policy, "previous-policy-rewards")]
+
+
+def _round_logger(call: StageCaller) -> logging.Logger | logging.LoggerAdapter:
+    """The run's logger; the plain ``prefloop`` logger for a lookup, which must not import Prefect."""
+    return logging.getLogger("prefloop") if call is lookup_caller else _logger()
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -329,13 +381,13 @@ def run_loop(config: LoopConfig, store: str = DEFAULT_STORE, reward_model: str |
     if publish:
         publish_round_report(store, name, 0)
     rounds = [RoundSummary(round=0, policy=start, metrics=base.output, stages=[*start_stages, base])]
-    policy = start
+    policy, previous_policy = start, None
     for round_index in range(1, config.rounds + 1):
         summary = run_round(config, round_index, policy, start, task_prompts_ref, base.output, store,
                             previous_metrics=rounds[-1].metrics, reward_model=reward_model, call=call,
-                            publish=publish, label_reward_model=label_reward_model)
+                            publish=publish, label_reward_model=label_reward_model, previous_policy=previous_policy)
         rounds.append(summary)
-        policy = summary.policy
+        previous_policy, policy = policy, summary.policy
     if publish:
         publish_run_report(store, name)
     return LoopSummary(name=name, store=store, rounds=rounds)

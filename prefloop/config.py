@@ -193,6 +193,19 @@ class LoopSettings(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _cream_ranks_samples(self) -> LoopSettings:
+        """CREAM's consistency (filter.consistency_confidence) ranks each prompt's sampled responses by two
+        rounds' policy rewards (stage label-policy); tree search makes step-level pairs, not samples."""
+        construction, filtering = getattr(self, "construction", None), getattr(self, "filter", None)
+        if getattr(filtering, "consistency_confidence", False) and getattr(construction, "method", None) == "mcts":
+            raise UserError("filter.consistency_confidence (CREAM) ranks each prompt's sampled responses by this and "
+                             "the previous round's policy, but construction method mcts builds its pairs from the "
+                             "steps of search trees, not from samples, so there is nothing for both rounds to rank "
+                             "(MCTS pairs carry their own confidence, from visit counts): turn "
+                             "consistency_confidence off, or construct pairs from samples (best_vs_worst)")
+        return self
+
+    @model_validator(mode="after")
     def _judge_wins_by_the_reward_model(self) -> LoopSettings:
         """With a labeling reward model the evaluation judges wins by its reward, and scores an ensemble with the
         aggregate the rounds are labeled by (reward_model.aggregate, uncertainty_weight), unless the evaluation

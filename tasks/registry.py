@@ -165,6 +165,12 @@ STAGES: dict[str, StageEntry] = _entries(
     StageEntry("label-rm", "prefloop.tasks.reward_labels", output="labels",
                inputs={"reward_model": "model", "samples": "samples", "preferences": "preferences"},
                optional_inputs=frozenset({"samples", "preferences"}), pool="gpu"),
+    # CREAM's rewards: run in the loop from round 2 when filter.consistency_confidence is on (flows/loop.py).
+    StageEntry("label-policy", "prefloop.tasks.policy_rewards", output="labels",
+               inputs={"samples": "samples", "policy": "model", "reference": "model"},
+               optional_inputs=frozenset({"reference"}), sections=(ConfigSection(
+                   "policy_rewards", "stage label-policy: the policies' rewards of a round's samples that CREAM's "
+                   "consistency compares (filter.consistency_confidence): batch size, sharding"),), pool="gpu"),
     StageEntry("label-judge", "prefloop.tasks.judge", output="labels",
                inputs={"preferences": "preferences", "judge": "model"}, pool="gpu"),
     _import("prompts"),

@@ -21,8 +21,12 @@ position, which makes a tie an arbitrary order.) τ_b is undefined when one roun
 the same reward, or fewer than two responses are scored by both rounds.
 
 Inputs: two ``labels`` artifacts of the same samples (``target_kind = "sample"``, ``target_id`` = sample
-id, ``prompt_id`` set), e.g. reward-model or policy log-ratio rewards under this round's and the previous
-round's model. Each artifact is read for one labeler: the one named in the config, or its only labeler.
+id, ``prompt_id`` set). In the loop (from round 2) both come from stage ``label-policy``
+(:mod:`prefloop.tasks.policy_rewards`), as in the authors' code: ``consistency_labels`` the round's policy's
+DPO implicit reward log π − log π_0 against the starting policy π_0, ``previous_labels`` the previous
+round's policy's (its mean token log-likelihood when it is π_0 itself); any two rewards of the same
+samples work, e.g. reward models'. Each artifact is read for one labeler: the one named in the config, or
+its only labeler.
 
 Fallback for missing scores (documented, not an error): a sample scored in one round only is left out of
 its prompt's τ; a pair whose prompt then has fewer than two responses scored in both rounds, or whose τ
