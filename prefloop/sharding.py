@@ -26,10 +26,15 @@ Engines (``sharding.engine``), all existing ones — this module only cuts, hand
   imports and loaded files serve all its blocks) on the Ray instance this process is connected to,
   else on ``address`` (``auto``: the local cluster; ``ray://host:10001``: a remote one), else on a
   local instance started here. A worker reopens the store from its URI (an ``s3://`` store for a
-  cluster) and reads its model inputs from it.
+  cluster) and reads its model inputs from it;
+* ``prefect-ray``: every run of blocks a shard takes is a Prefect task run (``sample-shard-blocks-0-15``)
+  submitted to prefect-ray's ``RayTaskRunner`` on the same Ray instance as ``ray`` would use
+  (:mod:`prefloop.sharding_prefect`): each shard's work is visible in the Prefect UI with its state, under
+  the stage's task run. A task run goes to any free Ray worker, which keeps its imports for the next one,
+  but no worker is a shard's own as an actor is.
 
-With ``processes`` and ``ray`` the stage's own process is one of the shards (``local_shard``; not for a
-Ray cluster ``address``): it computes blocks from the first second, while the workers start — a
+With ``processes``, ``ray`` and ``prefect-ray`` the stage's own process is one of the shards (``local_shard``;
+not for a Ray cluster ``address``): it computes blocks from the first second, while the workers start — a
 spawned worker pays its interpreter, torch, transformers and the model (6–10 s on the embedded
 model; forked from the fork server, little more than the model), which on a two-shard run would otherwise leave a core idle for that long. A worker warms up
 before it takes a block (:func:`warm_up`: the work called with no parts loads what it needs), so no
@@ -42,7 +47,7 @@ Sharding settings are a run option (:data:`RUN_OPTIONS`, see :class:`prefloop.st
 stay out of the artifact id and the manifest's config; a stage records the ones it used in its metrics
 (:func:`sharding_metrics`). With the default (one shard) the work runs inline, as before.
 
-Over 400 lines: the configuration, the block queue and the three engines' workers are one protocol
+Over 400 lines: the configuration, the block queue and the engines' workers are one protocol
 (a lane pulls a run of blocks, computes it, reports it), read together.
 """
 
@@ -69,8 +74,11 @@ from prefloop.errors import UserError
 from prefloop.stage import StageConfig, StageContext
 from prefloop.storage import ArtifactRef, ArtifactStore
 
-ENGINES = ("threads", "processes", "ray")
+ENGINES = ("threads", "processes", "ray", "prefect-ray")
+RAY_ENGINES = ("ray", "prefect-ray")
+"""The engines that run on Ray (an ``address`` is theirs)."""
 RAY_INSTALL = "pip install 'prefloop[ray]'"
+PREFECT_RAY_INSTALL = "pip install 'prefloop[prefect-ray]'"
 logger = logging.getLogger("prefloop.sharding")
 POLL_SECONDS = 0.2
 """How often a shard waiting for its worker to start checks whether any block is left for it."""
@@ -91,15 +99,18 @@ class ShardingConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     shards: int = Field(1, description="parallel shards; 1: run in the stage's own process, as without sharding")
-    engine: str = Field("processes", description="threads | processes | ray: what runs the shards when shards > 1")
+    engine: str = Field("processes", description="threads | processes | ray | prefect-ray: what runs the shards "
+                        "when shards > 1")
     address: str | None = Field(
-        None, description="ray: the cluster to run on ('auto', 'ray://host:10001'); None: the Ray instance this "
-        "process is connected to, else a local one")
+        None, description="ray / prefect-ray: the cluster to run on ('auto', 'ray://host:10001'); None: the Ray "
+        "instance this process is connected to, else a local one")
     threads_per_shard: int = Field(1, ge=1, description="torch intra-op threads of each shard (Ray: its num_cpus)")
     local_shard: bool | None = Field(
-        None, description="processes / ray: the stage's own process is one of the shards (it computes while the "
-        "workers start); None: yes, except with a Ray address (a cluster: the stage's process may be far from "
-        "the accelerators). threads: every shard is in the stage's process")
+        None, description="processes / ray / prefect-ray: the stage's own process is one of the shards (it computes "
+        "while the workers start); None: yes, except with a Ray address (a cluster: the stage's process may be far "
+        "from the accelerators). threads: every shard is in the stage's process")
+    retries: int = Field(0, ge=0, description="prefect-ray: how often Prefect reruns a failed run of blocks before the "
+                         "stage fails (a block's result does not depend on the attempt: a rerun computes the same)")
 
     @field_validator("shards")
     @classmethod
@@ -114,24 +125,28 @@ class ShardingConfig(BaseModel):
     def _known_engine(cls, engine: str) -> str:
         if engine not in ENGINES:
             raise UserError(f"sharding.engine '{engine}' is not an engine this project runs shards on; use one of "
-                            f"{', '.join(ENGINES)} (ray needs {RAY_INSTALL})")
+                            f"{', '.join(ENGINES)} (ray needs {RAY_INSTALL}, prefect-ray {PREFECT_RAY_INSTALL})")
         return engine
 
     @model_validator(mode="after")
     def _address_is_for_ray(self) -> ShardingConfig:
-        if self.address is not None and self.engine != "ray":
+        if self.address is not None and self.engine not in RAY_ENGINES:
             raise UserError(f"sharding.address is set ({self.address!r}) but the engine is '{self.engine}': an "
-                            "address names a Ray cluster; set engine: ray, or remove the address")
+                            "address names a Ray cluster; set engine: ray or prefect-ray, or remove the address")
         if self.local_shard is False and self.engine == "threads":
             raise UserError("sharding.local_shard is false but the engine is 'threads', whose shards are all threads "
-                            "of the stage's process; use engine: processes or ray, or remove local_shard")
+                            "of the stage's process; use engine: processes, ray or prefect-ray, or remove "
+                            "local_shard")
+        if self.retries and self.engine != "prefect-ray":
+            raise UserError(f"sharding.retries is {self.retries} but the engine is '{self.engine}': retries are "
+                            "Prefect's, of a run of blocks as a task run; set engine: prefect-ray, or remove retries")
         return self
 
     def runs_local_shard(self) -> bool:
         """Whether the stage's own process computes blocks (``local_shard``, resolved)."""
         if self.local_shard is not None:
             return self.local_shard
-        return self.engine != "ray" or self.address is None
+        return self.engine not in RAY_ENGINES or self.address is None
 
 
 RUN_OPTIONS: dict[str, Any] = {"sharding": True}
@@ -351,7 +366,8 @@ def run_sharded(ctx: StageContext, sharding: ShardingConfig, parts: Sequence[Par
                 def report(run: range) -> None:
                     shared_advance(sum(units[i] for i in run))
 
-                start = _process_lanes if sharding.engine == "processes" else _ray_lanes
+                start = {"processes": _process_lanes, "ray": _ray_lanes,
+                         "prefect-ray": _prefect_ray_lanes}[sharding.engine]
                 lanes += stack.enter_context(start(sharding, shards - len(lanes), work, job, report))
             results = _drive(lanes, BlockQueue(weights if weights is not None else units, shards), len(parts),
                              sharding.threads_per_shard if local else None)
@@ -519,6 +535,17 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
 def _log_warm_up(index: int, pid: int, seconds: float, error: str | None) -> None:
     logger.debug("shard %d (worker %d): warmed up in %.1f s%s", index, pid, seconds,
                  f" (its warm-up failed: {error})" if error else "")
+
+
+@contextlib.contextmanager
+def _prefect_ray_lanes(sharding: ShardingConfig, count: int, work: Callable[..., Any],
+                       job: Callable[[range], ShardJob], report: Callable[[range], None]) -> Iterator[list[_Lane]]:
+    """``count`` lanes whose runs of blocks are Prefect task runs on Ray (:mod:`prefloop.sharding_prefect`,
+    imported here: it imports Prefect when it starts, which stage modules never do)."""
+    from prefloop.sharding_prefect import prefect_ray_lanes
+
+    with prefect_ray_lanes(sharding, count, work, job, report) as lanes:
+        yield lanes
 
 
 def import_ray() -> Any:

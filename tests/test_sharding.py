@@ -1,18 +1,24 @@
 """Data-parallel stages (prefloop.sharding): 1 and 3 shards publish byte-identical artifacts with the same
 id for sample, evaluate, label (reward model), label-rm, label-judge and mcts on the smoke model; threads,
-processes and Ray engines; the block queue; what a worker process imports and its thread count; bad
-sharding configs fail with a clear error."""
+processes, Ray and prefect-ray engines (the last: every run of blocks a Prefect task run, recorded by the
+API); the block queue; what a worker process imports and its thread count; bad sharding configs fail with
+a clear error."""
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import importlib.util
 import itertools
+import logging
 import multiprocessing
 import os
+import re
 import shutil
 import sys
+import time
 import types
+from collections.abc import Callable
 
 import pyarrow as pa
 import pytest
@@ -20,7 +26,15 @@ from helpers import arithmetic_pairs
 
 from prefloop.datasets_spec import PREFERENCES
 from prefloop.errors import UserError
-from prefloop.sharding import RAY_INSTALL, BlockQueue, ShardingConfig, block_seed, blocks, run_sharded
+from prefloop.sharding import (
+    PREFECT_RAY_INSTALL,
+    RAY_INSTALL,
+    BlockQueue,
+    ShardingConfig,
+    block_seed,
+    blocks,
+    run_sharded,
+)
 from prefloop.stage import (
     StageConfig,
     StageContext,
@@ -194,6 +208,169 @@ def test_sample_on_ray_gives_the_same_artifact(source, tmp_path, ray_instance) -
                                        sharding={"shards": 3, "engine": "ray", "local_shard": False})
 
 
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A Prefect API for this module's task runs (Prefect's test harness: a server on a temporary database)."""
+    pytest.importorskip("prefect_ray", reason=f"prefect-ray is not installed ({PREFECT_RAY_INSTALL}): the "
+                        "prefect-ray engine is not tested")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _blocks_named(runs: list) -> list[int]:
+    """The blocks the task runs computed, from their names (``sample-shard-blocks-4-7``: blocks 4 to 7)."""
+    spans = sorted(tuple(map(int, run.name.rsplit("-", 2)[1:])) for run in runs)
+    return [block for first, last in spans for block in range(first, last + 1)]
+
+
+def _shard_task_runs(stage: str, flow_run, done: Callable[[list], bool], timeout_s: float = 30.0) -> list:
+    """``stage``'s shard task runs (not its warm-ups) of ``flow_run`` (None: outside flows) as the API records
+    them, once ``done(runs)`` and all are final: a Ray worker reports states as events, which the server
+    records in the background."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    async def read() -> list:
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=f"{stage}-shard-blocks-")), limit=200)
+        return [run for run in runs if run.name.startswith(f"{stage}-shard-blocks-") and run.flow_run_id == flow_run]
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = asyncio.run(read())
+        if (done(runs) and all(run.state and run.state.is_final() for run in runs)) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
+
+
+def _covering(block_count: int) -> Callable[[list], bool]:
+    return lambda runs: _blocks_named(runs) == list(range(block_count))
+
+
+class _ShardLog(logging.Handler):
+    """Keeps the sharding log's lines (on its own logger: Prefect's logging setup may stop propagation)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def runs_the_lanes_took(self) -> int:
+        """The runs of blocks every lane computed, from the per-lane summaries."""
+        return sum(int(match.group(1)) for line in self.lines if (match := re.search(r"blocks in (\d+) runs", line)))
+
+
+def test_sample_on_prefect_ray_gives_the_same_artifact_as_task_runs(source, tmp_path, ray_instance,
+                                                                     prefect_api) -> None:
+    """Every run of blocks is a Prefect task run on Ray (local_shard: false: no block in this process), each
+    recorded COMPLETED under its blocks' name; together they cover the 5 blocks once, in runs the lanes took."""
+    sharding_log, lines = logging.getLogger("prefloop.sharding"), _ShardLog()
+    level = sharding_log.level
+    sharding_log.setLevel(logging.DEBUG)
+    sharding_log.addHandler(lines)
+    try:
+        _same_artifact_with_1_and_3_shards(source, tmp_path, "sample",
+                                           {"policy": source["policy"], "prompts": source["prompts"]}, SAMPLE_CONFIG,
+                                           sharding={"shards": 3, "engine": "prefect-ray", "local_shard": False})
+    finally:
+        sharding_log.removeHandler(lines)
+        sharding_log.setLevel(level)
+    blocks_sampled = len(blocks(SAMPLE_CONFIG["max_prompts"], SAMPLE_CONFIG["batch_size"] // SAMPLE_CONFIG["n"]))
+    runs = _shard_task_runs("sample", None, _covering(blocks_sampled))
+    assert _blocks_named(runs) == list(range(blocks_sampled))  # each block in one task run
+    assert len(runs) == lines.runs_the_lanes_took() >= 2
+    assert {run.state.type.value for run in runs} == {"COMPLETED"}
+
+
+def _sharded_in_a_flow(ctx: StageContext, sharding: ShardingConfig, parts: list, work, ray) -> tuple:
+    """``run_sharded`` in a Prefect task of a flow; returns the flow's final state, its flow run id and, when it
+    completed, (results, shards, the stage task run's id). ``work`` lives in this test module, which Ray workers
+    cannot import (tests/ is not on their path): it travels by value."""
+    from prefect import flow, task
+    from prefect.context import TaskRunContext
+
+    @task(name="sharded-stage")
+    def stage_task() -> tuple:
+        results, shards = run_sharded(ctx, sharding, parts, work)
+        return results, shards, TaskRunContext.get().task_run.id
+
+    @flow(name="sharded-flow")
+    def sharded_flow() -> tuple:
+        return stage_task()
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        state = sharded_flow(return_state=True)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    return state, state.state_details.flow_run_id, state.result(raise_on_failure=False)
+
+
+def _sample_context(source) -> StageContext:
+    spec = stage_entry("sample").load().SPEC
+    return StageContext(spec=spec, config=parse_config(spec, {}), inputs={}, store=source["store"], output_id="x")
+
+
+def test_shard_task_runs_belong_to_the_stages_flow_run_and_task_run(source, ray_instance, prefect_api) -> None:
+    """The lanes submit from helper threads: each task run still carries the submitting stage's flow run and
+    task run (the caller's Prefect context), and its work runs in a Ray worker with threads_per_shard."""
+    sharding = ShardingConfig(shards=3, engine="prefect-ray", local_shard=False)
+    state, flow_run, (results, shards, stage_run) = _sharded_in_a_flow(_sample_context(source), sharding,
+                                                                        list(range(8)), report_worker, ray_instance)
+    assert state.is_completed() and shards == 3 and [result["part"] for result in results] == list(range(8))
+    assert all(result["pid"] != os.getpid() for result in results)
+    assert {result["omp_threads"] for result in results} == {"1"}
+
+    runs = _shard_task_runs("sample", flow_run, _covering(8))
+    assert _blocks_named(runs) == list(range(8)) and {run.state.type.value for run in runs} == {"COMPLETED"}
+    assert all({parent.id for parent in run.task_inputs["__parents__"]} == {stage_run} for run in runs)
+
+
+_FAILED: dict[str, bool] = {}
+
+
+def fails_first_call(ctx: StageContext, parts: list[int], advance) -> list[dict]:
+    """Shard work whose first call with parts fails. Shipped by value, each task run unpickles its own copy
+    (and ``_FAILED`` with it); a Prefect retry calls the same copy again."""
+    if parts and not _FAILED.get("once"):
+        _FAILED["once"] = True
+        raise RuntimeError("lost the block's model file")
+    return [{"part": part} for part in parts]
+
+
+def test_a_failed_run_of_blocks_is_a_failed_task_run_and_prefect_retries_it(source, ray_instance, prefect_api) -> None:
+    """Without retries the stage fails with the shard's error and its task run is Failed; with
+    ``sharding.retries: 1`` Prefect reruns each failed run of blocks, and the stage completes."""
+    ctx = _sample_context(source)
+    failing, flow_run, error = _sharded_in_a_flow(
+        ctx, ShardingConfig(shards=2, engine="prefect-ray", local_shard=False), list(range(4)), fails_first_call,
+        ray_instance)
+    assert failing.is_failed() and isinstance(error, RuntimeError) and "lost the block's model file" in str(error)
+    failed = _shard_task_runs("sample", flow_run, lambda runs: any(run.state.is_failed() for run in runs if run.state))
+    assert "FAILED" in {run.state.type.value for run in failed}
+
+    retried, flow_run, (results, shards, _) = _sharded_in_a_flow(
+        ctx, ShardingConfig(shards=2, engine="prefect-ray", local_shard=False, retries=1), list(range(4)),
+        fails_first_call, ray_instance)
+    assert retried.is_completed() and [result["part"] for result in results] == list(range(4))
+    runs = _shard_task_runs("sample", flow_run, _covering(4))
+    assert {run.state.type.value for run in runs} == {"COMPLETED"} and {run.run_count for run in runs} == {2}
+
+
+def test_prefect_ray_on_a_cluster_needs_an_api_the_cluster_reaches(source, prefect_api) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    sharding = ShardingConfig(shards=2, engine="prefect-ray", address="ray://ray-head.invalid:10001")
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), \
+            pytest.raises(UserError, match="needs a Prefect API the cluster's workers can reach.*set PREFECT_API_URL"):
+        run_sharded(_sample_context(source), sharding, list(range(4)), report_worker)
+
+
 # ---------------------------------------------------------------------------------------------
 # The plan, the id and bad configs
 # ---------------------------------------------------------------------------------------------
@@ -260,9 +437,11 @@ def test_the_local_shard_computes_in_the_stages_process(source) -> None:
     assert ShardingConfig(engine="processes").runs_local_shard()
     assert ShardingConfig(engine="ray").runs_local_shard()
     assert not ShardingConfig(engine="ray", address="auto").runs_local_shard()  # a cluster: not the driver
+    assert ShardingConfig(engine="prefect-ray").runs_local_shard()
+    assert not ShardingConfig(engine="prefect-ray", address="ray://head:10001").runs_local_shard()
 
 
-@pytest.mark.parametrize("stage", ["sample", "evaluate", "label", "label-rm", "label-judge", "mcts"])
+@pytest.mark.parametrize("stage", ["sample", "evaluate", "label", "label-rm", "label-judge", "label-policy", "mcts"])
 def test_the_id_and_the_manifest_config_do_not_depend_on_sharding(source, stage) -> None:
     spec = stage_entry(stage).load().SPEC
     inputs = {role: source["policy"] if kind == "model" else source["prompts"] for role, kind in spec.inputs.items()
@@ -281,12 +460,15 @@ def test_bad_sharding_configs_fail_with_a_clear_error(source) -> None:
     spec = stage_entry("sample").load().SPEC
     with pytest.raises(StageInputError, match="shards is 0: it counts the parallel shards"):
         parse_config(spec, {"sharding": {"shards": 0}})
-    with pytest.raises(StageInputError, match="engine 'dask' is not an engine .* threads, processes, ray"):
+    with pytest.raises(StageInputError, match=r"engine 'dask' is not an engine .* threads, processes, ray, "
+                       r"prefect-ray \(ray needs .*, prefect-ray pip install 'prefloop\[prefect-ray\]'\)"):
         parse_config(spec, {"sharding": {"shards": 2, "engine": "dask"}})
-    with pytest.raises(StageInputError, match="address names a Ray cluster"):
+    with pytest.raises(StageInputError, match="address names a Ray cluster; set engine: ray or prefect-ray"):
         parse_config(spec, {"sharding": {"shards": 2, "engine": "threads", "address": "auto"}})
     with pytest.raises(StageInputError, match="local_shard is false but the engine is 'threads'"):
         parse_config(spec, {"sharding": {"shards": 2, "engine": "threads", "local_shard": False}})
+    with pytest.raises(StageInputError, match="retries is 2 but the engine is 'ray': retries are Prefect's"):
+        parse_config(spec, {"sharding": {"shards": 2, "engine": "ray", "retries": 2}})
     assert ShardingConfig().shards == 1  # the default: one shard, in the stage's own process
 
 
@@ -303,3 +485,19 @@ def test_the_ray_engine_without_ray_says_how_to_install_it(source, tmp_path, mon
     with pytest.raises(UserError, match=r"Ray is not installed .*pip install 'prefloop\[ray\]'"):
         run_stage("sample", {"policy": source["policy"], "prompts": source["prompts"]},
                   {**SAMPLE_CONFIG, "seed": 5, "sharding": {"shards": 2, "engine": "ray"}}, source["store"])
+
+
+def test_the_prefect_ray_engine_without_prefect_ray_says_how_to_install_it(source, monkeypatch) -> None:
+    real_import = builtins.__import__
+
+    def no_prefect_ray(name, *args, **kwargs):
+        if name == "prefect_ray" or name.startswith("prefect_ray."):
+            raise ImportError("No module named 'prefect_ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_prefect_ray)
+    for name in [name for name in sys.modules if name == "prefect_ray" or name.startswith("prefect_ray.")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(UserError, match=r"prefect-ray is not installed .*pip install 'prefloop\[prefect-ray\]'"):
+        run_stage("sample", {"policy": source["policy"], "prompts": source["prompts"]},
+                  {**SAMPLE_CONFIG, "seed": 6, "sharding": {"shards": 2, "engine": "prefect-ray"}}, source["store"])
