@@ -15,13 +15,17 @@ hit. The 1-shard baseline runs in this process with one torch thread, after an u
 process's first imports and model load are in no one's timing; a worker's are in its run's). Each repeat
 runs the baseline and then every engine, the engines' order rotated per repeat; the ratio is the best
 baseline over the engine's best (all repeats printed, with the per-repeat ratios). Engines: ``processes``
-(the stage's process is one shard, a spawned worker the other), ``threads`` (two threads in this process:
-the small model's per-token Python loop holds the GIL, so expect less) and ``ray`` (a local instance with
+(the stage's process is one shard, a worker process the other: in repeat 1 the fork server starts and imports
+torch, from repeat 2 on workers fork from it, as every sharded stage after a process's first does),
+``threads`` (two threads in this process: the small model's per-token Python loop holds the GIL, so expect
+less), ``ray`` (a local instance with
 ``--shards`` CPUs, started once before the repeats; the stage's process is one shard, a Ray actor the
-other; skipped when Ray is not installed). After each sharded run a line per shard says when it could
+other; skipped when Ray is not installed) and ``prefect-ray`` (the same Ray instance, every run of blocks a
+Prefect task run reporting to ``PREFECT_API_URL``, else to a temporary server started once; skipped when
+prefect-ray is not installed). After each sharded run a line per shard says when it could
 compute and how many blocks it took (``prefloop.sharding``'s log).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale_out.py [--repeats 3] [--engines processes,threads,ray]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale_out.py [--repeats 3] [--engines processes,threads,ray,prefect-ray]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale_out.py --prompts 32 --repeats 1   # smoke run
 
 DDP training figures are ``benchmarks/ddp_training.py``.
@@ -30,6 +34,7 @@ DDP training figures are ``benchmarks/ddp_training.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -117,6 +122,12 @@ def available_engines(requested: list[str]) -> list[str]:
             except ImportError:
                 print("ray: skipped, Ray is not installed (pip install 'prefloop[ray]')")
                 continue
+        if engine == "prefect-ray":
+            try:
+                import prefect_ray  # noqa: F401
+            except ImportError:
+                print("prefect-ray: skipped, prefect-ray is not installed (pip install 'prefloop[prefect-ray]')")
+                continue
         engines.append(engine)
     return engines
 
@@ -126,7 +137,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=None, help="prompts sampled (default: the demo's round, 1024)")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats (best of them counts)")
-    parser.add_argument("--engines", default="processes,threads,ray", help="comma-separated engines to time")
+    parser.add_argument("--engines", default="processes,threads,ray,prefect-ray", help="comma-separated engines to time")
     parser.add_argument("--policy-ref", default="demo/round-0/policy")
     args = parser.parse_args()
 
@@ -134,45 +145,51 @@ def main() -> None:
     config = demo_round_config(demo, args.prompts)
     engines = available_engines([e.strip() for e in args.engines.split(",") if e.strip()])
     torch.set_num_threads(1)  # the baseline, like each shard, runs on one torch thread
+    with contextlib.ExitStack() as outside_timing:
+        if {"ray", "prefect-ray"} & set(engines):
+            import ray
+
+            # Started once, outside every timing (a cluster is there before a stage runs); its daemons idle during
+            # the other runs too.
+            ray.init(num_cpus=args.shards, include_dashboard=False, log_to_driver=False)
+            outside_timing.callback(ray.shutdown)
+        if "prefect-ray" in engines and not os.environ.get("PREFECT_API_URL"):
+            from prefect.testing.utilities import prefect_test_harness
+
+            # The task runs need an API to report to: a temporary server, started once (as a deployment has one).
+            outside_timing.enter_context(prefect_test_harness())
+        _time_engines(args, config, engines)
+
+
+def _time_engines(args: argparse.Namespace, config: dict, engines: list[str]) -> None:
     shard_log = _ShardLog()
     logging.getLogger("prefloop.sharding").addHandler(shard_log)
     logging.getLogger("prefloop.sharding").setLevel(logging.DEBUG)
-    ray = None
-    if "ray" in engines:
-        import ray
-
-        # Started once, outside every timing (a cluster is there before a stage runs); its daemons idle during
-        # the other runs too.
-        ray.init(num_cpus=args.shards, include_dashboard=False, log_to_driver=False)
     times: dict[str, list[float]] = {name: [] for name in [BASELINE, *engines]}
     artifacts: list[tuple[str, str, dict]] = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="prefloop-scale-out-") as scratch:
-            work = Path(scratch)
-            source, policy, prompts, origin = demo_inputs(work, args.policy_ref)
-            print(f"policy: {origin}; {config['max_prompts']} prompts x n={config['n']}, {config['max_new_tokens']} "
-                  f"new tokens, batch {config['batch_size']}, round {config['round']}, seed {config['seed']}; "
-                  f"{os.cpu_count()} CPUs; {args.shards} shards vs 1, {args.repeats} alternating repeats", flush=True)
-            # Warm-up, untimed: this process's first imports, model load and kernels are not the baseline's.
-            run(source, policy, prompts, work / "warm-up", {**config, "max_prompts": 2})
-            for repeat in range(args.repeats):
-                order = engines[repeat % len(engines):] + engines[:repeat % len(engines)] if engines else []
-                line = []
-                for name in [BASELINE, *order]:
-                    sharding = {} if name == BASELINE else {
-                        "sharding": {"shards": args.shards, "engine": name, "threads_per_shard": 1}}
-                    shard_log.lines.clear()
-                    seconds, output, sums = run(source, policy, prompts, work / f"{repeat}-{name}",
-                                                {**config, **sharding})
-                    times[name].append(seconds)
-                    artifacts.append((f"repeat {repeat + 1} {name}", output, sums))
-                    line.append(f"{name} {seconds:6.1f} s")
-                    for shard in shard_log.lines:
-                        print(f"    {name}: {shard}", flush=True)
-                print(f"repeat {repeat + 1}: " + " | ".join(line), flush=True)
-    finally:
-        if ray is not None:
-            ray.shutdown()
+    with tempfile.TemporaryDirectory(prefix="prefloop-scale-out-") as scratch:
+        work = Path(scratch)
+        source, policy, prompts, origin = demo_inputs(work, args.policy_ref)
+        print(f"policy: {origin}; {config['max_prompts']} prompts x n={config['n']}, {config['max_new_tokens']} "
+              f"new tokens, batch {config['batch_size']}, round {config['round']}, seed {config['seed']}; "
+              f"{os.cpu_count()} CPUs; {args.shards} shards vs 1, {args.repeats} alternating repeats", flush=True)
+        # Warm-up, untimed: this process's first imports, model load and kernels are not the baseline's.
+        run(source, policy, prompts, work / "warm-up", {**config, "max_prompts": 2})
+        for repeat in range(args.repeats):
+            order = engines[repeat % len(engines):] + engines[:repeat % len(engines)] if engines else []
+            line = []
+            for name in [BASELINE, *order]:
+                sharding = {} if name == BASELINE else {
+                    "sharding": {"shards": args.shards, "engine": name, "threads_per_shard": 1}}
+                shard_log.lines.clear()
+                seconds, output, sums = run(source, policy, prompts, work / f"{repeat}-{name}",
+                                            {**config, **sharding})
+                times[name].append(seconds)
+                artifacts.append((f"repeat {repeat + 1} {name}", output, sums))
+                line.append(f"{name} {seconds:6.1f} s")
+                for shard in shard_log.lines:
+                    print(f"    {name}: {shard}", flush=True)
+            print(f"repeat {repeat + 1}: " + " | ".join(line), flush=True)
     _summary(times, engines, artifacts, args.shards)
 
 
