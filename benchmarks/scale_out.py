@@ -140,6 +140,9 @@ def main() -> None:
     parser.add_argument("--engines", default="processes,threads,ray,prefect-ray", help="comma-separated engines to time")
     parser.add_argument("--policy-ref", default="demo/round-0/policy")
     args = parser.parse_args()
+    from prefloop.environment import apply_offline_defaults
+
+    apply_offline_defaults()  # before Prefect loads: no analytics, the project's PREFECT_HOME
 
     demo = yaml.safe_load(DEMO_CONFIG.read_text())
     config = demo_round_config(demo, args.prompts)
