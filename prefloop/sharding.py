@@ -47,8 +47,9 @@ Sharding settings are a run option (:data:`RUN_OPTIONS`, see :class:`prefloop.st
 stay out of the artifact id and the manifest's config; a stage records the ones it used in its metrics
 (:func:`sharding_metrics`). With the default (one shard) the work runs inline, as before.
 
-Over 400 lines: the configuration, the block queue and the engines' workers are one protocol
-(a lane pulls a run of blocks, computes it, reports it), read together.
+Over 400 lines: (600 and more) the configuration, the block queue and the engines' workers are one protocol
+(a lane pulls a run of blocks, computes it, reports it), read together; the one engine that brings its
+own framework (``prefect-ray``: Prefect tasks) lives in :mod:`prefloop.sharding_prefect`.
 """
 
 from __future__ import annotations
