@@ -24,6 +24,30 @@ from prefloop.flows.loop import run_loop
 run_loop(load_loop_config({str(CONFIG)!r}, rounds=1), sys.argv[1])
 """
 
+# The same run, made to stop in the middle of a stage at a chosen point: once ``kill_after``
+# artifacts are published, the next commit writes a marker and waits (its files are staged, its
+# manifest is not written) until the test kills the process. A kill point chosen by the clock
+# raced the run on a fast machine; this one is the same everywhere.
+RUN_UNTIL = f"""
+import os, sys, time
+from prefloop.storage.store import ArtifactWriter
+path, kill_after, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+commit = ArtifactWriter.commit
+
+def commit_or_wait(self, **fields):
+    if len(self.store.list()) >= kill_after:
+        with open(marker, "w") as handle:
+            handle.write(self.label)
+        while True:
+            time.sleep(60)
+    return commit(self, **fields)
+
+ArtifactWriter.commit = commit_or_wait
+from prefloop.config import load_loop_config
+from prefloop.flows.loop import run_loop
+run_loop(load_loop_config({str(CONFIG)!r}, rounds=1), path)
+"""
+
 
 def content(store: ArtifactStore) -> dict[str, list[str]]:
     """Every ref with the checksums of its artifact's files: equal content, not just equal ids."""
@@ -41,17 +65,20 @@ def uninterrupted(tmp_path_factory):
 def test_killed_run_resumes_with_only_the_unfinished_work(uninterrupted, tmp_path, kill_after):
     whole, total_stages = uninterrupted
     path = tmp_path / "store"
-    process = subprocess.Popen([sys.executable, "-c", RUN, str(path)], start_new_session=True)
-    store = ArtifactStore(path)
+    marker = tmp_path / "waiting"
+    process = subprocess.Popen(
+        [sys.executable, "-c", RUN_UNTIL, str(path), str(kill_after), str(marker)], start_new_session=True
+    )
     deadline = time.monotonic() + 300
-    # Kill while the (kill_after + 1)-th stage is working: once kill_after artifacts are published.
-    while len(store.list()) < kill_after and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)  # into the next stage's work
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), f"the run never reached its kill point (exit code {process.poll()})"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    store = ArtifactStore(path)
     finished = len(store.list())
-    assert finished < total_stages, "the run finished before it could be killed; kill earlier"
+    assert finished == kill_after < total_stages
+    assert list((Path(store.base) / "tmp").iterdir()), "the kill left no half-written artifact behind"
 
     summary = run_loop(load_loop_config(CONFIG, rounds=1), str(path))
     computed = [s.stage for s in summary.stages if not s.cached]
