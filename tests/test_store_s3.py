@@ -248,7 +248,9 @@ def test_a_reader_never_sees_a_half_written_artifact(s3_bucket, monkeypatch):  #
             with pytest.raises(ArtifactNotFoundError):
                 reader.resolve(str(ref))
             writer.commit(stage="test", stage_version="1")
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30  # until the watcher has read the published artifact once
+        while True not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         done.set()
         watcher.join()
