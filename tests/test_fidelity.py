@@ -62,7 +62,8 @@ def test_quick_mode_runs_every_row_on_the_smoke_config(fidelity, tmp_path):
     assert set(written["rows"]) == set(fidelity.ROWS)
     for name, row in written["rows"].items():
         assert [int(s) for s in row["seeds"]] == [0, 1], name
-        assert len(row["rounds"]) == 2, name  # SFT and one round
+        rounds = fidelity.ROWS[name].quick_overrides.get("rounds", fidelity.QUICK["rounds"])
+        assert len(row["rounds"]) == rounds + 1, name  # SFT and each round
     noise = written["noise"]
     assert [int(s) for s in noise["seeds"]] == [0, 1]
     assert [r["rate"] for r in noise["rates"]] == list(fidelity.NOISE_RATES)
@@ -113,7 +114,8 @@ def _assert_every_quick_round_trained(fidelity, store, written: dict) -> None:
 
     for seed in ("0", "1"):
         sft = _weights(store.read_manifest(store.resolve(f"fidelity-{fidelity.BASE_ROW}-seed{seed}/round-0/policy")))
-        rounds = {f"fidelity-{name}-seed{seed}": 1 for name in fidelity.ROWS}
+        rounds = {f"fidelity-{name}-seed{seed}": row.quick_overrides.get("rounds", fidelity.QUICK["rounds"])
+                  for name, row in fidelity.ROWS.items()}
         rounds |= {f"fidelity-{name}-seed{seed}": fidelity.QUICK_RM_ROUNDS for name in fidelity.RM_ROWS}
         for loop, count in rounds.items():
             for k in range(1, count + 1):
@@ -123,6 +125,11 @@ def _assert_every_quick_round_trained(fidelity, store, written: dict) -> None:
                 assert trained["pairs"] > 0 and trained["steps"] > 0, (loop, k, trained)
                 assert _weights(store.read_manifest(store.resolve(f"{loop}/round-{k}/policy"))) != sft, (loop, k)
                 assert metric(f"{loop}/round-{k}/metrics", "kl_to_reference") > MOVED_KL, (loop, k)
+        # The CREAM row's round 2 trained on pairs whose confidence came from the two rounds' consistency.
+        consistency = store.read_manifest(store.resolve(f"fidelity-cream-seed{seed}/round-2/preferences-filtered"))
+        assert consistency.metrics["consistency_pairs"] > 0, consistency.metrics
+        baseline = store.read_manifest(store.resolve(f"fidelity-bon-previous-dpo-seed{seed}/round-2/preferences-filtered"))
+        assert "consistency_pairs" not in baseline.metrics
         for record in written["noise"]["rates"]:
             for arm, cell in record["arms"].items():
                 value = cell["per_seed"][seed]
