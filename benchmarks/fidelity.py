@@ -434,6 +434,7 @@ def _round_values(store: str, summary_round: Any) -> dict[str, Any]:
         "gain": 0.0 if summary_round.round == 0 else (gain or {}).get("value"),
         "gain_stderr": 0.0 if summary_round.round == 0 else (gain or {}).get("stderr"),
         "pairs_kept": (values.get("pairs_kept") or {}).get("value"),
+        "evaluation": str(target.resolve(summary_round.metrics)),
         "metrics": values,
     }
 
@@ -448,6 +449,54 @@ def run_row(row: Row, seed: int, store: str, quick: bool, compute: bool) -> list
     for values in rounds:
         del values["metrics"]
     return rounds
+
+
+# Rows compared prompt by prompt after their last round (row, against): the same seed's held-out prompts, so the
+# difference's standard error is the paired one, much smaller than the spread of either row across seeds.
+PAIRED = (("cream", "bon-previous-dpo"),)
+
+
+def paired_differences(results: dict[str, dict], store: str) -> list[dict[str, Any]]:
+    """For each pair in :data:`PAIRED` that both ran: per shared seed, the last round's accuracy of ``row`` minus
+    ``against``'s on the prompts both verified, ± its paired standard error; and the mean ± sd across seeds."""
+    from prefloop.storage import ArtifactStore
+    from prefloop.tasks.common.statistics import paired_gain
+
+    target = ArtifactStore(store)
+
+    def correct(evaluation: str) -> dict[str, bool]:
+        table = target.read_table(target.resolve(evaluation), "eval_results")
+        return {p: c for p, c in zip(table.column("prompt_id").to_pylist(), table.column("correct").to_pylist(),
+                                     strict=True) if c is not None}
+
+    compared = []
+    for row, against in PAIRED:
+        mine, theirs = results.get(row, {}).get("rounds"), results.get(against, {}).get("rounds")
+        if not mine or not theirs or len(mine) != len(theirs):
+            continue
+        per_seed = {}
+        for seed in sorted(set(mine[-1]["per_seed"]) & set(theirs[-1]["per_seed"])):
+            difference, stderr, prompts = paired_gain(correct(mine[-1]["per_seed"][seed]["evaluation"]),
+                                                      correct(theirs[-1]["per_seed"][seed]["evaluation"]))
+            per_seed[seed] = {"difference": difference, "stderr": stderr, "prompts": prompts}
+        if per_seed:
+            mean, sd = _mean_sd([v["difference"] for v in per_seed.values()])
+            compared.append({"row": row, "against": against, "round": len(mine) - 1, "per_seed": per_seed,
+                             "difference_mean": mean, "difference_sd": sd})
+    return compared
+
+
+def render_paired(compared: list[dict[str, Any]]) -> list[str]:
+    if not compared:
+        return []
+    lines = ["Paired after the last round (the same seed's held-out prompts): accuracy of the row minus the other's, "
+             "mean ± sd across seeds; per seed ± paired SE.", "",
+             "| row | against | after round | difference | per seed: difference ± SE |", "|---|---|---|---|---|"]
+    for c in compared:
+        per_seed = ", ".join(f"{_pct(v['difference'], None, True)} ± {_pct(v['stderr'])}" for v in c["per_seed"].values())
+        lines.append(f"| {ROWS[c['row']].label} | {ROWS[c['against']].label} | {c['round']} | "
+                     f"{_pct(c['difference_mean'], c['difference_sd'], True)} | {per_seed} |")
+    return lines
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float | None]:
@@ -480,7 +529,8 @@ def _pct(value: float | None, sd: float | None = None, signed: bool = False) -> 
     return text + (f" ± {100 * sd:.1f}" if sd is not None else "")
 
 
-def render_markdown(results: dict[str, dict], seeds: list[int], quick: bool, machine: str) -> str:
+def render_markdown(results: dict[str, dict], seeds: list[int], quick: bool, machine: str,
+                    paired: list[dict[str, Any]] | None = None) -> str:
     lines = [f"Held-out greedy accuracy (%), mean ± sd across seeds {seeds}"
              + (" — QUICK (smoke config: wiring only, numbers meaningless)" if quick else "")
              + f"; {machine}. Gain: paired vs the seed's SFT model on the same prompts, mean ± sd across seeds;"
@@ -502,6 +552,8 @@ def render_markdown(results: dict[str, dict], seeds: list[int], quick: bool, mac
         rises = ", ".join(f"seed {s}: {'yes' if ok else 'no'}" for s, ok in result["rises_per_seed"].items())
         lines.append(f"| {ROWS[name].label} | " + " | ".join(cells)
                      + f" | {_pct(last['gain_mean'], last['gain_sd'], True)} | {per_seed} | {rises} |")
+    if paired:
+        lines += ["", *render_paired(paired)]
     if NOISE in results:
         lines += ["", *render_noise(results[NOISE])]
     if any(name in results for name in RM_ROWS):
@@ -661,13 +713,14 @@ def main(argv: list[str] | None = None) -> int:
         finished = per_row[name]
         combine = aggregate if name in ROWS else aggregate_noise if name == NOISE else aggregate_rm
         results[name] = combine(finished) if finished else {}
-    markdown = render_markdown(results, seeds, arguments.quick, arguments.machine)
+    paired = paired_differences(results, store)
+    markdown = render_markdown(results, seeds, arguments.quick, arguments.machine, paired)
     (out / "fidelity.md").write_text(markdown, encoding="utf-8")
     written = {"seeds": seeds, "quick": arguments.quick,
                "rows": {name: result for name, result in results.items() if name in ROWS},
                "noise": results.get(NOISE),
                "overoptimisation": {name: result for name, result in results.items() if name in RM_ROWS},
-               "claims": {c.rule: c.check(results) for c in CLAIMS}}
+               "paired": paired, "claims": {c.rule: c.check(results) for c in CLAIMS}}
     (out / "fidelity.json").write_text(json.dumps(written, indent=1, default=str), encoding="utf-8")
     plot(results, out / "fidelity.png")
     print(markdown)

@@ -88,6 +88,7 @@ def test_quick_mode_runs_every_row_on_the_smoke_config(fidelity, tmp_path):
         assert reward_prompts.num_rows == fidelity.QUICK_RM_PROMPTS
         assert not used & set(reward_prompts.column("prompt").to_pylist())
     _assert_every_quick_round_trained(fidelity, store, written)
+    _assert_paired_differences(written, store)
     assert (tmp_path / "fidelity.png").stat().st_size > 0
     # A second call tabulates the finished runs without computing anything.
     assert fidelity.main(["--quick", "--report-only", "--store", str(tmp_path / "store"), "--out", str(tmp_path)]) == 0
@@ -95,6 +96,26 @@ def test_quick_mode_runs_every_row_on_the_smoke_config(fidelity, tmp_path):
     assert again["rows"] == written["rows"] and again["overoptimisation"] == written["overoptimisation"]
     assert again["noise"]["rates"] == noise["rates"]
     assert all(value["cached"] for shared in again["noise"]["shared"].values() for value in shared.values())
+
+
+def _assert_paired_differences(written: dict, store) -> None:
+    """CREAM vs its baseline after the last round, recomputed here from the two evaluations' per-prompt results."""
+    [compared] = written["paired"]
+    assert (compared["row"], compared["against"], compared["round"]) == ("cream", "bon-previous-dpo", 2)
+    for seed, value in compared["per_seed"].items():
+        def correct(row: str) -> dict:
+            table = store.read_table(store.resolve(f"fidelity-{row}-seed{seed}/round-2/metrics"), "eval_results")
+            return {r["prompt_id"]: r["correct"] for r in table.to_pylist() if r["correct"] is not None}
+
+        mine, theirs = correct("cream"), correct("bon-previous-dpo")
+        shared = sorted(set(mine) & set(theirs))
+        d = [float(mine[p]) - float(theirs[p]) for p in shared]
+        mean = sum(d) / len(d)
+        assert value["prompts"] == len(shared) > 0
+        assert value["difference"] == pytest.approx(mean)
+        assert value["stderr"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)))
+    assert compared["difference_mean"] == pytest.approx(
+        sum(v["difference"] for v in compared["per_seed"].values()) / len(compared["per_seed"]))
 
 
 # A round whose training does not move the policy leaves the evaluation's KL estimate at its sampling noise: with
