@@ -115,13 +115,14 @@ ROWS: dict[str, Row] = {row.name: row for row in (
                   "self_eval_weight": 0.0},
          "train": {"label_flip_rate_source": "confidence", "training": {"loss": "cdpo"}}}),
     # CREAM and the same rounds without it, declared with their rule before either ran. Both train with the cdpo
-    # loss, which reads each pair's ε from its confidence: without consistency the verifier's pairs carry none, so
-    # ε = 0 and cdpo is plain DPO (no NLL term: rpo takes no ε). Round 1 has no previous policy, so CREAM's
-    # round 1 is this baseline's (the same ids, computed once); the rows differ from round 2 on.
-    Row("bon-previous-dpo", "best-of-n DPO (cDPO loss, ε = 0), previous-round reference", "configs/demo.yaml",
+    # loss (no NLL term: rpo takes no ε), which reads each pair's ε from its confidence: without consistency the
+    # verifier's pairs carry none, so every pair takes the loss's global ε, 0.1 by default (ALGORITHMS.md §5) —
+    # the rows compare a fixed ε with CREAM's per-pair one. Round 1 has no previous policy, so CREAM's round 1
+    # is this baseline's (the same ids, computed once); the rows differ from round 2 on.
+    Row("bon-previous-cdpo", "best-of-n cDPO (global ε = 0.1), previous-round reference", "configs/demo.yaml",
         {"reference_policy": "previous_round", "train": {"training": {"loss": "cdpo"}}},
         {"rounds": 2, "reference_policy": "previous_round", "train": {"training": {"loss": "cdpo"}}}),
-    Row("cream", "same + CREAM consistency (ε = 1 − (τ + 1)/2 per prompt)", "configs/demo.yaml",
+    Row("cream", "the same with CREAM's per-pair ε = min((1 − τ)/2, ½), τ the prompt's rank agreement", "configs/demo.yaml",
         {"reference_policy": "previous_round", "filter": {"consistency_confidence": True},
          "train": {"training": {"loss": "cdpo"}}},
         {"rounds": 2, "reference_policy": "previous_round", "filter": {"consistency_confidence": True},
@@ -370,8 +371,8 @@ CLAIMS = (
           "noise table, mean accuracy: filter + rDPO ≥ clean DPO − 2 points at 20 and 40 % flips, and plain DPO at "
           "40 % < clean DPO − 2 points", lambda r: noise_robust(r, "filter-rdpo")),
     Claim("CREAM (Wang et al. 2024)", "consistency-regularised pairs (confidence from two rounds' rank agreement) "
-          "improve on the same rounds without it", "final-round mean accuracy: cream > bon-previous-dpo",
-          lambda r: _greater(_final(r, "cream"), _final(r, "bon-previous-dpo"))),
+          "improve on the same rounds without it", "final-round mean accuracy: cream > bon-previous-cdpo",
+          lambda r: _greater(_final(r, "cream"), _final(r, "bon-previous-cdpo"))),
     Claim("Reward-model ensembles (Coste et al. 2024)", "ensembles delay over-optimisation of the reward model",
           "over-optimisation table, mean gold accuracy: rm-single peaks before its last round and falls after it, "
           "and rm-ensemble ends higher than rm-single", ensemble_delays_overoptimisation),
@@ -453,7 +454,7 @@ def run_row(row: Row, seed: int, store: str, quick: bool, compute: bool) -> list
 
 # Rows compared prompt by prompt after their last round (row, against): the same seed's held-out prompts, so the
 # difference's standard error is the paired one, much smaller than the spread of either row across seeds.
-PAIRED = (("cream", "bon-previous-dpo"),)
+PAIRED = (("cream", "bon-previous-cdpo"),)
 
 
 def paired_differences(results: dict[str, dict], store: str) -> list[dict[str, Any]]:

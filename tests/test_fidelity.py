@@ -101,13 +101,13 @@ def test_quick_mode_runs_every_row_on_the_smoke_config(fidelity, tmp_path):
 def _assert_paired_differences(written: dict, store) -> None:
     """CREAM vs its baseline after the last round, recomputed here from the two evaluations' per-prompt results."""
     [compared] = written["paired"]
-    assert (compared["row"], compared["against"], compared["round"]) == ("cream", "bon-previous-dpo", 2)
+    assert (compared["row"], compared["against"], compared["round"]) == ("cream", "bon-previous-cdpo", 2)
     for seed, value in compared["per_seed"].items():
         def correct(row: str) -> dict:
             table = store.read_table(store.resolve(f"fidelity-{row}-seed{seed}/round-2/metrics"), "eval_results")
             return {r["prompt_id"]: r["correct"] for r in table.to_pylist() if r["correct"] is not None}
 
-        mine, theirs = correct("cream"), correct("bon-previous-dpo")
+        mine, theirs = correct("cream"), correct("bon-previous-cdpo")
         shared = sorted(set(mine) & set(theirs))
         d = [float(mine[p]) - float(theirs[p]) for p in shared]
         mean = sum(d) / len(d)
@@ -149,7 +149,7 @@ def _assert_every_quick_round_trained(fidelity, store, written: dict) -> None:
         # The CREAM row's round 2 trained on pairs whose confidence came from the two rounds' consistency.
         consistency = store.read_manifest(store.resolve(f"fidelity-cream-seed{seed}/round-2/preferences-filtered"))
         assert consistency.metrics["consistency_pairs"] > 0, consistency.metrics
-        baseline = store.read_manifest(store.resolve(f"fidelity-bon-previous-dpo-seed{seed}/round-2/preferences-filtered"))
+        baseline = store.read_manifest(store.resolve(f"fidelity-bon-previous-cdpo-seed{seed}/round-2/preferences-filtered"))
         assert "consistency_pairs" not in baseline.metrics
         for record in written["noise"]["rates"]:
             for arm, cell in record["arms"].items():
