@@ -429,6 +429,8 @@ def _round_values(store: str, summary_round: Any) -> dict[str, Any]:
     target = ArtifactStore(store)
     values = {row_["metric"]: row_ for row_ in target.read_table(target.resolve(summary_round.metrics)).to_pylist()}
     gain = values.get("accuracy_gain")
+    stage_metrics = {result.stage: result.metrics for result in summary_round.stages}
+    trained = stage_metrics.get("train", {})
     return {
         "round": summary_round.round,
         "accuracy": values["accuracy"]["value"], "accuracy_stderr": values["accuracy"]["stderr"],
@@ -436,6 +438,10 @@ def _round_values(store: str, summary_round: Any) -> dict[str, Any]:
         "gain_stderr": 0.0 if summary_round.round == 0 else (gain or {}).get("stderr"),
         "pairs_kept": (values.get("pairs_kept") or {}).get("value"),
         "evaluation": str(target.resolve(summary_round.metrics)),
+        # CREAM: the mean confidence the filter gave the kept pairs, and the mean ε the loss trained with (per pair
+        # from confidences, else the loss's global ε); None where the round has no such figure.
+        "consistency_mean": stage_metrics.get("filter", {}).get("consistency_mean"),
+        "epsilon_mean": trained.get("label_flip_rate_mean", trained.get("label_flip_rate")),
         "metrics": values,
     }
 
@@ -483,8 +489,21 @@ def paired_differences(results: dict[str, dict], store: str) -> list[dict[str, A
         if per_seed:
             mean, sd = _mean_sd([v["difference"] for v in per_seed.values()])
             compared.append({"row": row, "against": against, "round": len(mine) - 1, "per_seed": per_seed,
-                             "difference_mean": mean, "difference_sd": sd})
+                             "difference_mean": mean, "difference_sd": sd,
+                             "confidences": {name: _confidences(results[name]) for name in (row, against)}})
     return compared
+
+
+def _confidences(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per trained round, across seeds: the mean consistency the filter gave the kept pairs, the mean ε trained with."""
+    def mean(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return statistics.fmean(present) if present else None
+
+    return [{"round": r["round"],
+             "consistency_mean": mean([v.get("consistency_mean") for v in r["per_seed"].values()]),
+             "epsilon_mean": mean([v.get("epsilon_mean") for v in r["per_seed"].values()])}
+            for r in result["rounds"][1:]]
 
 
 def render_paired(compared: list[dict[str, Any]]) -> list[str]:
@@ -497,6 +516,16 @@ def render_paired(compared: list[dict[str, Any]]) -> list[str]:
         per_seed = ", ".join(f"{_pct(v['difference'], None, True)} ± {_pct(v['stderr'])}" for v in c["per_seed"].values())
         lines.append(f"| {ROWS[c['row']].label} | {ROWS[c['against']].label} | {c['round']} | "
                      f"{_pct(c['difference_mean'], c['difference_sd'], True)} | {per_seed} |")
+    for c in compared:
+        lines += ["", "Per round, mean across seeds: the consistency C the filter gave the kept pairs and the ε the loss "
+                  "trained with.", "", "| row | " + " | ".join(f"round {r['round']}: C / ε"
+                                                               for r in c["confidences"][c["row"]]) + " |",
+                  "|---|" + "---|" * len(c["confidences"][c["row"]])]
+        for name in (c["row"], c["against"]):
+            cells = [f"{'–' if r['consistency_mean'] is None else format(r['consistency_mean'], '.2f')} / "
+                     f"{'–' if r['epsilon_mean'] is None else format(r['epsilon_mean'], '.2f')}"
+                     for r in c["confidences"][name]]
+            lines.append(f"| {ROWS[name].label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -671,6 +700,8 @@ def plot(results: dict[str, dict], path: Path) -> None:
     for axis in (rounds_axis, noise_axis, kl_axis, reward_axis):
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=6, loc="lower right" if axis is reward_axis else "best")
+        elif axis is not reward_axis:  # a panel whose rows this run did not include
+            axis.text(0.5, 0.5, "not run", ha="center", va="center", transform=axis.transAxes, color="grey")
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
 

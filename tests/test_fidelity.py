@@ -114,6 +114,10 @@ def _assert_paired_differences(written: dict, store) -> None:
         assert value["prompts"] == len(shared) > 0
         assert value["difference"] == pytest.approx(mean)
         assert value["stderr"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)))
+    cream, baseline = compared["confidences"]["cream"], compared["confidences"]["bon-previous-cdpo"]
+    assert [r["round"] for r in cream] == [1, 2] and cream[0]["consistency_mean"] is None  # none in round 1
+    assert 0 <= cream[1]["consistency_mean"] <= 1 and all(r["consistency_mean"] is None for r in baseline)
+    assert cream[0]["epsilon_mean"] == baseline[0]["epsilon_mean"]  # round 1 is the same run
     assert compared["difference_mean"] == pytest.approx(
         sum(v["difference"] for v in compared["per_seed"].values()) / len(compared["per_seed"]))
 
