@@ -18,6 +18,10 @@ Rows (``--rows``, default all that are defined):
 - ``rso`` — statistical rejection sampling (configs/rso.yaml);
 - ``mcts-dpo`` — MCTS step-level pairs trained with conservative DPO and the per-pair ε from the
   decision-time visit counts (configs/mcts_dpo.yaml, loss cdpo, ``label_flip_rate_source: confidence``);
+- ``bon-previous-cdpo`` / ``cream`` — ``bon-previous`` trained by cDPO at its global ε = 0.1, and the same with
+  CREAM's per-pair ε from the consistency of two rounds' rankings (``filter.consistency_confidence``, from round
+  2); compared prompt by prompt after the last round (paired SE per seed), with the mean consistency and the ε
+  trained with per round;
 - ``noise`` — a second table: round 1 of ``bon-previous`` with 0 / 20 / 40 % of its pairs' labels swapped,
   trained by plain DPO (the loop's filter), and by cDPO (Mitchell 2023) and rDPO (Chowdhury et al. 2024)
   after a reward-model ensemble filter, ε = the filter's calibrated pre-action estimate
@@ -36,7 +40,7 @@ cache hits), and the noise rows' ensemble is rm-ensemble's labeling reward model
 Everything lands in ``--store``, so an interrupted table resumes where it stopped and ``--report-only``
 re-reads finished runs without computing anything.
 
-``--quick`` runs every row on the smoke config (configs/smoke.yaml, tiny model, 1 round — the rm rows 2 —,
+``--quick`` runs every row on the smoke config (configs/smoke.yaml, tiny model, 1 round — the rm and CREAM rows 2 —,
 2 seeds): it checks that each row's wiring runs end to end (``make test`` runs it, tests/test_fidelity.py);
 each round's training moves the policy (QUICK), but its figures mean nothing (24 held-out prompts). About 55 s of
 CPU time (one thread), the noise and rm rows included.
@@ -44,8 +48,9 @@ CPU time (one thread), the noise and rm rows included.
 Writes ``--out``/fidelity.md, fidelity.json and fidelity.png. Figures vary by CPU (training floats
 differ across machines): compare directions and gains across seeds, not single figures.
 
-Over 400 lines: three tables (loop rows, noise robustness, over-optimisation) each with its runner,
-aggregate across seeds, claim rule and rendering, which share the row configs and one seed-major driver.
+Over 400 lines: three tables (loop rows with their paired comparisons, noise robustness, over-optimisation) each
+with its runner, aggregate across seeds, claim rule and rendering, which share the row configs and one seed-major
+driver.
 
 Examples:
     .venv/bin/python benchmarks/fidelity.py --rows bon-fixed bon-previous --seeds 0 1 2
