@@ -98,16 +98,18 @@ def test_quick_mode_runs_every_row_on_the_smoke_config(fidelity, tmp_path):
     assert all(value["cached"] for shared in again["noise"]["shared"].values() for value in shared.values())
 
 
+def _correct(store, evaluation: str) -> dict:
+    table = store.read_table(store.resolve(evaluation), "eval_results")
+    return {r["prompt_id"]: r["correct"] for r in table.to_pylist() if r["correct"] is not None}
+
+
 def _assert_paired_differences(written: dict, store) -> None:
     """CREAM vs its baseline after the last round, recomputed here from the two evaluations' per-prompt results."""
     [compared] = written["paired"]
     assert (compared["row"], compared["against"], compared["round"]) == ("cream", "bon-previous-cdpo", 2)
     for seed, value in compared["per_seed"].items():
-        def correct(row: str) -> dict:
-            table = store.read_table(store.resolve(f"fidelity-{row}-seed{seed}/round-2/metrics"), "eval_results")
-            return {r["prompt_id"]: r["correct"] for r in table.to_pylist() if r["correct"] is not None}
-
-        mine, theirs = correct("cream"), correct("bon-previous-cdpo")
+        mine, theirs = (_correct(store, f"fidelity-{row}-seed{seed}/round-2/metrics")
+                        for row in ("cream", "bon-previous-cdpo"))
         shared = sorted(set(mine) & set(theirs))
         d = [float(mine[p]) - float(theirs[p]) for p in shared]
         mean = sum(d) / len(d)
