@@ -76,7 +76,7 @@ def describe_user_error(error: BaseException) -> str:
 
 def log_directory(store_root: str | None) -> Path:
     """Where tracebacks go: ``logs/`` beside a local store (``.prefloop/logs`` for the default one)."""
-    from prefloop.storage.store import DEFAULT_STORE
+    from prefloop.storage.layout import DEFAULT_STORE
 
     root = store_root or os.environ.get("PREFLOOP_STORE") or DEFAULT_STORE
     if "://" in root and not root.startswith("file://"):

@@ -2,20 +2,19 @@
 
 from prefloop.storage.fingerprint import UnhashableConfigError, canonical_json, fingerprint
 from prefloop.storage.gc import Removal
-from prefloop.storage.store import (
+from prefloop.storage.layout import (
     DEFAULT_STORE,
     MAIN_TABLE,
     ArtifactExistsError,
     ArtifactNotFoundError,
     ArtifactRef,
-    ArtifactStore,
-    ArtifactWriter,
     Manifest,
     PublishError,
     StoreError,
     TamperedArtifactError,
-    open_store,
 )
+from prefloop.storage.store import ArtifactStore, open_store
+from prefloop.storage.writer import ArtifactWriter
 
 __all__ = [
     "DEFAULT_STORE",

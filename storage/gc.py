@@ -11,7 +11,7 @@ What gc removes (each a :class:`Removal` with its size in bytes):
 - ``staging``: a write in progress under ``tmp/`` that nobody finished.
 - ``orphan`` (object stores): the folder of a writer that lost the race to publish an id that
   another writer published (``artifacts/<kind>/<id>/w-<nonce>/`` not named by the manifest's
-  ``files_prefix``; see the publish protocol in :mod:`prefloop.storage.store`).
+  ``files_prefix``; see the publish protocol in :mod:`prefloop.storage.writer`).
 - ``checkpoints``: a training run's checkpoints whose model is already published (they are
   superseded), or whose newest file is older than the grace period and whose run holds no writer
   lock (see :func:`hold_writer_lock`): the run was abandoned.
@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 from fsspec.implementations.local import LocalFileSystem
 
 from prefloop.errors import UserError
-from prefloop.storage.store import (
+from prefloop.storage.layout import (
     ARTIFACTS,
     CHECKPOINTS,
     MANIFEST,

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from prefloop.storage import ArtifactRef, ArtifactStore, PublishError
-from prefloop.storage.store import CHECKPOINTS
+from prefloop.storage.layout import CHECKPOINTS
 
 
 def staging_dirs(store: ArtifactStore) -> list[Path]:

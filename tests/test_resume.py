@@ -30,7 +30,7 @@ run_loop(load_loop_config({str(CONFIG)!r}, rounds=1), sys.argv[1])
 # raced the run on a fast machine; this one is the same everywhere.
 RUN_UNTIL = f"""
 import os, sys, time
-from prefloop.storage.store import ArtifactWriter
+from prefloop.storage.writer import ArtifactWriter
 path, kill_after, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 commit = ArtifactWriter.commit
 

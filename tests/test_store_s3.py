@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from prefloop.errors import UserError
 from prefloop.storage import ArtifactNotFoundError, ArtifactRef, ArtifactStore, TamperedArtifactError
-from prefloop.storage import store as store_module
+from prefloop.storage import writer as writer_module
 from prefloop.storage.gc import WRITER_LOCK, hold_writer_lock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,7 +226,7 @@ def test_gc_keeps_an_orphan_whose_manifest_lands_after_the_scan(s3_bucket, monke
 
 
 def test_a_reader_never_sees_a_half_written_artifact(s3_bucket, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(store_module, "ROWS_PER_PART", 10)  # many parts: a long window to look into
+    monkeypatch.setattr(writer_module, "ROWS_PER_PART", 10)  # many parts: a long window to look into
     table = pa.table({"x": list(range(200))})
     writer_store, reader = ArtifactStore(s3_bucket), ArtifactStore(s3_bucket)
     ref = ArtifactRef("samples", "5eed0000")
