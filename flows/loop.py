@@ -176,6 +176,7 @@ def run_round(config: LoopConfig, round_index: int, policy: str, sft_policy: str
             built.extend(rewards)
             filter_inputs |= {"consistency_labels": rewards[0].output, "previous_labels": rewards[1].output}
     kept = call("filter", filter_inputs, filter_config, store, f"{prefix}/preferences-filtered")
+    warn_if_rankings_disagree(call, round_index, kept)
     stages = [*built, kept]
     new_policy = policy
     reference = reference_model(config.reference_policy, policy, sft_policy)
@@ -240,6 +241,23 @@ def cream_rewards(config: LoopConfig, call: StageCaller, samples: str, policy: s
             "%s: the previous round trained nothing, so this round's policy is the previous one and CREAM's two "
             "rankings agree by construction (consistency 1 for every prompt)", prefix)
     return [scored_by(policy, "policy-rewards"), scored_by(previous_policy, "previous-policy-rewards")]
+
+
+def warn_if_rankings_disagree(call: StageCaller, round_index: int, filtered: StageResult) -> None:
+    """CREAM's confidence is below ½ on average when the two rankings disagree more than they agree (mean
+    Kendall τ < 0): the round then trains its pairs at ε near ½, close to no signal. Say so, with the likely
+    cause (measured on the embedded task in round 2: the starting policy's likelihood against an implicit
+    reward that contains −log π₀) and the way out."""
+    consistency = filtered.metrics.get("consistency_mean")
+    if consistency is None or consistency >= 0.5:
+        return
+    _round_logger(call).warning(
+        "round %d: CREAM's two rankings of the samples disagree more than they agree (mean consistency %.2f < 0.5, "
+        "i.e. Kendall τ < 0), so its pairs train at ε = min(1 − C, ½) near ½: close to no signal. In round 2 the "
+        "previous policy is the starting one, ranked by its likelihood against an implicit reward log π − log π₀ "
+        "that contains −log π₀, so the two tend to disagree by construction. If the pairs' labels are reliable "
+        "(a verifier's), set filter.consistency_confidence: false (README, 'Consistency across rounds')",
+        round_index, consistency)
 
 
 def _round_logger(call: StageCaller) -> logging.Logger | logging.LoggerAdapter:

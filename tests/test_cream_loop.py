@@ -19,8 +19,9 @@ from scipy.stats import kendalltau
 
 from prefloop.config import LoopConfig, read_yaml
 from prefloop.datasets_spec import SAMPLES, ContractError
-from prefloop.flows.loop import lookup_loop, run_loop
-from prefloop.stage import StageConfig, StageInputError, StageOutput, StageSpec, execute
+from prefloop.flows.loop import lookup_loop, run_loop, warn_if_rankings_disagree
+from prefloop.orchestration import lookup_caller
+from prefloop.stage import StageConfig, StageInputError, StageOutput, StageResult, StageSpec, execute
 from prefloop.storage import ArtifactStore
 from prefloop.tasks.importing.stage import import_model
 from prefloop.tasks.registry import run_stage
@@ -217,6 +218,20 @@ def test_a_finished_cream_run_is_found_again_and_round_one_says_why_it_has_no_co
     assert [s.name for s in found.rounds[2].stages if s.stage == "label-policy"] == [
         f"{RUN}/round-2/policy-rewards", f"{RUN}/round-2/previous-policy-rewards"]
     assert "round 1 has no previous policy" in caplog.text
+    # The loop says when round 2's rankings disagree on average (this run's own figure decides which way).
+    consistency = store.read_manifest(store.resolve(f"{RUN}/round-2/preferences-filtered")).metrics["consistency_mean"]
+    assert ("disagree more than they agree" in caplog.text) == (consistency < 0.5)
+
+
+@pytest.mark.parametrize(("consistency", "warned"), [(0.3, True), (0.5, False), (0.8, False), (None, False)])
+def test_a_round_whose_rankings_disagree_says_so(caplog, consistency, warned):
+    metrics = {} if consistency is None else {"consistency_mean": consistency}
+    filtered = StageResult(stage="filter", output="preferences/x", cached=True, metrics=metrics)
+    with caplog.at_level(logging.WARNING, logger="prefloop"):
+        warn_if_rankings_disagree(lookup_caller, 2, filtered)
+    assert ("round 2: CREAM's two rankings of the samples disagree" in caplog.text) is warned
+    if warned:
+        assert "mean consistency 0.30" in caplog.text and "consistency_confidence: false" in caplog.text
 
 
 def test_cream_with_tree_search_pairs_is_refused():
