@@ -251,13 +251,14 @@ def warn_if_rankings_disagree(call: StageCaller, round_index: int, filtered: Sta
     consistency = filtered.metrics.get("consistency_mean")
     if consistency is None or consistency >= 0.5:
         return
+    cause = (" In round 2 the previous policy is the starting one, ranked by its likelihood against an implicit "
+             "reward log π − log π₀ that contains −log π₀, so the two tend to disagree by construction."
+             if round_index == 2 else "")
     _round_logger(call).warning(
         "round %d: CREAM's two rankings of the samples disagree more than they agree (mean consistency %.2f < 0.5, "
-        "i.e. Kendall τ < 0), so its pairs train at ε = min(1 − C, ½) near ½: close to no signal. In round 2 the "
-        "previous policy is the starting one, ranked by its likelihood against an implicit reward log π − log π₀ "
-        "that contains −log π₀, so the two tend to disagree by construction. If the pairs' labels are reliable "
-        "(a verifier's), set filter.consistency_confidence: false (README, 'Consistency across rounds')",
-        round_index, consistency)
+        "i.e. Kendall τ < 0), so its pairs train at ε = min(1 − C, ½) near ½: close to no signal.%s If the pairs' "
+        "labels are reliable (a verifier's), set filter.consistency_confidence: false (README, 'Consistency across "
+        "rounds')", round_index, consistency, cause)
 
 
 def _round_logger(call: StageCaller) -> logging.Logger | logging.LoggerAdapter:

@@ -232,6 +232,11 @@ def test_a_round_whose_rankings_disagree_says_so(caplog, consistency, warned):
     assert ("round 2: CREAM's two rankings of the samples disagree" in caplog.text) is warned
     if warned:
         assert "mean consistency 0.30" in caplog.text and "consistency_confidence: false" in caplog.text
+        assert "contains −log π₀" in caplog.text  # round 2's cause
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="prefloop"):
+            warn_if_rankings_disagree(lookup_caller, 3, filtered)
+        assert "round 3: CREAM's two rankings" in caplog.text and "−log π₀" not in caplog.text
 
 
 def test_cream_with_tree_search_pairs_is_refused():
