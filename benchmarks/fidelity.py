@@ -432,7 +432,8 @@ def _round_values(store: str, summary_round: Any) -> dict[str, Any]:
     from prefloop.storage import ArtifactStore
 
     target = ArtifactStore(store)
-    values = {row_["metric"]: row_ for row_ in target.read_table(target.resolve(summary_round.metrics)).to_pylist()}
+    evaluation = target.resolve(summary_round.metrics)
+    values = {row_["metric"]: row_ for row_ in target.read_table(evaluation).to_pylist()}
     gain = values.get("accuracy_gain")
     stage_metrics = {result.stage: result.metrics for result in summary_round.stages}
     trained = stage_metrics.get("train", {})
@@ -442,7 +443,7 @@ def _round_values(store: str, summary_round: Any) -> dict[str, Any]:
         "gain": 0.0 if summary_round.round == 0 else (gain or {}).get("value"),
         "gain_stderr": 0.0 if summary_round.round == 0 else (gain or {}).get("stderr"),
         "pairs_kept": (values.get("pairs_kept") or {}).get("value"),
-        "evaluation": str(target.resolve(summary_round.metrics)),
+        "evaluation": str(evaluation),
         # CREAM: the mean confidence the filter gave the kept pairs, and the mean ε the loss trained with (per pair
         # from confidences, else the loss's global ε); None where the round has no such figure.
         "consistency_mean": stage_metrics.get("filter", {}).get("consistency_mean"),
@@ -477,9 +478,7 @@ def paired_differences(results: dict[str, dict], store: str) -> list[dict[str, A
     target = ArtifactStore(store)
 
     def correct(evaluation: str) -> dict[str, bool]:
-        table = target.read_table(target.resolve(evaluation), "eval_results")
-        return {p: c for p, c in zip(table.column("prompt_id").to_pylist(), table.column("correct").to_pylist(),
-                                     strict=True) if c is not None}
+        return _noise_module().correct_by_prompt(target, target.resolve(evaluation))
 
     compared = []
     for row, against in PAIRED:

@@ -78,7 +78,7 @@ from prefloop.stage import (
     parse_config,
     resolve_inputs,
 )
-from prefloop.storage import ArtifactStore
+from prefloop.storage import ArtifactRef, ArtifactStore
 from prefloop.tasks import reward_model
 from prefloop.tasks.common.ids import pair_id
 from prefloop.tasks.common.statistics import paired_gain
@@ -303,9 +303,12 @@ def member_strengths(labels: pa.Table) -> np.ndarray:
     return np.array([np.mean(scores) for scores in per_pair.values()])
 
 
-def correct_by_prompt(store: ArtifactStore, result: StageResult) -> dict[str, bool]:
-    table = store.read_table(result.ref, "eval_results")
-    return dict(zip(table.column("prompt_id").to_pylist(), table.column("correct").to_pylist(), strict=True))
+def correct_by_prompt(store: ArtifactStore, evaluation: ArtifactRef) -> dict[str, bool]:
+    """An evaluation's verifier outcome per held-out prompt; prompts it could not verify (a reference answer the
+    task's checker cannot read: ``correct`` is null) are left out, as the evaluation stage leaves them out."""
+    table = store.read_table(evaluation, "eval_results")
+    return {p: c for p, c in zip(table.column("prompt_id").to_pylist(), table.column("correct").to_pylist(),
+                                 strict=True) if c is not None}
 
 
 @dataclass(frozen=True)
@@ -338,7 +341,7 @@ def noise_round(config: Any, stages: Stages, settings: NoiseSettings, rm_train: 
         raise ValueError(f"the reward model's held-out split of {rm_pairs.output} is empty, so the strength "
                          "threshold t cannot be set: use more reward-model prompts or a larger heldout_fraction")
     threshold = max(0.0, -float(np.quantile(strengths, settings.false_flip)))
-    sft_correct = correct_by_prompt(store, start.sft_eval)
+    sft_correct = correct_by_prompt(store, start.sft_eval.ref)
     eval_config = _seeded(config.evaluation, config, 0) | {"samples_per_prompt": 0}
     if settings.heldout is not None:
         eval_config["max_prompts"] = settings.heldout
@@ -359,7 +362,7 @@ def noise_round(config: Any, stages: Stages, settings: NoiseSettings, rm_train: 
         return {"arm": arm, "loss": loss, "pairs": kept.rows, "epsilon": epsilon if loss != "sigmoid" else None,
                 "accuracy": metrics["accuracy"], "accuracy_stderr": metrics["accuracy_stderr"],
                 "gain": metrics["accuracy_gain"], "gain_stderr": metrics.get("accuracy_gain_stderr"),
-                "correct": correct_by_prompt(store, evaluated)}
+                "correct": correct_by_prompt(store, evaluated.ref)}
 
     rates = []
     for rate in settings.flip_rates:
